@@ -1,0 +1,18 @@
+//! What `rekeyd`, `rekey-agent` and the `rekey` CLI share, and nothing more:
+//!
+//! - [`tls`]: TLS 1.3-only rustls configurations, the pinned-CA verifier used at
+//!   enrollment, the tonic connector, and peer identities read from certificates.
+//! - [`secret`]: the type that holds secret bytes (redacted `Debug`, zeroized on drop).
+//! - [`config`]: TOML loading whose errors name the file and the field.
+//! - [`time`] and [`logging`]: small helpers every binary uses the same way.
+//!
+//! Owns no tasks and no channels.
+
+pub mod config;
+pub mod logging;
+pub mod secret;
+pub mod time;
+pub mod tls;
+
+/// This build's version, reported by agents in their hello and shown by `rekey agents`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,79 @@
+//! Wall-clock helpers. Core logic takes `now` as an argument; only the edges
+//! call [`now_unix`].
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// RFC 3339 (UTC, seconds) for a Unix timestamp; `-` for zero (never happened).
+pub fn format_unix(secs: i64) -> String {
+    if secs <= 0 {
+        return "-".to_string();
+    }
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs as u64)).to_string()
+}
+
+/// "3m ago" / "in 23h" relative to `now`, coarse and readable.
+pub fn format_relative(secs: i64, now: i64) -> String {
+    if secs <= 0 {
+        return "never".to_string();
+    }
+    let delta = now - secs;
+    let (abs, future) = if delta >= 0 { (delta, false) } else { (-delta, true) };
+    let text = if abs < 60 {
+        format!("{abs}s")
+    } else if abs < 3600 {
+        format!("{}m", abs / 60)
+    } else if abs < 86_400 {
+        format!("{}h", abs / 3600)
+    } else {
+        format!("{}d", abs / 86_400)
+    };
+    if future { format!("in {text}") } else { format!("{text} ago") }
+}
+
+/// Parses "90s", "15m", "24h", "7d" (humantime syntax).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (expected e.g. 90s, 15m, 24h)"))
+}
+
+/// Serde support for durations written as humantime strings in TOML.
+pub mod serde_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*v).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_times_read_naturally() {
+        assert_eq!(format_relative(100, 130), "30s ago");
+        assert_eq!(format_relative(100 + 7200, 100), "in 2h");
+        assert_eq!(format_relative(0, 100), "never");
+    }
+
+    #[test]
+    fn durations_parse_and_reject_garbage() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("soon").unwrap_err().contains("expected"));
+    }
+}

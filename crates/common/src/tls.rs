@@ -1,0 +1,422 @@
+//! mTLS plumbing shared by every rekey binary.
+//!
+//! - Every connection is TLS 1.3 only, with the `ring` provider (one crypto
+//!   provider for the whole workspace; see STACK.md).
+//! - Identities live in a URI subject-alternative name: `rekey://agent/NAME`,
+//!   `rekey://operator/NAME`. The coordinator's certificate carries the DNS
+//!   name [`COORDINATOR_NAME`], which clients verify instead of the address they
+//!   dialled (the CA is private and pinned, so a host name adds nothing).
+//! - At enrollment the agent has no certificate yet and knows the coordinator
+//!   only by its CA fingerprint: [`pinned_client_config`] accepts a server chain
+//!   only if it contains a CA with exactly that fingerprint and the leaf
+//!   verifies against it. Nothing is sent before that check passes.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// DNS name in every coordinator server certificate; clients verify this name.
+pub const COORDINATOR_NAME: &str = "rekeyd";
+const URI_PREFIX: &str = "rekey://";
+
+/// Installs ring as the process-wide rustls provider. Call first in every
+/// binary and test; repeated calls are harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("invalid PEM in {what}")]
+    Pem {
+        what: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("no certificate found in {0}")]
+    NoCertificate(String),
+    #[error("tls configuration")]
+    Rustls(#[from] rustls::Error),
+    #[error("tls verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("certificate is not valid X.509: {0}")]
+    Parse(String),
+}
+
+/// Who is on the other side of a connection, as its certificate says.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub role: Role,
+    pub name: String,
+    /// Certificate serial number, lowercase hex: the unit of revocation.
+    pub serial: String,
+    pub not_after_unix: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Agent,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+        }
+    }
+
+    /// The URI SAN that names `name` in this role.
+    pub fn uri(self, name: &str) -> String {
+        format!("{URI_PREFIX}{}/{name}", self.as_str())
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.role.as_str(), self.name)
+    }
+}
+
+/// `sha256:HEX` of a DER certificate: how operators pin the CA.
+pub fn fingerprint(der: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(ring::digest::digest(&ring::digest::SHA256, der)))
+}
+
+/// Normalizes a user-supplied fingerprint (`sha256:AB..`, `AB:CD:..`) for comparison.
+pub fn normalize_fingerprint(s: &str) -> Option<String> {
+    let hexpart: String = s.trim().trim_start_matches("sha256:").chars().filter(|c| *c != ':').collect();
+    let hexpart = hexpart.to_ascii_lowercase();
+    (hexpart.len() == 64 && hexpart.chars().all(|c| c.is_ascii_hexdigit())).then(|| format!("sha256:{hexpart}"))
+}
+
+/// Reads the rekey identity from a DER certificate.
+pub fn identity_of(der: &[u8]) -> Result<Identity, TlsError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::Parse(e.to_string()))?;
+    let serial = hex::encode(cert.raw_serial());
+    let not_after_unix = cert.validity().not_after.timestamp();
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::Parse(e.to_string()))?
+        .ok_or_else(|| TlsError::Parse("certificate has no subject alternative name".into()))?;
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name {
+            if let Some(rest) = uri.strip_prefix(URI_PREFIX) {
+                let (role, name) = rest.split_once('/').unwrap_or((rest, ""));
+                let role = match role {
+                    "agent" => Role::Agent,
+                    "operator" => Role::Operator,
+                    _ => continue,
+                };
+                if !name.is_empty() {
+                    return Ok(Identity { role, name: name.to_string(), serial, not_after_unix });
+                }
+            }
+        }
+    }
+    Err(TlsError::Parse("certificate names no rekey identity (rekey://agent/.. or rekey://operator/..)".into()))
+}
+
+/// Parses every certificate in a PEM bundle.
+pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { what: what.to_string(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(what.to_string()));
+    }
+    Ok(certs)
+}
+
+/// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
+pub fn key_from_pem(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| TlsError::Pem { what: what.to_string(), source })
+}
+
+fn roots_from(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in ca {
+        roots.add(c.clone())?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Decides at the handshake whether a client certificate serial is revoked.
+pub type RevocationCheck = Arc<dyn Fn(&Identity) -> bool + Send + Sync>;
+
+/// Client-certificate verifier of the coordinator: the CA chain is verified by
+/// webpki; a revoked certificate is refused during the handshake; a client
+/// without a certificate may connect (enrollment only — every other call checks
+/// the identity itself).
+#[derive(Debug)]
+struct CoordinatorClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: RevocationCheckDebug,
+}
+
+struct RevocationCheckDebug(RevocationCheck);
+impl fmt::Debug for RevocationCheckDebug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RevocationCheck")
+    }
+}
+
+impl ClientCertVerifier for CoordinatorClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let identity = identity_of(end_entity)
+            .map_err(|e| rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
+        if (self.revoked.0)(&identity) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The coordinator's TLS 1.3 server configuration. `chain` is the server
+/// certificate followed by the CA (the CA is sent so enrolling agents can pin it).
+pub fn server_config(
+    ca: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    revoked: RevocationCheck,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(roots_from(ca)?, provider()).allow_unauthenticated().build()?;
+    let verifier = Arc::new(CoordinatorClientVerifier { inner, revoked: RevocationCheckDebug(revoked) });
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client configuration with a client certificate (agents after enrollment, operators).
+pub fn client_config(
+    ca: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots_from(ca)?)
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client configuration without a client certificate, trusting `ca` (used by
+/// tests and diagnostics to show that certificate-less calls are refused).
+pub fn anonymous_client_config(ca: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots_from(ca)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// What the pinned verifier saw, so a mismatch can be reported precisely.
+#[derive(Debug, Default, Clone)]
+pub struct PinObservation(Arc<Mutex<Option<String>>>);
+
+impl PinObservation {
+    /// The fingerprints the server presented, when they did not match the pin.
+    pub fn mismatch(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: String,
+    observed: PinObservation,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates.iter().find(|c| fingerprint(c) == self.pin) else {
+            let seen: Vec<String> = intermediates.iter().map(|c| fingerprint(c)).collect();
+            let seen = if seen.is_empty() { "no CA certificate".to_string() } else { seen.join(", ") };
+            if let Ok(mut g) = self.observed.0.lock() {
+                *g = Some(seen);
+            }
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Client configuration for enrollment: no client certificate; the server
+/// must present a CA whose fingerprint is `pin` and a leaf signed by it.
+pub fn pinned_client_config(pin: &str) -> Result<(Arc<ClientConfig>, PinObservation), TlsError> {
+    let observed = PinObservation::default();
+    let verifier = Arc::new(PinnedCaVerifier { pin: pin.to_string(), observed: observed.clone() });
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(cfg), observed))
+}
+
+/// HTTP/2 keepalive so a dead peer (cut cable, frozen host) is noticed.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a gRPC channel to `addr` (`host:port`) over our own rustls config.
+pub async fn connect(addr: &str, tls: Arc<ClientConfig>) -> Result<Channel, tonic::transport::Error> {
+    // Plain `http://` in the URI: TLS is done by the connector below, with our
+    // verifier and TLS 1.3 only, rather than by tonic's built-in config.
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    let connector = tower::service_fn(move |uri: http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let authority = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+            let tcp = TcpStream::connect(authority).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(COORDINATOR_NAME).expect("static name is valid");
+            let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    endpoint.connect_with_connector(connector).await
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow
+/// or hostile client cannot stall the accept loop), yielding established TLS
+/// streams for `tonic::transport::Server::serve_with_incoming`. The returned
+/// receiver is bounded: under a reconnect storm handshakes wait, memory doesn't grow.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel::<Result<TlsStream<TcpStream>, std::io::Error>>(256);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "tls handshake refused"),
+                    Err(_) => tracing::info!(%peer, "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The peer identity of a tonic request, from its verified client certificate.
+pub fn request_identity<T>(req: &tonic::Request<T>) -> Result<Identity, tonic::Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| tonic::Status::unauthenticated("this call requires a client certificate issued by rekeyd"))?;
+    let leaf = certs.first().ok_or_else(|| tonic::Status::unauthenticated("no client certificate presented"))?;
+    identity_of(leaf).map_err(|e| tonic::Status::unauthenticated(format!("unusable client certificate: {e}")))
+}

@@ -1,0 +1,182 @@
+//! `coordinator.toml`: parsed into a raw struct (unknown fields refused), then
+//! validated into [`Config`]. Errors name the file and the field.
+
+use rekey_common::config::{ConfigError, load_toml};
+use rekey_common::time::serde_duration;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    master_key_file: PathBuf,
+    /// Extra DNS names / IPs for the server certificate (informational: clients
+    /// verify the fixed name `rekeyd`).
+    #[serde(default)]
+    server_names: Vec<String>,
+    #[serde(default)]
+    pki: RawPki,
+    #[serde(default)]
+    sessions: RawSessions,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPki {
+    #[serde(with = "serde_duration")]
+    agent_cert_ttl: Duration,
+    #[serde(with = "serde_duration")]
+    operator_cert_ttl: Duration,
+    #[serde(with = "serde_duration")]
+    default_token_ttl: Duration,
+    #[serde(with = "serde_duration")]
+    max_token_ttl: Duration,
+}
+
+impl Default for RawPki {
+    fn default() -> Self {
+        RawPki {
+            agent_cert_ttl: Duration::from_secs(24 * 3600),
+            operator_cert_ttl: Duration::from_secs(365 * 86_400),
+            default_token_ttl: Duration::from_secs(3600),
+            max_token_ttl: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSessions {
+    #[serde(with = "serde_duration")]
+    heartbeat_interval: Duration,
+    /// A session with no message for this long is closed.
+    #[serde(with = "serde_duration")]
+    silence_timeout: Duration,
+}
+
+impl Default for RawSessions {
+    fn default() -> Self {
+        RawSessions { heartbeat_interval: Duration::from_secs(10), silence_timeout: Duration::from_secs(35) }
+    }
+}
+
+/// Validated coordinator configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub master_key_file: PathBuf,
+    pub server_names: Vec<String>,
+    pub agent_cert_ttl: Duration,
+    pub operator_cert_ttl: Duration,
+    pub default_token_ttl: Duration,
+    pub max_token_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub silence_timeout: Duration,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = load_toml(path)?;
+        Self::validate(path, raw)
+    }
+
+    pub fn from_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = rekey_common::config::parse_toml(path, text)?;
+        Self::validate(path, raw)
+    }
+
+    fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+        // Relative paths are relative to the config file, as people expect.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let data_dir = base.join(&raw.data_dir);
+        let master_key_file = base.join(&raw.master_key_file);
+        if raw.pki.agent_cert_ttl < Duration::from_secs(60) {
+            return Err(ConfigError::field(path, "pki.agent_cert_ttl", "must be at least 1m"));
+        }
+        if raw.pki.default_token_ttl > raw.pki.max_token_ttl {
+            return Err(ConfigError::field(path, "pki.default_token_ttl", "must not exceed pki.max_token_ttl"));
+        }
+        if raw.sessions.heartbeat_interval.is_zero() {
+            return Err(ConfigError::field(path, "sessions.heartbeat_interval", "must be greater than zero"));
+        }
+        if raw.sessions.silence_timeout < raw.sessions.heartbeat_interval * 2 {
+            return Err(ConfigError::field(
+                path,
+                "sessions.silence_timeout",
+                "must be at least twice sessions.heartbeat_interval",
+            ));
+        }
+        if master_key_file.starts_with(&data_dir) {
+            tracing::warn!(
+                path = %master_key_file.display(),
+                "master_key_file lies inside data_dir: a copy of the data dir then carries its own key; keep it elsewhere in production"
+            );
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            listen: raw.listen,
+            data_dir,
+            master_key_file,
+            server_names: raw.server_names,
+            agent_cert_ttl: raw.pki.agent_cert_ttl,
+            operator_cert_ttl: raw.pki.operator_cert_ttl,
+            default_token_ttl: raw.pki.default_token_ttl,
+            max_token_ttl: raw.pki.max_token_ttl,
+            heartbeat_interval: raw.sessions.heartbeat_interval,
+            silence_timeout: raw.sessions.silence_timeout,
+        })
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+
+    pub fn operator_dir(&self) -> PathBuf {
+        self.data_dir.join("operator")
+    }
+
+    /// Where the bound listen address is written at each start (useful with port 0).
+    pub fn addr_file(&self) -> PathBuf {
+        self.data_dir.join("rekeyd.addr")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+listen = "127.0.0.1:7400"
+data_dir = "data"
+master_key_file = "/etc/rekey/master.key"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_relative_paths() {
+        let c = Config::from_str(Path::new("/etc/rekey/coordinator.toml"), OK).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/etc/rekey/data"));
+        assert_eq!(c.agent_cert_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let p = Path::new("/etc/rekey/coordinator.toml");
+        let e = Config::from_str(p, &format!("{OK}\n[pki]\nagent_cert_ttl = \"soon\"")).unwrap_err().to_string();
+        assert!(e.contains("coordinator.toml") && e.contains("pki.agent_cert_ttl"), "{e}");
+        let e = Config::from_str(p, &format!("{OK}\nlisten_port = 3")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `listen_port`"), "{e}");
+        let e = Config::from_str(p, &format!("{OK}\n[sessions]\nheartbeat_interval = \"30s\"\nsilence_timeout = \"40s\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("field `sessions.silence_timeout`"), "{e}");
+        let e = Config::from_str(p, "data_dir = 'x'\nmaster_key_file = 'y'").unwrap_err().to_string();
+        assert!(e.contains("missing field `listen`"), "{e}");
+    }
+}

@@ -1,0 +1,100 @@
+//! `rekeyd`: config → init → serve → wait for SIGINT/SIGTERM → drain.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rekey_coordinator::config::Config;
+use rekey_coordinator::server::Coordinator;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "rekeyd", version, about = "The rekey coordinator")]
+struct Cli {
+    /// Coordinator configuration file (TOML).
+    #[arg(long, short, env = "REKEYD_CONFIG", default_value = "/etc/rekey/coordinator.toml", global = true)]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the master key (if missing), the CA and the operator credential, then exit.
+    Init,
+    /// Serve (the default). Initializes first if needed.
+    Run,
+    /// Print the CA fingerprint agents pin at enrollment.
+    Fingerprint,
+}
+
+/// Bound on the graceful drain after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    rekey_common::logging::init("info", cli.log_format == "json");
+    rekey_common::tls::install_crypto_provider();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rekeyd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::from_file(&cli.config)?;
+    let coordinator = Coordinator::init(config).context("initialization failed")?;
+    let init = &coordinator.init;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Fingerprint => {
+            println!("{}", init.ca_fingerprint);
+            Ok(())
+        }
+        Command::Init => {
+            if init.created_master_key {
+                println!("created master key    {}   (keep it safe and apart from the data dir)", init.master_key_file.display());
+            }
+            println!("{} CA        {}", if init.created_ca { "created" } else { "existing" }, init.ca_fingerprint);
+            println!(
+                "{} operator  {}   (use: rekey --operator-dir {})",
+                if init.created_operator { "created" } else { "existing" },
+                init.operator_dir.display(),
+                init.operator_dir.display()
+            );
+            Ok(())
+        }
+        Command::Run => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(serve(coordinator))
+        }
+    }
+}
+
+async fn serve(coordinator: Coordinator) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let mut task = tokio::spawn(coordinator.serve(shutdown.clone(), |_| {}));
+    tokio::select! {
+        r = &mut task => return r?.map_err(Into::into),
+        _ = shutdown_signal() => tracing::info!("shutdown requested, draining"),
+    }
+    shutdown.cancel();
+    match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+        Ok(r) => r?.map_err(Into::into),
+        Err(_) => anyhow::bail!("drain did not finish within {}s", DRAIN_TIMEOUT.as_secs()),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,174 @@
+//! The life of a coordinator: init (master key, store, CA, operator
+//! credential), then serve both gRPC services on one mTLS listener until
+//! shutdown, then drain.
+
+use crate::config::Config;
+use crate::crypto::{self, CryptoError};
+use crate::pki::{Ca, PkiError};
+use crate::service::admin::AdminSvc;
+use crate::service::agent::AgentSvc;
+use crate::service::Shared;
+use crate::sessions::{RevokedSerials, Sessions};
+use crate::store::{Store, StoreError};
+use rekey_common::tls::{self, TlsError};
+use rekey_proto::v1::admin_service_server::AdminServiceServer;
+use rekey_proto::v1::agent_service_server::AgentServiceServer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Server certificates are re-issued at every start; this bounds a long run.
+const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+/// Name of the operator credential created at init.
+pub const INITIAL_OPERATOR: &str = "admin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("grpc server failed")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// What init found or created.
+#[derive(Debug)]
+pub struct InitReport {
+    pub created_master_key: bool,
+    pub created_ca: bool,
+    pub created_operator: bool,
+    pub ca_fingerprint: String,
+    pub operator_dir: PathBuf,
+    pub master_key_file: PathBuf,
+}
+
+/// An initialized coordinator, ready to serve.
+pub struct Coordinator {
+    shared: Shared,
+    pub init: InitReport,
+}
+
+fn write_file(path: PathBuf, bytes: &[u8], private: bool) -> Result<(), ServerError> {
+    let r = if private {
+        crypto::write_private(&path, bytes)
+    } else {
+        path.parent().map(std::fs::create_dir_all).transpose().and_then(|_| std::fs::write(&path, bytes))
+    };
+    r.map_err(|source| ServerError::Write { path, source })
+}
+
+/// The CLI's config inside the operator dir.
+fn write_operator_endpoint(config: &Config, addr: SocketAddr) -> Result<(), ServerError> {
+    let shown = if addr.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), addr.port()) } else { addr };
+    let text = format!(
+        "# Written by rekeyd at start. The rekey CLI reads this with --operator-dir.\ncoordinator = \"{shown}\"\n"
+    );
+    write_file(config.operator_dir().join("rekey.toml"), text.as_bytes(), false)
+}
+
+impl Coordinator {
+    /// Creates what is missing (master key, store, CA, DEK, operator
+    /// credential) and opens what exists. Idempotent.
+    pub fn init(config: Config) -> Result<Coordinator, ServerError> {
+        let created_master_key = crypto::ensure_master_key(&config.master_key_file)?;
+        let master = crypto::load_master_key(&config.master_key_file)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| ServerError::Write { path: config.data_dir.clone(), source })?;
+        let store = Store::open(&config.store_dir())?;
+        let (ca, created_ca) = Ca::load_or_create(&store, &master)?;
+        drop(master);
+
+        let op_dir = config.operator_dir();
+        let created_operator = created_ca || !op_dir.join("operator.pem").exists();
+        if created_operator {
+            let (issued, key_pem) = ca.issue_operator(INITIAL_OPERATOR, config.operator_cert_ttl)?;
+            write_file(op_dir.join("operator.key"), key_pem.as_bytes(), true)?;
+            write_file(op_dir.join("operator.pem"), issued.cert_pem.as_bytes(), false)?;
+            store.put_operator(&issued.serial, INITIAL_OPERATOR)?;
+        }
+        write_file(op_dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
+        if !op_dir.join("rekey.toml").exists() {
+            write_operator_endpoint(&config, config.listen)?;
+        }
+        let revoked = RevokedSerials::new(store.revoked_serials()?);
+        let init = InitReport {
+            created_master_key,
+            created_ca,
+            created_operator,
+            ca_fingerprint: ca.fingerprint(),
+            operator_dir: op_dir,
+            master_key_file: config.master_key_file.clone(),
+        };
+        let shared = Shared { config: Arc::new(config), store, ca: Arc::new(ca), sessions: Sessions::default(), revoked };
+        Ok(Coordinator { shared, init })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Binds the listener and serves until `shutdown`, then drains.
+    /// `on_bound` is told the bound address (useful with port 0).
+    pub async fn serve(self, shutdown: CancellationToken, on_bound: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+        let s = self.shared;
+        let (chain, key) = s.ca.issue_server(&s.config.server_names, SERVER_CERT_LIFETIME)?;
+        let revoked = s.revoked.clone();
+        let tls_config = tls::server_config(
+            std::slice::from_ref(s.ca.cert_der()),
+            chain,
+            key,
+            Arc::new(move |id| revoked.contains(&id.serial)),
+        )?;
+        let listener = tokio::net::TcpListener::bind(s.config.listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: s.config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: s.config.listen, source })?;
+        write_file(s.config.addr_file(), format!("{addr}\n").as_bytes(), false)?;
+        write_operator_endpoint(&s.config, addr)?;
+        tracing::info!(%addr, ca = %s.ca.fingerprint(), "rekeyd listening");
+        on_bound(addr);
+
+        let accept_stop = CancellationToken::new();
+        let incoming = tls::tls_incoming(listener, tls_config, accept_stop.clone());
+        let sessions = s.sessions.clone();
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(tls::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(tls::KEEPALIVE_TIMEOUT))
+            .add_service(AgentServiceServer::new(AgentSvc { shared: s.clone() }))
+            .add_service(AdminServiceServer::new(AdminSvc { shared: s.clone() }))
+            .serve_with_incoming_shutdown(incoming, {
+                let shutdown = shutdown.clone();
+                async move {
+                    shutdown.cancelled().await;
+                    accept_stop.cancel();
+                    // End live sessions so the graceful drain can finish.
+                    for name in sessions.connected() {
+                        sessions.close(&name, None);
+                    }
+                }
+            });
+        server.await?;
+        s.store.flush()?;
+        tracing::info!("rekeyd stopped");
+        Ok(())
+    }
+}

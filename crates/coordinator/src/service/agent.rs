@@ -1,0 +1,279 @@
+//! `rekey.v1.AgentService`: enrollment and the agents' live sessions.
+
+use super::{Shared, internal};
+use crate::sessions::SessionHandle;
+use crate::store::{AgentRecord, Redeem};
+use rekey_common::time::{format_unix, now_unix};
+use rekey_common::tls::{self, Role};
+use rekey_proto::PROTOCOL_VERSION;
+use rekey_proto::v1::agent_service_server::AgentService;
+use rekey_proto::v1::{
+    AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse, HeartbeatAck, RenewResponse, Welcome,
+    agent_message, coordinator_message,
+};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+/// How long a new session may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often last-seen is written to the store for a healthy session.
+const LAST_SEEN_PERSIST: Duration = Duration::from_secs(60);
+
+pub struct AgentSvc {
+    pub shared: Shared,
+}
+
+pub(crate) fn version_mismatch(peer: &str, theirs: u32) -> Status {
+    Status::failed_precondition(format!(
+        "protocol version mismatch: {peer} speaks rekey protocol v{theirs}, this coordinator speaks v{PROTOCOL_VERSION}; \
+         run the same rekey release on both sides"
+    ))
+}
+
+/// Splits `ID.SECRET` and hashes the secret part.
+fn parse_token(token: &str) -> Result<(String, String), Status> {
+    let malformed = || Status::invalid_argument("malformed join token: expected ID.SECRET as printed by `rekey token create`");
+    let (id, secret) = token.trim().split_once('.').ok_or_else(malformed)?;
+    if id.is_empty() || secret.len() < 16 || !id.chars().chain(secret.chars()).all(|c| c.is_ascii_alphanumeric()) {
+        return Err(malformed());
+    }
+    let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()));
+    Ok((id.to_string(), hash))
+}
+
+type SessionStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentSvc {
+    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let req = req.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(version_mismatch("the agent", req.protocol_version));
+        }
+        let (id, hash) = parse_token(&req.token)?;
+        // Check the CSR before spending the token: a broken agent must not burn it.
+        crate::pki::Ca::check_csr(&req.csr_der)
+            .map_err(|e| Status::invalid_argument(format!("enrollment refused: {e}")))?;
+        let s = &self.shared;
+        let now = now_unix();
+        let record = match s.store.redeem_token(&id, &hash, now).map_err(internal)? {
+            Redeem::Ok(t) => t,
+            Redeem::Unknown => return Err(Status::unauthenticated("unknown join token (check for typos, or create one with `rekey token create`)")),
+            Redeem::AlreadyUsed { used_unix } => {
+                return Err(Status::permission_denied(format!(
+                    "join token {id} was already used at {}; tokens are single use, create a new one",
+                    format_unix(used_unix)
+                )));
+            }
+            Redeem::Expired { expires_unix } => {
+                return Err(Status::permission_denied(format!(
+                    "join token {id} expired at {}; create a new one",
+                    format_unix(expires_unix)
+                )));
+            }
+        };
+        let issued = s
+            .ca
+            .sign_agent_csr(&req.csr_der, &record.host, s.config.agent_cert_ttl)
+            .map_err(|e| Status::invalid_argument(format!("enrollment of {} refused: {e}", record.host)))?;
+        let previous = s.store.get_agent(&record.host).map_err(internal)?;
+        let agent = AgentRecord {
+            name: record.host.clone(),
+            labels: record.labels.clone(),
+            enrolled_unix: now,
+            cert_serial: issued.serial.clone(),
+            cert_not_after_unix: issued.not_after_unix,
+            serials: vec![issued.serial.clone()],
+            agent_version: req.agent_version.clone(),
+            ..Default::default()
+        };
+        s.store.enroll_agent(&agent, now).map_err(internal)?;
+        if let Some(prev) = previous {
+            // A re-enrolled host: its old certificates are dead from now on.
+            s.revoked.extend(prev.serials);
+            s.sessions.close(&agent.name, None);
+        }
+        tracing::info!(agent = %agent.name, token = %id, serial = %issued.serial, "agent enrolled");
+        Ok(Response::new(EnrollResponse {
+            host: record.host,
+            labels: record.labels.into_iter().collect(),
+            certificate_pem: issued.cert_pem,
+            ca_pem: s.ca.cert_pem().to_string(),
+            not_after_unix: issued.not_after_unix,
+        }))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let identity = tls::request_identity(&req)?;
+        if identity.role != Role::Agent {
+            return Err(Status::permission_denied(format!("{identity} cannot open an agent session")));
+        }
+        let s = self.shared.clone();
+        let name = identity.name.clone();
+        let mut record = s
+            .store
+            .get_agent(&name)
+            .map_err(internal)?
+            .ok_or_else(|| Status::unauthenticated(format!("unknown agent {name}: enroll it again")))?;
+        if let Some(at) = record.revoked_unix {
+            return Err(Status::permission_denied(format!("agent {name} was revoked at {}", format_unix(at))));
+        }
+        if !record.serials.contains(&identity.serial) {
+            return Err(Status::unauthenticated(format!(
+                "certificate {} is not one issued to the current enrollment of {name}",
+                identity.serial
+            )));
+        }
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Hello(h)) }))) => h,
+            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message of a session must be a hello")),
+            Ok(Ok(None)) => return Err(Status::cancelled("agent closed the session before hello")),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(version_mismatch(&format!("agent {name}"), hello.protocol_version));
+        }
+        let now = now_unix();
+        record.agent_version = hello.agent_version.clone();
+        record.secrets = hello.secrets.clone();
+        record.last_seen_unix = now;
+        s.store.put_agent(&record).map_err(internal)?;
+
+        let (tx, rx) = mpsc::channel(crate::sessions::OUTBOUND_CAPACITY);
+        let cancel = CancellationToken::new();
+        let id = s.sessions.next_id();
+        tx.try_send(Ok(CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                host: name.clone(),
+                heartbeat_interval_ms: s.config.heartbeat_interval.as_millis() as u64,
+            })),
+        }))
+        .expect("fresh channel has room");
+        s.sessions.register(&name, SessionHandle { id, tx: tx.clone(), cancel: cancel.clone(), connected_unix: now });
+        tracing::info!(agent = %name, session = id, version = %hello.agent_version, secrets = ?hello.secrets, "agent connected");
+
+        let span = tracing::info_span!("session", agent = %name, session = id);
+        tokio::spawn(
+            async move {
+                let reason = inbound_loop(&s, &name, &mut inbound, &tx, &cancel).await;
+                s.sessions.deregister(&name, id);
+                if let Ok(Some(mut rec)) = s.store.get_agent(&name) {
+                    rec.last_seen_unix = now_unix();
+                    let _ = s.store.put_agent_lazy(&rec);
+                }
+                tracing::info!(%reason, "agent disconnected");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Reads the agent's messages until it leaves, falls silent, or the session is
+/// cancelled (revocation, replacement, shutdown). Returns why it ended.
+async fn inbound_loop(
+    s: &super::Shared,
+    name: &str,
+    inbound: &mut Streaming<AgentMessage>,
+    tx: &crate::sessions::Outbound,
+    cancel: &CancellationToken,
+) -> String {
+    let mut last_persist = tokio::time::Instant::now();
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return "session closed by coordinator".into(),
+            r = tokio::time::timeout(s.config.silence_timeout, inbound.message()) => r,
+        };
+        let msg = match next {
+            Err(_) => return format!("silent for {}s", s.config.silence_timeout.as_secs()),
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => return "agent closed the session".into(),
+            Ok(Err(e)) => return format!("stream error: {}", e.message()),
+        };
+        if last_persist.elapsed() >= LAST_SEEN_PERSIST {
+            last_persist = tokio::time::Instant::now();
+            if let Ok(Some(mut rec)) = s.store.get_agent(name) {
+                rec.last_seen_unix = now_unix();
+                let _ = s.store.put_agent_lazy(&rec);
+            }
+        }
+        match msg.msg {
+            Some(agent_message::Msg::Heartbeat(hb)) => {
+                // An ack that does not fit is dropped: the agent is behind, not dead.
+                let _ = tx.try_send(Ok(CoordinatorMessage {
+                    msg: Some(coordinator_message::Msg::HeartbeatAck(HeartbeatAck { seq: hb.seq })),
+                }));
+            }
+            Some(agent_message::Msg::Renew(r)) => {
+                let reply = renew(s, name, &r.csr_der);
+                let msg = match reply {
+                    Ok(resp) => Ok(CoordinatorMessage { msg: Some(coordinator_message::Msg::Renewed(resp)) }),
+                    Err(status) => Err(status),
+                };
+                if tx.send(msg).await.is_err() {
+                    return "outbound closed".into();
+                }
+            }
+            Some(agent_message::Msg::Report(r)) => {
+                tracing::info!(rotation = %r.rotation_id, secret = %r.secret, stage = r.stage, "stage report");
+            }
+            Some(agent_message::Msg::Hello(_)) => {
+                tracing::warn!("duplicate hello ignored");
+            }
+            None => {
+                tracing::warn!("empty message ignored");
+            }
+        }
+    }
+}
+
+fn renew(s: &super::Shared, name: &str, csr: &[u8]) -> Result<RenewResponse, Status> {
+    let mut rec = s
+        .store
+        .get_agent(name)
+        .map_err(internal)?
+        .ok_or_else(|| Status::unauthenticated(format!("unknown agent {name}")))?;
+    if rec.revoked_unix.is_some() {
+        return Err(Status::permission_denied(format!("agent {name} is revoked")));
+    }
+    let issued = s
+        .ca
+        .sign_agent_csr(csr, name, s.config.agent_cert_ttl)
+        .map_err(|e| Status::invalid_argument(format!("renewal refused: {e}")))?;
+    rec.cert_serial = issued.serial.clone();
+    rec.cert_not_after_unix = issued.not_after_unix;
+    rec.serials.push(issued.serial.clone());
+    // Keep the serials that can still be valid; older ones have expired anyway.
+    let keep = 8;
+    if rec.serials.len() > keep {
+        let drop = rec.serials.len() - keep;
+        rec.serials.drain(..drop);
+    }
+    // Persisted before the agent can use it.
+    s.store.put_agent(&rec).map_err(internal)?;
+    tracing::info!(serial = %issued.serial, not_after = %format_unix(issued.not_after_unix), "certificate renewed");
+    Ok(RenewResponse { certificate_pem: issued.cert_pem, not_after_unix: issued.not_after_unix })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_strictly() {
+        assert!(parse_token("abcd1234.0123456789abcdef0123").is_ok());
+        for bad in ["", "nodot", ".x", "id.short", "id.0123456789abcdef;rm", "a b.0123456789abcdef"] {
+            assert_eq!(parse_token(bad).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
+}

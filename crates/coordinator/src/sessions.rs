@@ -1,0 +1,123 @@
+//! Live agent sessions: one entry per connected agent, holding the bounded
+//! sender of its outbound stream and a token that ends the session.
+//!
+//! No thread and no unbounded buffer per agent: an idle session costs one
+//! small task (the inbound loop), a 32-slot channel and tonic's own buffers.
+
+use rekey_proto::v1::CoordinatorMessage;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// Capacity of each agent's outbound queue. Deliveries are few and small; a
+/// full queue means the agent stopped reading and its session will be closed.
+pub const OUTBOUND_CAPACITY: usize = 32;
+
+pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub tx: Outbound,
+    pub cancel: CancellationToken,
+    pub connected_unix: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("agent {0} is not connected")]
+    NotConnected(String),
+    #[error("agent {0} is not reading its session (outbound queue full)")]
+    Backpressure(String),
+}
+
+/// The registry of live sessions, shared by the services and the engine.
+#[derive(Debug, Clone, Default)]
+pub struct Sessions {
+    inner: Arc<Mutex<HashMap<String, SessionHandle>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl Sessions {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers a session; a previous session of the same agent is ended
+    /// (the agent reconnected before the old connection was noticed dead).
+    pub fn register(&self, name: &str, handle: SessionHandle) {
+        let old = self.inner.lock().expect("sessions lock").insert(name.to_string(), handle);
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+    }
+
+    /// Removes the session if it is still the one with `id`.
+    pub fn deregister(&self, name: &str, id: u64) -> bool {
+        let mut map = self.inner.lock().expect("sessions lock");
+        if map.get(name).is_some_and(|h| h.id == id) {
+            map.remove(name);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<SessionHandle> {
+        self.inner.lock().expect("sessions lock").get(name).cloned()
+    }
+
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.inner.lock().expect("sessions lock").contains_key(name)
+    }
+
+    pub fn connected(&self) -> Vec<String> {
+        self.inner.lock().expect("sessions lock").keys().cloned().collect()
+    }
+
+    /// Queues a message for an agent without waiting.
+    pub fn send(&self, name: &str, msg: CoordinatorMessage) -> Result<(), SendError> {
+        let h = self.get(name).ok_or_else(|| SendError::NotConnected(name.to_string()))?;
+        h.tx.try_send(Ok(msg)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::Backpressure(name.to_string()),
+            mpsc::error::TrySendError::Closed(_) => SendError::NotConnected(name.to_string()),
+        })
+    }
+
+    /// Ends an agent's session, after queueing `last` if given. Returns
+    /// whether a session was live.
+    pub fn close(&self, name: &str, last: Option<CoordinatorMessage>) -> bool {
+        let h = self.inner.lock().expect("sessions lock").remove(name);
+        match h {
+            Some(h) => {
+                if let Some(m) = last {
+                    let _ = h.tx.try_send(Ok(m));
+                }
+                h.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Certificate serials refused at the TLS handshake, mirrored from the store.
+#[derive(Debug, Clone, Default)]
+pub struct RevokedSerials(Arc<RwLock<HashSet<String>>>);
+
+impl RevokedSerials {
+    pub fn new(serials: impl IntoIterator<Item = String>) -> Self {
+        RevokedSerials(Arc::new(RwLock::new(serials.into_iter().collect())))
+    }
+
+    pub fn contains(&self, serial: &str) -> bool {
+        self.0.read().expect("revoked lock").contains(serial)
+    }
+
+    pub fn extend(&self, serials: impl IntoIterator<Item = String>) {
+        self.0.write().expect("revoked lock").extend(serials);
+    }
+}

@@ -1,0 +1,303 @@
+//! The coordinator's durable state, in sled, behind a typed API so the engine
+//! never sees sled (it can be replaced without touching callers).
+//!
+//! Trees: `meta` (CA certificate, sealed CA key, sealed DEK), `tokens` (join
+//! tokens by id, secret part hashed), `agents` (registry by name), `revoked`
+//! (certificate serial → agent name), `operators` (serial → operator name).
+//! Every mutating call flushes before it returns: a caller that got `Ok` may
+//! act on it (reply, deliver, revoke) knowing it survives a crash.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open store at {path} (is another rekeyd running on this data dir?)")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("store i/o")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record in tree {tree} at key {key}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenRecord {
+    pub id: String,
+    /// SHA-256 of the token's secret part, hex. The token itself is never stored.
+    pub secret_sha256: String,
+    pub host: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_unix: i64,
+    pub expires_unix: i64,
+    pub created_by: String,
+    pub used_unix: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct AgentRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub enrolled_unix: i64,
+    /// Serial of the newest certificate issued to this agent.
+    pub cert_serial: String,
+    pub cert_not_after_unix: i64,
+    /// Every serial issued to this enrollment that may still be unexpired.
+    pub serials: Vec<String>,
+    pub agent_version: String,
+    pub secrets: Vec<String>,
+    pub last_seen_unix: i64,
+    pub revoked_unix: Option<i64>,
+    pub revoked_by: Option<String>,
+}
+
+/// Outcome of trying to redeem a join token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Redeem {
+    Ok(TokenRecord),
+    Unknown,
+    AlreadyUsed { used_unix: i64 },
+    Expired { expires_unix: i64 },
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    tokens: sled::Tree,
+    agents: sled::Tree,
+    revoked: sled::Tree,
+    operators: sled::Tree,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|source| StoreError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
+        Ok(Store {
+            meta: db.open_tree("meta")?,
+            tokens: db.open_tree("tokens")?,
+            agents: db.open_tree("agents")?,
+            revoked: db.open_tree("revoked")?,
+            operators: db.open_tree("operators")?,
+            db,
+        })
+    }
+
+    /// The underlying database, for subsystems that own further trees.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(key, value)?;
+        self.flush()
+    }
+
+    pub fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.tokens.insert(t.id.as_bytes(), encode(t))?;
+        self.flush()
+    }
+
+    pub fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.tokens.get(id)?.map(|v| decode("tokens", id.as_bytes(), &v)).transpose()
+    }
+
+    /// Atomically checks and marks a token used. `secret_sha256` must already
+    /// be the hash of the presented secret; compared in constant time.
+    pub fn redeem_token(&self, id: &str, secret_sha256: &str, now: i64) -> Result<Redeem, StoreError> {
+        let out = self.tokens.transaction(|t| {
+            let Some(raw) = t.get(id)? else { return Ok(Redeem::Unknown) };
+            let mut rec: TokenRecord =
+                decode("tokens", id.as_bytes(), &raw).map_err(ConflictableTransactionError::Abort)?;
+            if !constant_time_eq(rec.secret_sha256.as_bytes(), secret_sha256.as_bytes()) {
+                return Ok(Redeem::Unknown);
+            }
+            if let Some(used_unix) = rec.used_unix {
+                return Ok(Redeem::AlreadyUsed { used_unix });
+            }
+            if now >= rec.expires_unix {
+                return Ok(Redeem::Expired { expires_unix: rec.expires_unix });
+            }
+            rec.used_unix = Some(now);
+            t.insert(id.as_bytes(), encode(&rec))?;
+            Ok(Redeem::Ok(rec))
+        })?;
+        self.flush()?;
+        Ok(out)
+    }
+
+    pub fn get_agent(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
+        self.agents.get(name)?.map(|v| decode("agents", name.as_bytes(), &v)).transpose()
+    }
+
+    pub fn put_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
+        self.agents.insert(a.name.as_bytes(), encode(a))?;
+        self.flush()
+    }
+
+    /// Like [`Store::put_agent`] without the flush: for bookkeeping (last seen)
+    /// whose loss in a crash is harmless.
+    pub fn put_agent_lazy(&self, a: &AgentRecord) -> Result<(), StoreError> {
+        self.agents.insert(a.name.as_bytes(), encode(a))?;
+        Ok(())
+    }
+
+    pub fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.agents.iter().map(|kv| {
+            let (k, v) = kv?;
+            decode("agents", &k, &v)
+        }).collect()
+    }
+
+    /// Records a (re-)enrollment: a previous enrollment of the same name has
+    /// its certificates revoked, so a re-provisioned host cannot be impersonated
+    /// by its old key.
+    pub fn enroll_agent(&self, rec: &AgentRecord, now: i64) -> Result<(), StoreError> {
+        (&self.agents, &self.revoked).transaction(|(agents, revoked)| {
+            if let Some(old) = agents.get(rec.name.as_bytes())? {
+                let old: AgentRecord =
+                    decode("agents", rec.name.as_bytes(), &old).map_err(ConflictableTransactionError::Abort)?;
+                for s in &old.serials {
+                    revoked.insert(s.as_bytes(), rec.name.as_bytes())?;
+                }
+            }
+            agents.insert(rec.name.as_bytes(), encode(rec))?;
+            let _ = now;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        self.flush()
+    }
+
+    /// Marks the agent revoked and every certificate serial it was issued.
+    /// Returns the updated record, or None for an unknown name.
+    pub fn revoke_agent(&self, name: &str, by: &str, now: i64) -> Result<Option<AgentRecord>, StoreError> {
+        let out = (&self.agents, &self.revoked).transaction(|(agents, revoked)| {
+            let Some(raw) = agents.get(name.as_bytes())? else { return Ok(None) };
+            let mut rec: AgentRecord =
+                decode("agents", name.as_bytes(), &raw).map_err(ConflictableTransactionError::Abort)?;
+            for s in &rec.serials {
+                revoked.insert(s.as_bytes(), name.as_bytes())?;
+            }
+            if rec.revoked_unix.is_none() {
+                rec.revoked_unix = Some(now);
+                rec.revoked_by = Some(by.to_string());
+            }
+            agents.insert(name.as_bytes(), encode(&rec))?;
+            Ok(Some(rec))
+        })?;
+        self.flush()?;
+        Ok(out)
+    }
+
+    pub fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+        self.revoked.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
+    }
+
+    pub fn put_operator(&self, serial: &str, name: &str) -> Result<(), StoreError> {
+        self.operators.insert(serial.as_bytes(), name.as_bytes())?;
+        self.flush()
+    }
+
+    pub fn is_operator_serial(&self, serial: &str) -> Result<bool, StoreError> {
+        Ok(self.operators.contains_key(serial.as_bytes())?)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(id: &str, expires: i64) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            secret_sha256: "abc".into(),
+            host: "web-1".into(),
+            labels: BTreeMap::new(),
+            created_unix: 0,
+            expires_unix: expires,
+            created_by: "operator/admin".into(),
+            used_unix: None,
+        }
+    }
+
+    #[test]
+    fn tokens_redeem_once_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.put_token(&token("t1", 100)).unwrap();
+        s.put_token(&token("t2", 100)).unwrap();
+        assert_eq!(s.redeem_token("nope", "abc", 10).unwrap(), Redeem::Unknown);
+        assert_eq!(s.redeem_token("t1", "abd", 10).unwrap(), Redeem::Unknown);
+        assert!(matches!(s.redeem_token("t1", "abc", 10).unwrap(), Redeem::Ok(_)));
+        assert_eq!(s.redeem_token("t1", "abc", 11).unwrap(), Redeem::AlreadyUsed { used_unix: 10 });
+        assert_eq!(s.redeem_token("t2", "abc", 100).unwrap(), Redeem::Expired { expires_unix: 100 });
+        // An expired token stays unused: redeeming it changed nothing.
+        assert_eq!(s.get_token("t2").unwrap().unwrap().used_unix, None);
+    }
+
+    #[test]
+    fn state_survives_reopen_and_revocation_covers_all_serials() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let rec = AgentRecord { name: "a".into(), serials: vec!["01".into(), "02".into()], ..Default::default() };
+            s.enroll_agent(&rec, 1).unwrap();
+            s.revoke_agent("a", "operator/admin", 5).unwrap().unwrap();
+            assert!(s.revoke_agent("zzz", "x", 5).unwrap().is_none());
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let a = s.get_agent("a").unwrap().unwrap();
+        assert_eq!(a.revoked_unix, Some(5));
+        assert_eq!(a.revoked_by.as_deref(), Some("operator/admin"));
+        let mut r = s.revoked_serials().unwrap();
+        r.sort();
+        assert_eq!(r, vec!["01", "02"]);
+    }
+}
