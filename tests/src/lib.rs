@@ -1,1 +1,362 @@
-//! placeholder
+//! Fixtures for rekey's end-to-end tests: real `rekeyd`, `rekey-agent` and
+//! `rekey` processes talking mTLS on loopback, each in its own temp dir.
+//!
+//! Waits poll a condition with a deadline (never a fixed sleep); every child
+//! process is killed when its fixture drops; logs are printed when a test fails.
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Paths of the binaries under test.
+pub struct Bins {
+    pub rekeyd: PathBuf,
+    pub agent: PathBuf,
+    pub cli: PathBuf,
+}
+
+/// Builds the binaries once per test process (a no-op when `cargo test
+/// --workspace` already built them) and returns their paths.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let root = workspace_root();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "rekey-coordinator", "-p", "rekey-agent", "-p", "rekey-cli", "--bins"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build for the binaries under test");
+        assert!(status.success(), "building the binaries under test failed");
+        let dir = target_dir().join("debug");
+        Bins { rekeyd: dir.join("rekeyd"), agent: dir.join("rekey-agent"), cli: dir.join("rekey") }
+    })
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The cargo target dir (honours CARGO_TARGET_DIR).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Polls `f` until it returns true or `timeout` passes; panics naming `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("create log");
+    let err = out.try_clone().expect("clone log");
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err).env("RUST_LOG", "info").spawn().expect("spawn")
+}
+
+fn kill(child: &mut Child, signal: &str) {
+    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+pub fn read_log(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+/// A real `rekeyd` process with its own data dir and master key.
+pub struct Coordinator {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Coordinator {
+    /// Writes a config into `dir` (with `extra` TOML appended) and starts rekeyd.
+    pub fn start(dir: &Path, extra: &str) -> Coordinator {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let port = free_port();
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!("listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\nmaster_key_file = \"master.key\"\n{extra}\n"),
+        )
+        .expect("write config");
+        let mut c =
+            Coordinator { dir: dir.to_path_buf(), config, port, log: dir.join("rekeyd.log"), child: None, starts: 0 };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let addr_file = self.dir.join("data/rekeyd.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        self.starts += 1;
+        self.log = self.dir.join(format!("rekeyd.{}.log", self.starts));
+        let child = spawn_logged(Command::new(&bins().rekeyd).arg("--config").arg(&self.config).arg("run"), &self.log);
+        self.child = Some(child);
+        let log = self.log.clone();
+        wait_for("rekeyd to listen", Duration::from_secs(30), || {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(st)) = child.try_wait()
+            {
+                panic!("rekeyd exited early with {st}:\n{}", read_log(&log));
+            }
+            addr_file.exists()
+        });
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn operator_dir(&self) -> PathBuf {
+        self.dir.join("data/operator")
+    }
+
+    /// SIGKILL: no drain, no flush beyond what was already made durable.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, "-KILL");
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        c.wait().ok()
+    }
+
+    /// Starts again on the same port and data dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn logs(&self) -> String {
+        (1..=self.starts).map(|i| read_log(&self.dir.join(format!("rekeyd.{i}.log")))).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Runs the `rekey` CLI against this coordinator.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&bins().cli)
+            .arg("--operator-dir")
+            .arg(self.operator_dir())
+            .arg("--coordinator")
+            .arg(self.addr())
+            .args(args)
+            .output()
+            .expect("run rekey")
+    }
+
+    /// Runs the CLI, requires success, returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "rekey {args:?} failed: {}\n--- rekeyd log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.cli_ok(&a)).expect("json output")
+    }
+
+    /// `rekey token create`; returns (token, ca fingerprint).
+    pub fn token(&self, host: &str, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["token", "create", "--host", host];
+        args.extend(extra);
+        let v = self.cli_json(&args);
+        (v["token"].as_str().unwrap().to_string(), v["ca_fingerprint"].as_str().unwrap().to_string())
+    }
+
+    pub fn agents(&self) -> Vec<serde_json::Value> {
+        self.cli_json(&["agents"]).as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn agent(&self, name: &str) -> Option<serde_json::Value> {
+        self.agents().into_iter().find(|a| a["name"] == name)
+    }
+
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.agent(name).is_some_and(|a| a["connected"] == true)
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- rekeyd logs ({}) ---\n{}", self.dir.display(), self.logs());
+        }
+    }
+}
+
+/// A real `rekey-agent` with its own state dir and config.
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Agent {
+    /// Prepares dir and config (consuming `secrets`); does not enroll.
+    pub fn new(dir: &Path, name: &str, secrets: &[&str]) -> Agent {
+        let dir = dir.join(format!("agent-{name}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let config = dir.join("agent.toml");
+        let mut text =
+            String::from("state_dir = \"state\"\n[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n");
+        for s in secrets {
+            text.push_str(&format!("[[secret]]\nname = \"{s}\"\n"));
+        }
+        std::fs::write(&config, text).expect("write agent config");
+        Agent { name: name.to_string(), log: dir.join("agent.log"), dir, config, child: None, runs: 0 }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// `rekey-agent enroll`; returns the process output.
+    pub fn enroll(&self, coordinator: &str, token: &str, fingerprint: &str) -> Output {
+        Command::new(&bins().agent)
+            .args([
+                "enroll",
+                "--force",
+                "--coordinator",
+                coordinator,
+                "--token",
+                token,
+                "--ca-fingerprint",
+                fingerprint,
+            ])
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .output()
+            .expect("run rekey-agent enroll")
+    }
+
+    pub fn enroll_ok(&self, c: &Coordinator, labels: &[&str]) {
+        let mut extra = Vec::new();
+        for l in labels {
+            extra.extend(["--label", l]);
+        }
+        let (token, fp) = c.token(&self.name, &extra);
+        let out = self.enroll(&c.addr(), &token, &fp);
+        assert!(out.status.success(), "enroll {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn start(&mut self) {
+        self.runs += 1;
+        self.log = self.dir.join(format!("agent.{}.log", self.runs));
+        self.child =
+            Some(spawn_logged(Command::new(&bins().agent).arg("run").arg("--config").arg(&self.config), &self.log));
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill(&mut c, "-KILL");
+        }
+    }
+
+    /// Waits for the agent process to exit by itself; returns its status and log.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
+        let child = self.child.as_mut().ok_or_else(|| anyhow!("agent {} not running", self.name))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().context("wait")? {
+                self.child = None;
+                return Ok((st, read_log(&self.log)));
+            }
+            if Instant::now() > deadline {
+                bail!("agent {} still running after {timeout:?}:\n{}", self.name, read_log(&self.log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn logs(&self) -> String {
+        (1..=self.runs).map(|i| read_log(&self.dir.join(format!("agent.{i}.log")))).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- agent {} logs ---\n{}", self.name, self.logs());
+        }
+    }
+}
+
+/// A coordinator and N enrolled, running agents, all connected.
+pub struct TestCluster {
+    pub tmp: tempfile::TempDir,
+    pub agents: Vec<Agent>,
+    pub coordinator: Coordinator,
+}
+
+impl TestCluster {
+    pub fn new(n: usize, secrets: &[&str]) -> TestCluster {
+        Self::with_config(n, secrets, "")
+    }
+
+    pub fn with_config(n: usize, secrets: &[&str], coordinator_extra: &str) -> TestCluster {
+        rustls::crypto::ring::default_provider().install_default().ok();
+        let tmp = tempfile::Builder::new().prefix("rekey-test-").tempdir().expect("tempdir");
+        let coordinator = Coordinator::start(&tmp.path().join("coordinator"), coordinator_extra);
+        let mut agents = Vec::new();
+        for i in 1..=n {
+            let mut a = Agent::new(tmp.path(), &format!("host-{i}"), secrets);
+            a.enroll_ok(&coordinator, &[&format!("index={i}"), "env=test"]);
+            a.start();
+            agents.push(a);
+        }
+        let c = TestCluster { tmp, agents, coordinator };
+        c.wait_all_connected();
+        c
+    }
+
+    pub fn wait_all_connected(&self) {
+        wait_for("all agents connected", Duration::from_secs(30), || {
+            let list = self.coordinator.agents();
+            self.agents.iter().all(|a| list.iter().any(|x| x["name"] == a.name.as_str() && x["connected"] == true))
+        });
+    }
+}

@@ -1,1 +1,107 @@
-fn main() {}
+//! `rekey-agent`: enroll once, then run.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rekey_agent::config::AgentConfig;
+use rekey_agent::enroll::{EnrollOptions, enroll};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "rekey-agent",
+    version,
+    about = "The rekey agent: receives rotated secrets and applies them on this host"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this host with a one-time join token.
+    Enroll {
+        /// rekeyd address, HOST:PORT.
+        #[arg(long)]
+        coordinator: String,
+        /// The join token printed by `rekey token create`.
+        #[arg(long, env = "REKEY_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The CA fingerprint printed by `rekey token create` (sha256:HEX).
+        #[arg(long)]
+        ca_fingerprint: String,
+        /// Where the agent keeps its key, certificate and journal.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Replace an existing enrollment in the state dir.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Keep a session open and apply what the coordinator delivers.
+    Run {
+        /// Agent configuration file (TOML).
+        #[arg(long, short, env = "REKEY_AGENT_CONFIG", default_value = "/etc/rekey/agent.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    rekey_common::logging::init("info", cli.log_format == "json");
+    rekey_common::tls::install_crypto_provider();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rekey-agent: error: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rekey-agent: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enroll { coordinator, token, ca_fingerprint, state_dir, force } => {
+            let e = enroll(EnrollOptions {
+                coordinator: &coordinator,
+                token: &token,
+                ca_fingerprint: &ca_fingerprint,
+                state_dir: &state_dir,
+                force,
+            })
+            .await?;
+            println!("enrolled as {} with {} (state in {})", e.host, coordinator, state_dir.display());
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = AgentConfig::from_file(&config)?;
+            let shutdown = CancellationToken::new();
+            let mut task = tokio::spawn(rekey_agent::session::run(config, shutdown.clone()));
+            tokio::select! {
+                r = &mut task => return r.context("agent task panicked")?.map_err(Into::into),
+                _ = shutdown_signal() => tracing::info!("shutdown requested"),
+            }
+            shutdown.cancel();
+            task.await.context("agent task panicked")?.map_err(Into::into)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

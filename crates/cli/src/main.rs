@@ -1,1 +1,280 @@
-fn main() {}
+//! `rekey`, the operator CLI: talks to rekeyd's admin API with an operator
+//! certificate. Human tables by default, `-o json` on every listing; an error
+//! is one line on stderr and a non-zero exit.
+
+mod table;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Parser, Subcommand, ValueEnum};
+use rekey_common::time::{format_relative, format_unix, now_unix, parse_duration};
+use rekey_common::tls;
+use rekey_proto::v1::admin_service_client::AdminServiceClient;
+use rekey_proto::v1::{CreateTokenRequest, ListAgentsRequest, RevokeAgentRequest};
+use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use table::Table;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "rekey", version, about = "Operate rekey: enroll hosts, watch agents, rotate secrets")]
+struct Cli {
+    /// Directory holding the operator credential (ca.pem, operator.pem, operator.key, rekey.toml).
+    #[arg(long, env = "REKEY_OPERATOR_DIR", global = true)]
+    operator_dir: Option<PathBuf>,
+    /// rekeyd address (HOST:PORT); defaults to the one in the operator dir's rekey.toml.
+    #[arg(long, env = "REKEY_COORDINATOR", global = true)]
+    coordinator: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join tokens for enrolling hosts.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// List enrolled agents.
+    Agents,
+    /// Act on one agent.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a one-time join token bound to a host name and labels.
+    Create {
+        /// Host name the agent will be enrolled as.
+        #[arg(long)]
+        host: String,
+        /// Label KEY=VALUE (repeatable); secrets select hosts by label.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// How long the token stays valid (e.g. 15m, 1h, 2d).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Revoke an agent: its certificate is refused from now on and its live session is closed.
+    Revoke { name: String },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("invalid label {s:?}: expected KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperatorFile {
+    coordinator: Option<String>,
+}
+
+struct Client {
+    inner: AdminServiceClient<Channel>,
+    addr: String,
+}
+
+impl Client {
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string().parse().expect("ascii"));
+        r
+    }
+
+    /// One clear line for a failed call.
+    fn explain(&self, status: tonic::Status) -> anyhow::Error {
+        use tonic::Code::*;
+        match status.code() {
+            Unavailable | Unknown | Cancelled => anyhow!(
+                "cannot talk to rekeyd at {}: {} (is it running, and is this operator credential issued by it?)",
+                self.addr,
+                one_line(&status)
+            ),
+            _ => anyhow!("{}", status.message()),
+        }
+    }
+}
+
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s = format!("{s}: {t}");
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn read(dir: &Path, name: &str) -> Result<String> {
+    let p = dir.join(name);
+    std::fs::read_to_string(&p).with_context(|| format!("cannot read operator credential {}", p.display()))
+}
+
+async fn connect(cli: &Cli) -> Result<Client> {
+    let dir = cli
+        .operator_dir
+        .as_deref()
+        .ok_or_else(|| anyhow!("no operator credential: pass --operator-dir DIR or set REKEY_OPERATOR_DIR (rekeyd writes one to DATA_DIR/operator)"))?;
+    let ca = tls::certs_from_pem(&read(dir, "ca.pem")?, "ca.pem")?;
+    let chain = tls::certs_from_pem(&read(dir, "operator.pem")?, "operator.pem")?;
+    let key = tls::key_from_pem(&read(dir, "operator.key")?, "operator.key")?;
+    let addr = match &cli.coordinator {
+        Some(a) => a.clone(),
+        None => {
+            let p = dir.join("rekey.toml");
+            let f: OperatorFile = rekey_common::config::load_toml(&p)?;
+            f.coordinator
+                .ok_or_else(|| anyhow!("{}: field `coordinator` is missing; pass --coordinator", p.display()))?
+        }
+    };
+    let config = tls::client_config(&ca, chain, key)?;
+    let channel = tls::connect(&addr, config)
+        .await
+        .map_err(|e| anyhow!("cannot connect to rekeyd at {addr}: {}", one_line(&e)))?;
+    Ok(Client { inner: AdminServiceClient::new(channel), addr })
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        "-".into()
+    } else {
+        labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let mut client = connect(&cli).await?;
+    match &cli.command {
+        Command::Token(TokenCmd::Create { host, labels, ttl }) => {
+            let req = client.request(CreateTokenRequest {
+                host: host.clone(),
+                labels: labels.iter().cloned().collect(),
+                ttl_seconds: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
+            });
+            let r = client.inner.create_token(req).await.map_err(|s| client.explain(s))?.into_inner();
+            if cli.output == Output::Json {
+                print_json(&serde_json::json!({
+                    "host": host, "token": r.token, "ca_fingerprint": r.ca_fingerprint,
+                    "expires": format_unix(r.expires_unix), "coordinator": client.addr,
+                }));
+            } else {
+                println!("join token:      {}", r.token);
+                println!("ca fingerprint:  {}", r.ca_fingerprint);
+                println!("host:            {host}");
+                println!("expires:         {} (single use)", format_unix(r.expires_unix));
+                println!();
+                println!("on {host}, run:");
+                println!(
+                    "  rekey-agent enroll --coordinator {} --token {} --ca-fingerprint {} --state-dir /var/lib/rekey-agent",
+                    client.addr, r.token, r.ca_fingerprint
+                );
+            }
+        }
+        Command::Agents => {
+            let r =
+                client.inner.list_agents(client.request(ListAgentsRequest {})).await.map_err(|s| client.explain(s))?;
+            let agents = r.into_inner().agents;
+            let now = now_unix();
+            if cli.output == Output::Json {
+                let v: Vec<_> = agents
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "name": a.name,
+                            "labels": a.labels.iter().collect::<BTreeMap<_, _>>(),
+                            "connected": a.connected,
+                            "revoked": a.revoked,
+                            "last_seen": format_unix(a.last_seen_unix),
+                            "agent_version": a.agent_version,
+                            "cert_serial": a.cert_serial,
+                            "cert_expires": format_unix(a.cert_not_after_unix),
+                            "enrolled": format_unix(a.enrolled_unix),
+                            "secrets": a.secrets,
+                        })
+                    })
+                    .collect();
+                print_json(&serde_json::Value::Array(v));
+            } else {
+                let mut t = Table::new(["NAME", "STATUS", "LABELS", "VERSION", "CERT EXPIRES", "SECRETS"]);
+                for a in &agents {
+                    let status = if a.revoked {
+                        "revoked".to_string()
+                    } else if a.connected {
+                        "connected".to_string()
+                    } else {
+                        format!("seen {}", format_relative(a.last_seen_unix, now))
+                    };
+                    let labels: BTreeMap<String, String> = a.labels.clone().into_iter().collect();
+                    t.row([
+                        a.name.clone(),
+                        status,
+                        labels_text(&labels),
+                        if a.agent_version.is_empty() { "-".into() } else { a.agent_version.clone() },
+                        format_relative(a.cert_not_after_unix, now),
+                        if a.secrets.is_empty() { "-".into() } else { a.secrets.join(",") },
+                    ]);
+                }
+                if agents.is_empty() {
+                    println!("no agents enrolled yet: create a join token with `rekey token create --host NAME`");
+                } else {
+                    print!("{t}");
+                }
+            }
+        }
+        Command::Agent(AgentCmd::Revoke { name }) => {
+            let r = client
+                .inner
+                .revoke_agent(client.request(RevokeAgentRequest { name: name.clone() }))
+                .await
+                .map_err(|s| client.explain(s))?
+                .into_inner();
+            if cli.output == Output::Json {
+                print_json(&serde_json::json!({"revoked": name, "session_closed": r.was_connected}));
+            } else {
+                println!("revoked agent {name}{}", if r.was_connected { "; its live session was closed" } else { "" });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tls::install_crypto_provider();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rekey: error: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rekey: error: {}", one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

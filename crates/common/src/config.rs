@@ -51,9 +51,10 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
 
 /// toml's messages carry a multi-line source excerpt; keep the first meaningful line.
 fn one_line(msg: &str) -> String {
-    let mut parts = msg.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with("-->"));
+    let mut parts =
+        msg.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with("-->"));
     let first = parts.next().unwrap_or(msg).trim_start_matches("TOML parse error at ").to_string();
-    match parts.last() {
+    match parts.next_back() {
         Some(last) if last != first => format!("{first}: {last}"),
         _ => first,
     }

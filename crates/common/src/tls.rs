@@ -15,9 +15,8 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,6 +67,7 @@ pub struct Identity {
     pub name: String,
     /// Certificate serial number, lowercase hex: the unit of revocation.
     pub serial: String,
+    pub not_before_unix: i64,
     pub not_after_unix: i64,
 }
 
@@ -114,23 +114,22 @@ pub fn identity_of(der: &[u8]) -> Result<Identity, TlsError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::Parse(e.to_string()))?;
     let serial = hex::encode(cert.raw_serial());
     let not_after_unix = cert.validity().not_after.timestamp();
+    let not_before_unix = cert.validity().not_before.timestamp();
     let san = cert
         .subject_alternative_name()
         .map_err(|e| TlsError::Parse(e.to_string()))?
         .ok_or_else(|| TlsError::Parse("certificate has no subject alternative name".into()))?;
     for name in &san.value.general_names {
-        if let GeneralName::URI(uri) = name {
-            if let Some(rest) = uri.strip_prefix(URI_PREFIX) {
-                let (role, name) = rest.split_once('/').unwrap_or((rest, ""));
-                let role = match role {
-                    "agent" => Role::Agent,
-                    "operator" => Role::Operator,
-                    _ => continue,
-                };
-                if !name.is_empty() {
-                    return Ok(Identity { role, name: name.to_string(), serial, not_after_unix });
-                }
-            }
+        let GeneralName::URI(uri) = name else { continue };
+        let Some(rest) = uri.strip_prefix(URI_PREFIX) else { continue };
+        let (role, name) = rest.split_once('/').unwrap_or((rest, ""));
+        let role = match role {
+            "agent" => Role::Agent,
+            "operator" => Role::Operator,
+            _ => continue,
+        };
+        if !name.is_empty() {
+            return Ok(Identity { role, name: name.to_string(), serial, not_before_unix, not_after_unix });
         }
     }
     Err(TlsError::Parse("certificate names no rekey identity (rekey://agent/.. or rekey://operator/..)".into()))
@@ -160,81 +159,20 @@ fn roots_from(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsE
     Ok(Arc::new(roots))
 }
 
-/// Decides at the handshake whether a client certificate serial is revoked.
-pub type RevocationCheck = Arc<dyn Fn(&Identity) -> bool + Send + Sync>;
-
-/// Client-certificate verifier of the coordinator: the CA chain is verified by
-/// webpki; a revoked certificate is refused during the handshake; a client
-/// without a certificate may connect (enrollment only — every other call checks
-/// the identity itself).
-#[derive(Debug)]
-struct CoordinatorClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    revoked: RevocationCheckDebug,
-}
-
-struct RevocationCheckDebug(RevocationCheck);
-impl fmt::Debug for RevocationCheckDebug {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RevocationCheck")
-    }
-}
-
-impl ClientCertVerifier for CoordinatorClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        let identity = identity_of(end_entity)
-            .map_err(|e| rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
-        if (self.revoked.0)(&identity) {
-            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
-        }
-        Ok(verified)
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 /// The coordinator's TLS 1.3 server configuration. `chain` is the server
 /// certificate followed by the CA (the CA is sent so enrolling agents can pin it).
+///
+/// A client certificate must chain to `ca`; a client without one may connect
+/// (enrollment is the only call that allows it). Revocation is checked on the
+/// first message of every call, not here: a handshake refusal reaches the
+/// client as a vague "connection closed", a refused call as a clear reason.
 pub fn server_config(
     ca: &[CertificateDer<'static>],
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-    revoked: RevocationCheck,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(roots_from(ca)?, provider()).allow_unauthenticated().build()?;
-    let verifier = Arc::new(CoordinatorClientVerifier { inner, revoked: RevocationCheckDebug(revoked) });
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots_from(ca)?, provider()).allow_unauthenticated().build()?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -96,8 +96,14 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let data_dir = base.join(&raw.data_dir);
         let master_key_file = base.join(&raw.master_key_file);
-        if raw.pki.agent_cert_ttl < Duration::from_secs(60) {
-            return Err(ConfigError::field(path, "pki.agent_cert_ttl", "must be at least 1m"));
+        if raw.pki.agent_cert_ttl < Duration::from_secs(2) {
+            return Err(ConfigError::field(path, "pki.agent_cert_ttl", "must be at least 2s"));
+        }
+        if raw.pki.agent_cert_ttl < Duration::from_secs(300) {
+            tracing::warn!(
+                ttl = %humantime::format_duration(raw.pki.agent_cert_ttl),
+                "pki.agent_cert_ttl is very short: agents offline longer than that must be re-enrolled"
+            );
         }
         if raw.pki.default_token_ttl > raw.pki.max_token_ttl {
             return Err(ConfigError::field(path, "pki.default_token_ttl", "must not exceed pki.max_token_ttl"));
@@ -172,9 +178,10 @@ master_key_file = "/etc/rekey/master.key"
         assert!(e.contains("coordinator.toml") && e.contains("pki.agent_cert_ttl"), "{e}");
         let e = Config::from_str(p, &format!("{OK}\nlisten_port = 3")).unwrap_err().to_string();
         assert!(e.contains("unknown field `listen_port`"), "{e}");
-        let e = Config::from_str(p, &format!("{OK}\n[sessions]\nheartbeat_interval = \"30s\"\nsilence_timeout = \"40s\""))
-            .unwrap_err()
-            .to_string();
+        let e =
+            Config::from_str(p, &format!("{OK}\n[sessions]\nheartbeat_interval = \"30s\"\nsilence_timeout = \"40s\""))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("field `sessions.silence_timeout`"), "{e}");
         let e = Config::from_str(p, "data_dir = 'x'\nmaster_key_file = 'y'").unwrap_err().to_string();
         assert!(e.contains("missing field `listen`"), "{e}");

@@ -148,13 +148,15 @@ pub fn ensure_master_key(file: &Path) -> Result<bool, CryptoError> {
     }
     let key = Key::generate()?;
     let text = Zeroizing::new(format!("{}\n", hex::encode(key.bytes.as_ref())));
-    write_private(file, text.as_bytes()).map_err(|source| CryptoError::WriteMaster { path: file.to_path_buf(), source })?;
+    write_private(file, text.as_bytes())
+        .map_err(|source| CryptoError::WriteMaster { path: file.to_path_buf(), source })?;
     Ok(true)
 }
 
 fn check_private(file: &Path) -> Result<(), CryptoError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(file).map_err(|source| CryptoError::ReadMaster { path: file.to_path_buf(), source })?;
+    let meta =
+        std::fs::metadata(file).map_err(|source| CryptoError::ReadMaster { path: file.to_path_buf(), source })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(CryptoError::MasterPermissions { path: file.to_path_buf(), mode });

@@ -58,7 +58,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Init => {
             if init.created_master_key {
-                println!("created master key    {}   (keep it safe and apart from the data dir)", init.master_key_file.display());
+                println!(
+                    "created master key    {}   (keep it safe and apart from the data dir)",
+                    init.master_key_file.display()
+                );
             }
             println!("{} CA        {}", if init.created_ca { "created" } else { "existing" }, init.ca_fingerprint);
             println!(

@@ -24,8 +24,13 @@ const CA_KEY_LABEL: &str = "rekey/ca-key";
 const DEK: &str = "dek_sealed";
 const DEK_LABEL: &str = "rekey/dek";
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
-/// Accept some clock skew between coordinator and hosts.
+/// Accept some clock skew between coordinator and hosts: certificates start
+/// this long before now (at most a quarter of their lifetime).
 const BACKDATE: Duration = Duration::from_secs(300);
+
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 4)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -87,16 +92,16 @@ impl Ca {
             let key = KeyPair::from_pem(std::str::from_utf8(key_pem.expose()).map_err(|_| PkiError::Inconsistent)?)?;
             let dek = master.unwrap_key(DEK_LABEL, &store.meta_get(DEK)?.ok_or(PkiError::Inconsistent)?)?;
             let cert_pem = String::from_utf8(cert).map_err(|_| PkiError::Inconsistent)?;
-            let cert_der = tls::certs_from_pem(&cert_pem, "stored CA certificate")
-                .map_err(|_| PkiError::Inconsistent)?
-                .remove(0);
+            let cert_der =
+                tls::certs_from_pem(&cert_pem, "stored CA certificate").map_err(|_| PkiError::Inconsistent)?.remove(0);
             return Ok((Ca { cert_pem, cert_der, key, dek }, false));
         }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = dn("rekey coordinator CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + CA_LIFETIME;
@@ -155,14 +160,19 @@ impl Ca {
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
     }
 
-    fn client_params(&self, role: Role, name: &str, lifetime: Duration) -> Result<(CertificateParams, SerialNumber), PkiError> {
+    fn client_params(
+        &self,
+        role: Role,
+        name: &str,
+        lifetime: Duration,
+    ) -> Result<(CertificateParams, SerialNumber), PkiError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(name);
         params.subject_alt_names = vec![SanType::URI(role.uri(name).try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
+        params.not_before = now - backdate(lifetime);
         params.not_after = now + lifetime;
         let serial = random_serial()?;
         params.serial_number = Some(serial.clone());
@@ -227,7 +237,10 @@ mod tests {
         assert!(!created);
         assert_eq!(ca.fingerprint(), fp);
         // The wrong master key cannot open it.
-        assert!(matches!(Ca::load_or_create(&store, &Key::generate().unwrap()), Err(PkiError::Crypto(CryptoError::Open { .. }))));
+        assert!(matches!(
+            Ca::load_or_create(&store, &Key::generate().unwrap()),
+            Err(PkiError::Crypto(CryptoError::Open { .. }))
+        ));
 
         // A CSR asking to be an operator still yields an agent certificate named by us.
         let agent_key = KeyPair::generate().unwrap();

@@ -5,9 +5,9 @@
 use crate::config::Config;
 use crate::crypto::{self, CryptoError};
 use crate::pki::{Ca, PkiError};
+use crate::service::Shared;
 use crate::service::admin::AdminSvc;
 use crate::service::agent::AgentSvc;
-use crate::service::Shared;
 use crate::sessions::{RevokedSerials, Sessions};
 use crate::store::{Store, StoreError};
 use rekey_common::tls::{self, TlsError};
@@ -118,7 +118,8 @@ impl Coordinator {
             operator_dir: op_dir,
             master_key_file: config.master_key_file.clone(),
         };
-        let shared = Shared { config: Arc::new(config), store, ca: Arc::new(ca), sessions: Sessions::default(), revoked };
+        let shared =
+            Shared { config: Arc::new(config), store, ca: Arc::new(ca), sessions: Sessions::default(), revoked };
         Ok(Coordinator { shared, init })
     }
 
@@ -128,16 +129,14 @@ impl Coordinator {
 
     /// Binds the listener and serves until `shutdown`, then drains.
     /// `on_bound` is told the bound address (useful with port 0).
-    pub async fn serve(self, shutdown: CancellationToken, on_bound: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+    pub async fn serve(
+        self,
+        shutdown: CancellationToken,
+        on_bound: impl FnOnce(SocketAddr),
+    ) -> Result<(), ServerError> {
         let s = self.shared;
         let (chain, key) = s.ca.issue_server(&s.config.server_names, SERVER_CERT_LIFETIME)?;
-        let revoked = s.revoked.clone();
-        let tls_config = tls::server_config(
-            std::slice::from_ref(s.ca.cert_der()),
-            chain,
-            key,
-            Arc::new(move |id| revoked.contains(&id.serial)),
-        )?;
+        let tls_config = tls::server_config(std::slice::from_ref(s.ca.cert_der()), chain, key)?;
         let listener = tokio::net::TcpListener::bind(s.config.listen)
             .await
             .map_err(|source| ServerError::Bind { addr: s.config.listen, source })?;

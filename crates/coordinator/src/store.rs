@@ -186,10 +186,13 @@ impl Store {
     }
 
     pub fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        self.agents.iter().map(|kv| {
-            let (k, v) = kv?;
-            decode("agents", &k, &v)
-        }).collect()
+        self.agents
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("agents", &k, &v)
+            })
+            .collect()
     }
 
     /// Records a (re-)enrollment: a previous enrollment of the same name has

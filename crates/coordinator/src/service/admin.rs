@@ -4,7 +4,7 @@
 use super::{Shared, internal};
 use crate::store::TokenRecord;
 use rekey_common::time::now_unix;
-use rekey_common::tls::{self, Identity, Role};
+use rekey_common::tls::{Identity, Role};
 use rekey_proto::v1::admin_service_server::AdminService;
 use rekey_proto::v1::{
     AgentInfo, CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, ListAgentsRequest, ListAgentsResponse,
@@ -23,15 +23,7 @@ pub struct AdminSvc {
 /// Authorizes an admin call: operator role, a serial this coordinator issued
 /// to an operator, and a compatible CLI.
 pub(crate) fn operator<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, Status> {
-    let id = tls::request_identity(req)?;
-    if id.role != Role::Operator {
-        return Err(Status::permission_denied(format!(
-            "{id} is not an operator: agent certificates cannot call the admin API"
-        )));
-    }
-    if !shared.store.is_operator_serial(&id.serial).map_err(internal)? {
-        return Err(Status::permission_denied(format!("operator certificate {} is unknown to this coordinator", id.serial)));
-    }
+    let id = super::authorize(shared, req, Role::Operator)?;
     if let Some(v) = req.metadata().get(PROTOCOL_HEADER) {
         let theirs: u32 = v.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(0);
         if theirs != PROTOCOL_VERSION {

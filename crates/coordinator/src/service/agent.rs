@@ -4,7 +4,7 @@ use super::{Shared, internal};
 use crate::sessions::SessionHandle;
 use crate::store::{AgentRecord, Redeem};
 use rekey_common::time::{format_unix, now_unix};
-use rekey_common::tls::{self, Role};
+use rekey_common::tls::Role;
 use rekey_proto::PROTOCOL_VERSION;
 use rekey_proto::v1::agent_service_server::AgentService;
 use rekey_proto::v1::{
@@ -37,7 +37,8 @@ pub(crate) fn version_mismatch(peer: &str, theirs: u32) -> Status {
 
 /// Splits `ID.SECRET` and hashes the secret part.
 fn parse_token(token: &str) -> Result<(String, String), Status> {
-    let malformed = || Status::invalid_argument("malformed join token: expected ID.SECRET as printed by `rekey token create`");
+    let malformed =
+        || Status::invalid_argument("malformed join token: expected ID.SECRET as printed by `rekey token create`");
     let (id, secret) = token.trim().split_once('.').ok_or_else(malformed)?;
     if id.is_empty() || secret.len() < 16 || !id.chars().chain(secret.chars()).all(|c| c.is_ascii_alphanumeric()) {
         return Err(malformed());
@@ -63,7 +64,11 @@ impl AgentService for AgentSvc {
         let now = now_unix();
         let record = match s.store.redeem_token(&id, &hash, now).map_err(internal)? {
             Redeem::Ok(t) => t,
-            Redeem::Unknown => return Err(Status::unauthenticated("unknown join token (check for typos, or create one with `rekey token create`)")),
+            Redeem::Unknown => {
+                return Err(Status::unauthenticated(
+                    "unknown join token (check for typos, or create one with `rekey token create`)",
+                ));
+            }
             Redeem::AlreadyUsed { used_unix } => {
                 return Err(Status::permission_denied(format!(
                     "join token {id} was already used at {}; tokens are single use, create a new one",
@@ -77,10 +82,9 @@ impl AgentService for AgentSvc {
                 )));
             }
         };
-        let issued = s
-            .ca
-            .sign_agent_csr(&req.csr_der, &record.host, s.config.agent_cert_ttl)
-            .map_err(|e| Status::invalid_argument(format!("enrollment of {} refused: {e}", record.host)))?;
+        let issued =
+            s.ca.sign_agent_csr(&req.csr_der, &record.host, s.config.agent_cert_ttl)
+                .map_err(|e| Status::invalid_argument(format!("enrollment of {} refused: {e}", record.host)))?;
         let previous = s.store.get_agent(&record.host).map_err(internal)?;
         let agent = AgentRecord {
             name: record.host.clone(),
@@ -111,10 +115,7 @@ impl AgentService for AgentSvc {
     type SessionStream = SessionStream;
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let identity = tls::request_identity(&req)?;
-        if identity.role != Role::Agent {
-            return Err(Status::permission_denied(format!("{identity} cannot open an agent session")));
-        }
+        let identity = super::authorize(&self.shared, &req, Role::Agent)?;
         let s = self.shared.clone();
         let name = identity.name.clone();
         let mut record = s
@@ -246,10 +247,9 @@ fn renew(s: &super::Shared, name: &str, csr: &[u8]) -> Result<RenewResponse, Sta
     if rec.revoked_unix.is_some() {
         return Err(Status::permission_denied(format!("agent {name} is revoked")));
     }
-    let issued = s
-        .ca
-        .sign_agent_csr(csr, name, s.config.agent_cert_ttl)
-        .map_err(|e| Status::invalid_argument(format!("renewal refused: {e}")))?;
+    let issued =
+        s.ca.sign_agent_csr(csr, name, s.config.agent_cert_ttl)
+            .map_err(|e| Status::invalid_argument(format!("renewal refused: {e}")))?;
     rec.cert_serial = issued.serial.clone();
     rec.cert_not_after_unix = issued.not_after_unix;
     rec.serials.push(issued.serial.clone());

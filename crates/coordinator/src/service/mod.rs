@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::pki::Ca;
 use crate::sessions::{RevokedSerials, Sessions};
 use crate::store::{Store, StoreError};
+use rekey_common::tls::{self, Identity, Role};
 use std::sync::Arc;
 
 /// State shared by the services (cheap to clone).
@@ -18,6 +19,32 @@ pub struct Shared {
     pub ca: Arc<Ca>,
     pub sessions: Sessions,
     pub revoked: RevokedSerials,
+}
+
+/// The one authorization check of every call except enrollment: a client
+/// certificate from this CA, in the expected role, not revoked, and (for
+/// operators) issued by this coordinator.
+pub(crate) fn authorize<T>(shared: &Shared, req: &tonic::Request<T>, role: Role) -> Result<Identity, tonic::Status> {
+    let id = tls::request_identity(req)?;
+    if id.role != role {
+        return Err(tonic::Status::permission_denied(match role {
+            Role::Operator => format!("{id} is not an operator: agent certificates cannot call the admin API"),
+            Role::Agent => format!("{id} cannot open an agent session"),
+        }));
+    }
+    if shared.revoked.contains(&id.serial) {
+        return Err(tonic::Status::permission_denied(format!(
+            "certificate {} of {id} is revoked; enroll again with a new join token",
+            id.serial
+        )));
+    }
+    if role == Role::Operator && !shared.store.is_operator_serial(&id.serial).map_err(internal)? {
+        return Err(tonic::Status::permission_denied(format!(
+            "operator certificate {} is unknown to this coordinator",
+            id.serial
+        )));
+    }
+    Ok(id)
 }
 
 pub(crate) fn internal(e: StoreError) -> tonic::Status {

@@ -1,0 +1,34 @@
+//! Architecture invariants checked with `cargo tree` (see ARCHITECTURE.md).
+
+use std::process::Command;
+
+fn tree(package: &str) -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["tree", "--quiet", "-e", "normal", "--prefix", "none", "-p", package])
+        .current_dir(rekey_tests::workspace_root())
+        .output()
+        .expect("run cargo tree");
+    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Architecture Invariant: the agent links no cloud SDK and not the coordinator.
+#[test]
+fn agent_links_no_cloud_sdk_nor_coordinator() {
+    let t = tree("rekey-agent");
+    assert!(t.contains("rekey-proto"), "cargo tree output looks wrong:\n{t}");
+    for forbidden in ["aws-sdk", "aws-config", "aws-smithy", "vaultrs", "rekey-coordinator", "sled"] {
+        let hits: Vec<&str> = t.lines().filter(|l| l.starts_with(forbidden)).collect();
+        assert!(hits.is_empty(), "rekey-agent depends on {forbidden}: {hits:?}");
+    }
+}
+
+/// Architecture Invariant: one TLS crypto provider (ring) for the workspace.
+#[test]
+fn no_aws_lc_anywhere() {
+    for p in ["rekey-agent", "rekey-coordinator", "rekey-cli"] {
+        let t = tree(p);
+        assert!(!t.lines().any(|l| l.starts_with("aws-lc")), "{p} pulls in aws-lc:\n{t}");
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests over real processes and real mTLS on loopback.
+//! One test binary for the whole workspace keeps link time down.
+
+mod architecture;
+mod foundation;
+mod grpc;
