@@ -138,3 +138,16 @@ mod tests {
         assert!(e.to_string().contains("missing field `state_dir`"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// deploy/agent.toml is documentation people copy: it must parse.
+    #[test]
+    fn the_deploy_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/agent.toml");
+        let c = AgentConfig::from_file(&path).unwrap();
+        assert!(!c.secrets.is_empty());
+    }
+}

@@ -187,3 +187,16 @@ master_key_file = "/etc/rekey/master.key"
         assert!(e.contains("missing field `listen`"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// deploy/coordinator.toml is documentation people copy: it must parse.
+    #[test]
+    fn the_deploy_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/coordinator.toml");
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/rekeyd"));
+    }
+}
