@@ -234,6 +234,9 @@ async fn session(config: &AgentConfig, identity: &Identity, shutdown: &Cancellat
                     Some(coordinator_message::Msg::Rollback(r)) => {
                         tracing::warn!(secret = %r.secret, rotation = %r.rotation_id, "rollback received but this agent has no apply pipeline yet");
                     }
+                    Some(coordinator_message::Msg::Purge(p)) => {
+                        tracing::info!(secret = %p.secret, version = %p.version_id, "purge received but this agent has no apply pipeline yet");
+                    }
                     None => tracing::warn!("empty message from coordinator ignored"),
                 }
             }

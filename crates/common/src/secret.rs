@@ -68,6 +68,24 @@ pub fn keyed_fingerprint(key: &[u8], value: &[u8]) -> String {
     format!("hmac-sha256:{}", hex::encode(&tag.as_ref()[..16]))
 }
 
+/// Keyed fingerprint of a whole secret version (all its named fields), the
+/// value an agent reports as "loaded" and the coordinator expects. Fields are
+/// taken in name order, each length-prefixed, so no two versions collide by
+/// concatenation.
+pub fn fingerprint_fields<'a>(key: &[u8], fields: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut v: Vec<(&str, &[u8])> = fields.into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let mut ctx = ring::hmac::Context::with_key(&k);
+    for (name, value) in v {
+        ctx.update(&(name.len() as u64).to_be_bytes());
+        ctx.update(name.as_bytes());
+        ctx.update(&(value.len() as u64).to_be_bytes());
+        ctx.update(value);
+    }
+    format!("hmac-sha256:{}", hex::encode(&ctx.sign().as_ref()[..16]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +96,15 @@ mod tests {
         assert_eq!(format!("{s:?}"), "<redacted 17 bytes>");
         assert_eq!(format!("{s}"), "<redacted>");
         assert_eq!(s.expose(), b"AKIAEXAMPLESECRET");
+    }
+
+    #[test]
+    fn field_fingerprints_are_order_independent_and_unambiguous() {
+        let a = fingerprint_fields(b"k", [("id", &b"AK"[..]), ("secret", &b"xyz"[..])]);
+        let b = fingerprint_fields(b"k", [("secret", &b"xyz"[..]), ("id", &b"AK"[..])]);
+        assert_eq!(a, b);
+        let c = fingerprint_fields(b"k", [("id", &b"AKx"[..]), ("secret", &b"yz"[..])]);
+        assert_ne!(a, c);
     }
 
     #[test]
