@@ -245,6 +245,16 @@ impl Agent {
         Agent { name: name.to_string(), log: dir.join("agent.log"), dir, config, child: None, runs: 0 }
     }
 
+    /// Prepares dir and writes `config_text` as its agent.toml verbatim (use
+    /// `state_dir = "state"` so [`Agent::state_dir`] is right).
+    pub fn with_config(dir: &Path, name: &str, config_text: &str) -> Agent {
+        let dir = dir.join(format!("agent-{name}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, config_text).expect("write agent config");
+        Agent { name: name.to_string(), log: dir.join("agent.log"), dir, config, child: None, runs: 0 }
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
     }
