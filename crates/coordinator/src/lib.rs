@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod crypto;
+pub mod engine;
 pub mod pki;
 pub mod server;
 pub mod service;

@@ -1,0 +1,6 @@
+//! The rotation engine: the pure state machine ([`machine`]) and rollout
+//! planner ([`plan`]), the secret catalog ([`catalog`]), and the driver that
+//! persists each transition before performing its side effects ([`driver`]).
+
+pub mod machine;
+pub mod plan;

@@ -1,0 +1,259 @@
+//! `random`: the embedded provider. Generates tokens or id/secret pairs of a
+//! configured length and alphabet; versions (sealed by the coordinator's
+//! store) and their status are kept in the provider state.
+
+use crate::{CreateRequest, Fields, NewVersion, Provider, ProviderError, ProviderState, VersionInfo, VersionStatus};
+use async_trait::async_trait;
+use rekey_common::secret::SecretBytes;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+const KIND: &str = "random";
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// One field, `value`.
+    #[default]
+    Token,
+    /// Two fields, `id` (public) and `secret`.
+    IdSecret,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RandomConfig {
+    #[serde(default)]
+    pub format: Format,
+    /// Length of the random part, in characters.
+    #[serde(default = "default_length")]
+    pub length: usize,
+    /// `alphanumeric` (default), `hex`, `base64url`, or the literal characters to use.
+    #[serde(default = "default_alphabet")]
+    pub alphabet: String,
+    /// Prepended to the value (e.g. `sk_live_`).
+    #[serde(default)]
+    pub prefix: String,
+}
+
+fn default_length() -> usize {
+    32
+}
+fn default_alphabet() -> String {
+    "alphanumeric".into()
+}
+
+impl RandomConfig {
+    fn chars(&self) -> Vec<u8> {
+        match self.alphabet.as_str() {
+            "alphanumeric" => b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789".to_vec(),
+            "hex" => b"0123456789abcdef".to_vec(),
+            "base64url" => b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".to_vec(),
+            custom => {
+                let mut v: Vec<u8> = custom.bytes().collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(8..=4096).contains(&self.length) {
+            return Err(("length".into(), format!("must be between 8 and 4096, got {}", self.length)));
+        }
+        if !self.alphabet.is_ascii() || self.chars().len() < 2 {
+            return Err((
+                "alphabet".into(),
+                "expected alphanumeric, hex, base64url, or at least 2 distinct ASCII characters".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    id: String,
+    rotation_id: String,
+    status: VersionStatus,
+    created_unix: i64,
+    /// Field name → value (this whole record is sealed by the state store).
+    fields: Vec<(String, String)>,
+}
+
+pub struct Random {
+    config: RandomConfig,
+    state: Arc<dyn ProviderState>,
+}
+
+fn state_err(message: String) -> ProviderError {
+    ProviderError::State { provider: KIND, message }
+}
+
+/// Uniform random string over `alphabet` (rejection sampling: no modulo bias).
+fn random_string(alphabet: &[u8], len: usize) -> Result<String, ProviderError> {
+    let rng = SystemRandom::new();
+    let limit = 256 - (256 % alphabet.len());
+    let mut out = String::with_capacity(len);
+    let mut buf = [0u8; 64];
+    while out.len() < len {
+        rng.fill(&mut buf).map_err(|_| state_err("system random number generator failed".into()))?;
+        for b in buf {
+            if (b as usize) < limit && out.len() < len {
+                out.push(alphabet[b as usize % alphabet.len()] as char);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Random {
+    pub fn new(config: RandomConfig, state: Arc<dyn ProviderState>) -> Self {
+        Random { config, state }
+    }
+
+    fn load(&self, id: &str) -> Result<Option<Stored>, ProviderError> {
+        let Some(raw) = self.state.get(&format!("v/{id}")).map_err(state_err)? else { return Ok(None) };
+        serde_json::from_slice(raw.expose()).map(Some).map_err(|e| state_err(format!("corrupt version {id}: {e}")))
+    }
+
+    fn save(&self, v: &Stored) -> Result<(), ProviderError> {
+        let json = SecretBytes::new(serde_json::to_vec(v).expect("serializable"));
+        self.state.put(&format!("v/{}", v.id), json.expose()).map_err(state_err)
+    }
+
+    fn fields(v: &Stored) -> Fields {
+        v.fields.iter().map(|(k, val)| (k.clone(), SecretBytes::new(val.as_bytes().to_vec()))).collect()
+    }
+
+    fn set_status(&self, id: &str, status: VersionStatus) -> Result<(), ProviderError> {
+        let mut v =
+            self.load(id)?.ok_or_else(|| ProviderError::NotFound { provider: KIND, version: id.to_string() })?;
+        v.status = status;
+        self.save(&v)
+    }
+}
+
+#[async_trait]
+impl Provider for Random {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError> {
+        // Idempotent per rotation: the version id is derived from the rotation id.
+        let id = format!("v-{}", req.rotation_id.trim_start_matches("rot-"));
+        if let Some(v) = self.load(&id)? {
+            return Ok(NewVersion { id, fields: Self::fields(&v) });
+        }
+        let chars = self.config.chars();
+        let value = format!("{}{}", self.config.prefix, random_string(&chars, self.config.length)?);
+        let fields = match self.config.format {
+            Format::Token => vec![("value".to_string(), value)],
+            Format::IdSecret => {
+                let idpart = random_string(b"0123456789abcdefghijklmnopqrstuvwxyz", 16)?;
+                vec![("id".to_string(), format!("{}id_{idpart}", self.config.prefix)), ("secret".to_string(), value)]
+            }
+        };
+        let stored = Stored {
+            id: id.clone(),
+            rotation_id: req.rotation_id.clone(),
+            status: VersionStatus::Active,
+            created_unix: rekey_common::time::now_unix(),
+            fields,
+        };
+        self.save(&stored)?;
+        Ok(NewVersion { id, fields: Self::fields(&stored) })
+    }
+
+    async fn deactivate(&self, version: &str) -> Result<(), ProviderError> {
+        self.set_status(version, VersionStatus::Inactive)
+    }
+
+    async fn reactivate(&self, version: &str) -> Result<(), ProviderError> {
+        self.set_status(version, VersionStatus::Active)
+    }
+
+    async fn delete(&self, version: &str) -> Result<(), ProviderError> {
+        self.state.remove(&format!("v/{version}")).map_err(state_err)
+    }
+
+    async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {
+        let mut out = Vec::new();
+        for k in self.state.keys().map_err(state_err)? {
+            if let Some(id) = k.strip_prefix("v/")
+                && let Some(v) = self.load(id)?
+            {
+                out.push(VersionInfo { id: v.id, status: v.status, created_unix: Some(v.created_unix) });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Mem(Mutex<BTreeMap<String, Vec<u8>>>);
+    impl ProviderState for Mem {
+        fn get(&self, k: &str) -> Result<Option<SecretBytes>, String> {
+            Ok(self.0.lock().unwrap().get(k).map(|v| SecretBytes::new(v.clone())))
+        }
+        fn put(&self, k: &str, v: &[u8]) -> Result<(), String> {
+            self.0.lock().unwrap().insert(k.into(), v.to_vec());
+            Ok(())
+        }
+        fn remove(&self, k: &str) -> Result<(), String> {
+            self.0.lock().unwrap().remove(k);
+            Ok(())
+        }
+        fn keys(&self) -> Result<Vec<String>, String> {
+            Ok(self.0.lock().unwrap().keys().cloned().collect())
+        }
+    }
+
+    fn cfg(toml_like: RandomConfig) -> Random {
+        Random::new(toml_like, Arc::new(Mem::default()))
+    }
+
+    #[tokio::test]
+    async fn create_is_idempotent_per_rotation_and_lifecycle_works() {
+        let p = cfg(RandomConfig { format: Format::Token, length: 24, alphabet: "hex".into(), prefix: "tk_".into() });
+        let req = CreateRequest { secret: "s".into(), rotation_id: "rot-1".into(), previous_version: None };
+        let a = p.create(&req).await.unwrap();
+        let b = p.create(&req).await.unwrap();
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.fields["value"], b.fields["value"]);
+        let v = std::str::from_utf8(a.fields["value"].expose()).unwrap().to_string();
+        assert!(v.starts_with("tk_") && v.len() == 27 && v[3..].chars().all(|c| c.is_ascii_hexdigit()), "{v}");
+        let c = p.create(&CreateRequest { rotation_id: "rot-2".into(), ..req.clone() }).await.unwrap();
+        assert_ne!(c.fields["value"], a.fields["value"]);
+        assert_eq!(p.list().await.unwrap().len(), 2);
+        p.deactivate(&a.id).await.unwrap();
+        let l = p.list().await.unwrap();
+        assert_eq!(l.iter().find(|x| x.id == a.id).unwrap().status, VersionStatus::Inactive);
+        p.reactivate(&a.id).await.unwrap();
+        p.delete(&a.id).await.unwrap();
+        p.delete(&a.id).await.unwrap(); // idempotent
+        assert_eq!(p.list().await.unwrap().len(), 1);
+        assert!(matches!(p.deactivate(&a.id).await, Err(ProviderError::NotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn id_secret_pairs_and_validation() {
+        let p = cfg(RandomConfig { format: Format::IdSecret, length: 40, alphabet: "alphanumeric".into(), prefix: String::new() });
+        let v = p.create(&CreateRequest { secret: "s".into(), rotation_id: "rot-9".into(), previous_version: None }).await.unwrap();
+        assert_eq!(v.fields.keys().collect::<Vec<_>>(), vec!["id", "secret"]);
+        assert_eq!(v.fields["secret"].len(), 40);
+        let bad = RandomConfig { format: Format::Token, length: 4, alphabet: "hex".into(), prefix: String::new() };
+        assert_eq!(bad.validate().unwrap_err().0, "length");
+        let bad = RandomConfig { format: Format::Token, length: 16, alphabet: "a".into(), prefix: String::new() };
+        assert_eq!(bad.validate().unwrap_err().0, "alphabet");
+    }
+}
