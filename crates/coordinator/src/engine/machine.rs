@@ -352,6 +352,12 @@ impl Rotation {
         self.goto(RotationState::Halted, reason, now);
     }
 
+    /// Whether the verification decision was made (also while halted after it).
+    pub fn verified(&self) -> bool {
+        self.state.is_past_verification()
+            || (self.state == RotationState::Halted && self.halted_from.is_some_and(RotationState::is_past_verification))
+    }
+
     /// Every target healthy on the expected version, or excluded by an operator.
     pub fn gate_open(&self) -> bool {
         let Some(expected) = &self.expected_fingerprint else { return false };
@@ -487,7 +493,7 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
         Event::Resume { by } => resume(rot, &by, now, &mut actions)?,
         Event::Abort { by } => abort(rot, &by, now, &mut actions)?,
         Event::Exclude { host, by, reason } => {
-            if rot.state.is_terminal() || rot.state.is_past_verification() {
+            if rot.state.is_terminal() || rot.verified() {
                 return Err(Refusal(format!(
                     "rotation {} is {}: exclusions only matter before verification",
                     rot.id,
@@ -529,7 +535,7 @@ fn report(
 ) {
     if rot.new_version.as_deref() != Some(version)
         || rot.state.is_terminal()
-        || rot.state.is_past_verification()
+        || rot.verified()
         || rot.delete_new_issued
     {
         return; // stale, about another version, or after the decision was made
@@ -594,6 +600,9 @@ fn report(
 
 fn connected(rot: &mut Rotation, host: &str, applied: Option<(String, String)>, now: i64, actions: &mut Vec<Action>) {
     let Some(new) = rot.new_version.clone() else { return };
+    if rot.verified() {
+        return;
+    }
     let expected = rot.expected_fingerprint.clone();
     let state = rot.state;
     let Some(h) = rot.hosts.get_mut(host) else { return };
