@@ -4,6 +4,8 @@
 //! Waits poll a condition with a deadline (never a fixed sleep); every child
 //! process is killed when its fixture drops; logs are printed when a test fails.
 
+pub mod scripted;
+
 use anyhow::{Context, Result, anyhow, bail};
 use std::io::Read;
 use std::net::TcpListener;

@@ -2,14 +2,19 @@
 //! certificate. Human tables by default, `-o json` on every listing; an error
 //! is one line on stderr and a non-zero exit.
 
+mod rotate;
 mod table;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use rekey_common::time::{format_relative, format_unix, now_unix, parse_duration};
 use rekey_common::tls;
 use rekey_proto::v1::admin_service_client::AdminServiceClient;
-use rekey_proto::v1::{CreateTokenRequest, ListAgentsRequest, RevokeAgentRequest};
+use rekey_proto::v1::{
+    Control, ControlRotationRequest, CreateTokenRequest, GetRotationRequest, ListAgentsRequest, ListAuditRequest,
+    ListRotationsRequest, ListSecretsRequest, ListVersionsRequest, RevokeAgentRequest, StartRotationRequest,
+    VerifyAuditRequest,
+};
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -49,6 +54,61 @@ enum Command {
     /// Act on one agent.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// List the secret catalog: current versions, consumers, last rotation.
+    Secrets,
+    /// List a secret's versions as its provider reports them.
+    Versions { secret: String },
+    /// Start, watch and steer rotations.
+    #[command(subcommand)]
+    Rotate(RotateCmd),
+    /// The hash-chained audit log.
+    Audit {
+        #[command(subcommand)]
+        command: Option<AuditCmd>,
+        /// Show only the newest N records.
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RotateCmd {
+    /// Start rotating a secret; prints the rotation id.
+    Start {
+        secret: String,
+        /// Follow the rotation until it completes, halts or aborts (exit 0 only if completed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a rotation: state, wave, and every host's state, fingerprint and error.
+    Status { id: String },
+    /// List rotations, newest first.
+    List {
+        /// Only this secret's rotations.
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// Stop starting new waves (hosts already applying finish).
+    Pause { id: String },
+    /// Continue a paused rotation, or retry a halted one.
+    Resume { id: String },
+    /// Roll every host back to the old version, then delete the new one.
+    Abort { id: String },
+    /// Stop waiting for a host (e.g. decommissioned); recorded in the audit log.
+    Exclude {
+        id: String,
+        host: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Follow a rotation until it completes, halts or aborts.
+    Watch { id: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check every link of the chain; reports the first broken record.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +154,15 @@ impl Client {
         let mut r = tonic::Request::new(msg);
         r.metadata_mut().insert(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string().parse().expect("ascii"));
         r
+    }
+
+    /// The JSON document of a read-model call, or one clear error line.
+    fn json(
+        &self,
+        r: Result<tonic::Response<rekey_proto::v1::JsonResponse>, tonic::Status>,
+    ) -> Result<serde_json::Value> {
+        let r = r.map_err(|s| self.explain(s))?;
+        serde_json::from_str(&r.into_inner().json).context("the coordinator sent malformed json")
     }
 
     /// One clear line for a failed call.
@@ -256,8 +325,148 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("revoked agent {name}{}", if r.was_connected { "; its live session was closed" } else { "" });
             }
         }
+        Command::Secrets => {
+            let v = client.json(client.inner.clone().list_secrets(client.request(ListSecretsRequest {})).await)?;
+            output(cli.output, &v, rotate::print_secrets);
+        }
+        Command::Versions { secret } => {
+            let req = client.request(ListVersionsRequest { secret: secret.clone() });
+            let v = client.json(client.inner.clone().list_versions(req).await)?;
+            output(cli.output, &v, rotate::print_versions);
+        }
+        Command::Rotate(cmd) => return rotate_cmd(&mut client, cli.output, cmd).await,
+        Command::Audit { command: None, limit } => {
+            let v = client.json(
+                client.inner.clone().list_audit(client.request(ListAuditRequest { limit: limit.unwrap_or(0) })).await,
+            )?;
+            output(cli.output, &v, rotate::print_audit);
+        }
+        Command::Audit { command: Some(AuditCmd::Verify), .. } => {
+            let v = client.json(client.inner.clone().verify_audit(client.request(VerifyAuditRequest {})).await)?;
+            if cli.output == Output::Json {
+                print_json(&v);
+            } else if v["ok"] == true {
+                println!("audit chain intact: {} records, head {}", v["records"], v["head"].as_str().unwrap_or(""));
+            }
+            if v["ok"] != true {
+                bail!(
+                    "audit chain broken at record {}: {}",
+                    v["first_broken"]["seq"],
+                    v["first_broken"]["problem"].as_str().unwrap_or("")
+                );
+            }
+        }
     }
     Ok(())
+}
+
+fn output(format: Output, v: &serde_json::Value, table: impl Fn(&serde_json::Value)) {
+    match format {
+        Output::Json => print_json(v),
+        Output::Table => table(v),
+    }
+}
+
+async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result<()> {
+    let control = |id: &str, action: Control| ControlRotationRequest {
+        id: id.to_string(),
+        action: action as i32,
+        host: String::new(),
+        reason: String::new(),
+    };
+    match cmd {
+        RotateCmd::Start { secret, wait } => {
+            let v = client.json(
+                client
+                    .inner
+                    .clone()
+                    .start_rotation(client.request(StartRotationRequest { secret: secret.clone() }))
+                    .await,
+            )?;
+            let id = v["id"].as_str().unwrap_or_default().to_string();
+            if *wait {
+                if out == Output::Table {
+                    println!("rotation {id} started");
+                }
+                return watch(client, out, &id).await;
+            }
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => println!("{id}"),
+            }
+        }
+        RotateCmd::Status { id } => {
+            let v = client
+                .json(client.inner.clone().get_rotation(client.request(GetRotationRequest { id: id.clone() })).await)?;
+            output(out, &v, rotate::print_rotation);
+        }
+        RotateCmd::List { secret } => {
+            let req = ListRotationsRequest { secret: secret.clone().unwrap_or_default() };
+            let v = client.json(client.inner.clone().list_rotations(client.request(req)).await)?;
+            output(out, &v, rotate::print_rotation_list);
+        }
+        RotateCmd::Pause { id } | RotateCmd::Resume { id } | RotateCmd::Abort { id } => {
+            let (action, verb) = match cmd {
+                RotateCmd::Pause { .. } => (Control::Pause, "paused"),
+                RotateCmd::Resume { .. } => (Control::Resume, "resumed"),
+                _ => (Control::Abort, "aborting"),
+            };
+            let v = client.json(client.inner.clone().control_rotation(client.request(control(id, action))).await)?;
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => println!("{id} {verb}: {}", rotate::summary(&v)),
+            }
+        }
+        RotateCmd::Exclude { id, host, reason } => {
+            let mut req = control(id, Control::Exclude);
+            req.host = host.clone();
+            req.reason = reason.clone();
+            let v = client.json(client.inner.clone().control_rotation(client.request(req)).await)?;
+            match out {
+                Output::Json => print_json(&v),
+                Output::Table => println!("{host} excluded from {id}: {}", rotate::summary(&v)),
+            }
+        }
+        RotateCmd::Watch { id } => return watch(client, out, id).await,
+    }
+    Ok(())
+}
+
+/// Polls a rotation, printing each change, until it completes (Ok), or
+/// halts or aborts (an error naming why).
+async fn watch(client: &mut Client, out: Output, id: &str) -> Result<()> {
+    let mut last = String::new();
+    loop {
+        let v = client
+            .json(client.inner.clone().get_rotation(client.request(GetRotationRequest { id: id.to_string() })).await)?;
+        let line = rotate::summary(&v);
+        if line != last && out == Output::Table {
+            println!("{line}");
+            last = line;
+        }
+        match v["state"].as_str().unwrap_or_default() {
+            "completed" => {
+                if out == Output::Json {
+                    print_json(&v);
+                }
+                return Ok(());
+            }
+            "halted" | "aborted" => {
+                if out == Output::Json {
+                    print_json(&v);
+                }
+                bail!(
+                    "rotation {id} {}: {}",
+                    v["state"].as_str().unwrap_or_default(),
+                    v["halt_reason"]
+                        .as_str()
+                        .or(v["timeline"].as_array().and_then(|t| t.last()).and_then(|e| e["note"].as_str()))
+                        .unwrap_or("")
+                );
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -1,7 +1,7 @@
 //! `coordinator.toml`: parsed into a raw struct (unknown fields refused), then
 //! validated into [`Config`]. Errors name the file and the field.
 
-use rekey_common::config::{ConfigError, load_toml};
+use rekey_common::config::ConfigError;
 use rekey_common::time::serde_duration;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -22,6 +22,8 @@ struct RawConfig {
     pki: RawPki,
     #[serde(default)]
     sessions: RawSessions,
+    #[serde(default, rename = "secret")]
+    secrets: Vec<crate::engine::catalog::RawSecret>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,17 +80,25 @@ pub struct Config {
     pub max_token_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub silence_timeout: Duration,
+    pub secrets: Vec<crate::engine::catalog::SecretSpec>,
 }
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = load_toml(path)?;
-        Self::validate(path, raw)
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_str(path, &text)
     }
 
     pub fn from_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = rekey_common::config::parse_toml(path, text)?;
+        let raw: RawConfig = rekey_common::config::parse_toml(path, text)
+            .map_err(|e| crate::engine::catalog::name_secret_in_error(e, text))?;
         Self::validate(path, raw)
+    }
+
+    /// The catalog entry for `name`.
+    pub fn secret(&self, name: &str) -> Option<&crate::engine::catalog::SecretSpec> {
+        self.secrets.iter().find(|s| s.name == name)
     }
 
     fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -124,7 +134,9 @@ impl Config {
                 "master_key_file lies inside data_dir: a copy of the data dir then carries its own key; keep it elsewhere in production"
             );
         }
+        let secrets = crate::engine::catalog::validate(path, raw.secrets)?;
         Ok(Config {
+            secrets,
             path: path.to_path_buf(),
             listen: raw.listen,
             data_dir,
@@ -169,6 +181,44 @@ master_key_file = "/etc/rekey/master.key"
         assert_eq!(c.data_dir, PathBuf::from("/etc/rekey/data"));
         assert_eq!(c.agent_cert_ttl, Duration::from_secs(86_400));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_secret_catalog_parses_with_defaults_and_errors_name_the_secret() {
+        let p = Path::new("/etc/rekey/coordinator.toml");
+        let text = format!(
+            "{OK}\n[[secret]]\nname = \"api-key\"\nprovider = {{ kind = \"random\", length = 40 }}\nselector = {{ env = \"prod\" }}\n\
+             [secret.rollout]\ncanary = 2\nwaves = [\"50%\", 10]\nfailure_budget = \"10%\"\n"
+        );
+        let c = Config::from_str(p, &text).unwrap();
+        let s = c.secret("api-key").unwrap();
+        assert_eq!(s.policy.canary, 2);
+        assert_eq!(
+            s.policy.waves,
+            vec![crate::engine::plan::Amount::Percent(50), crate::engine::plan::Amount::Count(10)]
+        );
+        assert_eq!(s.policy.grace_ms, 600_000);
+        assert!(s.selects(&[("env".to_string(), "prod".to_string())].into()));
+        assert!(!s.selects(&Default::default()));
+
+        let bad = text.replace("canary = 2", "canary = 2\ncanaries = 3");
+        let e = Config::from_str(p, &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("coordinator.toml") && e.contains("\"api-key\"") && e.contains("unknown field `canaries`"),
+            "{e}"
+        );
+        let bad = text.replace("\"50%\"", "\"150%\"");
+        let e = Config::from_str(p, &bad).unwrap_err().to_string();
+        assert!(e.contains("secret[0] (\"api-key\").rollout.waves[0]") && e.contains("over 100%"), "{e}");
+        let bad = text.replace("length = 40", "length = 2");
+        let e = Config::from_str(p, &bad).unwrap_err().to_string();
+        assert!(e.contains("provider.length"), "{e}");
+        let bad = text.replace("kind = \"random\"", "kind = \"magic\"");
+        let e = Config::from_str(p, &bad).unwrap_err().to_string();
+        assert!(e.contains("api-key") && e.contains("magic"), "{e}");
+        let dup = format!("{text}\n[[secret]]\nname = \"api-key\"\nprovider = {{ kind = \"random\" }}\n");
+        let e = Config::from_str(p, &dup).unwrap_err().to_string();
+        assert!(e.contains("declared twice"), "{e}");
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub struct Ca {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     key: KeyPair,
-    dek: Key,
+    dek: std::sync::Arc<Key>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -94,7 +94,7 @@ impl Ca {
             let cert_pem = String::from_utf8(cert).map_err(|_| PkiError::Inconsistent)?;
             let cert_der =
                 tls::certs_from_pem(&cert_pem, "stored CA certificate").map_err(|_| PkiError::Inconsistent)?.remove(0);
-            return Ok((Ca { cert_pem, cert_der, key, dek }, false));
+            return Ok((Ca { cert_pem, cert_der, key, dek: std::sync::Arc::new(dek) }, false));
         }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
@@ -113,7 +113,7 @@ impl Ca {
         store.meta_put(DEK, &master.wrap(DEK_LABEL, &dek)?)?;
         store.meta_put(CA_KEY, &master.seal(CA_KEY_LABEL, key.serialize_pem().as_bytes())?)?;
         store.meta_put(CA_CERT, cert.pem().as_bytes())?;
-        Ok((Ca { cert_pem: cert.pem(), cert_der: cert.der().clone(), key, dek }, true))
+        Ok((Ca { cert_pem: cert.pem(), cert_der: cert.der().clone(), key, dek: std::sync::Arc::new(dek) }, true))
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -129,8 +129,8 @@ impl Ca {
     }
 
     /// The store's data-encryption key (seals secret values at rest).
-    pub fn dek(&self) -> &Key {
-        &self.dek
+    pub fn dek(&self) -> std::sync::Arc<Key> {
+        self.dek.clone()
     }
 
     fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, PkiError> {

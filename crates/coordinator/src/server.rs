@@ -4,6 +4,8 @@
 
 use crate::config::Config;
 use crate::crypto::{self, CryptoError};
+use crate::engine::driver::Engine;
+use crate::engine::state::EngineState;
 use crate::pki::{Ca, PkiError};
 use crate::service::Shared;
 use crate::service::admin::AdminSvc;
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Server certificates are re-issued at every start; this bounds a long run.
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
@@ -48,6 +51,12 @@ pub enum ServerError {
     },
     #[error("grpc server failed")]
     Serve(#[from] tonic::transport::Error),
+    #[error("rotation engine failed")]
+    Engine(#[source] crate::engine::driver::EngineError),
+    #[error(transparent)]
+    EngineState(#[from] crate::engine::state::StateError),
+    #[error("cannot set up a provider")]
+    Provider(#[from] rekey_providers::ProviderError),
 }
 
 /// What init found or created.
@@ -65,6 +74,7 @@ pub struct InitReport {
 pub struct Coordinator {
     shared: Shared,
     pub init: InitReport,
+    engine: Engine,
 }
 
 fn write_file(path: PathBuf, bytes: &[u8], private: bool) -> Result<(), ServerError> {
@@ -110,6 +120,10 @@ impl Coordinator {
             write_operator_endpoint(&config, config.listen)?;
         }
         let revoked = RevokedSerials::new(store.revoked_serials()?);
+        let engine_state = EngineState::open(&store, ca.dek())?;
+        let sessions = Sessions::default();
+        let config = Arc::new(config);
+        let (engine, engine_handle) = Engine::new(config.clone(), store.clone(), engine_state, sessions.clone())?;
         let init = InitReport {
             created_master_key,
             created_ca,
@@ -118,9 +132,8 @@ impl Coordinator {
             operator_dir: op_dir,
             master_key_file: config.master_key_file.clone(),
         };
-        let shared =
-            Shared { config: Arc::new(config), store, ca: Arc::new(ca), sessions: Sessions::default(), revoked };
-        Ok(Coordinator { shared, init })
+        let shared = Shared { config, store, ca: Arc::new(ca), sessions, revoked, engine: engine_handle };
+        Ok(Coordinator { shared, init, engine })
     }
 
     pub fn config(&self) -> &Config {
@@ -135,6 +148,9 @@ impl Coordinator {
         on_bound: impl FnOnce(SocketAddr),
     ) -> Result<(), ServerError> {
         let s = self.shared;
+        // The engine resumes rotations before the first agent can say hello.
+        let engine_stop = CancellationToken::new();
+        let engine_task = tokio::spawn(self.engine.run(engine_stop.clone()).instrument(tracing::info_span!("engine")));
         let (chain, key) = s.ca.issue_server(&s.config.server_names, SERVER_CERT_LIFETIME)?;
         let tls_config = tls::server_config(std::slice::from_ref(s.ca.cert_der()), chain, key)?;
         let listener = tokio::net::TcpListener::bind(s.config.listen)
@@ -165,7 +181,18 @@ impl Coordinator {
                     }
                 }
             });
-        server.await?;
+        let served = server.await;
+        engine_stop.cancel();
+        match engine_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ServerError::Engine(e)),
+            Err(e) => {
+                return Err(ServerError::Engine(crate::engine::driver::EngineError::Refused(format!(
+                    "engine task failed: {e}"
+                ))));
+            }
+        }
+        served?;
         s.store.flush()?;
         tracing::info!("rekeyd stopped");
         Ok(())

@@ -247,8 +247,16 @@ mod tests {
 
     #[tokio::test]
     async fn id_secret_pairs_and_validation() {
-        let p = cfg(RandomConfig { format: Format::IdSecret, length: 40, alphabet: "alphanumeric".into(), prefix: String::new() });
-        let v = p.create(&CreateRequest { secret: "s".into(), rotation_id: "rot-9".into(), previous_version: None }).await.unwrap();
+        let p = cfg(RandomConfig {
+            format: Format::IdSecret,
+            length: 40,
+            alphabet: "alphanumeric".into(),
+            prefix: String::new(),
+        });
+        let v = p
+            .create(&CreateRequest { secret: "s".into(), rotation_id: "rot-9".into(), previous_version: None })
+            .await
+            .unwrap();
         assert_eq!(v.fields.keys().collect::<Vec<_>>(), vec!["id", "secret"]);
         assert_eq!(v.fields["secret"].len(), 40);
         let bad = RandomConfig { format: Format::Token, length: 4, alphabet: "hex".into(), prefix: String::new() };

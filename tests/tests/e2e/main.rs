@@ -2,5 +2,6 @@
 //! One test binary for the whole workspace keeps link time down.
 
 mod architecture;
+mod engine;
 mod foundation;
 mod grpc;

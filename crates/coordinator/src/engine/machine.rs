@@ -115,7 +115,11 @@ impl HostState {
     fn settled(self) -> bool {
         matches!(
             self,
-            HostState::Healthy | HostState::Failed | HostState::RolledBack | HostState::Unreachable | HostState::Excluded
+            HostState::Healthy
+                | HostState::Failed
+                | HostState::RolledBack
+                | HostState::Unreachable
+                | HostState::Excluded
         )
     }
 }
@@ -256,9 +260,13 @@ pub enum Action {
     /// Ask the provider for the new version (idempotent per rotation id).
     Create,
     /// Send the new version to this host.
-    Deliver { host: String },
+    Deliver {
+        host: String,
+    },
     /// Tell this host to restore the old version.
-    Rollback { host: String },
+    Rollback {
+        host: String,
+    },
     DeactivateOld,
     DeleteOld,
     DeleteNew,
@@ -278,19 +286,49 @@ pub enum ProviderOp {
 pub enum Event {
     /// Planned → generating.
     Begin,
-    Generated { version: String, fingerprint: String },
-    ProviderDone { op: ProviderOp },
-    ProviderFailed { op: ProviderOp, error: String },
-    Report { host: String, version: String, stage: Stage, fingerprint: String, error: String },
+    Generated {
+        version: String,
+        fingerprint: String,
+    },
+    ProviderDone {
+        op: ProviderOp,
+    },
+    ProviderFailed {
+        op: ProviderOp,
+        error: String,
+    },
+    Report {
+        host: String,
+        version: String,
+        stage: Stage,
+        fingerprint: String,
+        error: String,
+    },
     /// An agent (re)connected; `applied` is the version of this secret it reports loaded.
-    Connected { host: String, applied: Option<(String, String)> },
+    Connected {
+        host: String,
+        applied: Option<(String, String)>,
+    },
     /// A delivery or rollback could not be sent (agent not connected).
-    SendFailed { host: String, error: String },
+    SendFailed {
+        host: String,
+        error: String,
+    },
     Tick,
-    Pause { by: String },
-    Resume { by: String },
-    Abort { by: String },
-    Exclude { host: String, by: String, reason: String },
+    Pause {
+        by: String,
+    },
+    Resume {
+        by: String,
+    },
+    Abort {
+        by: String,
+    },
+    Exclude {
+        host: String,
+        by: String,
+        reason: String,
+    },
 }
 
 /// An operator command that does not apply in the rotation's current state.
@@ -300,6 +338,7 @@ pub struct Refusal(pub String);
 
 impl Rotation {
     /// A new rotation over `waves` (from the planner).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
         secret: String,
@@ -355,7 +394,8 @@ impl Rotation {
     /// Whether the verification decision was made (also while halted after it).
     pub fn verified(&self) -> bool {
         self.state.is_past_verification()
-            || (self.state == RotationState::Halted && self.halted_from.is_some_and(RotationState::is_past_verification))
+            || (self.state == RotationState::Halted
+                && self.halted_from.is_some_and(RotationState::is_past_verification))
     }
 
     /// Every target healthy on the expected version, or excluded by an operator.
@@ -533,10 +573,7 @@ fn report(
     now: i64,
     actions: &mut Vec<Action>,
 ) {
-    if rot.new_version.as_deref() != Some(version)
-        || rot.state.is_terminal()
-        || rot.verified()
-        || rot.delete_new_issued
+    if rot.new_version.as_deref() != Some(version) || rot.state.is_terminal() || rot.verified() || rot.delete_new_issued
     {
         return; // stale, about another version, or after the decision was made
     }
@@ -605,34 +642,33 @@ fn connected(rot: &mut Rotation, host: &str, applied: Option<(String, String)>, 
     }
     let expected = rot.expected_fingerprint.clone();
     let state = rot.state;
+    let delete_new_issued = rot.delete_new_issued;
     let Some(h) = rot.hosts.get_mut(host) else { return };
     let on_new = applied.as_ref().is_some_and(|(v, f)| *v == new && Some(f) == expected.as_ref());
+    let touched = h.state.in_flight() || h.state == HostState::Unreachable || h.state == HostState::Healthy;
     match state {
-        RotationState::RollingOut | RotationState::Halted => {
-            if h.state.in_flight() || h.state == HostState::Unreachable || h.state == HostState::Healthy {
-                if on_new {
-                    h.fingerprint = expected;
-                    h.error = None;
-                    h.set(HostState::Healthy, now);
-                } else if h.delivered_ms.is_some() && (state == RotationState::RollingOut || h.state != HostState::Healthy) {
-                    // It missed (part of) its delivery while away: send it again.
-                    h.delivered_ms = Some(now);
-                    h.set(HostState::Delivered, now);
-                    actions.push(Action::Deliver { host: host.to_string() });
-                }
+        RotationState::RollingOut | RotationState::Halted if touched => {
+            if on_new {
+                h.fingerprint = expected;
+                h.error = None;
+                h.set(HostState::Healthy, now);
+            } else if h.delivered_ms.is_some() && (state == RotationState::RollingOut || h.state != HostState::Healthy)
+            {
+                // It missed (part of) its delivery while away: send it again.
+                h.delivered_ms = Some(now);
+                h.set(HostState::Delivered, now);
+                actions.push(Action::Deliver { host: host.to_string() });
             }
         }
-        RotationState::Aborting if !rot.delete_new_issued => {
-            if h.rollback_pending {
-                // Trust an agent that says it runs another version, unless it
-                // may still be applying ours; when in doubt, ask it to roll back.
-                let on_other = applied.as_ref().is_some_and(|(v, _)| *v != new);
-                if on_other && !h.state.in_flight() && h.state != HostState::Unreachable {
-                    h.rollback_pending = false;
-                    h.set(HostState::RolledBack, now);
-                } else {
-                    actions.push(Action::Rollback { host: host.to_string() });
-                }
+        RotationState::Aborting if !delete_new_issued && h.rollback_pending => {
+            // Trust an agent that says it runs another version, unless it
+            // may still be applying ours; when in doubt, ask it to roll back.
+            let on_other = applied.as_ref().is_some_and(|(v, _)| *v != new);
+            if on_other && !h.state.in_flight() && h.state != HostState::Unreachable {
+                h.rollback_pending = false;
+                h.set(HostState::RolledBack, now);
+            } else {
+                actions.push(Action::Rollback { host: host.to_string() });
             }
         }
         _ => {}
@@ -700,10 +736,12 @@ fn abort(rot: &mut Rotation, by: &str, now: i64, actions: &mut Vec<Action>) -> R
             "rotation {} is generating its new version; abort once it is rolling out or halted",
             rot.id
         ))),
-        RotationState::Halted if rot.halted_from.is_some_and(RotationState::is_past_verification) => Err(Refusal(format!(
-            "rotation {} halted after every host confirmed the new version: resume it instead of aborting",
-            rot.id
-        ))),
+        RotationState::Halted if rot.halted_from.is_some_and(RotationState::is_past_verification) => {
+            Err(Refusal(format!(
+                "rotation {} halted after every host confirmed the new version: resume it instead of aborting",
+                rot.id
+            )))
+        }
         RotationState::RollingOut | RotationState::Halted => {
             rot.paused = false;
             rot.halt_reason = None;
@@ -759,7 +797,8 @@ fn advance(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) {
                     return;
                 }
                 let failed = rot.failed_hosts();
-                let canary_failed: Vec<_> = failed.iter().filter(|(_, h)| h.wave == 0 && rot.policy.canary > 0).collect();
+                let canary_failed: Vec<_> =
+                    failed.iter().filter(|(_, h)| h.wave == 0 && rot.policy.canary > 0).collect();
                 if !canary_failed.is_empty() || failed.len() > rot.failure_budget() {
                     let list = failed
                         .iter()

@@ -9,7 +9,16 @@ fn hosts(n: usize) -> Vec<String> {
 
 fn rotation(n: usize, policy: Policy) -> Rotation {
     let waves = crate::engine::plan::plan_waves(&hosts(n), policy.canary, &policy.waves);
-    Rotation::new("rot-1".into(), "api-key".into(), "operator/admin".into(), policy, Some("v1".into()), waves, "k".into(), 0)
+    Rotation::new(
+        "rot-1".into(),
+        "api-key".into(),
+        "operator/admin".into(),
+        policy,
+        Some("v1".into()),
+        waves,
+        "k".into(),
+        0,
+    )
 }
 
 fn ev(rot: &mut Rotation, e: Event, now: i64) -> Vec<Action> {
@@ -33,10 +42,7 @@ fn start(rot: &mut Rotation) -> Vec<Action> {
 }
 
 fn delivers(actions: &[Action]) -> Vec<String> {
-    actions
-        .iter()
-        .filter_map(|a| if let Action::Deliver { host } = a { Some(host.clone()) } else { None })
-        .collect()
+    actions.iter().filter_map(|a| if let Action::Deliver { host } = a { Some(host.clone()) } else { None }).collect()
 }
 
 fn all_healthy(rot: &mut Rotation, hs: &[String], now: i64) -> Vec<Action> {
@@ -109,7 +115,11 @@ fn failures_within_budget_continue_but_block_verification() {
     assert_eq!(r.state, RotationState::Halted);
     assert!(r.halt_reason.as_deref().unwrap().contains("h2"));
     // Excluding it (with who and why) opens the gate.
-    let a = ev(&mut r, Event::Exclude { host: "h2".into(), by: "operator/admin".into(), reason: "decommissioned".into() }, 7);
+    let a = ev(
+        &mut r,
+        Event::Exclude { host: "h2".into(), by: "operator/admin".into(), reason: "decommissioned".into() },
+        7,
+    );
     assert!(a.is_empty(), "exclusion alone does not resume a halted rotation");
     let a = ev(&mut r, Event::Resume { by: "op".into() }, 8);
     assert_eq!(a, vec![Action::DeactivateOld]);

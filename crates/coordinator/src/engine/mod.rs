@@ -2,5 +2,8 @@
 //! planner ([`plan`]), the secret catalog ([`catalog`]), and the driver that
 //! persists each transition before performing its side effects ([`driver`]).
 
+pub mod catalog;
+pub mod driver;
 pub mod machine;
 pub mod plan;
+pub mod state;

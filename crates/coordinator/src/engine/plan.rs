@@ -21,7 +21,9 @@ impl Amount {
             }
             Ok(Amount::Percent(p))
         } else {
-            s.parse().map(Amount::Count).map_err(|_| format!("expected a host count or a percentage like \"25%\", got {s:?}"))
+            s.parse()
+                .map(Amount::Count)
+                .map_err(|_| format!("expected a host count or a percentage like \"25%\", got {s:?}"))
         }
     }
 

@@ -2,13 +2,17 @@
 //! certificate issued by this coordinator; agents are refused.
 
 use super::{Shared, internal};
+use crate::engine::driver::{EngineError, consumers, waiting_on};
+use crate::engine::machine::{Event, HostState, Rotation};
 use crate::store::TokenRecord;
 use rekey_common::time::now_unix;
 use rekey_common::tls::{Identity, Role};
 use rekey_proto::v1::admin_service_server::AdminService;
 use rekey_proto::v1::{
-    AgentInfo, CoordinatorMessage, CreateTokenRequest, CreateTokenResponse, ListAgentsRequest, ListAgentsResponse,
-    RevokeAgentRequest, RevokeAgentResponse, Revoked, coordinator_message,
+    AgentInfo, Control, ControlRotationRequest, CoordinatorMessage, CreateTokenRequest, CreateTokenResponse,
+    GetRotationRequest, JsonResponse, ListAgentsRequest, ListAgentsResponse, ListAuditRequest, ListRotationsRequest,
+    ListSecretsRequest, ListVersionsRequest, RevokeAgentRequest, RevokeAgentResponse, Revoked, StartRotationRequest,
+    VerifyAuditRequest, coordinator_message,
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -99,6 +103,12 @@ impl AdminService for AdminSvc {
         };
         s.store.put_token(&rec).map_err(internal)?;
         tracing::info!(operator = %who, token = %id, host = %rec.host, "join token created");
+        super::audit(
+            s,
+            &who.to_string(),
+            "token.create",
+            serde_json::json!({ "token": id, "host": rec.host, "labels": rec.labels, "expires_unix": rec.expires_unix }),
+        );
         Ok(Response::new(CreateTokenResponse {
             token: format!("{id}.{secret}"),
             ca_fingerprint: s.ca.fingerprint(),
@@ -153,7 +163,183 @@ impl AdminService for AdminSvc {
             }),
         );
         tracing::warn!(operator = %who, agent = %name, was_connected, "agent revoked");
+        super::audit(s, &who.to_string(), "agent.revoke", serde_json::json!({ "agent": name, "serials": rec.serials }));
         Ok(Response::new(RevokeAgentResponse { was_connected }))
+    }
+
+    async fn list_secrets(&self, req: Request<ListSecretsRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let s = &self.shared;
+        let mut out = Vec::new();
+        for spec in &s.config.secrets {
+            let rec = s.engine.state().get_secret(&spec.name).map_err(|e| Status::internal(one_line(&e)))?;
+            let consumers = consumers(&s.store, spec).map_err(internal)?;
+            let last = match &rec.last_rotation {
+                Some(id) => s.engine.state().get_rotation(id).map_err(|e| Status::internal(one_line(&e)))?,
+                None => None,
+            };
+            out.push(serde_json::json!({
+                "name": spec.name,
+                "description": spec.description,
+                "provider": spec.provider.kind(),
+                "selector": spec.selector,
+                "current_version": rec.current_version,
+                "active_rotation": rec.active_rotation,
+                "last_rotation": last.as_ref().map(|r| serde_json::json!({
+                    "id": r.id, "state": r.state.as_str(), "started_ms": r.created_ms, "updated_ms": r.updated_ms,
+                })),
+                "consumers": consumers,
+            }));
+        }
+        Ok(json(serde_json::Value::Array(out)))
+    }
+
+    async fn start_rotation(&self, req: Request<StartRotationRequest>) -> Result<Response<JsonResponse>, Status> {
+        let who = operator(&self.shared, &req)?;
+        let secret = req.into_inner().secret;
+        self.rotation_json(self.shared.engine.start(&secret, &who.to_string()).await)
+    }
+
+    async fn get_rotation(&self, req: Request<GetRotationRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let id = req.into_inner().id;
+        match self.shared.engine.state().get_rotation(&id) {
+            Ok(Some(r)) => Ok(json(rotation_view(&r))),
+            Ok(None) => Err(engine_status(EngineError::UnknownRotation(id))),
+            Err(e) => Err(Status::internal(one_line(&e))),
+        }
+    }
+
+    async fn list_rotations(&self, req: Request<ListRotationsRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let filter = req.into_inner().secret;
+        let mut all = self.shared.engine.state().list_rotations().map_err(|e| Status::internal(one_line(&e)))?;
+        all.retain(|r| filter.is_empty() || r.secret == filter);
+        all.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
+        let v: Vec<serde_json::Value> = all
+            .iter()
+            .map(|r| {
+                let healthy = r.hosts.values().filter(|h| h.state == HostState::Healthy).count();
+                serde_json::json!({
+                    "id": r.id, "secret": r.secret, "state": r.state.as_str(), "paused": r.paused,
+                    "started_by": r.started_by, "created_ms": r.created_ms, "updated_ms": r.updated_ms,
+                    "hosts": r.hosts.len(), "healthy": healthy,
+                    "wave": r.current_wave, "waves": r.waves.len(),
+                    "waiting_on": waiting_on(r),
+                })
+            })
+            .collect();
+        Ok(json(serde_json::Value::Array(v)))
+    }
+
+    async fn control_rotation(&self, req: Request<ControlRotationRequest>) -> Result<Response<JsonResponse>, Status> {
+        let who = operator(&self.shared, &req)?.to_string();
+        let r = req.into_inner();
+        let event = match Control::try_from(r.action) {
+            Ok(Control::Pause) => Event::Pause { by: who.clone() },
+            Ok(Control::Resume) => Event::Resume { by: who.clone() },
+            Ok(Control::Abort) => Event::Abort { by: who.clone() },
+            Ok(Control::Exclude) => {
+                if r.reason.trim().is_empty() {
+                    return Err(Status::invalid_argument(
+                        "excluding a host needs a reason (--reason TEXT): it goes to the audit log",
+                    ));
+                }
+                Event::Exclude { host: r.host, by: who.clone(), reason: r.reason }
+            }
+            _ => return Err(Status::invalid_argument(format!("unknown rotation control {}", r.action))),
+        };
+        self.rotation_json(self.shared.engine.control(&r.id, event, &who).await)
+    }
+
+    async fn list_versions(&self, req: Request<ListVersionsRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let secret = req.into_inner().secret;
+        let p = self
+            .shared
+            .engine
+            .provider(&secret)
+            .ok_or_else(|| engine_status(EngineError::UnknownSecret(secret.clone())))?;
+        let mut versions = p.list().await.map_err(|e| Status::unavailable(format!("provider of {secret}: {e}")))?;
+        versions.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
+        let rec = self.shared.engine.state().get_secret(&secret).map_err(|e| Status::internal(one_line(&e)))?;
+        let v: Vec<serde_json::Value> = versions
+            .iter()
+            .map(|x| {
+                serde_json::json!({
+                    "id": x.id, "status": x.status, "created_unix": x.created_unix,
+                    "current": rec.current_version.as_deref() == Some(x.id.as_str()),
+                })
+            })
+            .collect();
+        Ok(json(serde_json::Value::Array(v)))
+    }
+
+    async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let limit = req.into_inner().limit as usize;
+        let mut records = self.shared.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
+        if limit > 0 && records.len() > limit {
+            records.drain(..records.len() - limit);
+        }
+        Ok(json(serde_json::to_value(records).expect("json")))
+    }
+
+    async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let records = self.shared.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
+        let v = crate::audit::verify(&records);
+        Ok(json(serde_json::json!({
+            "ok": v.first_broken.is_none(),
+            "records": v.records,
+            "head": v.head,
+            "first_broken": v.first_broken.as_ref().map(|(seq, why)| serde_json::json!({"seq": seq, "problem": why})),
+        })))
+    }
+}
+
+fn engine_status(e: EngineError) -> Status {
+    match e {
+        EngineError::UnknownSecret(_) | EngineError::UnknownRotation(_) => Status::not_found(e.to_string()),
+        EngineError::NoConsumers(_) | EngineError::AlreadyRotating { .. } | EngineError::Refused(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        EngineError::Provider { .. } => Status::unavailable(one_line(&e)),
+        EngineError::Stopped => Status::unavailable(e.to_string()),
+        EngineError::State(_) => {
+            tracing::error!(error = %one_line(&e), "engine state failure");
+            Status::internal(one_line(&e))
+        }
+    }
+}
+
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s = format!("{s}: {c}");
+        cur = c.source();
+    }
+    s
+}
+
+fn json(v: serde_json::Value) -> Response<JsonResponse> {
+    Response::new(JsonResponse { json: v.to_string() })
+}
+
+/// The rotation as the CLI shows it: the stored model plus what it waits on.
+pub(crate) fn rotation_view(r: &Rotation) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).expect("json");
+    v["waiting_on"] = serde_json::json!(waiting_on(r));
+    v["blocking_hosts"] =
+        serde_json::json!(r.blocking_hosts().into_iter().map(|(h, s)| (h, s.as_str())).collect::<Vec<_>>());
+    v["failure_budget_hosts"] = serde_json::json!(r.failure_budget());
+    v
+}
+
+impl AdminSvc {
+    fn rotation_json(&self, r: Result<Rotation, EngineError>) -> Result<Response<JsonResponse>, Status> {
+        r.map(|r| json(rotation_view(&r))).map_err(engine_status)
     }
 }
 

@@ -1,6 +1,7 @@
 //! `rekey.v1.AgentService`: enrollment and the agents' live sessions.
 
 use super::{Shared, internal};
+use crate::engine::driver::AgentEvent;
 use crate::sessions::SessionHandle;
 use crate::store::{AgentRecord, Redeem};
 use rekey_common::time::{format_unix, now_unix};
@@ -103,6 +104,12 @@ impl AgentService for AgentSvc {
             s.sessions.close(&agent.name, None);
         }
         tracing::info!(agent = %agent.name, token = %id, serial = %issued.serial, "agent enrolled");
+        super::audit(
+            s,
+            &format!("agent/{}", agent.name),
+            "agent.enroll",
+            serde_json::json!({ "agent": agent.name, "token": id, "serial": issued.serial, "labels": agent.labels }),
+        );
         Ok(Response::new(EnrollResponse {
             host: record.host,
             labels: record.labels.into_iter().collect(),
@@ -162,6 +169,7 @@ impl AgentService for AgentSvc {
         .expect("fresh channel has room");
         s.sessions.register(&name, SessionHandle { id, tx: tx.clone(), cancel: cancel.clone(), connected_unix: now });
         tracing::info!(agent = %name, session = id, version = %hello.agent_version, secrets = ?hello.secrets, "agent connected");
+        s.engine.agent_event(AgentEvent::Connected { host: name.clone(), applied: hello.applied.clone() }).await;
 
         let span = tracing::info_span!("session", agent = %name, session = id);
         tokio::spawn(
@@ -227,6 +235,7 @@ async fn inbound_loop(
             }
             Some(agent_message::Msg::Report(r)) => {
                 tracing::info!(rotation = %r.rotation_id, secret = %r.secret, stage = r.stage, "stage report");
+                s.engine.agent_event(AgentEvent::Report { host: name.to_string(), report: r }).await;
             }
             Some(agent_message::Msg::Hello(_)) => {
                 tracing::warn!("duplicate hello ignored");

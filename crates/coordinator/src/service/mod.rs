@@ -19,6 +19,7 @@ pub struct Shared {
     pub ca: Arc<Ca>,
     pub sessions: Sessions,
     pub revoked: RevokedSerials,
+    pub engine: crate::engine::driver::EngineHandle,
 }
 
 /// The one authorization check of every call except enrollment: a client
@@ -45,6 +46,15 @@ pub(crate) fn authorize<T>(shared: &Shared, req: &tonic::Request<T>, role: Role)
         )));
     }
     Ok(id)
+}
+
+/// Records an operator or enrollment event in the audit chain (best effort:
+/// the action itself already succeeded and was persisted).
+pub(crate) fn audit(shared: &Shared, actor: &str, action: &str, details: serde_json::Value) {
+    let entry = crate::audit::AuditEntry::new(actor, action, details);
+    if let Err(e) = shared.engine.state().audit(rekey_common::time::now_unix_ms(), vec![entry]) {
+        tracing::error!(error = %e, action, "audit append failed");
+    }
 }
 
 pub(crate) fn internal(e: StoreError) -> tonic::Status {

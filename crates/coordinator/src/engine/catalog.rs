@@ -1,0 +1,193 @@
+//! The secret catalog: `[[secret]]` blocks of `coordinator.toml`, validated
+//! into [`SecretSpec`]s. A config error names the file, the secret and the field.
+
+use super::machine::Policy;
+use super::plan::Amount;
+use rekey_common::config::ConfigError;
+use rekey_common::time::parse_duration;
+use rekey_providers::ProviderConfig;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecret {
+    name: String,
+    #[serde(default)]
+    description: String,
+    provider: ProviderConfig,
+    /// Labels an agent must carry (all of them) to receive this secret.
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    rollout: RawRollout,
+    #[serde(default)]
+    revocation: RawRevocation,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAmount {
+    Int(usize),
+    Str(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    #[serde(default = "one")]
+    canary: usize,
+    #[serde(default = "all")]
+    waves: Vec<RawAmount>,
+    #[serde(default = "zero")]
+    failure_budget: RawAmount,
+    #[serde(default = "five_minutes")]
+    host_deadline: String,
+    #[serde(default = "no_time")]
+    jitter: String,
+}
+
+fn one() -> usize {
+    1
+}
+fn all() -> Vec<RawAmount> {
+    vec![RawAmount::Str("100%".into())]
+}
+fn zero() -> RawAmount {
+    RawAmount::Int(0)
+}
+fn five_minutes() -> String {
+    "5m".into()
+}
+fn no_time() -> String {
+    "0s".into()
+}
+fn ten_minutes() -> String {
+    "10m".into()
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for RawRollout {
+    fn default() -> Self {
+        RawRollout { canary: 1, waves: all(), failure_budget: zero(), host_deadline: five_minutes(), jitter: no_time() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocation {
+    #[serde(default = "yes")]
+    deactivate: bool,
+    #[serde(default = "ten_minutes")]
+    grace: String,
+    #[serde(default = "yes")]
+    delete: bool,
+    #[serde(default = "no_time")]
+    monitor: String,
+}
+
+impl Default for RawRevocation {
+    fn default() -> Self {
+        RawRevocation { deactivate: true, grace: ten_minutes(), delete: true, monitor: no_time() }
+    }
+}
+
+/// One secret rekey rotates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretSpec {
+    pub name: String,
+    pub description: String,
+    pub provider: ProviderConfig,
+    pub selector: BTreeMap<String, String>,
+    pub policy: Policy,
+}
+
+impl SecretSpec {
+    /// Whether an agent with these labels may receive this secret.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+fn amount(path: &Path, field: &str, raw: &RawAmount) -> Result<Amount, ConfigError> {
+    match raw {
+        RawAmount::Int(n) => Ok(Amount::Count(*n)),
+        RawAmount::Str(s) => Amount::parse(s).map_err(|m| ConfigError::field(path, field, m)),
+    }
+}
+
+fn duration_ms(path: &Path, field: &str, s: &str) -> Result<i64, ConfigError> {
+    parse_duration(s).map(|d| d.as_millis() as i64).map_err(|m| ConfigError::field(path, field, m))
+}
+
+pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpec>, ConfigError> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let at = |f: &str| format!("secret[{i}] ({:?}).{f}", s.name);
+        if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        {
+            return Err(ConfigError::field(
+                path,
+                format!("secret[{i}].name"),
+                format!("invalid secret name {:?}: expected letters, digits, '-', '_', '.', '/'", s.name),
+            ));
+        }
+        if !seen.insert(s.name.clone()) {
+            return Err(ConfigError::field(path, at("name"), "this secret is declared twice"));
+        }
+        s.provider.validate().map_err(|(f, m)| ConfigError::field(path, at(&format!("provider.{f}")), m))?;
+        let mut waves = Vec::new();
+        for (j, w) in s.rollout.waves.iter().enumerate() {
+            waves.push(amount(path, &at(&format!("rollout.waves[{j}]")), w)?);
+        }
+        let failure_budget = amount(path, &at("rollout.failure_budget"), &s.rollout.failure_budget)?;
+        let host_deadline_ms = duration_ms(path, &at("rollout.host_deadline"), &s.rollout.host_deadline)?;
+        if host_deadline_ms < 1000 {
+            return Err(ConfigError::field(path, at("rollout.host_deadline"), "must be at least 1s"));
+        }
+        let policy = Policy {
+            canary: s.rollout.canary,
+            waves,
+            failure_budget,
+            host_deadline_ms,
+            jitter_ms: duration_ms(path, &at("rollout.jitter"), &s.rollout.jitter)? as u64,
+            deactivate: s.revocation.deactivate,
+            grace_ms: duration_ms(path, &at("revocation.grace"), &s.revocation.grace)?,
+            delete: s.revocation.delete,
+            monitor_ms: duration_ms(path, &at("revocation.monitor"), &s.revocation.monitor)?,
+        };
+        out.push(SecretSpec {
+            name: s.name,
+            description: s.description,
+            provider: s.provider,
+            selector: s.selector,
+            policy,
+        });
+    }
+    Ok(out)
+}
+
+/// Serde's path for a parse error inside `[[secret]]` is `secret[N]...`; add
+/// the secret's name so the operator finds it without counting blocks.
+pub(crate) fn name_secret_in_error(e: ConfigError, text: &str) -> ConfigError {
+    let ConfigError::Field { path, field, message } = e else { return e };
+    let Some(rest) = field.strip_prefix("secret[") else {
+        return ConfigError::Field { path, field, message };
+    };
+    let Some((idx, tail)) = rest.split_once(']') else {
+        return ConfigError::Field { path, field, message };
+    };
+    let name = idx.parse::<usize>().ok().and_then(|i| {
+        let v: toml::Value = toml::from_str(text).ok()?;
+        v.get("secret")?.as_array()?.get(i)?.get("name")?.as_str().map(str::to_string)
+    });
+    let field = match name {
+        Some(n) => format!("secret[{idx}] ({n:?}){tail}"),
+        None => field,
+    };
+    ConfigError::Field { path, field, message }
+}

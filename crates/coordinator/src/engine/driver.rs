@@ -1,0 +1,607 @@
+//! The engine's driver: one task that owns every active rotation, applies
+//! events to the pure state machine one at a time, persists each transition
+//! (with its audit records) and only then performs the side effects.
+//!
+//! Inputs arrive on one bounded channel ([`EngineHandle`]): operator commands,
+//! agent events (hello, stage reports), and provider results from the short
+//! tasks that call providers (so a slow provider never blocks other
+//! rotations). A 1 s tick drives deadlines and the grace/monitoring timers.
+
+use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage};
+use super::plan::plan_waves;
+use super::state::{EngineState, StateError};
+use crate::audit::AuditEntry;
+use crate::config::Config;
+use crate::sessions::Sessions;
+use crate::store::Store;
+use rand::Rng;
+use rekey_common::secret::fingerprint_fields;
+use rekey_common::time::now_unix_ms;
+use rekey_proto::v1::{self, CoordinatorMessage, coordinator_message};
+use rekey_providers::{CreateRequest, Provider, ProviderError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Retries of a retryable provider error before the rotation halts.
+const PROVIDER_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown secret {0:?}: it is not in the coordinator's catalog (see `rekey secrets`)")]
+    UnknownSecret(String),
+    #[error(
+        "no agent consumes secret {0:?}: no enrolled, unrevoked agent both declares it in its agent.toml and matches its selector"
+    )]
+    NoConsumers(String),
+    #[error("secret {secret} is already being rotated by {rotation}; wait for it, or abort it")]
+    AlreadyRotating { secret: String, rotation: String },
+    #[error("no rotation {0:?} (see `rekey rotate list`)")]
+    UnknownRotation(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot read the current version of {secret} from its provider")]
+    Provider {
+        secret: String,
+        #[source]
+        source: ProviderError,
+    },
+    #[error(transparent)]
+    State(StateError),
+    #[error("the rotation engine is not running")]
+    Stopped,
+}
+
+impl From<StateError> for EngineError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::AlreadyRotating { secret, rotation } => EngineError::AlreadyRotating { secret, rotation },
+            other => EngineError::State(other),
+        }
+    }
+}
+
+/// What agents tell the engine.
+#[derive(Debug)]
+pub enum AgentEvent {
+    Connected { host: String, applied: Vec<v1::AppliedVersion> },
+    Report { host: String, report: v1::StageReport },
+}
+
+type Reply = oneshot::Sender<Result<Rotation, EngineError>>;
+
+enum Command {
+    Start { secret: String, by: String, reply: Reply },
+    Operator { id: String, event: Event, by: String, reply: Reply },
+    Agent(AgentEvent),
+    Provider { id: String, event: Event },
+}
+
+/// Cheap, cloneable access to the engine task.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    state: EngineState,
+    providers: Arc<HashMap<String, Arc<dyn Provider>>>,
+}
+
+impl EngineHandle {
+    pub fn state(&self) -> &EngineState {
+        &self.state
+    }
+
+    /// The provider of a catalog secret (for read-only queries).
+    pub fn provider(&self, secret: &str) -> Option<Arc<dyn Provider>> {
+        self.providers.get(secret).cloned()
+    }
+
+    pub async fn start(&self, secret: &str, by: &str) -> Result<Rotation, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Start { secret: secret.to_string(), by: by.to_string(), reply })
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Pause, resume, abort or exclude (as a machine event) on behalf of `by`.
+    pub async fn control(&self, id: &str, event: Event, by: &str) -> Result<Rotation, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Operator { id: id.to_string(), event, by: by.to_string(), reply })
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Waits for room in the engine's queue: a busy engine slows the session
+    /// that reports, it never drops a report.
+    pub async fn agent_event(&self, ev: AgentEvent) {
+        let _ = self.tx.send(Command::Agent(ev)).await;
+    }
+}
+
+pub struct Engine {
+    config: Arc<Config>,
+    state: EngineState,
+    store: Store,
+    sessions: Sessions,
+    providers: Arc<HashMap<String, Arc<dyn Provider>>>,
+    active: HashMap<String, Rotation>,
+    tx: mpsc::Sender<Command>,
+    rx: mpsc::Receiver<Command>,
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::rng().fill(&mut b[..]);
+    hex::encode(b)
+}
+
+fn stage_of(s: i32) -> Option<Stage> {
+    Some(match v1::Stage::try_from(s).ok()? {
+        v1::Stage::Delivered => Stage::Delivered,
+        v1::Stage::Applied => Stage::Applied,
+        v1::Stage::Restarted => Stage::Restarted,
+        v1::Stage::Healthy => Stage::Healthy,
+        v1::Stage::Failed => Stage::Failed,
+        v1::Stage::RolledBack => Stage::RolledBack,
+        v1::Stage::Refused => Stage::Refused,
+        v1::Stage::Unspecified => return None,
+    })
+}
+
+/// Audit records for what changed between two states of a rotation.
+fn audit_diff(before: &Rotation, after: &Rotation, actor: &str) -> Vec<AuditEntry> {
+    let mut out = Vec::new();
+    // Host changes first: they are the cause of the rotation's transitions.
+    for (name, h) in &after.hosts {
+        let old = before.hosts.get(name).map(|b| b.state);
+        if old != Some(h.state) {
+            out.push(AuditEntry::new(
+                actor,
+                "host.state",
+                serde_json::json!({
+                    "rotation": after.id, "secret": after.secret, "host": name,
+                    "from": old.map(|s| s.as_str()), "to": h.state.as_str(),
+                    "fingerprint": h.fingerprint, "error": h.error,
+                    "excluded_by": h.exclusion.as_ref().map(|e| &e.by),
+                    "reason": h.exclusion.as_ref().map(|e| &e.reason),
+                }),
+            ));
+        }
+    }
+    for t in after.timeline.iter().skip(before.timeline.len()) {
+        out.push(AuditEntry::new(
+            actor,
+            format!("rotation.{}", t.state.as_str()),
+            serde_json::json!({ "rotation": after.id, "secret": after.secret, "state": t.state.as_str(), "note": t.note }),
+        ));
+    }
+    out
+}
+
+/// Equal but for the `updated_ms` stamp: nothing to persist.
+fn unchanged(before: &Rotation, after: &Rotation) -> bool {
+    let mut a = after.clone();
+    a.updated_ms = before.updated_ms;
+    *before == a
+}
+
+impl Engine {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        state: EngineState,
+        sessions: Sessions,
+    ) -> Result<(Engine, EngineHandle), ProviderError> {
+        let mut providers = HashMap::new();
+        for spec in &config.secrets {
+            let p = rekey_providers::build(&spec.provider, state.provider_state(&spec.name))?;
+            providers.insert(spec.name.clone(), p);
+        }
+        let providers = Arc::new(providers);
+        let (tx, rx) = mpsc::channel(1024);
+        let handle = EngineHandle { tx: tx.clone(), state: state.clone(), providers: providers.clone() };
+        Ok((Engine { config, state, store, sessions, providers, active: HashMap::new(), tx, rx }, handle))
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), EngineError> {
+        // Resume what a previous process left in flight.
+        let now = now_unix_ms();
+        for rot in self.state.list_rotations()? {
+            if rot.state.is_terminal() {
+                continue;
+            }
+            let before = rot.clone();
+            let mut after = rot;
+            let actions = machine::on_restart(&mut after, now);
+            tracing::info!(rotation = %after.id, secret = %after.secret, state = after.state.as_str(), "resuming rotation");
+            self.persist(&before, &after, "rekeyd")?;
+            let id = after.id.clone();
+            self.active.insert(id.clone(), after);
+            self.run_actions(&id, actions, "rekeyd");
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd).await,
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => {
+                    let ids: Vec<String> = self.active.keys().cloned().collect();
+                    for id in ids {
+                        if let Err(e) = self.apply(&id, Event::Tick, "rekeyd") {
+                            tracing::error!(rotation = %id, error = %e, "tick failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Start { secret, by, reply } => {
+                let r = self.start(&secret, &by).await;
+                let _ = reply.send(r);
+            }
+            Command::Operator { id, event, by, reply } => {
+                let r = if self.active.contains_key(&id) {
+                    self.apply(&id, event, &by)
+                } else {
+                    match self.state.get_rotation(&id) {
+                        Ok(Some(rot)) => Err(EngineError::Refused(format!(
+                            "rotation {id} is {}: nothing to change",
+                            rot.state.as_str()
+                        ))),
+                        Ok(None) => Err(EngineError::UnknownRotation(id)),
+                        Err(e) => Err(e.into()),
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::Provider { id, event } => {
+                if self.active.contains_key(&id)
+                    && let Err(e) = self.apply(&id, event, "rekeyd")
+                {
+                    tracing::error!(rotation = %id, error = %e, "provider result not applied");
+                }
+            }
+            Command::Agent(AgentEvent::Connected { host, applied }) => {
+                let ids: Vec<String> =
+                    self.active.values().filter(|r| r.hosts.contains_key(&host)).map(|r| r.id.clone()).collect();
+                for id in ids {
+                    let secret = self.active[&id].secret.clone();
+                    let a = applied
+                        .iter()
+                        .find(|a| a.secret == secret)
+                        .map(|a| (a.version_id.clone(), a.fingerprint.clone()));
+                    let actor = format!("agent/{host}");
+                    if let Err(e) = self.apply(&id, Event::Connected { host: host.clone(), applied: a }, &actor) {
+                        tracing::error!(rotation = %id, error = %e, "agent hello not applied");
+                    }
+                }
+            }
+            Command::Agent(AgentEvent::Report { host, report }) => {
+                let Some(stage) = stage_of(report.stage) else {
+                    tracing::warn!(agent = %host, stage = report.stage, "report with an unknown stage ignored");
+                    return;
+                };
+                let id = report.rotation_id.clone();
+                match self.active.get(&id) {
+                    Some(r) if r.secret == report.secret => {
+                        let ev = Event::Report {
+                            host: host.clone(),
+                            version: report.version_id,
+                            stage,
+                            fingerprint: report.fingerprint,
+                            error: report.error,
+                        };
+                        if let Err(e) = self.apply(&id, ev, &format!("agent/{host}")) {
+                            tracing::error!(rotation = %id, error = %e, "report not applied");
+                        }
+                    }
+                    _ => tracing::debug!(agent = %host, rotation = %id, "report for an inactive rotation ignored"),
+                }
+            }
+        }
+    }
+
+    async fn start(&mut self, secret: &str, by: &str) -> Result<Rotation, EngineError> {
+        let spec = self.config.secret(secret).ok_or_else(|| EngineError::UnknownSecret(secret.to_string()))?.clone();
+        let record = self.state.get_secret(secret)?;
+        if let Some(active) = record.active_rotation {
+            return Err(EngineError::AlreadyRotating { secret: secret.to_string(), rotation: active });
+        }
+        let targets = consumers(&self.store, &spec).map_err(|e| EngineError::State(StateError::Store(e)))?;
+        if targets.is_empty() {
+            return Err(EngineError::NoConsumers(secret.to_string()));
+        }
+        let provider =
+            self.providers.get(secret).cloned().ok_or_else(|| EngineError::UnknownSecret(secret.to_string()))?;
+        let old = match record.current_version {
+            Some(v) => Some(v),
+            None => provider
+                .current()
+                .await
+                .map_err(|source| EngineError::Provider { secret: secret.to_string(), source })?
+                .map(|v| v.id),
+        };
+        let now = now_unix_ms();
+        let id = format!("rot-{:x}{}", now / 1000, random_hex(3));
+        let waves = plan_waves(&targets, spec.policy.canary, &spec.policy.waves);
+        let rot = Rotation::new(
+            id.clone(),
+            secret.to_string(),
+            by.to_string(),
+            spec.policy.clone(),
+            old.clone(),
+            waves,
+            random_hex(32),
+            now,
+        );
+        self.state.begin(
+            &rot,
+            vec![AuditEntry::new(
+                by,
+                "rotation.start",
+                serde_json::json!({ "rotation": id, "secret": secret, "old_version": old, "targets": targets, "waves": rot.waves }),
+            )],
+        )?;
+        tracing::info!(rotation = %id, %secret, targets = targets.len(), operator = %by, "rotation started");
+        self.active.insert(id.clone(), rot);
+        self.apply(&id, Event::Begin, by)
+    }
+
+    fn persist(&self, before: &Rotation, after: &Rotation, actor: &str) -> Result<(), EngineError> {
+        if unchanged(before, after) {
+            return Ok(());
+        }
+        self.state.commit(after, audit_diff(before, after, actor))?;
+        Ok(())
+    }
+
+    /// Applies one event (and the follow-ups its side effects produce):
+    /// handle → persist → act.
+    fn apply(&mut self, id: &str, event: Event, actor: &str) -> Result<Rotation, EngineError> {
+        let mut queue = VecDeque::from([(event, actor.to_string())]);
+        let mut last = None;
+        while let Some((event, actor)) = queue.pop_front() {
+            let Some(before) = self.active.get(id).cloned() else { break };
+            let mut after = before.clone();
+            let actions = machine::handle(&mut after, event, now_unix_ms()).map_err(|r| EngineError::Refused(r.0))?;
+            self.persist(&before, &after, &actor)?;
+            if after.state != before.state {
+                tracing::info!(rotation = %id, from = before.state.as_str(), to = after.state.as_str(), "rotation state");
+            }
+            if after.state.is_terminal() {
+                self.active.remove(id);
+            } else {
+                self.active.insert(id.to_string(), after.clone());
+            }
+            for follow_up in self.run_actions_for(&after, actions) {
+                queue.push_back((follow_up, "rekeyd".to_string()));
+            }
+            last = Some(after);
+        }
+        last.ok_or_else(|| EngineError::UnknownRotation(id.to_string()))
+    }
+
+    fn run_actions(&mut self, id: &str, actions: Vec<Action>, actor: &str) {
+        let Some(rot) = self.active.get(id).cloned() else { return };
+        for ev in self.run_actions_for(&rot, actions) {
+            if let Err(e) = self.apply(id, ev, actor) {
+                tracing::error!(rotation = %id, error = %e, "follow-up not applied");
+            }
+        }
+    }
+
+    /// Performs side effects; returns events that must be applied right away
+    /// (a delivery that could not be sent).
+    fn run_actions_for(&self, rot: &Rotation, actions: Vec<Action>) -> Vec<Event> {
+        let mut follow = Vec::new();
+        for action in actions {
+            match action {
+                Action::Create => self.spawn_provider(rot, ProviderOp::Create),
+                Action::DeactivateOld => self.spawn_provider(rot, ProviderOp::DeactivateOld),
+                Action::DeleteOld => self.spawn_provider(rot, ProviderOp::DeleteOld),
+                Action::DeleteNew => self.spawn_provider(rot, ProviderOp::DeleteNew),
+                Action::Deliver { host } => {
+                    if let Err(error) = self.deliver(rot, &host) {
+                        tracing::info!(rotation = %rot.id, %host, %error, "delivery not sent");
+                        follow.push(Event::SendFailed { host, error });
+                    }
+                }
+                Action::Rollback { host } => {
+                    let msg = coordinator_message::Msg::Rollback(v1::Rollback {
+                        rotation_id: rot.id.clone(),
+                        secret: rot.secret.clone(),
+                        version_id: rot.new_version.clone().unwrap_or_default(),
+                    });
+                    if let Err(e) = self.sessions.send(&host, CoordinatorMessage { msg: Some(msg) }) {
+                        tracing::info!(rotation = %rot.id, %host, error = %e, "rollback not sent; retried when the agent reconnects");
+                    }
+                }
+                Action::PurgeOld => {
+                    if let Some(old) = &rot.old_version {
+                        for host in rot.hosts.keys() {
+                            let msg = coordinator_message::Msg::Purge(v1::Purge {
+                                secret: rot.secret.clone(),
+                                version_id: old.clone(),
+                            });
+                            let _ = self.sessions.send(host, CoordinatorMessage { msg: Some(msg) });
+                        }
+                    }
+                }
+            }
+        }
+        follow
+    }
+
+    fn deliver(&self, rot: &Rotation, host: &str) -> Result<(), String> {
+        let new = rot.new_version.as_deref().ok_or("no new version yet")?;
+        if !self.sessions.is_connected(host) {
+            return Err(format!("agent {host} is not connected"));
+        }
+        let fields = self
+            .state
+            .get_version(&rot.secret, new)
+            .map_err(|e| format!("cannot read version {new}: {e}"))?
+            .ok_or_else(|| format!("version {new} is missing from the store"))?;
+        let previous = match &rot.old_version {
+            Some(old) => {
+                self.state.get_version(&rot.secret, old).map_err(|e| format!("cannot read version {old}: {e}"))?
+            }
+            None => None,
+        };
+        let to_proto = |f: &rekey_providers::Fields| {
+            f.iter().map(|(k, v)| v1::SecretField { name: k.clone(), value: v.expose().to_vec() }).collect::<Vec<_>>()
+        };
+        let jitter = if rot.policy.jitter_ms > 0 { rand::rng().random_range(0..=rot.policy.jitter_ms) } else { 0 };
+        let delivery = v1::Delivery {
+            rotation_id: rot.id.clone(),
+            secret: rot.secret.clone(),
+            version_id: new.to_string(),
+            fields: to_proto(&fields),
+            previous_version_id: rot.old_version.clone().unwrap_or_default(),
+            previous_fields: previous.as_ref().map(to_proto).unwrap_or_default(),
+            restart_jitter_ms: jitter,
+            fingerprint_key: hex::decode(&rot.fingerprint_key).unwrap_or_default(),
+        };
+        self.sessions
+            .send(host, CoordinatorMessage { msg: Some(coordinator_message::Msg::Delivery(delivery)) })
+            .map_err(|e| e.to_string())?;
+        tracing::info!(rotation = %rot.id, %host, version = %new, "delivered");
+        Ok(())
+    }
+
+    /// Calls the provider in its own task; the result comes back as an event.
+    fn spawn_provider(&self, rot: &Rotation, op: ProviderOp) {
+        let Some(provider) = self.providers.get(&rot.secret).cloned() else {
+            tracing::error!(secret = %rot.secret, "no provider for secret (removed from the catalog?)");
+            let _ = self.tx.try_send(Command::Provider {
+                id: rot.id.clone(),
+                event: Event::ProviderFailed {
+                    op,
+                    error: format!("secret {} is no longer in the catalog", rot.secret),
+                },
+            });
+            return;
+        };
+        let state = self.state.clone();
+        let tx = self.tx.clone();
+        let rot = rot.clone();
+        let span = tracing::info_span!("provider", rotation = %rot.id, secret = %rot.secret, op = ?op);
+        tokio::spawn(
+            async move {
+                let event = match provider_call(&*provider, &state, &rot, op).await {
+                    Ok(ev) => ev,
+                    Err(error) => {
+                        tracing::warn!(%error, "provider call failed");
+                        Event::ProviderFailed { op, error }
+                    }
+                };
+                let _ = tx.send(Command::Provider { id: rot.id.clone(), event }).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn with_retries<T, F, Fut>(mut f: F) -> Result<T, ProviderError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ProviderError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if e.retryable() && attempt < PROVIDER_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, "retryable provider error");
+                tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt))).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn provider_call(p: &dyn Provider, state: &EngineState, rot: &Rotation, op: ProviderOp) -> Result<Event, String> {
+    match op {
+        ProviderOp::Create => {
+            let req = CreateRequest {
+                secret: rot.secret.clone(),
+                rotation_id: rot.id.clone(),
+                previous_version: rot.old_version.clone(),
+            };
+            let v = with_retries(|| p.create(&req)).await.map_err(|e| e.to_string())?;
+            // The value is durable (sealed) before the rotation refers to it.
+            state.put_version(&rot.secret, &v.id, &v.fields).map_err(|e| e.to_string())?;
+            let key = hex::decode(&rot.fingerprint_key).unwrap_or_default();
+            let fingerprint = fingerprint_fields(&key, v.fields.iter().map(|(k, v)| (k.as_str(), v.expose())));
+            tracing::info!(version = %v.id, %fingerprint, "new version created");
+            Ok(Event::Generated { version: v.id, fingerprint })
+        }
+        ProviderOp::DeactivateOld => {
+            let old = rot.old_version.as_deref().ok_or("no old version")?;
+            with_retries(|| p.deactivate(old)).await.map_err(|e| e.to_string())?;
+            Ok(Event::ProviderDone { op })
+        }
+        ProviderOp::DeleteOld => {
+            let old = rot.old_version.as_deref().ok_or("no old version")?;
+            match with_retries(|| p.delete(old)).await {
+                Ok(()) | Err(ProviderError::NotFound { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            state.remove_version(&rot.secret, old).map_err(|e| e.to_string())?;
+            Ok(Event::ProviderDone { op })
+        }
+        ProviderOp::DeleteNew => {
+            let new = rot.new_version.as_deref().ok_or("no new version")?;
+            match with_retries(|| p.delete(new)).await {
+                Ok(()) | Err(ProviderError::NotFound { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            state.remove_version(&rot.secret, new).map_err(|e| e.to_string())?;
+            Ok(Event::ProviderDone { op })
+        }
+    }
+}
+
+/// Agents that may receive `spec`: enrolled, not revoked, declaring it in
+/// their own config, and selected by its labels.
+pub fn consumers(store: &Store, spec: &super::catalog::SecretSpec) -> Result<Vec<String>, crate::store::StoreError> {
+    Ok(store
+        .list_agents()?
+        .into_iter()
+        .filter(|a| a.revoked_unix.is_none() && a.secrets.contains(&spec.name) && spec.selects(&a.labels))
+        .map(|a| a.name)
+        .collect())
+}
+
+/// For status displays: is the rotation waiting on something outside rekey?
+pub fn waiting_on(rot: &Rotation) -> Option<String> {
+    match rot.state {
+        RotationState::RollingOut if rot.paused => Some("paused by an operator".into()),
+        RotationState::Halted => rot.halt_reason.clone(),
+        RotationState::RollingOut => {
+            let unreachable: Vec<_> = rot
+                .hosts
+                .iter()
+                .filter(|(_, h)| h.state == machine::HostState::Unreachable)
+                .map(|(n, _)| n.as_str())
+                .collect();
+            (!unreachable.is_empty()).then(|| {
+                format!("unreachable: {} — revocation waits until they return or are excluded", unreachable.join(", "))
+            })
+        }
+        _ => None,
+    }
+}

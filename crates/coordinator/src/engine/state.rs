@@ -1,0 +1,297 @@
+//! The engine's durable state, in the coordinator's sled database:
+//! `rotations` (id → rotation), `secrets` (name → current version, active and
+//! last rotation), `versions` (secret/version → fields, sealed with the DEK),
+//! `provider_state` (per-secret provider data, sealed), `audit` (the chain).
+//!
+//! A rotation and the audit records of its transition are written in one
+//! transaction and flushed before the caller performs any side effect.
+
+use super::machine::Rotation;
+use crate::audit::{AuditEntry, AuditRecord, GENESIS};
+use crate::crypto::Key;
+use crate::store::{Store, StoreError};
+use rekey_common::secret::SecretBytes;
+use rekey_providers::{Fields, ProviderState};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("store i/o")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt {what}: {message}")]
+    Corrupt { what: String, message: String },
+    #[error("secret {secret} already has an active rotation {rotation}")]
+    AlreadyRotating { secret: String, rotation: String },
+    #[error("cannot seal or open {0}")]
+    Crypto(String),
+}
+
+impl From<TransactionError<StateError>> for StateError {
+    fn from(e: TransactionError<StateError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StateError::Sled(e),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecretRecord {
+    pub name: String,
+    pub current_version: Option<String>,
+    pub active_rotation: Option<String>,
+    pub last_rotation: Option<String>,
+    pub last_completed_ms: Option<i64>,
+}
+
+#[derive(Clone)]
+pub struct EngineState {
+    store: Store,
+    rotations: sled::Tree,
+    secrets: sled::Tree,
+    versions: sled::Tree,
+    provider_state: sled::Tree,
+    audit: sled::Tree,
+    dek: Arc<Key>,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StateError {
+    StateError::Corrupt { what: what.to_string(), message: e.to_string() }
+}
+
+const AUDIT_HEAD: &[u8] = b"head";
+
+impl EngineState {
+    pub fn open(store: &Store, dek: Arc<Key>) -> Result<EngineState, StateError> {
+        let db = store.db();
+        Ok(EngineState {
+            store: store.clone(),
+            rotations: db.open_tree("rotations")?,
+            secrets: db.open_tree("secrets")?,
+            versions: db.open_tree("versions")?,
+            provider_state: db.open_tree("provider_state")?,
+            audit: db.open_tree("audit")?,
+            dek,
+        })
+    }
+
+    fn flush(&self) -> Result<(), StateError> {
+        Ok(self.store.flush()?)
+    }
+
+    pub fn get_rotation(&self, id: &str) -> Result<Option<Rotation>, StateError> {
+        self.rotations
+            .get(id)?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&format!("rotation {id}"), e)))
+            .transpose()
+    }
+
+    pub fn list_rotations(&self) -> Result<Vec<Rotation>, StateError> {
+        self.rotations
+            .iter()
+            .values()
+            .map(|v| {
+                let v = v?;
+                serde_json::from_slice(&v).map_err(|e| corrupt("rotation", e))
+            })
+            .collect()
+    }
+
+    pub fn get_secret(&self, name: &str) -> Result<SecretRecord, StateError> {
+        Ok(match self.secrets.get(name)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt(&format!("secret {name}"), e))?,
+            None => SecretRecord { name: name.to_string(), ..Default::default() },
+        })
+    }
+
+    /// Registers a new rotation as the secret's active one (refused if one is active).
+    pub fn begin(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
+        let now = rot.created_ms;
+        (&self.rotations, &self.secrets, &self.audit).transaction(|(rotations, secrets, audit_t)| {
+            let mut rec: SecretRecord = match secrets.get(rot.secret.as_bytes())? {
+                Some(v) => {
+                    serde_json::from_slice(&v).map_err(|e| ConflictableTransactionError::Abort(corrupt("secret", e)))?
+                }
+                None => SecretRecord { name: rot.secret.clone(), ..Default::default() },
+            };
+            if let Some(active) = &rec.active_rotation {
+                return Err(ConflictableTransactionError::Abort(StateError::AlreadyRotating {
+                    secret: rot.secret.clone(),
+                    rotation: active.clone(),
+                }));
+            }
+            rec.active_rotation = Some(rot.id.clone());
+            rec.last_rotation = Some(rot.id.clone());
+            secrets.insert(rot.secret.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+            rotations.insert(rot.id.as_bytes(), serde_json::to_vec(rot).expect("json"))?;
+            append_audit(audit_t, now, &audit)?;
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    /// Persists a rotation after a transition, with its audit records; when
+    /// the rotation ended, releases the secret (and records the new current
+    /// version when it completed).
+    pub fn commit(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
+        let now = rot.updated_ms;
+        (&self.rotations, &self.secrets, &self.audit).transaction(|(rotations, secrets, audit_t)| {
+            rotations.insert(rot.id.as_bytes(), serde_json::to_vec(rot).expect("json"))?;
+            if rot.state.is_terminal() {
+                let mut rec: SecretRecord = match secrets.get(rot.secret.as_bytes())? {
+                    Some(v) => serde_json::from_slice(&v)
+                        .map_err(|e| ConflictableTransactionError::Abort(corrupt("secret", e)))?,
+                    None => SecretRecord { name: rot.secret.clone(), ..Default::default() },
+                };
+                if rec.active_rotation.as_deref() == Some(rot.id.as_str()) {
+                    rec.active_rotation = None;
+                    if rot.state == super::machine::RotationState::Completed {
+                        rec.current_version = rot.new_version.clone();
+                        rec.last_completed_ms = Some(rot.updated_ms);
+                    }
+                    secrets.insert(rot.secret.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+                }
+            }
+            append_audit(audit_t, now, &audit)?;
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    /// Appends audit records outside a rotation (e.g. agent revocation).
+    pub fn audit(&self, now_ms: i64, entries: Vec<AuditEntry>) -> Result<(), StateError> {
+        self.audit.transaction(|t| append_audit(t, now_ms, &entries))?;
+        self.flush()
+    }
+
+    pub fn audit_records(&self) -> Result<Vec<AuditRecord>, StateError> {
+        self.audit
+            .iter()
+            .filter_map(|kv| match kv {
+                Ok((k, _)) if k.as_ref() == AUDIT_HEAD => None,
+                other => Some(other),
+            })
+            .map(|kv| {
+                let (_, v) = kv?;
+                serde_json::from_slice(&v).map_err(|e| corrupt("audit record", e))
+            })
+            .collect()
+    }
+
+    /// Overwrites one audit record as stored. Only for tests that prove
+    /// tampering is detected.
+    #[doc(hidden)]
+    pub fn tamper_audit_record(&self, rec: &AuditRecord) -> Result<(), StateError> {
+        self.audit.insert(rec.seq.to_be_bytes(), serde_json::to_vec(rec).expect("json"))?;
+        self.flush()
+    }
+
+    fn version_key(secret: &str, version: &str) -> String {
+        format!("{secret}\u{0}{version}")
+    }
+
+    /// Stores a version's fields sealed with the DEK (before anyone refers to it).
+    pub fn put_version(&self, secret: &str, version: &str, fields: &Fields) -> Result<(), StateError> {
+        let plain: Vec<(&str, String)> = fields.iter().map(|(k, v)| (k.as_str(), hex::encode(v.expose()))).collect();
+        let plain = SecretBytes::new(serde_json::to_vec(&plain).expect("json"));
+        let key = Self::version_key(secret, version);
+        let sealed = self
+            .dek
+            .seal(&format!("rekey/version/{key}"), plain.expose())
+            .map_err(|e| StateError::Crypto(e.to_string()))?;
+        self.versions.insert(key.as_bytes(), sealed)?;
+        self.flush()
+    }
+
+    pub fn get_version(&self, secret: &str, version: &str) -> Result<Option<Fields>, StateError> {
+        let key = Self::version_key(secret, version);
+        let Some(sealed) = self.versions.get(key.as_bytes())? else { return Ok(None) };
+        let plain =
+            self.dek.open(&format!("rekey/version/{key}"), &sealed).map_err(|e| StateError::Crypto(e.to_string()))?;
+        let pairs: Vec<(String, String)> =
+            serde_json::from_slice(plain.expose()).map_err(|e| corrupt("sealed version", e))?;
+        pairs
+            .into_iter()
+            .map(|(k, v)| Ok((k, SecretBytes::new(hex::decode(v).map_err(|e| corrupt("sealed version", e))?))))
+            .collect::<Result<Fields, StateError>>()
+            .map(Some)
+    }
+
+    /// Forgets a revoked version's value.
+    pub fn remove_version(&self, secret: &str, version: &str) -> Result<(), StateError> {
+        self.versions.remove(Self::version_key(secret, version).as_bytes())?;
+        self.flush()
+    }
+
+    /// The sealed key-value space given to the provider of `secret`.
+    pub fn provider_state(&self, secret: &str) -> Arc<dyn ProviderState> {
+        Arc::new(SealedProviderState {
+            tree: self.provider_state.clone(),
+            store: self.store.clone(),
+            prefix: format!("{secret}\u{0}"),
+            dek: self.dek.clone(),
+        })
+    }
+}
+
+fn append_audit(
+    t: &sled::transaction::TransactionalTree,
+    now_ms: i64,
+    entries: &[AuditEntry],
+) -> Result<(), ConflictableTransactionError<StateError>> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let (mut seq, mut prev) = match t.get(AUDIT_HEAD)? {
+        Some(v) => serde_json::from_slice::<(u64, String)>(&v)
+            .map_err(|e| ConflictableTransactionError::Abort(corrupt("audit head", e)))?,
+        None => (0, GENESIS.to_string()),
+    };
+    for e in entries {
+        seq += 1;
+        let rec = AuditRecord::seal(seq, now_ms, e.clone(), &prev);
+        prev = rec.hash.clone();
+        t.insert(&seq.to_be_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+    }
+    t.insert(AUDIT_HEAD, serde_json::to_vec(&(seq, prev)).expect("json"))?;
+    Ok(())
+}
+
+struct SealedProviderState {
+    tree: sled::Tree,
+    store: Store,
+    prefix: String,
+    dek: Arc<Key>,
+}
+
+impl ProviderState for SealedProviderState {
+    fn get(&self, key: &str) -> Result<Option<SecretBytes>, String> {
+        let k = format!("{}{key}", self.prefix);
+        let Some(v) = self.tree.get(k.as_bytes()).map_err(|e| e.to_string())? else { return Ok(None) };
+        self.dek.open(&format!("rekey/provider/{k}"), &v).map(Some).map_err(|e| e.to_string())
+    }
+    fn put(&self, key: &str, value: &[u8]) -> Result<(), String> {
+        let k = format!("{}{key}", self.prefix);
+        let sealed = self.dek.seal(&format!("rekey/provider/{k}"), value).map_err(|e| e.to_string())?;
+        self.tree.insert(k.as_bytes(), sealed).map_err(|e| e.to_string())?;
+        self.store.flush().map_err(|e| e.to_string())
+    }
+    fn remove(&self, key: &str) -> Result<(), String> {
+        self.tree.remove(format!("{}{key}", self.prefix).as_bytes()).map_err(|e| e.to_string())?;
+        self.store.flush().map_err(|e| e.to_string())
+    }
+    fn keys(&self) -> Result<Vec<String>, String> {
+        self.tree
+            .scan_prefix(self.prefix.as_bytes())
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|e| e.to_string())?;
+                Ok(String::from_utf8_lossy(&k[self.prefix.len()..]).into_owned())
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,339 @@
+//! The rotation engine end to end: a real rekeyd, scripted agents over real
+//! mTLS, the real CLI. Crashes are real SIGKILLs.
+
+use rekey_tests::scripted::{Behavior, ScriptedAgent};
+use rekey_tests::{Coordinator, wait_for};
+use serde_json::Value;
+use std::time::Duration;
+
+const SECRET: &str = "api-key";
+
+fn catalog(grace: &str) -> String {
+    format!(
+        r#"
+[[secret]]
+name = "{SECRET}"
+provider = {{ kind = "random", length = 40, prefix = "ak_" }}
+selector = {{ env = "test" }}
+[secret.rollout]
+canary = 1
+waves = ["50%", "100%"]
+host_deadline = "20s"
+[secret.revocation]
+grace = "{grace}"
+
+[[secret]]
+name = "db-password"
+provider = {{ kind = "random", length = 24 }}
+"#
+    )
+}
+
+struct Fleet {
+    _tmp: tempfile::TempDir,
+    c: Coordinator,
+    agents: Vec<ScriptedAgent>,
+}
+
+fn fleet(n: usize, grace: &str) -> Fleet {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let tmp = tempfile::Builder::new().prefix("rekey-engine-").tempdir().unwrap();
+    let c = Coordinator::start(&tmp.path().join("c"), &catalog(grace));
+    let agents = (1..=n)
+        .map(|i| ScriptedAgent::enroll(&c, tmp.path(), &format!("host-{i}"), &[SECRET, "db-password"], &["env=test"]))
+        .collect::<Vec<_>>();
+    wait_for("agents connected", Duration::from_secs(20), || agents.iter().all(|a| c.is_connected(&a.name)));
+    Fleet { _tmp: tmp, c, agents }
+}
+
+fn rotation(c: &Coordinator, id: &str) -> Value {
+    c.cli_json(&["rotate", "status", id])
+}
+
+fn start(c: &Coordinator, secret: &str) -> String {
+    c.cli_ok(&["rotate", "start", secret]).trim().to_string()
+}
+
+fn wait_state(c: &Coordinator, id: &str, states: &[&str]) -> Value {
+    let mut last = Value::Null;
+    wait_for(&format!("rotation {id} to reach {states:?}"), Duration::from_secs(40), || {
+        last = rotation(c, id);
+        states.contains(&last["state"].as_str().unwrap_or(""))
+    });
+    last
+}
+
+fn versions(c: &Coordinator, secret: &str) -> Vec<Value> {
+    c.cli_json(&["versions", secret]).as_array().cloned().unwrap()
+}
+
+/// Index of the first audit record matching `f`.
+fn audit_index(audit: &[Value], f: impl Fn(&Value) -> bool) -> Option<usize> {
+    audit.iter().position(f)
+}
+
+/// The old version is never deactivated before every host confirmed: in the
+/// audit chain, the last `healthy` comes before `rotation.deactivating`.
+fn assert_revocation_after_confirmation(c: &Coordinator, id: &str) {
+    let audit = c.cli_json(&["audit"]).as_array().cloned().unwrap();
+    let of = |r: &Value| r["details"]["rotation"] == id;
+    let deact = audit_index(&audit, |r| of(r) && r["action"] == "rotation.deactivating")
+        .unwrap_or_else(|| panic!("no deactivation recorded for {id}"));
+    let last_healthy =
+        audit.iter().rposition(|r| of(r) && r["action"] == "host.state" && r["details"]["to"] == "healthy");
+    assert!(last_healthy.is_some_and(|h| h < deact), "deactivated before the last confirmation");
+}
+
+#[test]
+fn a_rotation_goes_canary_waves_verified_deactivate_grace_delete_completed() {
+    let f = fleet(5, "1s");
+    // First rotation: establishes the first version (nothing to revoke yet).
+    let out = f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
+    assert!(out.contains("[completed]"), "{out}");
+    let v1 = f.c.cli_json(&["secrets"])[0]["current_version"].as_str().unwrap().to_string();
+    assert!(f.agents.iter().all(|a| a.applied(SECRET).unwrap().0 == v1));
+
+    // Second rotation: the full lifecycle with revocation.
+    let id = start(&f.c, SECRET);
+    let r = wait_state(&f.c, &id, &["completed", "halted"]);
+    assert_eq!(r["state"], "completed", "{r:#}");
+    let v2 = r["new_version"].as_str().unwrap();
+    assert_eq!(r["old_version"], v1.as_str());
+    let states: Vec<&str> = r["timeline"].as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap()).collect();
+    let order = ["planned", "generating", "rolling_out", "verified", "deactivating", "grace", "deleting", "completed"];
+    let mut pos = 0;
+    for s in order {
+        pos += states[pos..].iter().position(|x| *x == s).unwrap_or_else(|| panic!("{s} missing from {states:?}"));
+    }
+    // Every host confirmed the new version with the expected fingerprint.
+    let expected = r["expected_fingerprint"].as_str().unwrap();
+    for (name, h) in r["hosts"].as_object().unwrap() {
+        assert_eq!(h["state"], "healthy", "{name}");
+        assert_eq!(h["fingerprint"], expected, "{name}");
+    }
+    // Canary first: host-1 was healthy before any other host got the delivery.
+    let hist = |h: &str, st: &str| -> i64 {
+        r["hosts"][h]["history"].as_array().unwrap().iter().find(|e| e[0] == st).unwrap()[1].as_i64().unwrap()
+    };
+    for other in ["host-2", "host-3", "host-4", "host-5"] {
+        assert!(hist("host-1", "healthy") <= hist(other, "delivered"), "{other} delivered before the canary confirmed");
+    }
+    assert!(hist("host-3", "healthy") <= hist("host-4", "delivered"), "wave 2 started before wave 1 finished");
+    // The provider holds the new version only; agents were told to purge the old one.
+    let vs = versions(&f.c, SECRET);
+    assert_eq!(vs.len(), 1, "{vs:?}");
+    assert_eq!((vs[0]["id"].as_str().unwrap(), vs[0]["status"].as_str().unwrap()), (v2, "active"));
+    wait_for("purges", Duration::from_secs(5), || {
+        f.agents.iter().all(|a| a.purges().contains(&(SECRET.into(), v1.clone())))
+    });
+    assert_revocation_after_confirmation(&f.c, &id);
+    assert!(f.c.cli_ok(&["audit", "verify"]).contains("audit chain intact"));
+    // Human-readable status and lists.
+    let status = f.c.cli_ok(&["rotate", "status", &id]);
+    assert!(status.contains("completed") && status.contains("host-5") && status.contains("hmac-sha256:"), "{status}");
+    let list = f.c.cli_ok(&["rotate", "list"]);
+    assert!(list.contains(&id) && list.contains("5/5 healthy"), "{list}");
+    // No secret value reached the coordinator's logs or the CLI's output.
+    let logs = f.c.logs() + &status + &f.c.cli_ok(&["audit"]) + &f.c.cli_ok(&["rotate", "status", &id, "-o", "json"]);
+    for a in &f.agents {
+        for v in a.values_seen() {
+            let v = String::from_utf8_lossy(&v).into_owned();
+            assert!(!logs.contains(&v), "a secret value leaked into logs or output");
+        }
+    }
+}
+
+#[test]
+fn a_failing_host_halts_the_rollout_and_abort_restores_everyone() {
+    let f = fleet(5, "1s");
+    f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
+    let v1 = f.agents[0].applied(SECRET).unwrap();
+    f.agents[2].set_behavior(SECRET, Behavior::Fail("health check http://127.0.0.1:8080/health returned 503".into()));
+    let out = f.c.cli(&["rotate", "start", SECRET, "--wait"]);
+    assert!(!out.status.success(), "a halted rotation must not exit 0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("halted") && err.contains("host-3") && err.contains("returned 503"), "{err}");
+    let id = f.c.cli_json(&["rotate", "list"])[0]["id"].as_str().unwrap().to_string();
+    let r = rotation(&f.c, &id);
+    assert_eq!(r["state"], "halted");
+    assert_eq!(r["hosts"]["host-3"]["state"], "rolled_back");
+    assert!(r["hosts"]["host-3"]["error"].as_str().unwrap().contains("503"));
+    assert_eq!(r["hosts"]["host-4"]["state"], "pending", "the next wave must not start");
+    // The old version is untouched at the provider and still what host-3 runs.
+    let vs = versions(&f.c, SECRET);
+    assert!(vs.iter().any(|v| v["id"] == v1.0.as_str() && v["status"] == "active"), "{vs:?}");
+    assert_eq!(f.agents[2].applied(SECRET).unwrap(), v1);
+    // Status for humans shows the failure.
+    let status = f.c.cli_ok(&["rotate", "status", &id]);
+    assert!(status.contains("halted") && status.contains("returned 503"), "{status}");
+
+    // Pause is refused while halted; abort rolls back everyone who applied.
+    let out = f.c.cli(&["rotate", "pause", &id]);
+    assert!(!out.status.success());
+    f.c.cli_ok(&["rotate", "abort", &id]);
+    let r = wait_state(&f.c, &id, &["aborted"]);
+    assert_eq!(r["state"], "aborted");
+    for a in &f.agents {
+        assert_eq!(a.applied(SECRET).unwrap(), v1, "{} is not back on the old version", a.name);
+    }
+    assert!(f.agents[0].rollbacks().iter().any(|(rid, _)| *rid == id));
+    assert!(f.agents[3].rollbacks().is_empty(), "host-4 never got the new version");
+    // The new version is gone at the provider; the old one is current.
+    let vs = versions(&f.c, SECRET);
+    assert_eq!(vs.len(), 1, "{vs:?}");
+    assert_eq!(vs[0]["id"], v1.0.as_str());
+    assert_eq!(f.c.cli_json(&["secrets"])[0]["current_version"], v1.0.as_str());
+}
+
+#[test]
+fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audited() {
+    let mut f = fleet(3, "1s");
+    f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
+    let v1 = f.agents[0].applied(SECRET).unwrap().0;
+    f.agents[1].stop();
+    wait_for("host-2 gone", Duration::from_secs(20), || !f.c.is_connected("host-2"));
+    let id = start(&f.c, SECRET);
+    wait_for("host-2 unreachable, the others healthy", Duration::from_secs(30), || {
+        let r = rotation(&f.c, &id);
+        r["hosts"]["host-2"]["state"] == "unreachable" && r["hosts"]["host-3"]["state"] == "healthy"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let r = rotation(&f.c, &id);
+    assert_eq!(r["state"], "rolling_out", "must wait, neither halt nor revoke");
+    assert!(r["waiting_on"].as_str().unwrap().contains("host-2"));
+    assert!(versions(&f.c, SECRET).iter().any(|v| v["id"] == v1.as_str() && v["status"] == "active"));
+    // It comes back: it gets the delivery, and the rotation completes.
+    f.agents[1].start();
+    let r = wait_state(&f.c, &id, &["completed"]);
+    assert_eq!(r["hosts"]["host-2"]["state"], "healthy");
+    assert_revocation_after_confirmation(&f.c, &id);
+
+    // Next rotation: host-3 is gone for good; the operator excludes it.
+    f.agents[2].stop();
+    wait_for("host-3 gone", Duration::from_secs(20), || !f.c.is_connected("host-3"));
+    let id = start(&f.c, SECRET);
+    wait_for("host-3 unreachable", Duration::from_secs(30), || {
+        rotation(&f.c, &id)["hosts"]["host-3"]["state"] == "unreachable"
+    });
+    let out = f.c.cli(&["rotate", "exclude", &id, "host-3", "--reason", ""]);
+    assert!(!out.status.success(), "an exclusion needs a reason");
+    f.c.cli_ok(&["rotate", "exclude", &id, "host-3", "--reason", "host decommissioned (INC-42)"]);
+    let r = wait_state(&f.c, &id, &["completed"]);
+    assert_eq!(r["hosts"]["host-3"]["exclusion"]["reason"], "host decommissioned (INC-42)");
+    let audit = f.c.cli_json(&["audit"]).as_array().cloned().unwrap();
+    assert!(audit.iter().any(|a| a["actor"] == "operator/admin"
+        && a["details"]["host"] == "host-3"
+        && a["details"]["to"] == "excluded"
+        && a["details"]["reason"] == "host decommissioned (INC-42)"));
+}
+
+#[test]
+fn one_rotation_per_secret_and_different_secrets_run_concurrently() {
+    let f = fleet(2, "30s");
+    f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
+    let a = start(&f.c, SECRET);
+    let out = f.c.cli(&["rotate", "start", SECRET]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already being rotated") && err.contains(&a), "{err}");
+    let b = start(&f.c, "db-password");
+    assert_ne!(a, b);
+    wait_state(&f.c, &b, &["completed"]);
+    wait_state(&f.c, &a, &["grace"]);
+    // Unknown secrets and rotations are clear errors.
+    let out = f.c.cli(&["rotate", "start", "nope"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown secret \"nope\""));
+    let out = f.c.cli(&["rotate", "status", "rot-nope"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no rotation \"rot-nope\""));
+    // The catalog lists consumers and the active rotation.
+    let secrets = f.c.cli_json(&["secrets"]);
+    assert_eq!(secrets[0]["name"], SECRET);
+    assert_eq!(secrets[0]["consumers"], serde_json::json!(["host-1", "host-2"]));
+    assert_eq!(secrets[0]["active_rotation"], a.as_str());
+    assert!(f.c.cli_ok(&["secrets"]).contains("host-1,host-2"));
+}
+
+#[test]
+fn a_secret_without_consumers_is_refused() {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let tmp = tempfile::Builder::new().prefix("rekey-engine-").tempdir().unwrap();
+    let c = Coordinator::start(&tmp.path().join("c"), &catalog("1s"));
+    // An agent that does not match the selector.
+    let _a = ScriptedAgent::enroll(&c, tmp.path(), "other", &[SECRET], &["env=prod"]);
+    wait_for("connected", Duration::from_secs(20), || c.is_connected("other"));
+    let out = c.cli(&["rotate", "start", SECRET]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent consumes secret"), "{out:?}");
+    assert!(c.cli_json(&["rotate", "list"]).as_array().unwrap().is_empty());
+}
+
+/// SIGKILL of rekeyd after generating, mid-wave, after verification and
+/// during the grace period: each rotation completes, exactly one new version
+/// exists, the old one is revoked only after every host confirmed.
+#[test]
+fn sigkill_of_rekeyd_at_any_point_loses_nothing() {
+    let mut f = fleet(4, "3s");
+    f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
+    for point in ["after-generating", "mid-wave", "after-verification", "during-grace"] {
+        let v_old = f.agents[0].applied(SECRET).unwrap().0;
+        if point == "mid-wave" {
+            f.agents[2].set_behavior(SECRET, Behavior::Hang);
+        }
+        let id = start(&f.c, SECRET);
+        match point {
+            "after-generating" => {
+                wait_for("new version", Duration::from_secs(20), || rotation(&f.c, &id)["new_version"].is_string());
+            }
+            "mid-wave" => {
+                wait_for("host-3 stuck", Duration::from_secs(20), || {
+                    rotation(&f.c, &id)["hosts"]["host-3"]["state"] == "delivered"
+                });
+            }
+            "after-verification" | "during-grace" => {
+                wait_state(&f.c, &id, &["grace"]);
+            }
+            _ => unreachable!(),
+        }
+        let before = rotation(&f.c, &id);
+        let new_version = before["new_version"].clone();
+        f.c.kill();
+        if point == "mid-wave" {
+            f.agents[2].set_behavior(SECRET, Behavior::Succeed);
+        }
+        f.c.restart();
+        let r = wait_state(&f.c, &id, &["completed"]);
+        assert_eq!(r["new_version"], new_version, "{point}: a second new version was created");
+        let vs = versions(&f.c, SECRET);
+        assert_eq!(vs.len(), 1, "{point}: provider holds {vs:?}");
+        assert_eq!(vs[0]["id"], new_version, "{point}");
+        assert_ne!(vs[0]["id"], v_old.as_str());
+        for a in &f.agents {
+            assert_eq!(a.applied(SECRET).unwrap().0, new_version.as_str().unwrap(), "{point}: {}", a.name);
+        }
+        assert_revocation_after_confirmation(&f.c, &id);
+        // Confirmations survived the crash: no host was asked twice to apply
+        // the version it had already confirmed before the kill, except by the
+        // idempotent re-delivery the protocol allows.
+        assert!(f.c.logs().contains("resuming rotation"), "{point}");
+    }
+    assert!(f.c.cli_ok(&["audit", "verify"]).contains("intact"));
+}
+
+#[test]
+fn a_tampered_audit_record_is_found() {
+    let mut f = fleet(1, "1s");
+    f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
+    f.c.kill();
+    {
+        let store = rekey_coordinator::store::Store::open(&f.c.dir.join("data/store")).unwrap();
+        let key = std::sync::Arc::new(rekey_coordinator::crypto::Key::generate().unwrap());
+        let state = rekey_coordinator::engine::state::EngineState::open(&store, key).unwrap();
+        let mut rec = state.audit_records().unwrap()[2].clone();
+        rec.actor = "operator/mallory".into();
+        state.tamper_audit_record(&rec).unwrap();
+    }
+    f.c.restart();
+    let out = f.c.cli(&["audit", "verify"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken at record 3") && err.contains("altered"), "{err}");
+}
