@@ -38,6 +38,9 @@ pub struct CreateRequest {
 pub struct NewVersion {
     pub id: String,
     pub fields: Fields,
+    /// What the provider did on the way that an auditor must see (e.g. "deleted
+    /// stale inactive key AKIA…"); recorded in the audit log. Never a value.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -146,7 +146,7 @@ impl Provider for Random {
         // Idempotent per rotation: the version id is derived from the rotation id.
         let id = format!("v-{}", req.rotation_id.trim_start_matches("rot-"));
         if let Some(v) = self.load(&id)? {
-            return Ok(NewVersion { id, fields: Self::fields(&v) });
+            return Ok(NewVersion { id, fields: Self::fields(&v), notes: vec![] });
         }
         let chars = self.config.chars();
         let value = format!("{}{}", self.config.prefix, random_string(&chars, self.config.length)?);
@@ -165,7 +165,7 @@ impl Provider for Random {
             fields,
         };
         self.save(&stored)?;
-        Ok(NewVersion { id, fields: Self::fields(&stored) })
+        Ok(NewVersion { id, fields: Self::fields(&stored), notes: vec![] })
     }
 
     async fn deactivate(&self, version: &str) -> Result<(), ProviderError> {

@@ -547,6 +547,20 @@ async fn provider_call(p: &dyn Provider, state: &EngineState, rot: &Rotation, op
             let key = hex::decode(&rot.fingerprint_key).unwrap_or_default();
             let fingerprint = fingerprint_fields(&key, v.fields.iter().map(|(k, v)| (k.as_str(), v.expose())));
             tracing::info!(version = %v.id, %fingerprint, "new version created");
+            if !v.notes.is_empty() {
+                let entries = v
+                    .notes
+                    .iter()
+                    .map(|n| {
+                        AuditEntry::new(
+                            "rekeyd",
+                            "provider.note",
+                            serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "provider": p.kind(), "note": n }),
+                        )
+                    })
+                    .collect();
+                state.audit(now_unix_ms(), entries).map_err(|e| e.to_string())?;
+            }
             Ok(Event::Generated { version: v.id, fingerprint })
         }
         ProviderOp::DeactivateOld => {
