@@ -28,13 +28,20 @@ pub fn bins() -> &'static Bins {
     BINS.get_or_init(|| {
         let root = workspace_root();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // Benchmarks built with --release measure release binaries.
+        let release = std::env::current_exe().is_ok_and(|p| p.components().any(|c| c.as_os_str() == "release"));
+        let mut args =
+            vec!["build", "--quiet", "-p", "rekey-coordinator", "-p", "rekey-agent", "-p", "rekey-cli", "--bins"];
+        if release {
+            args.push("--release");
+        }
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "rekey-coordinator", "-p", "rekey-agent", "-p", "rekey-cli", "--bins"])
+            .args(&args)
             .current_dir(&root)
             .status()
             .expect("run cargo build for the binaries under test");
         assert!(status.success(), "building the binaries under test failed");
-        let dir = target_dir().join("debug");
+        let dir = target_dir().join(if release { "release" } else { "debug" });
         Bins { rekeyd: dir.join("rekeyd"), agent: dir.join("rekey-agent"), cli: dir.join("rekey") }
     })
 }
@@ -132,6 +139,11 @@ impl Coordinator {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Process id of the running rekeyd.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn operator_dir(&self) -> PathBuf {
