@@ -1,10 +1,20 @@
-//! `agent.toml`: what this host consumes and how to reach the coordinator.
-//! Unknown fields are refused; errors name the file and the field.
+//! `agent.toml`: what this host consumes, how each secret reaches its files,
+//! how the consuming service is restarted and how its health is checked, and
+//! how to reach the coordinator.
+//!
+//! Unknown fields are refused; every error names the file and the field
+//! (`secret[0].file[1].template`). Everything a delivery can make the agent do
+//! is declared here: the coordinator can never name a path or a command.
+//!
+//! Validation happens at load (syntax, paths, templates compiled, durations,
+//! signals); user and group *names* are resolved when a file is written, so a
+//! config can name a service account that is created after the agent starts.
 
 use rekey_common::config::{ConfigError, load_toml, parse_toml};
-use rekey_common::time::serde_duration;
+use rekey_common::time::{parse_duration, serde_duration};
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,12 +49,253 @@ impl Default for RawReconnect {
 #[serde(deny_unknown_fields)]
 struct RawSecret {
     name: String,
+    #[serde(default, rename = "file")]
+    files: Vec<RawFile>,
+    restart: Option<RawRestart>,
+    health: Option<RawHealth>,
 }
 
-/// A secret this host consumes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+enum RawFileKind {
+    Template,
+    Replace,
+    EnvFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    path: PathBuf,
+    kind: RawFileKind,
+    template: Option<String>,
+    template_file: Option<PathBuf>,
+    field: Option<String>,
+    keys: Option<BTreeMap<String, String>>,
+    mode: Option<String>,
+    owner: Option<IdSpec>,
+    group: Option<IdSpec>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+enum RawRestartKind {
+    Systemd,
+    Command,
+    Signal,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestart {
+    kind: RawRestartKind,
+    unit: Option<String>,
+    command: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    stdin: Option<String>,
+    pidfile: Option<PathBuf>,
+    signal: Option<String>,
+    jitter: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+enum RawHealthKind {
+    Http,
+    Tcp,
+    Command,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: RawHealthKind,
+    url: Option<String>,
+    status: Option<u16>,
+    body_contains: Option<String>,
+    address: Option<String>,
+    command: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    stdin: Option<String>,
+    retries: Option<u32>,
+    interval: Option<String>,
+    timeout: Option<String>,
+}
+
+/// A user or group as written in the config: a name, or a numeric id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdSpec {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for IdSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdSpec::Id(n) => write!(f, "{n}"),
+            IdSpec::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IdSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IdSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a user or group name, or a numeric id")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IdSpec, E> {
+                u32::try_from(v).map(IdSpec::Id).map_err(|_| E::custom(format!("id {v} is out of range")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IdSpec, E> {
+                u32::try_from(v).map(IdSpec::Id).map_err(|_| E::custom(format!("id {v} is out of range")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IdSpec, E> {
+                if v.is_empty() {
+                    return Err(E::custom("empty name"));
+                }
+                Ok(match v.parse::<u32>() {
+                    Ok(n) => IdSpec::Id(n),
+                    Err(_) => IdSpec::Name(v.to_string()),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A secret this host consumes, and everything the agent does with a new version.
+#[derive(Debug, Clone)]
 pub struct SecretConfig {
     pub name: String,
+    /// Written in order; restored in reverse order on rollback.
+    pub files: Vec<FileConfig>,
+    pub restart: Option<RestartConfig>,
+    pub health: Option<HealthConfig>,
+}
+
+/// One file the secret is written to.
+#[derive(Debug, Clone)]
+pub struct FileConfig {
+    pub path: PathBuf,
+    pub content: FileContent,
+    /// Permission bits; `None` keeps the existing file's (0600 for a new file).
+    pub mode: Option<u32>,
+    /// `None` keeps the existing file's owner (the agent's for a new file).
+    pub owner: Option<IdSpec>,
+    pub group: Option<IdSpec>,
+    /// Where this entry sits in agent.toml, e.g. `secret[0].file[1]`, for messages.
+    pub field: String,
+}
+
+/// How a file's new content is produced.
+#[derive(Debug, Clone)]
+pub enum FileContent {
+    /// The whole file rendered from a minijinja template with the secret's
+    /// fields as variables (strict: an undefined variable is an error).
+    Template { source: String },
+    /// Every occurrence of the previous value of `field` replaced by the new
+    /// value, inside an existing file. `None`: the secret's only field.
+    Replace { field: Option<String> },
+    /// `KEY=value` lines of an existing env file updated (env key → field);
+    /// every other byte kept.
+    EnvFile { keys: BTreeMap<String, String> },
+}
+
+impl FileContent {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FileContent::Template { .. } => "template",
+            FileContent::Replace { .. } => "replace",
+            FileContent::EnvFile { .. } => "env-file",
+        }
+    }
+}
+
+/// A command run without a shell. Secret values reach it only through the
+/// environment (`env`: variable → field) or its stdin (`stdin`: field), never
+/// its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub stdin: Option<String>,
+}
+
+impl CommandSpec {
+    pub fn plain(argv: Vec<String>) -> Self {
+        CommandSpec { argv, env: BTreeMap::new(), stdin: None }
+    }
+
+    /// `argv[0]`, for messages.
+    pub fn program(&self) -> &str {
+        self.argv.first().map(String::as_str).unwrap_or("")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RestartConfig {
+    pub action: RestartAction,
+    /// The restart waits a random time up to max(jitter, the delivery's restart_jitter_ms).
+    pub jitter: Duration,
+    /// Bound on a restart command (or `systemctl`).
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RestartAction {
+    /// `systemctl restart UNIT`.
+    Systemd {
+        unit: String,
+    },
+    Command(CommandSpec),
+    /// A signal to the process whose id is in `pidfile`.
+    Signal {
+        pidfile: PathBuf,
+        signal: nix::sys::signal::Signal,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub check: HealthCheck,
+    /// Attempts in total (at least 1).
+    pub retries: u32,
+    /// Pause between attempts.
+    pub interval: Duration,
+    /// Bound on one attempt.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HealthCheck {
+    /// GET `url`; passes on `status` (and `body_contains`, if set).
+    Http { url: HttpUrl, status: u16, body_contains: Option<String> },
+    /// A TCP connection to `address` (host:port) succeeds.
+    Tcp { address: String },
+    /// The command exits 0.
+    Command(CommandSpec),
+}
+
+/// A parsed `http://host:port/path` URL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpUrl {
+    pub text: String,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+    /// `host[:port]` as written, for the Host header.
+    pub authority: String,
+}
+
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +307,11 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     pub secrets: Vec<SecretConfig>,
 }
+
+const DEFAULT_RESTART_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_HEALTH_RETRIES: u32 = 5;
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl AgentConfig {
     pub fn from_file(path: &Path) -> Result<AgentConfig, ConfigError> {
@@ -81,6 +337,9 @@ impl AgentConfig {
             ));
         }
         let mut seen = BTreeSet::new();
+        // Every declared file, once: a file shared by two secrets could not be
+        // rolled back for one without undoing the other.
+        let mut paths: BTreeMap<PathBuf, String> = BTreeMap::new();
         let mut secrets = Vec::new();
         for (i, s) in raw.secrets.into_iter().enumerate() {
             if s.name.is_empty()
@@ -99,7 +358,22 @@ impl AgentConfig {
                     format!("secret {:?} is declared twice", s.name),
                 ));
             }
-            secrets.push(SecretConfig { name: s.name });
+            let mut files = Vec::new();
+            for (j, f) in s.files.into_iter().enumerate() {
+                let field = format!("secret[{i}].file[{j}]");
+                let file = validate_file(path, base, &field, f)?;
+                if let Some(other) = paths.insert(file.path.clone(), field.clone()) {
+                    return Err(ConfigError::field(
+                        path,
+                        format!("{field}.path"),
+                        format!("{} is already declared by {other}", file.path.display()),
+                    ));
+                }
+                files.push(file);
+            }
+            let restart = s.restart.map(|r| validate_restart(path, &format!("secret[{i}].restart"), r)).transpose()?;
+            let health = s.health.map(|h| validate_health(path, &format!("secret[{i}].health"), h)).transpose()?;
+            secrets.push(SecretConfig { name: s.name, files, restart, health });
         }
         Ok(AgentConfig {
             path: path.to_path_buf(),
@@ -114,11 +388,353 @@ impl AgentConfig {
     pub fn secret_names(&self) -> Vec<String> {
         self.secrets.iter().map(|s| s.name.clone()).collect()
     }
+
+    pub fn secret(&self, name: &str) -> Option<&SecretConfig> {
+        self.secrets.iter().find(|s| s.name == name)
+    }
+}
+
+/// "only valid with kind = ..." for a field set on the wrong kind.
+fn only_for(path: &Path, field: String, kind: &str) -> ConfigError {
+    ConfigError::field(path, field, format!("only valid with kind = \"{kind}\""))
+}
+
+fn required(path: &Path, field: String, kind: &str) -> ConfigError {
+    ConfigError::field(path, field, format!("required with kind = \"{kind}\""))
+}
+
+fn duration(path: &Path, field: String, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(s) => parse_duration(&s).map_err(|e| ConfigError::field(path, field, e)),
+    }
+}
+
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn check_field_name(path: &Path, field: String, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(ConfigError::field(path, field, "expected the name of a field of the secret, e.g. \"value\""));
+    }
+    Ok(())
+}
+
+fn validate_file(path: &Path, base: &Path, field: &str, f: RawFile) -> Result<FileConfig, ConfigError> {
+    if !f.path.is_absolute() {
+        return Err(ConfigError::field(
+            path,
+            format!("{field}.path"),
+            format!("expected an absolute path, got {:?}", f.path.display().to_string()),
+        ));
+    }
+    if f.path.file_name().is_none() {
+        return Err(ConfigError::field(path, format!("{field}.path"), "expected the path of a file"));
+    }
+    use RawFileKind as K;
+    if f.kind != K::Template {
+        if f.template.is_some() {
+            return Err(only_for(path, format!("{field}.template"), "template"));
+        }
+        if f.template_file.is_some() {
+            return Err(only_for(path, format!("{field}.template_file"), "template"));
+        }
+    }
+    if f.kind != K::Replace && f.field.is_some() {
+        return Err(only_for(path, format!("{field}.field"), "replace"));
+    }
+    if f.kind != K::EnvFile && f.keys.is_some() {
+        return Err(only_for(path, format!("{field}.keys"), "env-file"));
+    }
+    let content = match f.kind {
+        K::Template => {
+            let (source, at) = match (f.template, f.template_file) {
+                (Some(t), None) => (t, format!("{field}.template")),
+                (None, Some(file)) => {
+                    let file = base.join(file);
+                    let text = std::fs::read_to_string(&file).map_err(|e| {
+                        ConfigError::field(
+                            path,
+                            format!("{field}.template_file"),
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?;
+                    (text, format!("{field}.template_file"))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::field(
+                        path,
+                        format!("{field}.template"),
+                        "give either template or template_file, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(ConfigError::field(
+                        path,
+                        format!("{field}.template"),
+                        "required with kind = \"template\" (or template_file)",
+                    ));
+                }
+            };
+            crate::pipeline::render::check_template(&source)
+                .map_err(|e| ConfigError::field(path, at, format!("invalid template: {e}")))?;
+            FileContent::Template { source }
+        }
+        K::Replace => {
+            if let Some(name) = &f.field {
+                check_field_name(path, format!("{field}.field"), name)?;
+            }
+            FileContent::Replace { field: f.field }
+        }
+        K::EnvFile => {
+            let keys = f.keys.ok_or_else(|| required(path, format!("{field}.keys"), "env-file"))?;
+            if keys.is_empty() {
+                return Err(ConfigError::field(
+                    path,
+                    format!("{field}.keys"),
+                    "expected at least one KEY = \"field\" entry",
+                ));
+            }
+            for (k, v) in &keys {
+                if !is_env_name(k) {
+                    return Err(ConfigError::field(
+                        path,
+                        format!("{field}.keys.{k}"),
+                        format!("{k:?} is not a valid env-file key (letters, digits, '_', not starting with a digit)"),
+                    ));
+                }
+                check_field_name(path, format!("{field}.keys.{k}"), v)?;
+            }
+            FileContent::EnvFile { keys }
+        }
+    };
+    let mode = f
+        .mode
+        .map(|m| {
+            let digits = m.strip_prefix("0o").unwrap_or(&m);
+            u32::from_str_radix(digits, 8).ok().filter(|v| *v <= 0o7777 && !digits.is_empty()).ok_or_else(|| {
+                ConfigError::field(
+                    path,
+                    format!("{field}.mode"),
+                    format!("expected an octal mode like \"0640\", got {m:?}"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(FileConfig { path: f.path, content, mode, owner: f.owner, group: f.group, field: field.to_string() })
+}
+
+fn validate_command(
+    path: &Path,
+    field: &str,
+    command: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    stdin: Option<String>,
+) -> Result<CommandSpec, ConfigError> {
+    let argv = command.ok_or_else(|| required(path, format!("{field}.command"), "command"))?;
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err(ConfigError::field(
+            path,
+            format!("{field}.command"),
+            "expected the program and its arguments, e.g. [\"/usr/bin/systemctl\", \"reload\", \"app\"]",
+        ));
+    }
+    let env = env.unwrap_or_default();
+    for (var, f) in &env {
+        if !is_env_name(var) {
+            return Err(ConfigError::field(
+                path,
+                format!("{field}.env.{var}"),
+                format!("{var:?} is not a valid environment variable name"),
+            ));
+        }
+        check_field_name(path, format!("{field}.env.{var}"), f)?;
+    }
+    if let Some(f) = &stdin {
+        check_field_name(path, format!("{field}.stdin"), f)?;
+    }
+    Ok(CommandSpec { argv, env, stdin })
+}
+
+fn validate_restart(path: &Path, field: &str, r: RawRestart) -> Result<RestartConfig, ConfigError> {
+    use RawRestartKind as K;
+    if r.kind != K::Systemd && r.unit.is_some() {
+        return Err(only_for(path, format!("{field}.unit"), "systemd"));
+    }
+    if r.kind != K::Command {
+        for (set, name) in [(r.command.is_some(), "command"), (r.env.is_some(), "env"), (r.stdin.is_some(), "stdin")] {
+            if set {
+                return Err(only_for(path, format!("{field}.{name}"), "command"));
+            }
+        }
+    }
+    if r.kind != K::Signal {
+        for (set, name) in [(r.pidfile.is_some(), "pidfile"), (r.signal.is_some(), "signal")] {
+            if set {
+                return Err(only_for(path, format!("{field}.{name}"), "signal"));
+            }
+        }
+    }
+    let action = match r.kind {
+        K::Systemd => {
+            let unit = r.unit.ok_or_else(|| required(path, format!("{field}.unit"), "systemd"))?;
+            if unit.is_empty() || unit.starts_with('-') || unit.contains(char::is_whitespace) {
+                return Err(ConfigError::field(
+                    path,
+                    format!("{field}.unit"),
+                    format!("expected a systemd unit name like \"app.service\", got {unit:?}"),
+                ));
+            }
+            RestartAction::Systemd { unit }
+        }
+        K::Command => RestartAction::Command(validate_command(path, field, r.command, r.env, r.stdin)?),
+        K::Signal => {
+            let pidfile = r.pidfile.ok_or_else(|| required(path, format!("{field}.pidfile"), "signal"))?;
+            if !pidfile.is_absolute() {
+                return Err(ConfigError::field(path, format!("{field}.pidfile"), "expected an absolute path"));
+            }
+            let name = r.signal.unwrap_or_else(|| "HUP".into());
+            let signal = parse_signal(&name).ok_or_else(|| {
+                ConfigError::field(
+                    path,
+                    format!("{field}.signal"),
+                    format!("unknown signal {name:?}: expected HUP, TERM, INT, QUIT, USR1 or USR2"),
+                )
+            })?;
+            RestartAction::Signal { pidfile, signal }
+        }
+    };
+    Ok(RestartConfig {
+        action,
+        jitter: duration(path, format!("{field}.jitter"), r.jitter, Duration::ZERO)?,
+        timeout: duration(path, format!("{field}.timeout"), r.timeout, DEFAULT_RESTART_TIMEOUT)?,
+    })
+}
+
+fn parse_signal(name: &str) -> Option<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal::*;
+    let upper = name.to_ascii_uppercase();
+    Some(match upper.strip_prefix("SIG").unwrap_or(&upper) {
+        "HUP" => SIGHUP,
+        "TERM" => SIGTERM,
+        "INT" => SIGINT,
+        "QUIT" => SIGQUIT,
+        "USR1" => SIGUSR1,
+        "USR2" => SIGUSR2,
+        _ => return None,
+    })
+}
+
+/// Parses `http://host[:port]/path`; https is not supported (use a command check).
+fn parse_http_url(text: &str) -> Result<HttpUrl, String> {
+    let uri: http::Uri = text.parse().map_err(|e| format!("invalid URL {text:?}: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{text:?}: https health checks are not supported; check a local http endpoint or use kind = \"command\""
+            ));
+        }
+        _ => return Err(format!("expected an http:// URL, got {text:?}")),
+    }
+    let authority = uri.authority().ok_or_else(|| format!("{text:?} has no host"))?;
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    if host.is_empty() {
+        return Err(format!("{text:?} has no host"));
+    }
+    let path = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let path = if path.is_empty() { "/".into() } else { path };
+    Ok(HttpUrl {
+        text: text.to_string(),
+        host,
+        port: authority.port_u16().unwrap_or(80),
+        path,
+        authority: authority.as_str().to_string(),
+    })
+}
+
+fn validate_health(path: &Path, field: &str, h: RawHealth) -> Result<HealthConfig, ConfigError> {
+    use RawHealthKind as K;
+    if h.kind != K::Http {
+        for (set, name) in
+            [(h.url.is_some(), "url"), (h.status.is_some(), "status"), (h.body_contains.is_some(), "body_contains")]
+        {
+            if set {
+                return Err(only_for(path, format!("{field}.{name}"), "http"));
+            }
+        }
+    }
+    if h.kind != K::Tcp && h.address.is_some() {
+        return Err(only_for(path, format!("{field}.address"), "tcp"));
+    }
+    if h.kind != K::Command {
+        for (set, name) in [(h.command.is_some(), "command"), (h.env.is_some(), "env"), (h.stdin.is_some(), "stdin")] {
+            if set {
+                return Err(only_for(path, format!("{field}.{name}"), "command"));
+            }
+        }
+    }
+    let check = match h.kind {
+        K::Http => {
+            let url = h.url.ok_or_else(|| required(path, format!("{field}.url"), "http"))?;
+            let url = parse_http_url(&url).map_err(|e| ConfigError::field(path, format!("{field}.url"), e))?;
+            let status = h.status.unwrap_or(200);
+            if !(100..=599).contains(&status) {
+                return Err(ConfigError::field(
+                    path,
+                    format!("{field}.status"),
+                    format!("expected an HTTP status code, got {status}"),
+                ));
+            }
+            HealthCheck::Http { url, status, body_contains: h.body_contains }
+        }
+        K::Tcp => {
+            let address = h.address.ok_or_else(|| required(path, format!("{field}.address"), "tcp"))?;
+            if address
+                .rsplit_once(':')
+                .and_then(|(host, p)| p.parse::<u16>().ok().filter(|_| !host.is_empty()))
+                .is_none()
+            {
+                return Err(ConfigError::field(
+                    path,
+                    format!("{field}.address"),
+                    format!("expected HOST:PORT, got {address:?}"),
+                ));
+            }
+            HealthCheck::Tcp { address }
+        }
+        K::Command => HealthCheck::Command(validate_command(path, field, h.command, h.env, h.stdin)?),
+    };
+    let retries = h.retries.unwrap_or(DEFAULT_HEALTH_RETRIES);
+    if retries == 0 {
+        return Err(ConfigError::field(path, format!("{field}.retries"), "must be at least 1"));
+    }
+    let timeout = duration(path, format!("{field}.timeout"), h.timeout, DEFAULT_HEALTH_TIMEOUT)?;
+    if timeout.is_zero() {
+        return Err(ConfigError::field(path, format!("{field}.timeout"), "must be greater than zero"));
+    }
+    Ok(HealthConfig {
+        check,
+        retries,
+        interval: duration(path, format!("{field}.interval"), h.interval, DEFAULT_HEALTH_INTERVAL)?,
+        timeout,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_str(Path::new("/etc/rekey/agent.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
 
     #[test]
     fn parses_and_names_bad_fields() {
@@ -137,6 +753,221 @@ mod tests {
         let e = AgentConfig::from_str(p, "[reconnect]\nmax_backoff='1s'").unwrap_err();
         assert!(e.to_string().contains("missing field `state_dir`"), "{e}");
     }
+
+    const FULL: &str = r#"
+state_dir = "state"
+[[secret]]
+name = "api"
+  [[secret.file]]
+  path = "/etc/app/app.env"
+  kind = "env-file"
+  keys = { API_KEY = "value" }
+  mode = "0640"
+  owner = "root"
+  group = 0
+  [[secret.file]]
+  path = "/etc/app/config.json"
+  kind = "template"
+  template = '{"key": "{{ value }}"}'
+  [[secret.file]]
+  path = "/etc/app/legacy.conf"
+  kind = "replace"
+  [secret.restart]
+  kind = "command"
+  command = ["/usr/bin/app-restart", "--graceful"]
+  env = { API_KEY = "value" }
+  stdin = "value"
+  jitter = "2s"
+  timeout = "30s"
+  [secret.health]
+  kind = "http"
+  url = "http://127.0.0.1:8080/health?deep=1"
+  status = 204
+  body_contains = "ok"
+  retries = 3
+  interval = "500ms"
+  timeout = "1s"
+[[secret]]
+name = "db"
+  [secret.restart]
+  kind = "signal"
+  pidfile = "/run/db.pid"
+  signal = "SIGUSR1"
+  [secret.health]
+  kind = "tcp"
+  address = "127.0.0.1:5432"
+[[secret]]
+name = "svc"
+  [secret.restart]
+  kind = "systemd"
+  unit = "svc.service"
+  [secret.health]
+  kind = "command"
+  command = ["/usr/bin/check"]
+  env = { TOKEN = "token" }
+"#;
+
+    #[test]
+    fn parses_every_kind() {
+        let c = parse(FULL).unwrap();
+        let api = c.secret("api").unwrap();
+        assert_eq!(api.files.len(), 3);
+        assert_eq!(api.files[0].mode, Some(0o640));
+        assert_eq!(api.files[0].owner, Some(IdSpec::Name("root".into())));
+        assert_eq!(api.files[0].group, Some(IdSpec::Id(0)));
+        assert_eq!(api.files[1].field, "secret[0].file[1]");
+        assert!(matches!(&api.files[0].content, FileContent::EnvFile { keys } if keys["API_KEY"] == "value"));
+        assert!(matches!(&api.files[2].content, FileContent::Replace { field: None }));
+        let r = api.restart.as_ref().unwrap();
+        assert_eq!(r.jitter, Duration::from_secs(2));
+        assert_eq!(r.timeout, Duration::from_secs(30));
+        let RestartAction::Command(cmd) = &r.action else { panic!("{r:?}") };
+        assert_eq!(cmd.argv, ["/usr/bin/app-restart", "--graceful"]);
+        assert_eq!(cmd.stdin.as_deref(), Some("value"));
+        let h = api.health.as_ref().unwrap();
+        assert_eq!((h.retries, h.interval, h.timeout), (3, Duration::from_millis(500), Duration::from_secs(1)));
+        let HealthCheck::Http { url, status, body_contains } = &h.check else { panic!() };
+        assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("127.0.0.1", 8080, "/health?deep=1"));
+        assert_eq!((*status, body_contains.as_deref()), (204, Some("ok")));
+
+        let db = c.secret("db").unwrap();
+        assert_eq!(
+            db.restart.as_ref().unwrap().action,
+            RestartAction::Signal { pidfile: "/run/db.pid".into(), signal: nix::sys::signal::Signal::SIGUSR1 }
+        );
+        let h = db.health.as_ref().unwrap();
+        assert_eq!((h.retries, h.interval, h.timeout), (5, Duration::from_secs(2), Duration::from_secs(5)));
+        assert_eq!(h.check, HealthCheck::Tcp { address: "127.0.0.1:5432".into() });
+        let svc = c.secret("svc").unwrap();
+        assert_eq!(svc.restart.as_ref().unwrap().action, RestartAction::Systemd { unit: "svc.service".into() });
+    }
+
+    #[test]
+    fn template_file_is_read_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.j2"), "KEY={{ value }}\n").unwrap();
+        let p = dir.path().join("agent.toml");
+        let text = "state_dir = 's'\n[[secret]]\nname = 'a'\n[[secret.file]]\npath = '/x/y'\nkind = 'template'\ntemplate_file = 't.j2'\n";
+        let c = AgentConfig::from_str(&p, text).unwrap();
+        assert!(
+            matches!(&c.secrets[0].files[0].content, FileContent::Template { source } if source == "KEY={{ value }}\n")
+        );
+        let e = AgentConfig::from_str(&p, &text.replace("t.j2", "missing.j2")).unwrap_err().to_string();
+        assert!(e.contains("field `secret[0].file[0].template_file`") && e.contains("missing.j2"), "{e}");
+    }
+
+    /// Every validation error names the file and the exact field.
+    #[test]
+    fn every_error_names_file_and_field() {
+        let head = "state_dir = 's'\n[[secret]]\nname = 'a'\n";
+        let file = |body: &str| format!("{head}[[secret.file]]\npath = '/etc/x'\n{body}\n");
+        let restart = |body: &str| format!("{head}[secret.restart]\n{body}\n");
+        let health = |body: &str| format!("{head}[secret.health]\n{body}\n");
+        let cases: Vec<(String, &str, &str)> = vec![
+            (file("kind = 'template'"), "secret[0].file[0].template", "required"),
+            (file("kind = 'template'\ntemplate = '{{ value'"), "secret[0].file[0].template", "invalid template"),
+            (file("kind = 'template'\ntemplate = 'x'\ntemplate_file = 'y'"), "secret[0].file[0].template", "not both"),
+            (
+                file("kind = 'replace'\ntemplate = 'x'"),
+                "secret[0].file[0].template",
+                "only valid with kind = \"template\"",
+            ),
+            (file("kind = 'template'\ntemplate = 'x'\nfield = 'v'"), "secret[0].file[0].field", "replace"),
+            (file("kind = 'replace'\nkeys = { A = 'v' }"), "secret[0].file[0].keys", "env-file"),
+            (file("kind = 'env-file'"), "secret[0].file[0].keys", "required"),
+            (file("kind = 'env-file'\nkeys = {}"), "secret[0].file[0].keys", "at least one"),
+            (file("kind = 'env-file'\nkeys = { '1A' = 'v' }"), "secret[0].file[0].keys.1A", "not a valid env-file key"),
+            (file("kind = 'env-file'\nkeys = { A = '' }"), "secret[0].file[0].keys.A", "name of a field"),
+            (file("kind = 'replace'\nmode = '0999'"), "secret[0].file[0].mode", "octal mode"),
+            (file("kind = 'replace'\nmode = '10000'"), "secret[0].file[0].mode", "octal mode"),
+            (file("kind = 'replace'\nowner = -1"), "secret[0].file[0].owner", "out of range"),
+            (file("kind = 'replace'\ngroup = true"), "secret[0].file[0].group", "name, or a numeric id"),
+            (file("kind = 'copy'"), "secret[0].file[0].kind", "unknown variant"),
+            (file("kind = 'replace'\nmod = '0600'"), "secret[0].file[0].mod", "unknown field `mod`"),
+            (file("path2 = 1"), "secret[0].file[0].path2", "unknown field `path2`"),
+            (
+                format!("{head}[[secret.file]]\npath = 'rel/x'\nkind = 'replace'\n"),
+                "secret[0].file[0].path",
+                "absolute path",
+            ),
+            (
+                format!(
+                    "{head}[[secret.file]]\npath = '/etc/x'\nkind = 'replace'\n[[secret]]\nname = 'b'\n[[secret.file]]\npath = '/etc/x'\nkind = 'replace'\n"
+                ),
+                "secret[1].file[0].path",
+                "already declared by secret[0].file[0]",
+            ),
+            (restart("kind = 'systemd'"), "secret[0].restart.unit", "required"),
+            (restart("kind = 'systemd'\nunit = '--now'"), "secret[0].restart.unit", "unit name"),
+            (
+                restart("kind = 'systemd'\nunit = 'a'\ncommand = ['x']"),
+                "secret[0].restart.command",
+                "kind = \"command\"",
+            ),
+            (restart("kind = 'command'"), "secret[0].restart.command", "required"),
+            (restart("kind = 'command'\ncommand = []"), "secret[0].restart.command", "program and its arguments"),
+            (
+                restart("kind = 'command'\ncommand = ['x']\nenv = { 'A-B' = 'v' }"),
+                "secret[0].restart.env.A-B",
+                "variable name",
+            ),
+            (restart("kind = 'command'\ncommand = ['x']\nstdin = ''"), "secret[0].restart.stdin", "name of a field"),
+            (restart("kind = 'command'\ncommand = ['x']\npidfile = '/p'"), "secret[0].restart.pidfile", "signal"),
+            (
+                restart("kind = 'command'\ncommand = ['x']\njitter = 'soon'"),
+                "secret[0].restart.jitter",
+                "invalid duration",
+            ),
+            (
+                restart("kind = 'command'\ncommand = ['x']\ntimeout = 'x'"),
+                "secret[0].restart.timeout",
+                "invalid duration",
+            ),
+            (restart("kind = 'signal'"), "secret[0].restart.pidfile", "required"),
+            (restart("kind = 'signal'\npidfile = 'x.pid'"), "secret[0].restart.pidfile", "absolute"),
+            (
+                restart("kind = 'signal'\npidfile = '/x.pid'\nsignal = 'KILL'"),
+                "secret[0].restart.signal",
+                "unknown signal",
+            ),
+            (restart("kind = 'reboot'"), "secret[0].restart.kind", "unknown variant"),
+            (
+                restart("kind = 'signal'\npidfile = '/x.pid'\nshell = 'sh'"),
+                "secret[0].restart.shell",
+                "unknown field `shell`",
+            ),
+            (health("kind = 'http'"), "secret[0].health.url", "required"),
+            (health("kind = 'http'\nurl = 'https://x/health'"), "secret[0].health.url", "https health checks"),
+            (health("kind = 'http'\nurl = 'ftp://x/'"), "secret[0].health.url", "http:// URL"),
+            (health("kind = 'http'\nurl = 'http://x/'\nstatus = 42"), "secret[0].health.status", "status code"),
+            (health("kind = 'http'\nurl = 'http://x/'\naddress = 'a:1'"), "secret[0].health.address", "tcp"),
+            (health("kind = 'tcp'\naddress = 'nohost'"), "secret[0].health.address", "HOST:PORT"),
+            (health("kind = 'tcp'\naddress = 'h:1'\nurl = 'http://x/'"), "secret[0].health.url", "http"),
+            (health("kind = 'command'\ncommand = ['x']\nretries = 0"), "secret[0].health.retries", "at least 1"),
+            (
+                health("kind = 'command'\ncommand = ['x']\ntimeout = '0s'"),
+                "secret[0].health.timeout",
+                "greater than zero",
+            ),
+            (
+                health("kind = 'command'\ncommand = ['x']\ninterval = 'x'"),
+                "secret[0].health.interval",
+                "invalid duration",
+            ),
+            (health("kind = 'tcp'\naddress = 'h:1'\nstdin = 'v'"), "secret[0].health.stdin", "command"),
+            (
+                health("kind = 'tcp'\naddress = 'h:1'\ndeadline = '1s'"),
+                "secret[0].health.deadline",
+                "unknown field `deadline`",
+            ),
+        ];
+        for (text, field, what) in cases {
+            let e = err(&text);
+            assert!(e.starts_with("/etc/rekey/agent.toml: "), "{e}\n--- for ---\n{text}");
+            assert!(e.contains(&format!("field `{field}`")), "expected field {field} in: {e}\n--- for ---\n{text}");
+            assert!(e.contains(what), "expected {what:?} in: {e}\n--- for ---\n{text}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -149,5 +980,30 @@ mod example_tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/agent.toml");
         let c = AgentConfig::from_file(&path).unwrap();
         assert!(!c.secrets.is_empty());
+        // It documents every kind of file, restart and health check.
+        let files: BTreeSet<&str> = c.secrets.iter().flat_map(|s| &s.files).map(|f| f.content.kind()).collect();
+        assert_eq!(files, BTreeSet::from(["env-file", "replace", "template"]));
+        let restarts: BTreeSet<&str> = c
+            .secrets
+            .iter()
+            .filter_map(|s| s.restart.as_ref())
+            .map(|r| match r.action {
+                RestartAction::Systemd { .. } => "systemd",
+                RestartAction::Command(_) => "command",
+                RestartAction::Signal { .. } => "signal",
+            })
+            .collect();
+        assert_eq!(restarts.len(), 3, "{restarts:?}");
+        let checks: BTreeSet<&str> = c
+            .secrets
+            .iter()
+            .filter_map(|s| s.health.as_ref())
+            .map(|h| match h.check {
+                HealthCheck::Http { .. } => "http",
+                HealthCheck::Tcp { .. } => "tcp",
+                HealthCheck::Command(_) => "command",
+            })
+            .collect();
+        assert_eq!(checks.len(), 3, "{checks:?}");
     }
 }

@@ -1,13 +1,28 @@
 //! `rekey-agent`: runs on every host. Enrolls once ([`enroll`]), then keeps
-//! one mTLS session to rekeyd open ([`session`]).
+//! one mTLS session to rekeyd open ([`session`]) and applies what it delivers
+//! ([`pipeline`]).
 //!
 //! The agent acts only on what its own `agent.toml` ([`config`]) declares:
-//! the coordinator can never name a path or a command. It links no cloud SDK
-//! and not the coordinator crate (checked by a test).
+//! the coordinator can never name a path or a command. A delivered version is
+//! written to the declared files (template, in-place replace, env-file),
+//! the declared service is restarted (systemd unit, command, signal) and
+//! health-checked (HTTP, TCP, command); every stage is reported, with a keyed
+//! fingerprint of the loaded version on `HEALTHY`; any failure restores the
+//! files from private backups, restarts and re-checks. A local journal (no
+//! secret values) lets a restarted agent undo what a crash interrupted. It
+//! links no cloud SDK and not the coordinator crate (checked by a test).
 //!
-//! Tasks: the session loop (one task; heartbeats and renewal are timers in it).
+//! Tasks and channels:
+//! - the session loop (one task; heartbeats and renewal are timers in it);
+//! - one apply worker per declared secret ([`dispatch`]), fed by a bounded
+//!   queue (16) from the session, outliving sessions;
+//! - the [`outbox`] of stage reports between them (bounded, latest per
+//!   rotation and secret), drained by the session after each `Welcome`.
 
 pub mod config;
+pub mod dispatch;
 pub mod enroll;
 pub mod identity;
+pub mod outbox;
+pub mod pipeline;
 pub mod session;

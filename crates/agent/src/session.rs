@@ -2,13 +2,24 @@
 //! with jittered exponential backoff, heartbeats, and certificate renewal at
 //! about two thirds of the certificate's lifetime.
 //!
+//! [`run`] first opens the apply pipeline and recovers what a crash
+//! interrupted, then starts the [`Dispatcher`] (one worker task per declared
+//! secret) which outlives every session: deliveries, rollbacks and purges
+//! are queued to it and never block the stream, and an apply keeps running
+//! while the agent reconnects. Stage reports wait in the [`Outbox`] and go
+//! out after each `Welcome`; heartbeat acks tell which ones the coordinator
+//! has read. `Hello.applied` tells a (re)started coordinator what is applied.
+//!
 //! Fatal conditions stop the agent with an actionable message instead of
 //! retrying forever: an expired certificate, a revoked agent, a protocol
 //! version mismatch, a coordinator that no longer knows this agent.
 
 use crate::config::AgentConfig;
+use crate::dispatch::{Command, Dispatcher};
 use crate::enroll::chain;
 use crate::identity::{Identity, IdentityError};
+use crate::outbox::Outbox;
+use crate::pipeline::{Pipeline, PipelineError};
 use rand::Rng;
 use rcgen::{CertificateParams, KeyPair};
 use rekey_common::time::{format_unix, now_unix};
@@ -25,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// A renewal with no answer is retried after this long.
 const RENEW_RETRY: Duration = Duration::from_secs(30);
+/// At shutdown, how long an apply in progress may take to finish.
+const APPLY_DRAIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -46,6 +59,8 @@ pub enum AgentError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
 }
 
 /// Full-jitter exponential backoff.
@@ -85,15 +100,38 @@ enum End {
 
 /// Runs the agent until `shutdown` or a fatal error.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    // An agent that is not enrolled stops here, before touching its state dir.
+    Identity::load(&config.state_dir)?;
+    let outbox = Outbox::new();
+    let pipeline = Pipeline::open(&config, outbox.clone())?;
+    // Undo what a crash interrupted before telling anyone what is applied.
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        reports = pipeline.recover() => if !reports.is_empty() {
+            tracing::info!(reports = reports.len(), "recovered interrupted operations; reporting once connected");
+        }
+    }
+    let dispatcher = Dispatcher::start(pipeline.clone());
+    let result = sessions(&config, &pipeline, &dispatcher, &shutdown).await;
+    dispatcher.shutdown(APPLY_DRAIN).await;
+    result
+}
+
+async fn sessions(
+    config: &AgentConfig,
+    pipeline: &Pipeline,
+    dispatcher: &Dispatcher,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
     loop {
         // Reload each time: a renewal replaced the certificate on disk.
         let identity = Identity::load(&config.state_dir)?;
         let now = now_unix();
         if identity.cert.not_after_unix <= now {
-            return Err(expired(&config, &identity));
+            return Err(expired(config, &identity));
         }
-        match session(&config, &identity, &shutdown).await? {
+        match session(config, &identity, shutdown, pipeline, dispatcher).await? {
             End::Shutdown => return Ok(()),
             End::Lost { established, why } => {
                 if established {
@@ -132,7 +170,14 @@ fn is_fatal_status(status: &tonic::Status) -> bool {
     )
 }
 
-async fn session(config: &AgentConfig, identity: &Identity, shutdown: &CancellationToken) -> Result<End, AgentError> {
+async fn session(
+    config: &AgentConfig,
+    identity: &Identity,
+    shutdown: &CancellationToken,
+    pipeline: &Pipeline,
+    dispatcher: &Dispatcher,
+) -> Result<End, AgentError> {
+    let outbox = pipeline.outbox();
     let host = identity.enrollment.host.clone();
     let addr = config.coordinator.clone().unwrap_or_else(|| identity.enrollment.coordinator.clone());
     if addr.is_empty() {
@@ -147,7 +192,7 @@ async fn session(config: &AgentConfig, identity: &Identity, shutdown: &Cancellat
         protocol_version: PROTOCOL_VERSION,
         agent_version: rekey_common::VERSION.to_string(),
         secrets: config.secret_names(),
-        applied: Vec::new(),
+        applied: pipeline.applied(),
     };
     out_tx.try_send(AgentMessage { msg: Some(agent_message::Msg::Hello(hello)) }).expect("fresh channel");
     let mut inbound = match AgentServiceClient::new(channel).session(ReceiverStream::new(out_rx)).await {
@@ -184,6 +229,13 @@ async fn session(config: &AgentConfig, identity: &Identity, shutdown: &Cancellat
                     return Ok(End::Lost { established, why: "outbound stream closed".into() });
                 }
             }
+            _ = outbox.changed(), if established => {
+                for report in outbox.take_unsent(seq) {
+                    if out_tx.send(AgentMessage { msg: Some(agent_message::Msg::Report(report)) }).await.is_err() {
+                        return Ok(End::Lost { established, why: "outbound stream closed".into() });
+                    }
+                }
+            }
             _ = renew_check.tick(), if established && now_unix() >= renew_due => {
                 let key = match KeyPair::generate() { Ok(k) => k, Err(e) => { tracing::error!(error = %e, "cannot generate key"); continue } };
                 let csr = match CertificateParams::default().serialize_request(&key) {
@@ -213,8 +265,15 @@ async fn session(config: &AgentConfig, identity: &Identity, shutdown: &Cancellat
                         heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         tracing::info!(coordinator = %addr, host = %w.host, "session established");
+                        // Everything not yet acknowledged goes (again) now.
+                        outbox.session_started();
+                        for report in outbox.take_unsent(seq) {
+                            if out_tx.send(AgentMessage { msg: Some(agent_message::Msg::Report(report)) }).await.is_err() {
+                                return Ok(End::Lost { established, why: "outbound stream closed".into() });
+                            }
+                        }
                     }
-                    Some(coordinator_message::Msg::HeartbeatAck(_)) => {}
+                    Some(coordinator_message::Msg::HeartbeatAck(ack)) => outbox.acknowledged(ack.seq),
                     Some(coordinator_message::Msg::Renewed(r)) => {
                         let Some(key) = pending_key.take() else {
                             tracing::warn!("unsolicited certificate ignored");
@@ -229,13 +288,17 @@ async fn session(config: &AgentConfig, identity: &Identity, shutdown: &Cancellat
                         return Err(AgentError::Revoked { host, reason: r.reason });
                     }
                     Some(coordinator_message::Msg::Delivery(d)) => {
-                        tracing::warn!(secret = %d.secret, rotation = %d.rotation_id, "delivery received but this agent has no apply pipeline yet");
+                        let names: Vec<&str> = d.fields.iter().map(|f| f.name.as_str()).collect();
+                        tracing::info!(secret = %d.secret, rotation = %d.rotation_id, version = %d.version_id, fields = ?names, "delivery received");
+                        dispatcher.submit(Command::Deliver(d));
                     }
                     Some(coordinator_message::Msg::Rollback(r)) => {
-                        tracing::warn!(secret = %r.secret, rotation = %r.rotation_id, "rollback received but this agent has no apply pipeline yet");
+                        tracing::info!(secret = %r.secret, rotation = %r.rotation_id, version = %r.version_id, "rollback requested");
+                        dispatcher.submit(Command::Rollback(r));
                     }
                     Some(coordinator_message::Msg::Purge(p)) => {
-                        tracing::info!(secret = %p.secret, version = %p.version_id, "purge received but this agent has no apply pipeline yet");
+                        tracing::info!(secret = %p.secret, version = %p.version_id, "purge requested");
+                        dispatcher.submit(Command::Purge(p));
                     }
                     None => tracing::warn!("empty message from coordinator ignored"),
                 }

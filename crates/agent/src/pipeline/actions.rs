@@ -1,0 +1,505 @@
+//! The side effects outside the file system: running a declared command,
+//! restarting the consuming service, checking its health.
+//!
+//! Commands run without a shell, in their own process group, with a
+//! deadline. Secret values reach them only through declared environment
+//! variables or stdin. If the caller's future is dropped (shutdown, an
+//! aborted apply) the whole process group is killed. Captured output is
+//! scrubbed of the versions' values before it is used in a message.
+
+use super::render::{Fields, Scrubber};
+use crate::config::{CommandSpec, HealthCheck, HealthConfig, HttpUrl, RestartAction, RestartConfig};
+use http_body_util::BodyExt;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+/// Output kept from a command, per stream.
+const OUTPUT_CAP: usize = 8 * 1024;
+/// How long to wait for output after the command exited (a daemon it
+/// started may hold the pipes open forever).
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+/// Body read from an HTTP health endpoint.
+const BODY_CAP: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} did not finish within {}", fmt_duration(*.after))]
+    Timeout { program: String, after: Duration },
+    #[error("{program} exited with {}{}", fmt_status(*.status), fmt_tail(.output))]
+    Exit { program: String, status: ExitStatus, output: String },
+    #[error("{what} of {program} needs field {field}, which {available}")]
+    NoField { program: String, what: String, field: String, available: String },
+    #[error("cannot read pidfile {path}")]
+    Pidfile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pidfile {path} does not hold a process id")]
+    BadPidfile { path: PathBuf },
+    #[error("process {pid} named by {path} is not running")]
+    NotRunning { pid: i32, path: PathBuf },
+    #[error("cannot send {signal} to process {pid}")]
+    Signal {
+        signal: Signal,
+        pid: i32,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+fn fmt_status(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("status {c}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        _ => s.to_string(),
+    }
+}
+
+fn fmt_tail(output: &str) -> String {
+    if output.is_empty() { String::new() } else { format!(": {output}") }
+}
+
+/// `850ms`, `2.5s`, `30s`, `2m 5s`: short and readable in a report.
+pub fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 10_000 {
+        let tenths = (ms + 50) / 100;
+        if tenths.is_multiple_of(10) {
+            format!("{}s", tenths / 10)
+        } else {
+            format!("{}.{}s", tenths / 10, tenths % 10)
+        }
+    } else if ms < 120_000 {
+        format!("{}s", (ms + 500) / 1000)
+    } else {
+        let s = (ms + 500) / 1000;
+        format!("{}m {}s", s / 60, s % 60)
+    }
+}
+
+/// The last non-empty line of a command's output, bounded, scrubbed.
+fn last_line(stderr: &[u8], stdout: &[u8], scrub: &Scrubber) -> String {
+    let pick =
+        |b: &[u8]| String::from_utf8_lossy(b).lines().map(str::trim).rfind(|l| !l.is_empty()).map(str::to_string);
+    let line = pick(stderr).or_else(|| pick(stdout)).unwrap_or_default();
+    let line = scrub.scrub(&line);
+    if line.chars().count() > 200 { format!("{}…", line.chars().take(200).collect::<String>()) } else { line }
+}
+
+/// Kills the command's process group unless it finished: a dropped future
+/// (aborted apply, shutdown) must not leave a restart half running.
+struct GroupGuard {
+    pgid: Option<i32>,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+async fn read_capped<R: AsyncRead + Unpin>(mut r: R) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => {
+                let room = OUTPUT_CAP.saturating_sub(out.len());
+                out.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+}
+
+/// Values for a command, where they come from: the version being applied,
+/// or (rolling back) the previous one, or none (recovery after a crash).
+pub struct CommandValues<'a> {
+    pub fields: &'a Fields,
+    /// For the message when a field is missing: "the new version does not carry".
+    pub source: &'a str,
+}
+
+/// Runs a declared command to completion within `timeout`.
+pub async fn run_command(
+    spec: &CommandSpec,
+    values: &CommandValues<'_>,
+    timeout: Duration,
+    scrub: &Scrubber,
+) -> Result<(), ActionError> {
+    let program = spec.program().to_string();
+    let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (var, field) in &spec.env {
+        let v = values.fields.get(field).ok_or_else(|| ActionError::NoField {
+            program: program.clone(),
+            what: format!("environment variable {var}"),
+            field: field.clone(),
+            available: values.source.to_string(),
+        })?;
+        cmd.env(var, std::ffi::OsStr::from_bytes(v.expose()));
+    }
+    let stdin_value = match &spec.stdin {
+        Some(field) => Some(values.fields.get(field).ok_or_else(|| ActionError::NoField {
+            program: program.clone(),
+            what: "stdin".into(),
+            field: field.clone(),
+            available: values.source.to_string(),
+        })?),
+        None => None,
+    };
+    let mut child = cmd.spawn().map_err(|source| ActionError::Spawn { program: program.clone(), source })?;
+    let mut guard = GroupGuard { pgid: child.id().map(|p| p as i32) };
+    if let (Some(mut stdin), Some(v)) = (child.stdin.take(), stdin_value) {
+        // A command that does not read its stdin is not an error.
+        let _ = stdin.write_all(v.expose()).await;
+    }
+    let out = tokio::spawn(read_capped(child.stdout.take().expect("piped")));
+    let err = tokio::spawn(read_capped(child.stderr.take().expect("piped")));
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ActionError::Spawn { program, source }),
+        Err(_) => {
+            drop(guard);
+            let _ = child.kill().await;
+            return Err(ActionError::Timeout { program, after: timeout });
+        }
+    };
+    // Exited: what it left running in its group (a daemon) is its business.
+    guard.pgid = None;
+    let collect = async {
+        let stdout = out.await.unwrap_or_default();
+        let stderr = err.await.unwrap_or_default();
+        (stdout, stderr)
+    };
+    let (stdout, stderr) = tokio::time::timeout(OUTPUT_GRACE, collect).await.unwrap_or_default();
+    if status.success() {
+        return Ok(());
+    }
+    Err(ActionError::Exit { program, status, output: last_line(&stderr, &stdout, scrub) })
+}
+
+/// A live process, not a zombie waiting for its parent.
+fn is_running(pid: i32) -> bool {
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(s) => s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(true),
+        Err(_) => true,
+    }
+}
+
+/// Reads a pidfile: a positive process id on the first line.
+pub fn read_pidfile(path: &Path) -> Result<i32, ActionError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ActionError::Pidfile { path: path.to_path_buf(), source })?;
+    text.lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+        .ok_or_else(|| ActionError::BadPidfile { path: path.to_path_buf() })
+}
+
+/// Runs the declared restart once (no jitter here: the caller waits first).
+pub async fn restart(r: &RestartConfig, values: &CommandValues<'_>, scrub: &Scrubber) -> Result<(), ActionError> {
+    match &r.action {
+        RestartAction::Systemd { unit } => {
+            let spec = CommandSpec::plain(vec!["systemctl".into(), "restart".into(), unit.clone()]);
+            run_command(&spec, values, r.timeout, scrub).await
+        }
+        RestartAction::Command(spec) => run_command(spec, values, r.timeout, scrub).await,
+        RestartAction::Signal { pidfile, signal } => {
+            let pid = read_pidfile(pidfile)?;
+            if !is_running(pid) {
+                return Err(ActionError::NotRunning { pid, path: pidfile.clone() });
+            }
+            kill(Pid::from_raw(pid), *signal).map_err(|source| ActionError::Signal { signal: *signal, pid, source })
+        }
+    }
+}
+
+/// Why a health check did not pass: "health check URL returned 503, 5 tries over 30s".
+#[derive(Debug)]
+pub struct HealthFailure {
+    pub target: String,
+    pub last: String,
+    pub tries: u32,
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for HealthFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tries = if self.tries == 1 { "1 try".to_string() } else { format!("{} tries", self.tries) };
+        write!(f, "health check {} {}, {tries} over {}", self.target, self.last, fmt_duration(self.elapsed))
+    }
+}
+
+impl std::error::Error for HealthFailure {}
+
+fn target(check: &HealthCheck) -> String {
+    match check {
+        HealthCheck::Http { url, .. } => url.to_string(),
+        HealthCheck::Tcp { address } => format!("tcp {address}"),
+        HealthCheck::Command(spec) => format!("command {}", spec.program()),
+    }
+}
+
+/// One GET; returns the status and up to [`BODY_CAP`] of the body.
+async fn http_get(url: &HttpUrl) -> Result<(u16, Vec<u8>), String> {
+    let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| format!("failed: cannot connect to {}:{}: {e}", url.host, url.port))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("failed: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let _abort = AbortOnDrop(conn);
+    let req = http::Request::get(url.path.as_str())
+        .header(http::header::HOST, url.authority.as_str())
+        .header(http::header::USER_AGENT, concat!("rekey-agent/", env!("CARGO_PKG_VERSION")))
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| format!("failed: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("failed: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = http_body_util::Limited::new(resp.into_body(), BODY_CAP)
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One attempt: `Ok` if healthy, else what went wrong ("returned 503").
+async fn check_once(
+    check: &HealthCheck,
+    values: &CommandValues<'_>,
+    timeout: Duration,
+    scrub: &Scrubber,
+) -> Result<(), String> {
+    match check {
+        HealthCheck::Http { url, status, body_contains } => {
+            let (got, body) = tokio::time::timeout(timeout, http_get(url))
+                .await
+                .map_err(|_| format!("timed out after {}", fmt_duration(timeout)))??;
+            if got != *status {
+                return Err(format!("returned {got}"));
+            }
+            if let Some(needle) = body_contains
+                && !String::from_utf8_lossy(&body).contains(needle.as_str())
+            {
+                return Err(format!("returned {got} without {needle:?} in the body"));
+            }
+            Ok(())
+        }
+        HealthCheck::Tcp { address } => {
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address.as_str())).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("failed: {e}")),
+                Err(_) => Err(format!("timed out after {}", fmt_duration(timeout))),
+            }
+        }
+        HealthCheck::Command(spec) => match run_command(spec, values, timeout, scrub).await {
+            Ok(()) => Ok(()),
+            Err(ActionError::Exit { status, output, .. }) => {
+                Err(format!("exited with {}{}", fmt_status(status), fmt_tail(&output)))
+            }
+            Err(ActionError::Timeout { after, .. }) => Err(format!("timed out after {}", fmt_duration(after))),
+            Err(e) => Err(format!("failed: {}", crate::enroll::chain(&e))),
+        },
+    }
+}
+
+/// Checks until one attempt passes or `retries` attempts failed.
+pub async fn check_health(h: &HealthConfig, values: &CommandValues<'_>, scrub: &Scrubber) -> Result<(), HealthFailure> {
+    let start = Instant::now();
+    let mut last = String::new();
+    for attempt in 1..=h.retries {
+        match check_once(&h.check, values, h.timeout, scrub).await {
+            Ok(()) => {
+                tracing::debug!(target = %target(&h.check), attempt, "health check passed");
+                return Ok(());
+            }
+            Err(why) => {
+                tracing::debug!(target = %target(&h.check), attempt, reason = %scrub.scrub(&why), "health check failed");
+                last = why;
+            }
+        }
+        if attempt < h.retries {
+            tokio::time::sleep(h.interval).await;
+        }
+    }
+    Err(HealthFailure {
+        target: target(&h.check),
+        last: scrub.scrub(&last),
+        tries: h.retries,
+        elapsed: start.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn sh(script: &str) -> CommandSpec {
+        CommandSpec::plain(vec!["/bin/sh".into(), "-c".into(), script.into()])
+    }
+
+    fn none() -> CommandValues<'static> {
+        static EMPTY: std::sync::OnceLock<Fields> = std::sync::OnceLock::new();
+        CommandValues { fields: EMPTY.get_or_init(Fields::default), source: "no version is available" }
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(fmt_duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(fmt_duration(Duration::from_millis(2500)), "2.5s");
+        assert_eq!(fmt_duration(Duration::from_millis(3000)), "3s");
+        assert_eq!(fmt_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(fmt_duration(Duration::from_secs(125)), "2m 5s");
+    }
+
+    #[tokio::test]
+    async fn secrets_reach_commands_by_env_and_stdin_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mut spec = sh(&format!("printf '%s|' \"$API_KEY\" > {0}; cat >> {0}", out.display()));
+        spec.env = BTreeMap::from([("API_KEY".to_string(), "value".to_string())]);
+        spec.stdin = Some("value".into());
+        let fields = Fields::from_pairs([("value", &b"s3cret-value"[..])]);
+        let values = CommandValues { fields: &fields, source: "the new version does not carry" };
+        run_command(&spec, &values, Duration::from_secs(5), &Scrubber::default()).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "s3cret-value|s3cret-value");
+
+        spec.env = BTreeMap::from([("API_KEY".to_string(), "nope".to_string())]);
+        let e = run_command(&spec, &values, Duration::from_secs(5), &Scrubber::default()).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "environment variable API_KEY of /bin/sh needs field nope, which the new version does not carry"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_are_reported_with_scrubbed_output() {
+        let fields = Fields::from_pairs([("value", &b"s3cret-value"[..])]);
+        let scrub = Scrubber::new(&[&fields]);
+        let e = run_command(
+            &sh("echo noise; echo \"bad key s3cret-value\" >&2; exit 3"),
+            &none(),
+            Duration::from_secs(5),
+            &scrub,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "/bin/sh exited with status 3: bad key <redacted>");
+        let e = run_command(&sh("sleep 5"), &none(), Duration::from_millis(200), &scrub).await.unwrap_err();
+        assert_eq!(e.to_string(), "/bin/sh did not finish within 200ms");
+        let e = run_command(&CommandSpec::plain(vec!["/no/such/prog".into()]), &none(), Duration::from_secs(1), &scrub)
+            .await
+            .unwrap_err();
+        assert!(crate::enroll::chain(&e).starts_with("cannot run /no/such/prog: "), "{e}");
+    }
+
+    /// A daemon started by the command keeps the pipes open: the command's
+    /// exit, not EOF, ends the wait.
+    #[tokio::test]
+    async fn a_daemon_holding_the_pipes_does_not_block() {
+        let t = Instant::now();
+        run_command(&sh("sleep 3 & exit 0"), &none(), Duration::from_secs(5), &Scrubber::default()).await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_future_kills_the_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let spec = sh(&format!("echo $$ > {}; sleep 30", pidfile.display()));
+        let (values, scrub) = (none(), Scrubber::default());
+        let fut = run_command(&spec, &values, Duration::from_secs(60), &scrub);
+        let _ = tokio::time::timeout(Duration::from_millis(500), fut).await;
+        let pid = read_pidfile(&pidfile).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while is_running(pid) {
+            assert!(Instant::now() < deadline, "process {pid} survived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn health_checks_report_what_failed() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = HealthConfig {
+            check: HealthCheck::Tcp { address: addr.clone() },
+            retries: 2,
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_secs(1),
+        };
+        check_health(&h, &none(), &Scrubber::default()).await.unwrap();
+        drop(l);
+        let e = check_health(&h, &none(), &Scrubber::default()).await.unwrap_err().to_string();
+        assert!(e.starts_with(&format!("health check tcp {addr} failed: ")) && e.contains(", 2 tries over "), "{e}");
+
+        let h = HealthConfig { check: HealthCheck::Command(sh("exit 4")), retries: 1, ..h };
+        let e = check_health(&h, &none(), &Scrubber::default()).await.unwrap_err().to_string();
+        assert!(e.starts_with("health check command /bin/sh exited with status 4, 1 try over "), "{e}");
+    }
+
+    #[tokio::test]
+    async fn signal_restart_needs_a_live_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("app.pid");
+        let r = RestartConfig {
+            action: RestartAction::Signal { pidfile: pidfile.clone(), signal: Signal::SIGHUP },
+            jitter: Duration::ZERO,
+            timeout: Duration::from_secs(1),
+        };
+        let e = restart(&r, &none(), &Scrubber::default()).await.unwrap_err();
+        assert!(e.to_string().starts_with("cannot read pidfile"), "{e}");
+        std::fs::write(&pidfile, "garbage\n").unwrap();
+        let e = restart(&r, &none(), &Scrubber::default()).await.unwrap_err();
+        assert!(e.to_string().contains("does not hold a process id"), "{e}");
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        std::fs::write(&pidfile, format!("{}\n", child.id())).unwrap();
+        restart(&r, &none(), &Scrubber::default()).await.unwrap();
+        let st = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(Signal::SIGHUP as i32));
+        let e = restart(&r, &none(), &Scrubber::default()).await.unwrap_err();
+        assert!(e.to_string().contains("is not running"), "{e}");
+    }
+}
