@@ -2,6 +2,7 @@
 //! certificate. Human tables by default, `-o json` on every listing; an error
 //! is one line on stderr and a non-zero exit.
 
+mod demo;
 mod rotate;
 mod table;
 
@@ -11,7 +12,7 @@ use rekey_common::time::{format_relative, format_unix, now_unix, parse_duration}
 use rekey_common::tls;
 use rekey_proto::v1::admin_service_client::AdminServiceClient;
 use rekey_proto::v1::{
-    Control, ControlRotationRequest, CreateTokenRequest, GetRotationRequest, ListAgentsRequest, ListAuditRequest,
+    Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest, ListAgentsRequest, ListAuditRequest,
     ListRotationsRequest, ListSecretsRequest, ListVersionsRequest, RevokeAgentRequest, StartRotationRequest,
     VerifyAuditRequest,
 };
@@ -46,6 +47,9 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole thing on this machine: a coordinator, a demo API, N agents
+    /// and services, two live rotations (one with a failing host), a report.
+    Demo(demo::DemoArgs),
     /// Join tokens for enrolling hosts.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -61,6 +65,12 @@ enum Command {
     /// Start, watch and steer rotations.
     #[command(subcommand)]
     Rotate(RotateCmd),
+    /// An incident report for a rotation (Markdown or JSON); never contains secret values.
+    Report {
+        id: String,
+        #[arg(long, value_parser = ["md", "json"], default_value = "md")]
+        format: String,
+    },
     /// The hash-chained audit log.
     Audit {
         #[command(subcommand)]
@@ -144,13 +154,13 @@ struct OperatorFile {
     coordinator: Option<String>,
 }
 
-struct Client {
-    inner: AdminServiceClient<Channel>,
-    addr: String,
+pub(crate) struct Client {
+    pub(crate) inner: AdminServiceClient<Channel>,
+    pub(crate) addr: String,
 }
 
 impl Client {
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.metadata_mut().insert(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string().parse().expect("ascii"));
         r
@@ -166,7 +176,7 @@ impl Client {
     }
 
     /// One clear line for a failed call.
-    fn explain(&self, status: tonic::Status) -> anyhow::Error {
+    pub(crate) fn explain(&self, status: tonic::Status) -> anyhow::Error {
         use tonic::Code::*;
         match status.code() {
             Unavailable | Unknown | Cancelled => anyhow!(
@@ -202,11 +212,17 @@ async fn connect(cli: &Cli) -> Result<Client> {
         .operator_dir
         .as_deref()
         .ok_or_else(|| anyhow!("no operator credential: pass --operator-dir DIR or set REKEY_OPERATOR_DIR (rekeyd writes one to DATA_DIR/operator)"))?;
+    connect_to(dir, cli.coordinator.clone()).await
+}
+
+/// Connects with the operator credential in `dir` to `coordinator` (or the
+/// address in the dir's rekey.toml).
+pub(crate) async fn connect_to(dir: &Path, coordinator: Option<String>) -> Result<Client> {
     let ca = tls::certs_from_pem(&read(dir, "ca.pem")?, "ca.pem")?;
     let chain = tls::certs_from_pem(&read(dir, "operator.pem")?, "operator.pem")?;
     let key = tls::key_from_pem(&read(dir, "operator.key")?, "operator.key")?;
-    let addr = match &cli.coordinator {
-        Some(a) => a.clone(),
+    let addr = match coordinator {
+        Some(a) => a,
         None => {
             let p = dir.join("rekey.toml");
             let f: OperatorFile = rekey_common::config::load_toml(&p)?;
@@ -234,6 +250,9 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Command::Demo(args) = &cli.command {
+        return demo::run(args.clone()).await;
+    }
     let mut client = connect(&cli).await?;
     match &cli.command {
         Command::Token(TokenCmd::Create { host, labels, ttl }) => {
@@ -325,6 +344,7 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("revoked agent {name}{}", if r.was_connected { "; its live session was closed" } else { "" });
             }
         }
+        Command::Demo(_) => unreachable!("handled before connecting"),
         Command::Secrets => {
             let v = client.json(client.inner.clone().list_secrets(client.request(ListSecretsRequest {})).await)?;
             output(cli.output, &v, rotate::print_secrets);
@@ -335,6 +355,11 @@ async fn run(cli: Cli) -> Result<()> {
             output(cli.output, &v, rotate::print_versions);
         }
         Command::Rotate(cmd) => return rotate_cmd(&mut client, cli.output, cmd).await,
+        Command::Report { id, format } => {
+            let req = client.request(GetReportRequest { id: id.clone(), format: format.clone() });
+            let r = client.inner.clone().get_report(req).await.map_err(|s| client.explain(s))?;
+            print!("{}", r.into_inner().content);
+        }
         Command::Audit { command: None, limit } => {
             let v = client.json(
                 client.inner.clone().list_audit(client.request(ListAuditRequest { limit: limit.unwrap_or(0) })).await,
