@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod engine;
 pub mod pki;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod sessions;

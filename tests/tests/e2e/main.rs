@@ -5,3 +5,4 @@ mod architecture;
 mod engine;
 mod foundation;
 mod grpc;
+mod pipeline;

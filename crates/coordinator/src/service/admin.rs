@@ -10,8 +10,8 @@ use rekey_common::tls::{Identity, Role};
 use rekey_proto::v1::admin_service_server::AdminService;
 use rekey_proto::v1::{
     AgentInfo, Control, ControlRotationRequest, CoordinatorMessage, CreateTokenRequest, CreateTokenResponse,
-    GetRotationRequest, JsonResponse, ListAgentsRequest, ListAgentsResponse, ListAuditRequest, ListRotationsRequest,
-    ListSecretsRequest, ListVersionsRequest, RevokeAgentRequest, RevokeAgentResponse, Revoked, StartRotationRequest,
+    GetReportRequest, GetRotationRequest, JsonResponse, ListAgentsRequest, ListAgentsResponse, ListAuditRequest, ListRotationsRequest,
+    ListSecretsRequest, ListVersionsRequest, ReportResponse, RevokeAgentRequest, RevokeAgentResponse, Revoked, StartRotationRequest,
     VerifyAuditRequest, coordinator_message,
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
@@ -273,6 +273,24 @@ impl AdminService for AdminSvc {
             })
             .collect();
         Ok(json(serde_json::Value::Array(v)))
+    }
+
+    async fn get_report(&self, req: Request<GetReportRequest>) -> Result<Response<ReportResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let r = req.into_inner();
+        let state = self.shared.engine.state();
+        let rot = state
+            .get_rotation(&r.id)
+            .map_err(|e| Status::internal(one_line(&e)))?
+            .ok_or_else(|| engine_status(EngineError::UnknownRotation(r.id.clone())))?;
+        let audit = state.audit_records().map_err(|e| Status::internal(one_line(&e)))?;
+        let head = crate::audit::verify(&audit).head;
+        let content = match r.format.as_str() {
+            "md" | "markdown" | "" => crate::report::rotation_markdown(&rot, &audit, &head),
+            "json" => serde_json::to_string_pretty(&crate::report::rotation_json(&rot, &audit, &head)).expect("json"),
+            other => return Err(Status::invalid_argument(format!("unknown report format {other:?}: expected md or json"))),
+        };
+        Ok(Response::new(ReportResponse { content }))
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<JsonResponse>, Status> {

@@ -1,0 +1,144 @@
+//! Incident reports: what was rotated, where, when, by whom, what failed —
+//! built from a rotation and the audit chain, as Markdown or JSON. Reports
+//! name versions, hosts, fingerprints and operators; never a secret value.
+
+use crate::audit::AuditRecord;
+use crate::engine::machine::{HostState, Rotation};
+use rekey_common::time::format_unix;
+use serde_json::{Value, json};
+
+fn ts(ms: i64) -> String {
+    format_unix(ms / 1000)
+}
+
+fn dur(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    if s < 120 { format!("{s}s") } else if s < 7200 { format!("{}m", s / 60) } else { format!("{}h{}m", s / 3600, s % 3600 / 60) }
+}
+
+/// The audit records that concern one rotation.
+pub fn records_of<'a>(audit: &'a [AuditRecord], rotation: &str) -> Vec<&'a AuditRecord> {
+    audit.iter().filter(|r| r.details["rotation"] == rotation).collect()
+}
+
+/// The report as a JSON document.
+pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) -> Value {
+    let hosts: Vec<Value> = rot
+        .hosts
+        .iter()
+        .map(|(name, h)| {
+            let at = |s: HostState| h.history.iter().find(|(st, _)| *st == s).map(|(_, t)| ts(*t));
+            json!({
+                "host": name,
+                "wave": h.wave,
+                "outcome": h.state.as_str(),
+                "delivered": at(HostState::Delivered),
+                "healthy": at(HostState::Healthy),
+                "fingerprint": h.fingerprint,
+                "error": h.error,
+                "rolled_back": h.history.iter().any(|(s, _)| *s == HostState::RolledBack),
+                "excluded": h.exclusion.as_ref().map(|e| json!({"by": e.by, "reason": e.reason, "at": ts(e.at_ms)})),
+                "history": h.history.iter().map(|(s, t)| json!([s.as_str(), ts(*t)])).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let operator_actions: Vec<Value> = records_of(audit, &rot.id)
+        .into_iter()
+        .filter(|r| r.actor.starts_with("operator/"))
+        .map(|r| json!({"seq": r.seq, "at": ts(r.at_ms), "actor": r.actor, "action": r.action, "details": r.details}))
+        .collect();
+    json!({
+        "kind": "rotation",
+        "id": rot.id,
+        "secret": rot.secret,
+        "outcome": rot.state.as_str(),
+        "started_by": rot.started_by,
+        "started": ts(rot.created_ms),
+        "finished": if rot.state.is_terminal() { Some(ts(rot.updated_ms)) } else { None },
+        "duration": dur(rot.updated_ms - rot.created_ms),
+        "old_version": rot.old_version,
+        "new_version": rot.new_version,
+        "expected_fingerprint": rot.expected_fingerprint,
+        "policy": rot.policy,
+        "waves": rot.waves,
+        "timeline": rot.timeline.iter().map(|t| json!({"at": ts(t.at_ms), "state": t.state.as_str(), "note": t.note})).collect::<Vec<_>>(),
+        "hosts": hosts,
+        "failures": rot.hosts.iter().filter(|(_, h)| h.history.iter().any(|(s, _)| matches!(s, HostState::Failed | HostState::RolledBack)))
+            .map(|(n, h)| json!({"host": n, "error": h.error})).collect::<Vec<_>>(),
+        "exclusions": rot.hosts.iter().filter_map(|(n, h)| h.exclusion.as_ref().map(|e| json!({"host": n, "by": e.by, "reason": e.reason}))).collect::<Vec<_>>(),
+        "operator_actions": operator_actions,
+        "audit_chain_head": chain_head,
+    })
+}
+
+/// The report as Markdown, for humans and incident tickets.
+pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) -> String {
+    let j = rotation_json(rot, audit, chain_head);
+    let s = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(x) => x.clone(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    out.push_str(&format!("# Rotation report: `{}` ({})\n\n", rot.secret, rot.id));
+    out.push_str("| | |\n|---|---|\n");
+    out.push_str(&format!("| outcome | **{}** |\n", rot.state.as_str()));
+    out.push_str(&format!("| started | {} by `{}` |\n", s(&j["started"]), rot.started_by));
+    out.push_str(&format!("| finished | {} |\n", s(&j["finished"])));
+    out.push_str(&format!("| duration | {} |\n", s(&j["duration"])));
+    out.push_str(&format!(
+        "| versions | `{}` → `{}` |\n",
+        rot.old_version.as_deref().unwrap_or("(none)"),
+        rot.new_version.as_deref().unwrap_or("(none)")
+    ));
+    out.push_str(&format!("| hosts | {} in {} waves |\n", rot.hosts.len(), rot.waves.len()));
+    out.push_str(&format!("| new version fingerprint | `{}` |\n\n", rot.expected_fingerprint.as_deref().unwrap_or("-")));
+
+    out.push_str("## Timeline\n\n| time | state | event |\n|---|---|---|\n");
+    for t in &rot.timeline {
+        out.push_str(&format!("| {} | {} | {} |\n", ts(t.at_ms), t.state.as_str(), t.note.replace('|', "\\|")));
+    }
+    out.push_str("\n## Hosts\n\n| host | wave | outcome | delivered | confirmed | fingerprint | note |\n|---|---|---|---|---|---|---|\n");
+    for h in j["hosts"].as_array().into_iter().flatten() {
+        let note = match (&h["excluded"], &h["error"]) {
+            (Value::Object(e), _) => format!("excluded by {}: {}", s(&e["by"]), s(&e["reason"])),
+            (_, Value::String(e)) => e.clone(),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | `{}` | {} |\n",
+            s(&h["host"]),
+            s(&h["wave"]),
+            s(&h["outcome"]),
+            s(&h["delivered"]),
+            s(&h["healthy"]),
+            s(&h["fingerprint"]),
+            note.replace('|', "\\|")
+        ));
+    }
+    let failures = j["failures"].as_array().cloned().unwrap_or_default();
+    out.push_str("\n## Failures and rollbacks\n\n");
+    if failures.is_empty() {
+        out.push_str("None.\n");
+    }
+    for f in failures {
+        out.push_str(&format!("- **{}**: {}\n", s(&f["host"]), s(&f["error"])));
+    }
+    let exclusions = j["exclusions"].as_array().cloned().unwrap_or_default();
+    out.push_str("\n## Exclusions\n\n");
+    if exclusions.is_empty() {
+        out.push_str("None: every target host confirmed the new version.\n");
+    }
+    for e in exclusions {
+        out.push_str(&format!("- **{}** excluded by `{}`: {}\n", s(&e["host"]), s(&e["by"]), s(&e["reason"])));
+    }
+    out.push_str("\n## Operator actions\n\n");
+    for a in j["operator_actions"].as_array().into_iter().flatten() {
+        out.push_str(&format!("- {} `{}` {} (audit #{})\n", s(&a["at"]), s(&a["actor"]), s(&a["action"]), s(&a["seq"])));
+    }
+    out.push_str(&format!(
+        "\n---\nBuilt from the audit chain at head `{chain_head}` (`rekey audit verify` checks it). \
+         This report contains version ids and keyed fingerprints, never secret values.\n"
+    ));
+    out
+}
