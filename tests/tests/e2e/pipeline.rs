@@ -29,7 +29,7 @@ grace = "1s"
 fn agent_config(dir: &Path) -> String {
     let d = dir.display();
     format!(
-        r#"state_dir = "state"
+        r##"state_dir = "state"
 [reconnect]
 initial_backoff = "100ms"
 max_backoff = "1s"
@@ -50,7 +50,7 @@ name = "{SECRET}"
   retries = 2
   interval = "100ms"
   timeout = "60s"
-"#
+"##
     )
 }
 

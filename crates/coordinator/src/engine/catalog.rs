@@ -1,11 +1,13 @@
 //! The secret catalog: `[[secret]]` blocks of `coordinator.toml`, validated
 //! into [`SecretSpec`]s. A config error names the file, the secret and the field.
+//! Relative paths in provider and sink settings (credential files, commands)
+//! are relative to the config file.
 
 use super::machine::Policy;
 use super::plan::Amount;
 use rekey_common::config::ConfigError;
 use rekey_common::time::parse_duration;
-use rekey_providers::ProviderConfig;
+use rekey_providers::{ProviderConfig, SinkConfig};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -17,6 +19,9 @@ pub(crate) struct RawSecret {
     #[serde(default)]
     description: String,
     provider: ProviderConfig,
+    /// Where every new version is also written (e.g. Vault), before any host gets it.
+    #[serde(default)]
+    sinks: Vec<SinkConfig>,
     /// Labels an agent must carry (all of them) to receive this secret.
     #[serde(default)]
     selector: BTreeMap<String, String>,
@@ -101,6 +106,7 @@ pub struct SecretSpec {
     pub name: String,
     pub description: String,
     pub provider: ProviderConfig,
+    pub sinks: Vec<SinkConfig>,
     pub selector: BTreeMap<String, String>,
     pub policy: Policy,
 }
@@ -126,7 +132,8 @@ fn duration_ms(path: &Path, field: &str, s: &str) -> Result<i64, ConfigError> {
 pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpec>, ConfigError> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
-    for (i, s) in raw.into_iter().enumerate() {
+    let base = path.parent().unwrap_or(Path::new("."));
+    for (i, mut s) in raw.into_iter().enumerate() {
         let at = |f: &str| format!("secret[{i}] ({:?}).{f}", s.name);
         if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
         {
@@ -139,7 +146,22 @@ pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpe
         if !seen.insert(s.name.clone()) {
             return Err(ConfigError::field(path, at("name"), "this secret is declared twice"));
         }
+        s.provider.resolve_paths(base);
         s.provider.validate().map_err(|(f, m)| ConfigError::field(path, at(&format!("provider.{f}")), m))?;
+        for (j, sink) in s.sinks.iter_mut().enumerate() {
+            sink.resolve_paths(base);
+            sink.validate().map_err(|(f, m)| ConfigError::field(path, at(&format!("sinks[{j}].{f}")), m))?;
+        }
+        if s.revocation.deactivate && !s.provider.can_deactivate() {
+            return Err(ConfigError::field(
+                path,
+                at("revocation.deactivate"),
+                format!(
+                    "the {} provider has no deactivate operation configured: configure provider.deactivate, or set revocation.deactivate = false (the old version is then deleted after the rollout)",
+                    s.provider.kind()
+                ),
+            ));
+        }
         let mut waves = Vec::new();
         for (j, w) in s.rollout.waves.iter().enumerate() {
             waves.push(amount(path, &at(&format!("rollout.waves[{j}]")), w)?);
@@ -164,6 +186,7 @@ pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpe
             name: s.name,
             description: s.description,
             provider: s.provider,
+            sinks: s.sinks,
             selector: s.selector,
             policy,
         });

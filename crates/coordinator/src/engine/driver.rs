@@ -18,7 +18,7 @@ use rand::Rng;
 use rekey_common::secret::fingerprint_fields;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1::{self, CoordinatorMessage, coordinator_message};
-use rekey_providers::{CreateRequest, Provider, ProviderError};
+use rekey_providers::{CreateRequest, Provider, ProviderError, Sink, SinkWrite};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +130,8 @@ pub struct Engine {
     store: Store,
     sessions: Sessions,
     providers: Arc<HashMap<String, Arc<dyn Provider>>>,
+    /// Per secret, where every new version is also written.
+    sinks: Arc<HashMap<String, Vec<Arc<dyn Sink>>>>,
     active: HashMap<String, Rotation>,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
@@ -199,14 +201,19 @@ impl Engine {
         sessions: Sessions,
     ) -> Result<(Engine, EngineHandle), ProviderError> {
         let mut providers = HashMap::new();
+        let mut sinks = HashMap::new();
         for spec in &config.secrets {
             let p = rekey_providers::build(&spec.provider, state.provider_state(&spec.name))?;
             providers.insert(spec.name.clone(), p);
+            let built =
+                spec.sinks.iter().map(|c| rekey_providers::build_sink(c, &spec.name)).collect::<Result<Vec<_>, _>>()?;
+            sinks.insert(spec.name.clone(), built);
         }
         let providers = Arc::new(providers);
+        let sinks = Arc::new(sinks);
         let (tx, rx) = mpsc::channel(1024);
         let handle = EngineHandle { tx: tx.clone(), state: state.clone(), providers: providers.clone() };
-        Ok((Engine { config, state, store, sessions, providers, active: HashMap::new(), tx, rx }, handle))
+        Ok((Engine { config, state, store, sessions, providers, sinks, active: HashMap::new(), tx, rx }, handle))
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), EngineError> {
@@ -495,13 +502,14 @@ impl Engine {
             });
             return;
         };
+        let sinks = self.sinks.get(&rot.secret).cloned().unwrap_or_default();
         let state = self.state.clone();
         let tx = self.tx.clone();
         let rot = rot.clone();
         let span = tracing::info_span!("provider", rotation = %rot.id, secret = %rot.secret, op = ?op);
         tokio::spawn(
             async move {
-                let event = match provider_call(&*provider, &state, &rot, op).await {
+                let event = match provider_call(&*provider, &sinks, &state, &rot, op).await {
                     Ok(ev) => ev,
                     Err(error) => {
                         tracing::warn!(%error, "provider call failed");
@@ -533,7 +541,13 @@ where
     }
 }
 
-async fn provider_call(p: &dyn Provider, state: &EngineState, rot: &Rotation, op: ProviderOp) -> Result<Event, String> {
+async fn provider_call(
+    p: &dyn Provider,
+    sinks: &[Arc<dyn Sink>],
+    state: &EngineState,
+    rot: &Rotation,
+    op: ProviderOp,
+) -> Result<Event, String> {
     match op {
         ProviderOp::Create => {
             let req = CreateRequest {
@@ -560,6 +574,23 @@ async fn provider_call(p: &dyn Provider, state: &EngineState, rot: &Rotation, op
                     })
                     .collect();
                 state.audit(now_unix_ms(), entries).map_err(|e| e.to_string())?;
+            }
+            // Sinks hold the version before any host does; a failure halts the
+            // rotation (nothing delivered) and a resume writes again (idempotent).
+            for sink in sinks {
+                let w = SinkWrite { secret: &rot.secret, rotation_id: &rot.id, version: &v.id, fields: &v.fields };
+                let note =
+                    with_retries(|| sink.write(&w)).await.map_err(|e| format!("sink {}: {e}", sink.describe()))?;
+                tracing::info!(version = %v.id, sink = %sink.describe(), "written to sink");
+                let entry = AuditEntry::new(
+                    "rekeyd",
+                    "sink.write",
+                    serde_json::json!({
+                        "rotation": rot.id, "secret": rot.secret, "version": v.id,
+                        "sink": sink.describe(), "note": note,
+                    }),
+                );
+                state.audit(now_unix_ms(), vec![entry]).map_err(|e| e.to_string())?;
             }
             Ok(Event::Generated { version: v.id, fingerprint })
         }

@@ -186,6 +186,11 @@ pub struct HostStatus {
     pub exclusion: Option<Exclusion>,
     /// Abort: this host may hold the new version and must confirm its rollback.
     pub rollback_pending: bool,
+    /// A reconnected host that may have missed its delivery gets it again at
+    /// this time, unless it reports first (an agent that was mid-apply
+    /// reports the truth about that attempt right after its hello).
+    #[serde(default)]
+    pub redeliver_at_ms: Option<i64>,
     /// (state, time) of each change, oldest first.
     pub history: Vec<(HostState, i64)>,
 }
@@ -201,6 +206,7 @@ impl HostStatus {
             error: None,
             exclusion: None,
             rollback_pending: false,
+            redeliver_at_ms: None,
             history: vec![(HostState::Pending, now)],
         }
     }
@@ -253,6 +259,10 @@ pub struct Rotation {
     pub delete_new_issued: bool,
     pub timeline: Vec<TimelineEntry>,
 }
+
+/// How long after a reconnect a host that was mid-delivery is sent the
+/// version again if it has not reported on its own.
+pub const REDELIVER_AFTER_MS: i64 = 1500;
 
 /// A side effect for the driver, performed after the state is persisted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -506,7 +516,16 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
         Event::Tick => {
             let deadline = rot.policy.host_deadline_ms;
             if matches!(rot.state, RotationState::RollingOut | RotationState::Halted) {
-                for h in rot.hosts.values_mut() {
+                for (name, h) in rot.hosts.iter_mut() {
+                    if h.redeliver_at_ms.is_some_and(|t| now >= t) {
+                        h.redeliver_at_ms = None;
+                        if h.state.in_flight() || h.state == HostState::Unreachable {
+                            h.delivered_ms = Some(now);
+                            h.set(HostState::Delivered, now);
+                            actions.push(Action::Deliver { host: name.clone() });
+                            continue;
+                        }
+                    }
                     if h.state.in_flight() && h.delivered_ms.is_some_and(|d| now - d > deadline) {
                         h.error = Some(format!(
                             "no healthy report within {} of delivery (last stage: {})",
@@ -583,6 +602,7 @@ fn report(
     if h.state == HostState::Excluded {
         return;
     }
+    h.redeliver_at_ms = None;
     if aborting && matches!(stage, Stage::Delivered | Stage::Applied | Stage::Restarted | Stage::Healthy) {
         // Anything that may hold the new version must confirm a rollback
         // before the new version is deleted.
@@ -652,12 +672,15 @@ fn connected(rot: &mut Rotation, host: &str, applied: Option<(String, String)>, 
                 h.fingerprint = expected;
                 h.error = None;
                 h.set(HostState::Healthy, now);
-            } else if h.delivered_ms.is_some() && (state == RotationState::RollingOut || h.state != HostState::Healthy)
-            {
-                // It missed (part of) its delivery while away: send it again.
+            } else if h.state == HostState::Healthy && state == RotationState::RollingOut {
+                // It lost the version it had confirmed: send it again.
                 h.delivered_ms = Some(now);
                 h.set(HostState::Delivered, now);
                 actions.push(Action::Deliver { host: host.to_string() });
+            } else if h.delivered_ms.is_some() && h.state != HostState::Healthy {
+                // It may have missed (part of) its delivery while away; if it
+                // was mid-apply its reports come first. Re-deliver on a tick.
+                h.redeliver_at_ms = Some(now + REDELIVER_AFTER_MS);
             }
         }
         RotationState::Aborting if !delete_new_issued && h.rollback_pending => {

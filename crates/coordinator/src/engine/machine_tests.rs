@@ -150,10 +150,12 @@ fn an_unreachable_host_blocks_revocation_until_it_returns_or_is_excluded() {
     assert!(a.is_empty());
     assert_eq!(r.state, RotationState::RollingOut, "waiting, not halted");
     assert_eq!(r.blocking_hosts(), vec![("h3".to_string(), HostState::Unreachable)]);
-    // It comes back: it gets the delivery.
+    // It comes back: after a moment for its own reports, it gets the delivery.
     let a = ev(&mut r, Event::Connected { host: "h3".into(), applied: Some(("v1".into(), "old".into())) }, 5);
+    assert!(delivers(&a).is_empty());
+    let a = ev(&mut r, Event::Tick, 5 + REDELIVER_AFTER_MS);
     assert_eq!(delivers(&a), vec!["h3"]);
-    let a = all_healthy(&mut r, &["h3".into()], 6);
+    let a = all_healthy(&mut r, &["h3".into()], 6 + REDELIVER_AFTER_MS);
     assert_eq!(a, vec![Action::DeactivateOld]);
 }
 
@@ -188,6 +190,23 @@ fn a_wrong_fingerprint_is_a_failure_not_a_confirmation() {
     assert!(!a.contains(&Action::DeactivateOld));
     assert_eq!(r.hosts["h1"].state, HostState::Failed);
     assert_eq!(r.state, RotationState::Halted);
+}
+
+#[test]
+fn a_host_that_reconnects_mid_apply_reports_before_it_is_sent_the_version_again() {
+    let mut r = rotation(1, Policy { canary: 0, waves: vec![], ..policy() });
+    start(&mut r);
+    ev(&mut r, report("h1", Stage::Applied), 3);
+    // The agent was killed mid-apply and restarted: hello says old version,
+    // then its recovery reports arrive before any re-delivery.
+    let a = ev(&mut r, Event::Connected { host: "h1".into(), applied: Some(("v1".into(), "old".into())) }, 4);
+    assert!(a.is_empty());
+    ev(&mut r, report("h1", Stage::Failed), 5);
+    ev(&mut r, report("h1", Stage::RolledBack), 6);
+    let a = ev(&mut r, Event::Tick, 10_000);
+    assert!(delivers(&a).is_empty(), "the truth was told: no blind re-delivery");
+    assert_eq!(r.state, RotationState::Halted);
+    assert_eq!(r.hosts["h1"].state, HostState::RolledBack);
 }
 
 #[test]
