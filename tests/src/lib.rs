@@ -31,7 +31,7 @@ pub fn bins() -> &'static Bins {
         // Benchmarks built with --release measure release binaries.
         let release = std::env::current_exe().is_ok_and(|p| p.components().any(|c| c.as_os_str() == "release"));
         let mut args =
-            vec!["build", "--quiet", "-p", "rekey-coordinator", "-p", "rekey-agent", "-p", "rekey-cli", "--bins"];
+            vec!["build", "--quiet", "-p", "rekey-coordinator", "-p", "rekey-agent", "-p", "rekey-cli", "-p", "rekey-demo", "--bins"];
         if release {
             args.push("--release");
         }

@@ -252,13 +252,13 @@ async fn get_rotation(c: &mut Client, id: &str) -> Result<Value> {
 
 /// Follows a rotation with a progress bar per wave until it settles in one
 /// of `until`; prints each timeline event as it happens.
-async fn follow(c: &mut Client, id: &str, until: &[&str]) -> Result<Value> {
+async fn follow(c: &mut Client, id: &str, until: &[&str], seen_before: usize) -> Result<Value> {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
     let style = ProgressStyle::with_template("  {prefix:>7} [{bar:24.green/white}] {pos}/{len} {msg}")
         .expect("static template")
         .progress_chars("=> ");
     let mut bars: Vec<ProgressBar> = Vec::new();
-    let mut seen_timeline = 0;
+    let mut seen_timeline = seen_before;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let r = get_rotation(c, id).await?;
@@ -274,11 +274,10 @@ async fn follow(c: &mut Client, id: &str, until: &[&str]) -> Result<Value> {
         }
         let timeline = r["timeline"].as_array().cloned().unwrap_or_default();
         for e in timeline.iter().skip(seen_timeline) {
-            let _ = multi.println(format!(
-                "  {:<13} {}",
-                e["state"].as_str().unwrap_or(""),
-                e["note"].as_str().unwrap_or("")
-            ));
+            // stdout, so the story is there without a terminal too.
+            multi.suspend(|| {
+                println!("   {:<13} {}", e["state"].as_str().unwrap_or(""), e["note"].as_str().unwrap_or(""))
+            });
         }
         seen_timeline = timeline.len();
         let hosts = r["hosts"].as_object().cloned().unwrap_or_default();
@@ -339,7 +338,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
     let keep = args.keep;
-    let mut w = World { dir: dir.clone(), _tmp: if keep { None } else { tmp }, children: Vec::new(), service_pidfiles: Vec::new(), keep };
+    let mut w = World {
+        dir: dir.clone(),
+        _tmp: if keep { None } else { tmp },
+        children: Vec::new(),
+        service_pidfiles: Vec::new(),
+        keep,
+    };
     if keep {
         // The temp dir must outlive this process.
         std::mem::forget(w._tmp.take());
@@ -392,10 +397,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     for i in 1..=args.hosts {
         let h = Host { name: format!("host-{i}"), dir: dir.join(format!("host-{i}")), port: free_port()? };
         std::fs::create_dir_all(&h.dir)?;
-        write_private(&h.dir.join("service.env"), &format!("# demo service credentials\nDEMO_API_KEY={first_secret}\n"))?;
+        write_private(
+            &h.dir.join("service.env"),
+            &format!("# demo service credentials\nDEMO_API_KEY={first_secret}\n"),
+        )?;
         let cmd = service_cmd(&b, &h, &api);
-        let st = Command::new(&cmd[0]).args(&cmd[1..]).stdin(Stdio::null()).status()?;
-        if !st.success() {
+        let st = Command::new(&cmd[0]).args(&cmd[1..]).stdin(Stdio::null()).output()?;
+        if !st.status.success() {
             bail!("demo service of {} did not start (see {}/service.log)", h.name, h.dir.display());
         }
         w.service_pidfiles.push(h.dir.join("service.pid"));
@@ -419,8 +427,16 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             bail!("enrolling {} failed: {}", h.name, String::from_utf8_lossy(&out.stderr).trim());
         }
         std::fs::write(h.dir.join("agent.toml"), agent_toml(&b, &h, &api, false))?;
-        w.spawn(&format!("agent-{}", h.name), Command::new(&b.agent).arg("run").arg("--config").arg(h.dir.join("agent.toml")))?;
-        println!("   {}: service on 127.0.0.1:{} (health {}), agent enrolled over mTLS", h.name, h.port, health(h.port).unwrap_or(0));
+        w.spawn(
+            &format!("agent-{}", h.name),
+            Command::new(&b.agent).arg("run").arg("--config").arg(h.dir.join("agent.toml")),
+        )?;
+        println!(
+            "   {}: service on 127.0.0.1:{} (health {}), agent enrolled over mTLS",
+            h.name,
+            h.port,
+            health(h.port).unwrap_or(0)
+        );
         hosts.push(h);
     }
     wait_connected(&mut c, hosts.len()).await?;
@@ -428,7 +444,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     step(4, "rotate the API key: canary → waves → every service healthy → deactivate → grace → delete");
     let r1 = start(&mut c).await?;
-    let r1v = follow(&mut c, &r1, &["completed", "halted", "aborted"]).await?;
+    let r1v = follow(&mut c, &r1, &["completed", "halted", "aborted"], 0).await?;
     if r1v["state"] != "completed" {
         bail!("the first rotation ended {}: {}", r1v["state"], r1v["halt_reason"]);
     }
@@ -442,18 +458,26 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     check_all_healthy(&hosts)?;
 
     let bad = &hosts[2];
-    step(5, &format!("rotate again, with {} misconfigured (its agent.toml names a file that does not exist)", bad.name));
+    step(
+        5,
+        &format!("rotate again, with {} misconfigured (its agent.toml names a file that does not exist)", bad.name),
+    );
     std::fs::write(bad.dir.join("agent.toml"), agent_toml(&b, bad, &api, true))?;
     restart_agent(&mut w, &b, bad)?;
     wait_connected(&mut c, hosts.len()).await?;
     let r2 = start(&mut c).await?;
-    let r2v = follow(&mut c, &r2, &["halted", "completed", "aborted"]).await?;
+    let r2v = follow(&mut c, &r2, &["halted", "completed", "aborted"], 0).await?;
     if r2v["state"] != "halted" {
         bail!("expected the rollout to halt on {}, it is {}", bad.name, r2v["state"]);
     }
-    println!("   halted: {}", r2v["halt_reason"].as_str().unwrap_or(""));
-    let current = key_of(&hosts[0])?;
-    let (st, _) = http(&api, "GET", "/v1/whoami", &current, "")?;
+    let seen = r2v["timeline"].as_array().map(Vec::len).unwrap_or(0);
+    println!(
+        "   {} failed and rolled back by itself ({}); the rollout halted before revoking anything",
+        bad.name,
+        r2v["hosts"][&bad.name]["state"].as_str().unwrap_or("?")
+    );
+    // The canary already runs the new key; the others still use the old one.
+    let (st, _) = http(&api, "GET", "/v1/whoami", &new_key, "")?;
     println!("   the old key is still valid ({st}); every service is healthy:");
     if st != 200 {
         bail!("the old key must still be valid while the rollout is halted, the API answers {st}");
@@ -474,11 +498,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }))
         .await
         .map_err(|s| c.explain(s))?;
-    let r2v = follow(&mut c, &r2, &["completed", "halted", "aborted"]).await?;
+    let r2v = follow(&mut c, &r2, &["completed", "halted", "aborted"], seen).await?;
     if r2v["state"] != "completed" {
         bail!("the second rotation ended {}: {}", r2v["state"], r2v["halt_reason"]);
     }
-    let (st, _) = http(&api, "GET", "/v1/whoami", &current, "")?;
+    let (st, _) = http(&api, "GET", "/v1/whoami", &new_key, "")?;
     println!("   the previous key is now refused ({st}); every service runs on the new one:");
     check_all_healthy(&hosts)?;
     if st != 401 {
@@ -506,7 +530,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     println!("   logs and configs: {}", dir.display());
     if keep {
         let pids: Vec<String> = w.children.iter().map(|(_, c)| c.id().to_string()).collect();
-        println!("\nleft running (--keep). Stop everything with:\n   kill {} $(cat {}/host-*/service.pid)", pids.join(" "), dir.display());
+        println!(
+            "\nleft running (--keep). Stop everything with:\n   kill {} $(cat {}/host-*/service.pid)",
+            pids.join(" "),
+            dir.display()
+        );
     } else {
         println!("\nstopping every process the demo started and removing {}", dir.display());
     }
@@ -574,9 +602,13 @@ fn provider_toml(api: &str, admin_token_file: &Path) -> String {
         r#"[secret.provider]
 kind = "http"
 base_url = "http://{api}"
-auth_header = "Authorization"
-auth_scheme = "Bearer"
-auth_file = "{token}"
+token_file = "{token}"
+timeout = "5s"
+create = {{ url = "/v1/keys", body = {{ name = "demo-services {{rotation_id}}" }}, id_pointer = "/id", fields = {{ value = "/secret" }} }}
+delete = {{ url = "/v1/keys/{{id}}" }}
+deactivate = {{ url = "/v1/keys/{{id}}/deactivate" }}
+reactivate = {{ url = "/v1/keys/{{id}}/activate" }}
+list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at" }}
 "#,
         token = admin_token_file.display()
     )

@@ -13,7 +13,13 @@ fn ts(ms: i64) -> String {
 
 fn dur(ms: i64) -> String {
     let s = ms.max(0) / 1000;
-    if s < 120 { format!("{s}s") } else if s < 7200 { format!("{}m", s / 60) } else { format!("{}h{}m", s / 3600, s % 3600 / 60) }
+    if s < 120 {
+        format!("{s}s")
+    } else if s < 7200 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{}h{}m", s / 3600, s % 3600 / 60)
+    }
 }
 
 /// The audit records that concern one rotation.
@@ -42,9 +48,34 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
             })
         })
         .collect();
-    let operator_actions: Vec<Value> = records_of(audit, &rot.id)
-        .into_iter()
+    let mine = records_of(audit, &rot.id);
+    // Every failure any host reported, even if a later retry succeeded.
+    let mut failures: Vec<Value> = Vec::new();
+    for r in &mine {
+        if r.action == "host.state"
+            && matches!(r.details["to"].as_str(), Some("failed" | "unreachable"))
+            && let Some(err) = r.details["error"].as_str()
+        {
+            let host = r.details["host"].clone();
+            if !failures.iter().any(|f| f["host"] == host && f["error"] == err) {
+                failures.push(json!({"host": host, "at": ts(r.at_ms), "state": r.details["to"], "error": err}));
+            }
+        }
+    }
+    let rolled_back: Vec<String> = mine
+        .iter()
+        .filter(|r| r.action == "host.state" && r.details["to"] == "rolled_back")
+        .filter_map(|r| r.details["host"].as_str().map(str::to_string))
+        .collect();
+    // What operators did (their commands), not every transition they caused.
+    let operator_actions: Vec<Value> = mine
+        .iter()
         .filter(|r| r.actor.starts_with("operator/"))
+        .filter(|r| {
+            r.action == "rotation.start"
+                || r.details["to"] == "excluded"
+                || r.details["note"].as_str().is_some_and(|n| n.contains(&format!("by {}", r.actor)))
+        })
         .map(|r| json!({"seq": r.seq, "at": ts(r.at_ms), "actor": r.actor, "action": r.action, "details": r.details}))
         .collect();
     json!({
@@ -63,8 +94,8 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
         "waves": rot.waves,
         "timeline": rot.timeline.iter().map(|t| json!({"at": ts(t.at_ms), "state": t.state.as_str(), "note": t.note})).collect::<Vec<_>>(),
         "hosts": hosts,
-        "failures": rot.hosts.iter().filter(|(_, h)| h.history.iter().any(|(s, _)| matches!(s, HostState::Failed | HostState::RolledBack)))
-            .map(|(n, h)| json!({"host": n, "error": h.error})).collect::<Vec<_>>(),
+        "failures": failures,
+        "rolled_back": rolled_back,
         "exclusions": rot.hosts.iter().filter_map(|(n, h)| h.exclusion.as_ref().map(|e| json!({"host": n, "by": e.by, "reason": e.reason}))).collect::<Vec<_>>(),
         "operator_actions": operator_actions,
         "audit_chain_head": chain_head,
@@ -92,7 +123,10 @@ pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str
         rot.new_version.as_deref().unwrap_or("(none)")
     ));
     out.push_str(&format!("| hosts | {} in {} waves |\n", rot.hosts.len(), rot.waves.len()));
-    out.push_str(&format!("| new version fingerprint | `{}` |\n\n", rot.expected_fingerprint.as_deref().unwrap_or("-")));
+    out.push_str(&format!(
+        "| new version fingerprint | `{}` |\n\n",
+        rot.expected_fingerprint.as_deref().unwrap_or("-")
+    ));
 
     out.push_str("## Timeline\n\n| time | state | event |\n|---|---|---|\n");
     for t in &rot.timeline {
@@ -122,7 +156,11 @@ pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str
         out.push_str("None.\n");
     }
     for f in failures {
-        out.push_str(&format!("- **{}**: {}\n", s(&f["host"]), s(&f["error"])));
+        out.push_str(&format!("- {} **{}** {}: {}\n", s(&f["at"]), s(&f["host"]), s(&f["state"]), s(&f["error"])));
+    }
+    let rolled: Vec<String> = j["rolled_back"].as_array().into_iter().flatten().map(s).collect();
+    if !rolled.is_empty() {
+        out.push_str(&format!("- rolled back to the old version by their agents: {}\n", rolled.join(", ")));
     }
     let exclusions = j["exclusions"].as_array().cloned().unwrap_or_default();
     out.push_str("\n## Exclusions\n\n");
@@ -134,7 +172,8 @@ pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str
     }
     out.push_str("\n## Operator actions\n\n");
     for a in j["operator_actions"].as_array().into_iter().flatten() {
-        out.push_str(&format!("- {} `{}` {} (audit #{})\n", s(&a["at"]), s(&a["actor"]), s(&a["action"]), s(&a["seq"])));
+        let what = a["details"]["note"].as_str().map(str::to_string).unwrap_or_else(|| s(&a["action"]));
+        out.push_str(&format!("- {} `{}`: {} (audit #{})\n", s(&a["at"]), s(&a["actor"]), what, s(&a["seq"])));
     }
     out.push_str(&format!(
         "\n---\nBuilt from the audit chain at head `{chain_head}` (`rekey audit verify` checks it). \

@@ -831,7 +831,12 @@ fn advance(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) {
                     let why = if !canary_failed.is_empty() {
                         "the canary failed".to_string()
                     } else {
-                        format!("{} hosts failed, over the failure budget of {}", failed.len(), rot.failure_budget())
+                        format!(
+                            "{} host{} failed, over the failure budget of {}",
+                            failed.len(),
+                            if failed.len() == 1 { "" } else { "s" },
+                            rot.failure_budget()
+                        )
                     };
                     rot.halt(format!("{why} ({list}); the old version is untouched — fix and resume, or abort"), now);
                     return;
