@@ -12,6 +12,9 @@ test:
 fmt:
     cargo fmt --all
 
+demo:
+    cargo run --release --bin rekey -- demo
+
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings

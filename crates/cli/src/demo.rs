@@ -55,7 +55,10 @@ fn bins() -> Result<Bins> {
     };
     let missing = [&b.rekeyd, &b.agent, &b.api, &b.service].iter().any(|p| !p.exists());
     if missing {
-        let Ok(cargo) = std::env::var("CARGO") else {
+        // Run through `cargo run`, or from a cargo target dir: build the rest.
+        let in_target = dir.components().any(|c| c.as_os_str() == "target");
+        let cargo = std::env::var("CARGO").ok().or_else(|| in_target.then(|| "cargo".to_string()));
+        let Some(cargo) = cargo else {
             bail!(
                 "the demo needs rekeyd, rekey-agent, rekey-demo-api and rekey-demo-service next to {}: \
                  build them with `cargo build --release --workspace`",
@@ -64,6 +67,9 @@ fn bins() -> Result<Bins> {
         };
         eprintln!("building rekeyd, rekey-agent and the demo binaries (first run only)…");
         let mut cmd = Command::new(cargo);
+        if let Some(root) = dir.ancestors().find(|d| d.join("Cargo.toml").exists()) {
+            cmd.current_dir(root);
+        }
         cmd.args(["build", "--quiet", "-p", "rekey-coordinator", "-p", "rekey-agent", "-p", "rekey-demo", "--bins"]);
         if dir.ends_with("release") {
             cmd.arg("--release");
