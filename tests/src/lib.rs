@@ -19,6 +19,8 @@ pub struct Bins {
     pub rekeyd: PathBuf,
     pub agent: PathBuf,
     pub cli: PathBuf,
+    pub demo_api: PathBuf,
+    pub demo_service: PathBuf,
 }
 
 /// Builds the binaries once per test process (a no-op when `cargo test
@@ -30,8 +32,19 @@ pub fn bins() -> &'static Bins {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         // Benchmarks built with --release measure release binaries.
         let release = std::env::current_exe().is_ok_and(|p| p.components().any(|c| c.as_os_str() == "release"));
-        let mut args =
-            vec!["build", "--quiet", "-p", "rekey-coordinator", "-p", "rekey-agent", "-p", "rekey-cli", "-p", "rekey-demo", "--bins"];
+        let mut args = vec![
+            "build",
+            "--quiet",
+            "-p",
+            "rekey-coordinator",
+            "-p",
+            "rekey-agent",
+            "-p",
+            "rekey-cli",
+            "-p",
+            "rekey-demo",
+            "--bins",
+        ];
         if release {
             args.push("--release");
         }
@@ -42,7 +55,13 @@ pub fn bins() -> &'static Bins {
             .expect("run cargo build for the binaries under test");
         assert!(status.success(), "building the binaries under test failed");
         let dir = target_dir().join(if release { "release" } else { "debug" });
-        Bins { rekeyd: dir.join("rekeyd"), agent: dir.join("rekey-agent"), cli: dir.join("rekey") }
+        Bins {
+            rekeyd: dir.join("rekeyd"),
+            agent: dir.join("rekey-agent"),
+            cli: dir.join("rekey"),
+            demo_api: dir.join("rekey-demo-api"),
+            demo_service: dir.join("rekey-demo-service"),
+        }
     })
 }
 

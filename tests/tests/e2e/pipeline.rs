@@ -153,3 +153,202 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+// ---- real services --------------------------------------------------------
+
+/// Plain HTTP/1.1 on loopback (the demo API and services speak http).
+fn http(addr: &str, method: &str, path: &str, bearer: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Kills the detached demo services at the end of the test.
+struct Services(Vec<std::path::PathBuf>);
+impl Drop for Services {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if let Ok(pid) = std::fs::read_to_string(p) {
+                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+}
+
+fn service_args(dir: &Path, api: &str, port: u16) -> Vec<String> {
+    let d = dir.display();
+    let svc = rekey_tests::bins().demo_service.display().to_string();
+    [
+        svc.as_str(),
+        "--detach",
+        "--replace",
+        "--pidfile",
+        &format!("{d}/service.pid"),
+        "--credentials",
+        &format!("{d}/service.env"),
+        "--api",
+        &format!("http://{api}"),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--log",
+        &format!("{d}/service.log"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// An agent that keeps `dir/service.env` up to date, restarts the demo
+/// service and checks its health (optionally requiring `body` in it).
+fn service_agent_config(dir: &Path, api: &str, port: u16, body: Option<&str>) -> String {
+    let cmd = service_args(dir, api, port).iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
+    let body = body.map(|b| format!("body_contains = {b:?}\n")).unwrap_or_default();
+    format!(
+        r##"state_dir = "state"
+[reconnect]
+initial_backoff = "100ms"
+max_backoff = "1s"
+
+[[secret]]
+name = "saas-key"
+  [[secret.file]]
+  path = "{d}/service.env"
+  kind = "env-file"
+  keys = {{ DEMO_API_KEY = "value" }}
+  [secret.restart]
+  kind = "command"
+  command = [{cmd}]
+  timeout = "20s"
+  [secret.health]
+  kind = "http"
+  url = "http://127.0.0.1:{port}/health"
+  {body}retries = 4
+  interval = "200ms"
+  timeout = "2s"
+"##,
+        d = dir.display()
+    )
+}
+
+/// Done means (issue 4): a rotation from the engine reaches 3 real agents, each
+/// rewriting a real config file, restarting a real demo service and confirming
+/// healthy; then one host whose service fails on the new key rolls back and
+/// halts the rollout, its file byte-identical and its service healthy again.
+#[test]
+fn three_real_agents_rotate_a_real_services_key_and_a_failing_service_rolls_back() {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let bins = rekey_tests::bins();
+    let tmp = tempfile::Builder::new().prefix("rekey-services-").tempdir().unwrap();
+    let token_file = tmp.path().join("admin.token");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).mode(0o600).open(&token_file).unwrap();
+        std::io::Write::write_all(&mut f, b"adm_test_token").unwrap();
+    }
+    let addr_file = tmp.path().join("api.addr");
+    let mut api_proc = std::process::Command::new(&bins.demo_api)
+        .args(["--listen", "127.0.0.1:0", "--addr-file"])
+        .arg(&addr_file)
+        .arg("--admin-token-file")
+        .arg(&token_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("demo api", Duration::from_secs(15), || addr_file.exists());
+    let api = std::fs::read_to_string(&addr_file).unwrap().trim().to_string();
+    let (st, body) = http(&api, "POST", "/v1/keys", "adm_test_token", r#"{"name":"initial"}"#);
+    assert_eq!(st, 201, "{body}");
+    let first: Value = serde_json::from_str(&body).unwrap();
+    let first_secret = first["secret"].as_str().unwrap().to_string();
+
+    let catalog = format!(
+        r#"
+[[secret]]
+name = "saas-key"
+[secret.provider]
+kind = "http"
+base_url = "http://{api}"
+token_file = "{token}"
+timeout = "5s"
+create = {{ url = "/v1/keys", body = {{ name = "rekey {{rotation_id}}" }}, fields = {{ value = "/secret" }} }}
+delete = {{ url = "/v1/keys/{{id}}" }}
+deactivate = {{ url = "/v1/keys/{{id}}/deactivate" }}
+list = {{ url = "/v1/keys", status_pointer = "/status" }}
+[secret.rollout]
+canary = 1
+host_deadline = "60s"
+[secret.revocation]
+grace = "1s"
+"#,
+        token = token_file.display()
+    );
+    let c = Coordinator::start(&tmp.path().join("c"), &catalog);
+    let mut services = Services(Vec::new());
+    let mut hosts = Vec::new();
+    for i in 1..=3 {
+        let name = format!("host-{i}");
+        let dir = tmp.path().join(format!("svc-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("service.env"), format!("# demo\nDEMO_API_KEY={first_secret}\nOTHER=kept\n")).unwrap();
+        let port = rekey_tests::free_port();
+        let args = service_args(&dir, &api, port);
+        let st = std::process::Command::new(&args[0]).args(&args[1..]).output().unwrap();
+        assert!(st.status.success(), "service {name} did not start: {}", String::from_utf8_lossy(&st.stderr));
+        services.0.push(dir.join("service.pid"));
+        let mut a = Agent::with_config(tmp.path(), &name, &service_agent_config(&dir, &api, port, None));
+        a.enroll_ok(&c, &[]);
+        a.start();
+        hosts.push((a, dir, port));
+    }
+    wait_for("agents connected", Duration::from_secs(20), || hosts.iter().all(|(a, _, _)| c.is_connected(&a.name)));
+
+    // A clean rotation: every file rewritten, every service restarted on the new key.
+    let out = c.cli(&["rotate", "start", "saas-key", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut new_secret = String::new();
+    for (a, dir, port) in &hosts {
+        let env = std::fs::read_to_string(dir.join("service.env")).unwrap();
+        assert!(!env.contains(&first_secret), "{}: old key still in the file", a.name);
+        assert!(env.contains("OTHER=kept") && env.starts_with("# demo\n"), "{}: other lines changed: {env}", a.name);
+        new_secret = env.lines().find_map(|l| l.strip_prefix("DEMO_API_KEY=")).unwrap().to_string();
+        assert_eq!(http(&format!("127.0.0.1:{port}"), "GET", "/health", "", "").0, 200, "{}", a.name);
+        assert!(!a.logs().contains(&new_secret), "{}: the key leaked into the agent log", a.name);
+    }
+    assert_eq!(http(&api, "GET", "/v1/whoami", &first_secret, "").0, 401, "the old key must be revoked");
+    assert_eq!(http(&api, "GET", "/v1/whoami", &new_secret, "").0, 200);
+    assert!(!c.logs().contains(&new_secret) && !c.logs().contains(&first_secret), "a key leaked into rekeyd's log");
+
+    // host-2's service only passes its health check on the key it has now.
+    let current_id = c.cli_json(&["secrets"])[0]["current_version"].as_str().unwrap().to_string();
+    let (a2, dir2, port2) = &mut hosts[1];
+    std::fs::write(&a2.config, service_agent_config(dir2, &api, *port2, Some(&current_id))).unwrap();
+    a2.kill();
+    a2.start();
+    wait_for("host-2 back", Duration::from_secs(20), || c.is_connected("host-2"));
+    let before = std::fs::read(dir2.join("service.env")).unwrap();
+    let out = c.cli(&["rotate", "start", "saas-key", "--wait"]);
+    assert!(!out.status.success());
+    let id = c.cli_json(&["rotate", "list"])[0]["id"].as_str().unwrap().to_string();
+    let r = rotation(&c, &id);
+    assert_eq!(r["state"], "halted", "{r:#}");
+    assert_eq!(r["hosts"]["host-2"]["state"], "rolled_back");
+    let err = r["hosts"]["host-2"]["error"].as_str().unwrap();
+    assert!(err.contains("health check") && err.contains(&format!("127.0.0.1:{port2}/health")), "{err}");
+    assert_eq!(std::fs::read(dir2.join("service.env")).unwrap(), before, "host-2's file is not byte-identical");
+    assert_eq!(http(&format!("127.0.0.1:{port2}"), "GET", "/health", "", "").0, 200, "host-2's service is not healthy");
+    assert_eq!(http(&api, "GET", "/v1/whoami", &new_secret, "").0, 200, "the old key must still be valid");
+    let _ = api_proc.kill();
+    let _ = api_proc.wait();
+}
