@@ -4,6 +4,7 @@
 //! Waits poll a condition with a deadline (never a fixed sleep); every child
 //! process is killed when its fixture drops; logs are printed when a test fails.
 
+pub mod fixtures;
 pub mod scripted;
 
 use anyhow::{Context, Result, anyhow, bail};

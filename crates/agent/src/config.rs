@@ -28,6 +28,71 @@ struct RawConfig {
     reconnect: RawReconnect,
     #[serde(default, rename = "secret")]
     secrets: Vec<RawSecret>,
+    scan: Option<RawScan>,
+}
+
+/// `[scan]`: where and how far scope scans look beyond the declared files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScan {
+    #[serde(default)]
+    roots: Vec<PathBuf>,
+    max_depth: Option<u32>,
+    max_file_size: Option<ByteSize>,
+    max_files: Option<u64>,
+    timeout: Option<String>,
+}
+
+/// A size in bytes as written in the config: an integer, or a string with a
+/// unit (`"512KiB"`, `"1MiB"`, `"10MB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ByteSize(u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as \"1MiB\", \"512KiB\" or a number of bytes")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom(format!("size {v} is negative")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                parse_size(v).map(ByteSize).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"1MiB"`, `"512 KiB"`, `"10MB"`, `"4096"` into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected a number and a unit, e.g. \"1MiB\" or \"512KiB\""))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "ki" | "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mi" | "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gi" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {other:?} (expected B, KB, KiB, MB, MiB, GB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,6 +371,85 @@ pub struct AgentConfig {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub secrets: Vec<SecretConfig>,
+    /// Scope scans: extra roots and bounds (defaults when `[scan]` is absent).
+    pub scan: ScanConfig,
+}
+
+/// Where a scope scan looks besides the declared files, and how far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanConfig {
+    /// Absolute directories (or files) searched in addition to every declared file.
+    pub roots: Vec<PathBuf>,
+    /// Directory levels below a root that are entered (0: the root's own entries only).
+    pub max_depth: u32,
+    /// Larger files are skipped (and counted).
+    pub max_file_size: u64,
+    /// Files read per scan, declared files included.
+    pub max_files: u64,
+    /// Wall-clock bound on one scan.
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_SCAN_MAX_DEPTH: u32 = 8;
+pub const DEFAULT_SCAN_MAX_FILE_SIZE: u64 = 1 << 20;
+pub const DEFAULT_SCAN_MAX_FILES: u64 = 20_000;
+pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The scanner holds one file in memory at a time: keep that bounded.
+pub const MAX_SCAN_FILE_SIZE: u64 = 64 << 20;
+const MAX_SCAN_ROOTS: usize = 64;
+const MAX_SCAN_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        ScanConfig {
+            roots: Vec::new(),
+            max_depth: DEFAULT_SCAN_MAX_DEPTH,
+            max_file_size: DEFAULT_SCAN_MAX_FILE_SIZE,
+            max_files: DEFAULT_SCAN_MAX_FILES,
+            timeout: DEFAULT_SCAN_TIMEOUT,
+        }
+    }
+}
+
+fn validate_scan(path: &Path, raw: Option<RawScan>) -> Result<ScanConfig, ConfigError> {
+    let Some(raw) = raw else { return Ok(ScanConfig::default()) };
+    if raw.roots.len() > MAX_SCAN_ROOTS {
+        return Err(ConfigError::field(path, "scan.roots", format!("at most {MAX_SCAN_ROOTS} roots")));
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    for (i, r) in raw.roots.into_iter().enumerate() {
+        if !r.is_absolute() {
+            return Err(ConfigError::field(
+                path,
+                format!("scan.roots[{i}]"),
+                format!("expected an absolute path, got {:?}", r.display().to_string()),
+            ));
+        }
+        if !roots.contains(&r) {
+            roots.push(r);
+        }
+    }
+    let max_file_size = raw.max_file_size.map(|b| b.0).unwrap_or(DEFAULT_SCAN_MAX_FILE_SIZE);
+    if max_file_size == 0 || max_file_size > MAX_SCAN_FILE_SIZE {
+        return Err(ConfigError::field(
+            path,
+            "scan.max_file_size",
+            format!("must be greater than zero and at most 64MiB, got {max_file_size} bytes"),
+        ));
+    }
+    let max_files = raw.max_files.unwrap_or(DEFAULT_SCAN_MAX_FILES);
+    if max_files == 0 {
+        return Err(ConfigError::field(path, "scan.max_files", "must be at least 1"));
+    }
+    let max_depth = raw.max_depth.unwrap_or(DEFAULT_SCAN_MAX_DEPTH);
+    if max_depth > 64 {
+        return Err(ConfigError::field(path, "scan.max_depth", format!("must be at most 64, got {max_depth}")));
+    }
+    let timeout = duration(path, "scan.timeout".into(), raw.timeout, DEFAULT_SCAN_TIMEOUT)?;
+    if timeout.is_zero() || timeout > MAX_SCAN_TIMEOUT {
+        return Err(ConfigError::field(path, "scan.timeout", "must be greater than zero and at most 10m"));
+    }
+    Ok(ScanConfig { roots, max_depth, max_file_size, max_files, timeout })
 }
 
 const DEFAULT_RESTART_TIMEOUT: Duration = Duration::from_secs(60);
@@ -382,6 +526,7 @@ impl AgentConfig {
             initial_backoff: raw.reconnect.initial_backoff,
             max_backoff: raw.reconnect.max_backoff,
             secrets,
+            scan: validate_scan(path, raw.scan)?,
         })
     }
 
@@ -971,6 +1116,64 @@ name = "svc"
 }
 
 #[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_str(Path::new("/etc/rekey/agent.toml"), &format!("state_dir = 's'\n{text}"))
+    }
+
+    #[test]
+    fn scan_defaults_and_values() {
+        assert_eq!(parse("").unwrap().scan, ScanConfig::default());
+        let c = parse(
+            "[scan]\nroots = ['/etc', '/opt/app', '/etc']\nmax_depth = 3\nmax_file_size = '512KiB'\nmax_files = 10\ntimeout = '5s'\n",
+        )
+        .unwrap();
+        assert_eq!(c.scan.roots, vec![PathBuf::from("/etc"), PathBuf::from("/opt/app")]);
+        assert_eq!(
+            (c.scan.max_depth, c.scan.max_file_size, c.scan.max_files, c.scan.timeout),
+            (3, 512 * 1024, 10, Duration::from_secs(5))
+        );
+        assert_eq!(parse("[scan]\nmax_file_size = 4096").unwrap().scan.max_file_size, 4096);
+        assert_eq!(parse("[scan]\nmax_file_size = '2 MB'").unwrap().scan.max_file_size, 2_000_000);
+    }
+
+    #[test]
+    fn scan_errors_name_file_and_field() {
+        for (text, field, what) in [
+            ("roots = ['etc']", "scan.roots[0]", "absolute path"),
+            ("roots = ['/a', 'b']", "scan.roots[1]", "absolute path"),
+            ("max_file_size = '1 parsec'", "scan.max_file_size", "unknown unit"),
+            ("max_file_size = 'big'", "scan.max_file_size", "invalid size"),
+            ("max_file_size = 0", "scan.max_file_size", "greater than zero"),
+            ("max_file_size = '1GiB'", "scan.max_file_size", "at most 64MiB"),
+            ("max_file_size = -1", "scan.max_file_size", "negative"),
+            ("max_files = 0", "scan.max_files", "at least 1"),
+            ("max_depth = 65", "scan.max_depth", "at most 64"),
+            ("timeout = 'soon'", "scan.timeout", "invalid duration"),
+            ("timeout = '0s'", "scan.timeout", "greater than zero"),
+            ("timeout = '2h'", "scan.timeout", "at most 10m"),
+            ("root = ['/etc']", "scan.root", "unknown field `root`"),
+        ] {
+            let e = parse(&format!("[scan]\n{text}\n")).unwrap_err().to_string();
+            assert!(e.starts_with("/etc/rekey/agent.toml: "), "{e}");
+            assert!(e.contains(&format!("field `{field}`")), "expected field {field} in: {e}");
+            assert!(e.contains(what), "expected {what:?} in: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("10kb"), Ok(10_000));
+        assert_eq!(parse_size("7"), Ok(7));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+}
+
+#[cfg(test)]
 mod example_tests {
     use super::*;
 
@@ -1005,5 +1208,27 @@ mod example_tests {
             })
             .collect();
         assert_eq!(checks.len(), 3, "{checks:?}");
+    }
+
+    /// The `[scan]` example is commented out (it names hosts' real paths):
+    /// uncommented, it parses and says what it documents.
+    #[test]
+    fn the_deploy_scan_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/agent.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let block: Vec<&str> = text
+            .lines()
+            .skip_while(|l| l.trim() != "# [scan]")
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| l.strip_prefix("# ").unwrap_or(""))
+            .filter(|l| !l.starts_with(' ') && !l.is_empty())
+            .collect();
+        assert!(block.first() == Some(&"[scan]"), "no commented [scan] example in {}", path.display());
+        let c = AgentConfig::from_str(&path, &format!("state_dir = 's'\n{}\n", block.join("\n"))).unwrap();
+        assert!(!c.scan.roots.is_empty());
+        assert_eq!(c.scan.max_depth, DEFAULT_SCAN_MAX_DEPTH);
+        assert_eq!(c.scan.max_file_size, DEFAULT_SCAN_MAX_FILE_SIZE);
+        assert_eq!(c.scan.max_files, DEFAULT_SCAN_MAX_FILES);
+        assert_eq!(c.scan.timeout, DEFAULT_SCAN_TIMEOUT);
     }
 }

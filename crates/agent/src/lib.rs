@@ -17,7 +17,10 @@
 //! - one apply worker per declared secret ([`dispatch`]), fed by a bounded
 //!   queue (16) from the session, outliving sessions;
 //! - the [`outbox`] of stage reports between them (bounded, latest per
-//!   rotation and secret), drained by the session after each `Welcome`.
+//!   rotation and secret), drained by the session after each `Welcome`;
+//! - at most one scope [`scan`] at a time (a task around a blocking thread,
+//!   bounded in files, depth, size and time), answering on the session's
+//!   outbound channel and ending with the session.
 
 pub mod config;
 pub mod dispatch;
@@ -25,4 +28,5 @@ pub mod enroll;
 pub mod identity;
 pub mod outbox;
 pub mod pipeline;
+pub mod scan;
 pub mod session;

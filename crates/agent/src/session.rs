@@ -9,6 +9,8 @@
 //! while the agent reconnects. Stage reports wait in the [`Outbox`] and go
 //! out after each `Welcome`; heartbeat acks tell which ones the coordinator
 //! has read. `Hello.applied` tells a (re)started coordinator what is applied.
+//! A scope scan ([`crate::scan`]) runs in a task of its own and answers on
+//! the session's outbound channel; it ends with the session.
 //!
 //! Fatal conditions stop the agent with an actionable message instead of
 //! retrying forever: an expired certificate, a revoked agent, a protocol
@@ -20,6 +22,7 @@ use crate::enroll::chain;
 use crate::identity::{Identity, IdentityError};
 use crate::outbox::Outbox;
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::scan::Scans;
 use rand::Rng;
 use rcgen::{CertificateParams, KeyPair};
 use rekey_common::time::{format_unix, now_unix};
@@ -112,7 +115,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     }
     let dispatcher = Dispatcher::start(pipeline.clone());
-    let result = sessions(&config, &pipeline, &dispatcher, &shutdown).await;
+    let scans = Scans::new(&config);
+    let result = sessions(&config, &pipeline, &dispatcher, &scans, &shutdown).await;
     dispatcher.shutdown(APPLY_DRAIN).await;
     result
 }
@@ -121,6 +125,7 @@ async fn sessions(
     config: &AgentConfig,
     pipeline: &Pipeline,
     dispatcher: &Dispatcher,
+    scans: &Scans,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
@@ -131,7 +136,7 @@ async fn sessions(
         if identity.cert.not_after_unix <= now {
             return Err(expired(config, &identity));
         }
-        match session(config, &identity, shutdown, pipeline, dispatcher).await? {
+        match session(config, &identity, shutdown, pipeline, dispatcher, scans).await? {
             End::Shutdown => return Ok(()),
             End::Lost { established, why } => {
                 if established {
@@ -176,6 +181,7 @@ async fn session(
     shutdown: &CancellationToken,
     pipeline: &Pipeline,
     dispatcher: &Dispatcher,
+    scans: &Scans,
 ) -> Result<End, AgentError> {
     let outbox = pipeline.outbox();
     let host = identity.enrollment.host.clone();
@@ -188,6 +194,9 @@ async fn session(
         Err(e) => return Ok(End::Lost { established: false, why: format!("cannot connect to {addr}: {}", chain(&e)) }),
     };
     let (out_tx, out_rx) = mpsc::channel::<AgentMessage>(32);
+    // Ends this session's side tasks (a running scan) when the session ends.
+    let session_done = shutdown.child_token();
+    let _end_side_tasks = session_done.clone().drop_guard();
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: rekey_common::VERSION.to_string(),
@@ -299,6 +308,10 @@ async fn session(
                     Some(coordinator_message::Msg::Purge(p)) => {
                         tracing::info!(secret = %p.secret, version = %p.version_id, "purge requested");
                         dispatcher.submit(Command::Purge(p));
+                    }
+                    Some(coordinator_message::Msg::Scan(req)) => {
+                        tracing::info!(scan = %req.scan_id, targets = req.targets.len(), "scope scan requested");
+                        scans.spawn(req, out_tx.clone(), session_done.clone());
                     }
                     None => tracing::warn!("empty message from coordinator ignored"),
                 }

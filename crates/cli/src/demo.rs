@@ -246,6 +246,9 @@ jitter = "1s"
 deactivate = true
 grace = "3s"
 delete = true
+# After deletion, watch the old key for use (72 h by default; short for the demo).
+monitor = "1h"
+check_every = "5s"
 "#,
         provider = provider_toml(api, admin_token_file),
     )
@@ -450,8 +453,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     step(4, "rotate the API key: canary → waves → every service healthy → deactivate → grace → delete");
     let r1 = start(&mut c).await?;
-    let r1v = follow(&mut c, &r1, &["completed", "halted", "aborted"], 0).await?;
-    if r1v["state"] != "completed" {
+    let r1v = follow(&mut c, &r1, &["completed", "monitoring", "halted", "aborted"], 0).await?;
+    if r1v["state"] != "monitoring" && r1v["state"] != "completed" {
         bail!("the first rotation ended {}: {}", r1v["state"], r1v["halt_reason"]);
     }
     let new_key = key_of(&hosts[0])?;
@@ -472,7 +475,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     restart_agent(&mut w, &b, bad)?;
     wait_connected(&mut c, hosts.len()).await?;
     let r2 = start(&mut c).await?;
-    let r2v = follow(&mut c, &r2, &["halted", "completed", "aborted"], 0).await?;
+    let r2v = follow(&mut c, &r2, &["halted", "completed", "monitoring", "aborted"], 0).await?;
     if r2v["state"] != "halted" {
         bail!("expected the rollout to halt on {}, it is {}", bad.name, r2v["state"]);
     }
@@ -504,8 +507,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }))
         .await
         .map_err(|s| c.explain(s))?;
-    let r2v = follow(&mut c, &r2, &["completed", "halted", "aborted"], seen).await?;
-    if r2v["state"] != "completed" {
+    let r2v = follow(&mut c, &r2, &["completed", "monitoring", "halted", "aborted"], seen).await?;
+    if r2v["state"] != "monitoring" && r2v["state"] != "completed" {
         bail!("the second rotation ended {}: {}", r2v["state"], r2v["halt_reason"]);
     }
     let (st, _) = http(&api, "GET", "/v1/whoami", &new_key, "")?;

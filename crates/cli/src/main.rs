@@ -3,7 +3,9 @@
 //! is one line on stderr and a non-zero exit.
 
 mod demo;
+mod incident;
 mod rotate;
+mod scope;
 mod table;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -12,9 +14,9 @@ use rekey_common::time::{format_relative, format_unix, now_unix, parse_duration}
 use rekey_common::tls;
 use rekey_proto::v1::admin_service_client::AdminServiceClient;
 use rekey_proto::v1::{
-    Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest, ListAgentsRequest, ListAuditRequest,
-    ListRotationsRequest, ListSecretsRequest, ListVersionsRequest, RevokeAgentRequest, StartRotationRequest,
-    VerifyAuditRequest,
+    Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest, ListAgentsRequest,
+    ListAlertsRequest, ListAuditRequest, ListRotationsRequest, ListSecretsRequest, ListVersionsRequest,
+    RevokeAgentRequest, StartRotationRequest, VerifyAuditRequest,
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use serde::Deserialize;
@@ -40,7 +42,7 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     Table,
     Json,
 }
@@ -65,12 +67,20 @@ enum Command {
     /// Start, watch and steer rotations.
     #[command(subcommand)]
     Rotate(RotateCmd),
-    /// An incident report for a rotation (Markdown or JSON); never contains secret values.
+    /// An incident report for a rotation or an incident (Markdown or JSON); never contains secret values.
     Report {
         id: String,
         #[arg(long, value_parser = ["md", "json"], default_value = "md")]
         format: String,
     },
+    /// Where a secret's values occur across the fleet: host, file, line,
+    /// version, declared or not (agents compare keyed fingerprints, never values).
+    Scope(scope::ScopeArgs),
+    /// Alerts: the old key used after rotation, revocation held by evidence, leftovers found.
+    Alerts,
+    /// Campaigns: rotate every secret matching a pattern as one incident.
+    #[command(subcommand)]
+    Incident(incident::IncidentCmd),
     /// The hash-chained audit log.
     Audit {
         #[command(subcommand)]
@@ -360,6 +370,12 @@ async fn run(cli: Cli) -> Result<()> {
             let r = client.inner.clone().get_report(req).await.map_err(|s| client.explain(s))?;
             print!("{}", r.into_inner().content);
         }
+        Command::Scope(args) => scope::run(&client, cli.output, args).await?,
+        Command::Incident(cmd) => incident::run(&mut client, cli.output, cmd).await?,
+        Command::Alerts => {
+            let v = client.json(client.inner.clone().list_alerts(client.request(ListAlertsRequest {})).await)?;
+            output(cli.output, &v, rotate::print_alerts);
+        }
         Command::Audit { command: None, limit } => {
             let v = client.json(
                 client.inner.clone().list_audit(client.request(ListAuditRequest { limit: limit.unwrap_or(0) })).await,
@@ -385,7 +401,7 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn output(format: Output, v: &serde_json::Value, table: impl Fn(&serde_json::Value)) {
+pub(crate) fn output(format: Output, v: &serde_json::Value, table: impl Fn(&serde_json::Value)) {
     match format {
         Output::Json => print_json(v),
         Output::Table => table(v),
@@ -470,7 +486,7 @@ async fn watch(client: &mut Client, out: Output, id: &str) -> Result<()> {
             last = line;
         }
         match v["state"].as_str().unwrap_or_default() {
-            "completed" => {
+            "completed" | "monitoring" => {
                 if out == Output::Json {
                     print_json(&v);
                 }

@@ -132,6 +132,15 @@ pub fn print_rotation(r: &Value) {
         }
     }
     print!("{t}");
+    let evidence = r["evidence"].as_array().cloned().unwrap_or_default();
+    if !evidence.is_empty() {
+        println!();
+        println!("revocation evidence (provider usage of the old version)");
+        for e in evidence.iter().rev().take(10).rev() {
+            let at = e["at_ms"].as_i64().map(|m| format_unix(m / 1000)).unwrap_or_default();
+            println!("  {at}  {:<13} {}", s(&e["phase"]), s(&e["verdict"]));
+        }
+    }
     println!();
     println!("timeline");
     for e in r["timeline"].as_array().cloned().unwrap_or_default() {
@@ -166,6 +175,27 @@ pub fn print_versions(v: &Value) {
             s(&x["status"]),
             x["created_unix"].as_i64().map(format_unix).unwrap_or_else(|| "-".into()),
             if x["current"] == true { "yes".into() } else { String::new() },
+        ]);
+    }
+    print!("{t}");
+}
+
+pub fn print_alerts(v: &Value) {
+    let items = v.as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        println!("no alerts");
+        return;
+    }
+    let mut t = Table::new(["#", "TIME", "SEVERITY", "SECRET", "ROTATION", "WEBHOOK", "MESSAGE"]);
+    for a in items {
+        t.row([
+            s(&a["seq"]),
+            a["at_ms"].as_i64().map(|m| format_unix(m / 1000)).unwrap_or_default(),
+            s(&a["severity"]),
+            s(&a["secret"]),
+            s(&a["rotation"]),
+            s(&a["delivery"]),
+            s(&a["message"]),
         ]);
     }
     print!("{t}");

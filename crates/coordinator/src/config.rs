@@ -24,6 +24,20 @@ struct RawConfig {
     sessions: RawSessions,
     #[serde(default, rename = "secret")]
     secrets: Vec<crate::engine::catalog::RawSecret>,
+    #[serde(default)]
+    alerts: RawAlerts,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    /// POST every alert here as signed JSON.
+    webhook_url: Option<String>,
+    /// Key of the HMAC-SHA256 body signature: a file (0600) or an environment variable.
+    webhook_secret_file: Option<PathBuf>,
+    webhook_secret_env: Option<String>,
+    #[serde(default)]
+    webhook_attempts: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +95,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub silence_timeout: Duration,
     pub secrets: Vec<crate::engine::catalog::SecretSpec>,
+    pub webhook: Option<crate::alerts::Webhook>,
 }
 
 impl Config {
@@ -135,7 +150,9 @@ impl Config {
             );
         }
         let secrets = crate::engine::catalog::validate(path, raw.secrets)?;
+        let webhook = Self::webhook(path, base, raw.alerts)?;
         Ok(Config {
+            webhook,
             secrets,
             path: path.to_path_buf(),
             listen: raw.listen,
@@ -149,6 +166,71 @@ impl Config {
             heartbeat_interval: raw.sessions.heartbeat_interval,
             silence_timeout: raw.sessions.silence_timeout,
         })
+    }
+
+    fn webhook(path: &Path, base: &Path, raw: RawAlerts) -> Result<Option<crate::alerts::Webhook>, ConfigError> {
+        let Some(url) = raw.webhook_url else {
+            if raw.webhook_secret_file.is_some() || raw.webhook_secret_env.is_some() {
+                return Err(ConfigError::field(
+                    path,
+                    "alerts.webhook_url",
+                    "a webhook secret is set but no webhook_url",
+                ));
+            }
+            return Ok(None);
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::field(
+                path,
+                "alerts.webhook_url",
+                format!("expected an http(s) URL, got {url:?}"),
+            ));
+        }
+        let key = match (raw.webhook_secret_file, raw.webhook_secret_env) {
+            (Some(f), None) => {
+                use std::os::unix::fs::PermissionsExt;
+                let f = base.join(f);
+                let meta = std::fs::metadata(&f).map_err(|e| {
+                    ConfigError::field(path, "alerts.webhook_secret_file", format!("cannot read {}: {e}", f.display()))
+                })?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    return Err(ConfigError::field(
+                        path,
+                        "alerts.webhook_secret_file",
+                        format!("{} is readable by group or others; chmod 600 it", f.display()),
+                    ));
+                }
+                let text = std::fs::read_to_string(&f).map_err(|e| {
+                    ConfigError::field(path, "alerts.webhook_secret_file", format!("cannot read {}: {e}", f.display()))
+                })?;
+                text.trim().as_bytes().to_vec()
+            }
+            (None, Some(var)) => std::env::var(&var)
+                .map_err(|_| {
+                    ConfigError::field(
+                        path,
+                        "alerts.webhook_secret_env",
+                        format!("environment variable {var} is not set"),
+                    )
+                })?
+                .into_bytes(),
+            _ => {
+                return Err(ConfigError::field(
+                    path,
+                    "alerts.webhook_secret_file",
+                    "set exactly one of webhook_secret_file or webhook_secret_env (the body is always signed)",
+                ));
+            }
+        };
+        if key.len() < 16 {
+            return Err(ConfigError::field(path, "alerts", "the webhook secret must be at least 16 bytes"));
+        }
+        Ok(Some(crate::alerts::Webhook {
+            url,
+            key: std::sync::Arc::new(rekey_common::secret::SecretBytes::new(key)),
+            max_attempts: raw.webhook_attempts.unwrap_or(5).clamp(1, 20),
+            first_backoff: Duration::from_millis(500),
+        }))
     }
 
     pub fn store_dir(&self) -> PathBuf {

@@ -8,12 +8,14 @@
 //! Tasks: the TLS accept loop (one task, plus one short task per handshake);
 //! one inbound task per agent session, which ends with the session.
 
+pub mod alerts;
 pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod engine;
 pub mod pki;
 pub mod report;
+pub mod scope;
 pub mod server;
 pub mod service;
 pub mod sessions;

@@ -98,6 +98,10 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
         "rolled_back": rolled_back,
         "exclusions": rot.hosts.iter().filter_map(|(n, h)| h.exclusion.as_ref().map(|e| json!({"host": n, "by": e.by, "reason": e.reason}))).collect::<Vec<_>>(),
         "operator_actions": operator_actions,
+        "revocation_evidence": rot.evidence.iter().map(|e| json!({
+            "at": ts(e.at_ms), "phase": e.phase.as_str(), "usage": e.usage, "error": e.error, "verdict": e.verdict,
+        })).collect::<Vec<_>>(),
+        "alerts": mine.iter().filter(|r| r.action.starts_with("alert.")).map(|r| json!({"at": ts(r.at_ms), "details": r.details})).collect::<Vec<_>>(),
         "audit_chain_head": chain_head,
     })
 }
@@ -170,10 +174,118 @@ pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str
     for e in exclusions {
         out.push_str(&format!("- **{}** excluded by `{}`: {}\n", s(&e["host"]), s(&e["by"]), s(&e["reason"])));
     }
+    out.push_str("\n## Revocation evidence\n\n");
+    if rot.evidence.is_empty() {
+        out.push_str("No usage checks (the provider reports no usage data, evidence was not required, or nothing was revoked).\n");
+    }
+    for e in &rot.evidence {
+        out.push_str(&format!("- {} ({}): {}\n", ts(e.at_ms), e.phase.as_str(), e.verdict));
+    }
     out.push_str("\n## Operator actions\n\n");
     for a in j["operator_actions"].as_array().into_iter().flatten() {
         let what = a["details"]["note"].as_str().map(str::to_string).unwrap_or_else(|| s(&a["action"]));
         out.push_str(&format!("- {} `{}`: {} (audit #{})\n", s(&a["at"]), s(&a["actor"]), what, s(&a["seq"])));
+    }
+    out.push_str(&format!(
+        "\n---\nBuilt from the audit chain at head `{chain_head}` (`rekey audit verify` checks it). \
+         This report contains version ids and keyed fingerprints, never secret values.\n"
+    ));
+    out
+}
+
+/// A campaign's report as JSON: the incident and every rotation's report.
+pub fn incident_json(
+    inc: &crate::engine::campaign::Incident,
+    rotations: &[Rotation],
+    audit: &[AuditRecord],
+    chain_head: &str,
+) -> Value {
+    let secrets: Vec<Value> = inc
+        .secrets
+        .iter()
+        .map(|(name, p)| {
+            let rot = p.rotation.as_ref().and_then(|id| rotations.iter().find(|r| &r.id == id));
+            json!({
+                "secret": name,
+                "rotation": p.rotation,
+                "error": p.error,
+                "outcome": rot.map(|r| r.state.as_str()).unwrap_or(if p.error.is_some() { "not started" } else { "waiting" }),
+                "report": rot.map(|r| rotation_json(r, audit, chain_head)),
+            })
+        })
+        .collect();
+    json!({
+        "kind": "incident",
+        "id": inc.id,
+        "name": inc.name,
+        "pattern": inc.pattern,
+        "concurrency": inc.concurrency,
+        "opened": ts(inc.opened_ms),
+        "opened_by": inc.opened_by,
+        "closed": inc.closed_ms.map(ts),
+        "closed_by": inc.closed_by,
+        "secrets": secrets,
+        "audit_chain_head": chain_head,
+    })
+}
+
+/// A campaign's report as Markdown: a summary table, then each rotation.
+pub fn incident_markdown(
+    inc: &crate::engine::campaign::Incident,
+    rotations: &[Rotation],
+    audit: &[AuditRecord],
+    chain_head: &str,
+) -> String {
+    let mut out = format!("# Incident report: {} ({})\n\n", inc.name, inc.id);
+    out.push_str("| | |\n|---|---|\n");
+    out.push_str(&format!("| opened | {} by `{}` |\n", ts(inc.opened_ms), inc.opened_by));
+    out.push_str(&format!(
+        "| closed | {} |\n",
+        inc.closed_ms
+            .map(|t| format!("{} by `{}`", ts(t), inc.closed_by.as_deref().unwrap_or("-")))
+            .unwrap_or("open".into())
+    ));
+    out.push_str(&format!(
+        "| secrets | `{}` → {} secrets, {} at a time |\n\n",
+        inc.pattern,
+        inc.secrets.len(),
+        inc.concurrency
+    ));
+    out.push_str(
+        "## Secrets\n\n| secret | rotation | outcome | hosts confirmed | old → new version |\n|---|---|---|---|---|\n",
+    );
+    for (name, p) in &inc.secrets {
+        let rot = p.rotation.as_ref().and_then(|id| rotations.iter().find(|r| &r.id == id));
+        let (outcome, hosts, versions) = match rot {
+            Some(r) => (
+                r.state.as_str().to_string(),
+                format!("{}/{}", r.hosts.values().filter(|h| h.state == HostState::Healthy).count(), r.hosts.len()),
+                format!(
+                    "`{}` → `{}`",
+                    r.old_version.as_deref().unwrap_or("-"),
+                    r.new_version.as_deref().unwrap_or("-")
+                ),
+            ),
+            None => (
+                p.error.clone().map(|e| format!("not started: {e}")).unwrap_or("waiting".into()),
+                "-".into(),
+                "-".into(),
+            ),
+        };
+        out.push_str(&format!(
+            "| {name} | {} | {outcome} | {hosts} | {versions} |\n",
+            p.rotation.as_deref().unwrap_or("-")
+        ));
+    }
+    for p in inc.secrets.values() {
+        if let Some(r) = p.rotation.as_ref().and_then(|id| rotations.iter().find(|r| &r.id == id)) {
+            let body = rotation_markdown(r, audit, chain_head);
+            // One level deeper, and one chain footer for the whole report.
+            let body =
+                body.split("\n---\n").next().unwrap_or(&body).replace("\n## ", "\n### ").replacen("# ", "## ", 1);
+            out.push('\n');
+            out.push_str(&body);
+        }
     }
     out.push_str(&format!(
         "\n---\nBuilt from the audit chain at head `{chain_head}` (`rekey audit verify` checks it). \

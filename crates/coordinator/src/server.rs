@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::crypto::{self, CryptoError};
+use crate::engine::campaign::Campaigns;
 use crate::engine::driver::Engine;
 use crate::engine::state::EngineState;
 use crate::pki::{Ca, PkiError};
@@ -55,6 +56,8 @@ pub enum ServerError {
     Engine(#[source] crate::engine::driver::EngineError),
     #[error(transparent)]
     EngineState(#[from] crate::engine::state::StateError),
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::AlertError),
     #[error("cannot set up a provider")]
     Provider(#[from] rekey_providers::ProviderError),
 }
@@ -123,7 +126,9 @@ impl Coordinator {
         let engine_state = EngineState::open(&store, ca.dek())?;
         let sessions = Sessions::default();
         let config = Arc::new(config);
-        let (engine, engine_handle) = Engine::new(config.clone(), store.clone(), engine_state, sessions.clone())?;
+        let alerts = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
+        let (engine, engine_handle) =
+            Engine::new(config.clone(), store.clone(), engine_state, sessions.clone(), alerts.clone())?;
         let init = InitReport {
             created_master_key,
             created_ca,
@@ -132,7 +137,18 @@ impl Coordinator {
             operator_dir: op_dir,
             master_key_file: config.master_key_file.clone(),
         };
-        let shared = Shared { config, store, ca: Arc::new(ca), sessions, revoked, engine: engine_handle };
+        let campaigns = Campaigns::new(config.clone(), engine_handle.state().clone(), engine_handle.clone());
+        let shared = Shared {
+            config,
+            store,
+            ca: Arc::new(ca),
+            sessions,
+            revoked,
+            engine: engine_handle,
+            scans: Default::default(),
+            campaigns,
+            alerts,
+        };
         Ok(Coordinator { shared, init, engine })
     }
 
@@ -151,6 +167,8 @@ impl Coordinator {
         // The engine resumes rotations before the first agent can say hello.
         let engine_stop = CancellationToken::new();
         let engine_task = tokio::spawn(self.engine.run(engine_stop.clone()).instrument(tracing::info_span!("engine")));
+        let campaign_task =
+            tokio::spawn(s.campaigns.clone().run(engine_stop.clone()).instrument(tracing::info_span!("campaigns")));
         let (chain, key) = s.ca.issue_server(&s.config.server_names, SERVER_CERT_LIFETIME)?;
         let tls_config = tls::server_config(std::slice::from_ref(s.ca.cert_der()), chain, key)?;
         let listener = tokio::net::TcpListener::bind(s.config.listen)
@@ -183,6 +201,7 @@ impl Coordinator {
             });
         let served = server.await;
         engine_stop.cancel();
+        let _ = campaign_task.await;
         match engine_task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(ServerError::Engine(e)),

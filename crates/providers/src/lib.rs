@@ -2,24 +2,44 @@
 //! ones are revoked. Every provider sits behind [`Provider`], so the rotation
 //! engine never knows which one it drives.
 //!
+//! - [`random`]: locally generated tokens (the embedded default).
+//! - [`aws_iam`]: the access keys of an IAM user.
+//! - [`vault`]: versions of a Vault/OpenBao KV v2 secret; also a [`Sink`].
+//! - [`http`]: any REST API that issues keys (SaaS dashboards).
+//! - [`command`]: operator-supplied executables with a JSON contract.
+//!
 //! Contract the engine relies on:
 //! - [`Provider::create`] is **idempotent per rotation id**: the engine records
 //!   its intent (the rotation's `generating` state) before calling, and after a
 //!   crash calls again with the same [`CreateRequest`]. A provider returns the
 //!   version it already made for that rotation, or cleans up what it cannot
-//!   return and makes one — never two live new versions.
+//!   return and makes one — never two live new versions. The external
+//!   providers keep a [`journal`] in their [`ProviderState`] for this.
 //! - `deactivate`, `reactivate` and `delete` are idempotent (deleting a
 //!   version that is already gone succeeds).
 //! - Errors carry the provider's precise reason and never a secret value.
+//! - Credentials a provider needs come from a file (mode 0600 checked) or an
+//!   environment variable ([`credential`]), never from the config text.
+//!
+//! A [`Sink`] receives every new version of a secret after the engine stored
+//! it (e.g. to mirror it into Vault); it is idempotent per version.
 //!
 //! Owns no tasks.
 
+pub mod aws_iam;
+pub mod command;
+pub mod credential;
+pub mod http;
+pub mod journal;
 pub mod random;
+mod util;
+pub mod vault;
 
 use async_trait::async_trait;
 use rekey_common::secret::SecretBytes;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 /// The named fields of one secret version (e.g. `value`, or `access_key_id`
@@ -84,6 +104,14 @@ impl ProviderError {
     pub fn retryable(&self) -> bool {
         matches!(self, ProviderError::Failed { retryable: true, .. })
     }
+
+    pub(crate) fn failed(provider: &'static str, message: impl Into<String>) -> Self {
+        ProviderError::Failed { provider, message: message.into(), retryable: false }
+    }
+
+    pub(crate) fn transient(provider: &'static str, message: impl Into<String>) -> Self {
+        ProviderError::Failed { provider, message: message.into(), retryable: true }
+    }
 }
 
 #[async_trait]
@@ -117,24 +145,63 @@ pub trait ProviderState: Send + Sync + 'static {
     fn keys(&self) -> Result<Vec<String>, String>;
 }
 
+/// A config problem: (field path relative to the provider or sink, message).
+pub type FieldError = (String, String);
+
 /// A provider's settings in a `[[secret]]` block: `provider = { kind = "random", ... }`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per secret at start; boxing buys nothing")]
 pub enum ProviderConfig {
     Random(random::RandomConfig),
+    AwsIam(aws_iam::AwsIamConfig),
+    Vault(vault::VaultConfig),
+    Http(http::HttpConfig),
+    Command(command::CommandConfig),
 }
 
 impl ProviderConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderConfig::Random(_) => "random",
+            ProviderConfig::AwsIam(_) => aws_iam::KIND,
+            ProviderConfig::Vault(_) => vault::KIND,
+            ProviderConfig::Http(_) => http::KIND,
+            ProviderConfig::Command(_) => command::KIND,
         }
     }
 
-    /// Checks settings beyond their syntax; returns (field, message) on error.
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    /// Makes relative paths (credential files, commands) relative to `base`,
+    /// the directory of the config file, as operators expect.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        match self {
+            ProviderConfig::Random(_) => {}
+            ProviderConfig::AwsIam(c) => c.resolve_paths(base),
+            ProviderConfig::Vault(c) => c.resolve_paths(base),
+            ProviderConfig::Http(c) => c.resolve_paths(base),
+            ProviderConfig::Command(c) => c.resolve_paths(base),
+        }
+    }
+
+    /// Whether versions can be deactivated (rather than only deleted).
+    pub fn can_deactivate(&self) -> bool {
+        match self {
+            ProviderConfig::Http(c) => c.can_deactivate(),
+            ProviderConfig::Command(c) => c.can_deactivate(),
+            _ => true,
+        }
+    }
+
+    /// Checks settings beyond their syntax, including that credential files
+    /// exist with mode 0600 and credential variables are set; returns
+    /// (field, message) on error.
+    pub fn validate(&self) -> Result<(), FieldError> {
         match self {
             ProviderConfig::Random(c) => c.validate(),
+            ProviderConfig::AwsIam(c) => c.validate(),
+            ProviderConfig::Vault(c) => c.validate(),
+            ProviderConfig::Http(c) => c.validate(),
+            ProviderConfig::Command(c) => c.validate(),
         }
     }
 }
@@ -143,5 +210,105 @@ impl ProviderConfig {
 pub fn build(config: &ProviderConfig, state: Arc<dyn ProviderState>) -> Result<Arc<dyn Provider>, ProviderError> {
     Ok(match config {
         ProviderConfig::Random(c) => Arc::new(random::Random::new(c.clone(), state)),
+        ProviderConfig::AwsIam(c) => Arc::new(aws_iam::AwsIam::new(c.clone(), state)?),
+        ProviderConfig::Vault(c) => Arc::new(vault::VaultProvider::new(c.clone(), state)?),
+        ProviderConfig::Http(c) => Arc::new(http::HttpProvider::new(c.clone(), state)?),
+        ProviderConfig::Command(c) => Arc::new(command::CommandProvider::new(c.clone(), state)?),
     })
+}
+
+/// One new version, as handed to a [`Sink`].
+#[derive(Debug)]
+pub struct SinkWrite<'a> {
+    pub secret: &'a str,
+    pub rotation_id: &'a str,
+    pub version: &'a str,
+    pub fields: &'a Fields,
+}
+
+/// Somewhere every new version of a secret is also written (after the engine
+/// stored it, before any host gets it). Idempotent per version: writing the
+/// same version again changes nothing.
+#[async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// Where it writes, for messages and the audit log (e.g. `vault secret/apps/api-key`).
+    fn describe(&self) -> String;
+
+    /// Writes the version; returns what was done, for the audit log (never a value).
+    async fn write(&self, w: &SinkWrite<'_>) -> Result<String, ProviderError>;
+}
+
+/// A sink's settings: `sinks = [{ kind = "vault", ... }]` in a `[[secret]]` block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SinkConfig {
+    Vault(vault::VaultSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Vault(_) => vault::KIND,
+        }
+    }
+
+    pub fn resolve_paths(&mut self, base: &Path) {
+        match self {
+            SinkConfig::Vault(c) => c.resolve_paths(base),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), FieldError> {
+        match self {
+            SinkConfig::Vault(c) => c.validate(),
+        }
+    }
+}
+
+/// Builds a sink for `secret`.
+pub fn build_sink(config: &SinkConfig, secret: &str) -> Result<Arc<dyn Sink>, ProviderError> {
+    Ok(match config {
+        SinkConfig::Vault(c) => Arc::new(vault::VaultSink::new(c.clone(), secret)?),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An in-memory [`ProviderState`] for unit tests.
+    #[derive(Default)]
+    pub struct Mem(pub Mutex<BTreeMap<String, Vec<u8>>>);
+    impl ProviderState for Mem {
+        fn get(&self, k: &str) -> Result<Option<SecretBytes>, String> {
+            Ok(self.0.lock().unwrap().get(k).map(|v| SecretBytes::new(v.clone())))
+        }
+        fn put(&self, k: &str, v: &[u8]) -> Result<(), String> {
+            self.0.lock().unwrap().insert(k.into(), v.to_vec());
+            Ok(())
+        }
+        fn remove(&self, k: &str) -> Result<(), String> {
+            self.0.lock().unwrap().remove(k);
+            Ok(())
+        }
+        fn keys(&self) -> Result<Vec<String>, String> {
+            Ok(self.0.lock().unwrap().keys().cloned().collect())
+        }
+    }
+
+    #[test]
+    fn configs_parse_with_kind_and_refuse_unknown_fields() {
+        #[derive(Deserialize)]
+        struct W {
+            provider: ProviderConfig,
+        }
+        let w: W = toml::from_str(r#"provider = { kind = "random", length = 20 }"#).unwrap();
+        assert_eq!(w.provider.kind(), "random");
+        let e = toml::from_str::<W>(r#"provider = { kind = "aws-iam", user_name = "u", secret_access_key = "x" }"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("secret_access_key"), "{e}");
+    }
 }

@@ -37,6 +37,17 @@ pub struct RandomConfig {
     pub prefix: String,
 }
 
+impl Default for RandomConfig {
+    fn default() -> Self {
+        RandomConfig {
+            format: Format::Token,
+            length: default_length(),
+            alphabet: default_alphabet(),
+            prefix: String::new(),
+        }
+    }
+}
+
 fn default_length() -> usize {
     32
 }
@@ -57,6 +68,18 @@ impl RandomConfig {
                 v
             }
         }
+    }
+
+    /// A new value: `[("value", ..)]`, or `[("id", ..), ("secret", ..)]` for `id-secret`.
+    pub fn generate(&self) -> Result<Vec<(String, String)>, String> {
+        let value = format!("{}{}", self.prefix, random_string(&self.chars(), self.length)?);
+        Ok(match self.format {
+            Format::Token => vec![("value".to_string(), value)],
+            Format::IdSecret => {
+                let idpart = random_string(b"0123456789abcdefghijklmnopqrstuvwxyz", 16)?;
+                vec![("id".to_string(), format!("{}id_{idpart}", self.prefix)), ("secret".to_string(), value)]
+            }
+        })
     }
 
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -93,13 +116,13 @@ fn state_err(message: String) -> ProviderError {
 }
 
 /// Uniform random string over `alphabet` (rejection sampling: no modulo bias).
-fn random_string(alphabet: &[u8], len: usize) -> Result<String, ProviderError> {
+fn random_string(alphabet: &[u8], len: usize) -> Result<String, String> {
     let rng = SystemRandom::new();
     let limit = 256 - (256 % alphabet.len());
     let mut out = String::with_capacity(len);
     let mut buf = [0u8; 64];
     while out.len() < len {
-        rng.fill(&mut buf).map_err(|_| state_err("system random number generator failed".into()))?;
+        rng.fill(&mut buf).map_err(|_| "system random number generator failed".to_string())?;
         for b in buf {
             if (b as usize) < limit && out.len() < len {
                 out.push(alphabet[b as usize % alphabet.len()] as char);
@@ -148,15 +171,7 @@ impl Provider for Random {
         if let Some(v) = self.load(&id)? {
             return Ok(NewVersion { id, fields: Self::fields(&v), notes: vec![] });
         }
-        let chars = self.config.chars();
-        let value = format!("{}{}", self.config.prefix, random_string(&chars, self.config.length)?);
-        let fields = match self.config.format {
-            Format::Token => vec![("value".to_string(), value)],
-            Format::IdSecret => {
-                let idpart = random_string(b"0123456789abcdefghijklmnopqrstuvwxyz", 16)?;
-                vec![("id".to_string(), format!("{}id_{idpart}", self.config.prefix)), ("secret".to_string(), value)]
-            }
-        };
+        let fields = self.config.generate().map_err(state_err)?;
         let stored = Stored {
             id: id.clone(),
             rotation_id: req.rotation_id.clone(),

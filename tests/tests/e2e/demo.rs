@@ -30,7 +30,7 @@ fn the_demo_runs_to_completion_and_cleans_up() {
     // The failure the misconfigured host hit is in the report, with its reason.
     assert!(stdout.contains("servce.env"), "the report should name the missing file:\n{stdout}");
     // Live progress: every state of the lifecycle was shown.
-    for state in ["rolling_out", "verified", "deactivating", "grace", "deleting", "completed"] {
+    for state in ["rolling_out", "verified", "deactivating", "grace", "deleting", "monitoring"] {
         assert!(stdout.contains(state) || stderr.contains(state), "{state} never shown");
     }
 

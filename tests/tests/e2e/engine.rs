@@ -20,11 +20,14 @@ canary = 1
 waves = ["50%", "100%"]
 host_deadline = "20s"
 [secret.revocation]
+monitor = "0s"
 grace = "{grace}"
 
 [[secret]]
 name = "db-password"
 provider = {{ kind = "random", length = 24 }}
+[secret.revocation]
+monitor = "0s"
 "#
     )
 }
@@ -336,4 +339,76 @@ fn a_tampered_audit_record_is_found() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken at record 3") && err.contains("altered"), "{err}");
+}
+
+#[test]
+fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_report() {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let tmp = tempfile::Builder::new().prefix("rekey-campaign-").tempdir().unwrap();
+    let mut catalog = String::new();
+    for name in ["vendor-a", "vendor-b", "vendor-c", "unrelated"] {
+        catalog.push_str(&format!(
+            "[[secret]]\nname = \"{name}\"\nprovider = {{ kind = \"random\" }}\n[secret.revocation]\ngrace = \"1s\"\nmonitor = \"0s\"\n\n"
+        ));
+    }
+    let c = Coordinator::start(&tmp.path().join("c"), &catalog);
+    let secrets = ["vendor-a", "vendor-b", "vendor-c", "unrelated"];
+    let agents: Vec<ScriptedAgent> =
+        (1..=3).map(|i| ScriptedAgent::enroll(&c, tmp.path(), &format!("host-{i}"), &secrets, &[])).collect();
+    wait_for("agents connected", Duration::from_secs(20), || agents.iter().all(|a| c.is_connected(&a.name)));
+
+    let out = c.cli(&["incident", "open", "x", "--secrets", "nothing-*"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no secret of the catalog matches"), "{out:?}");
+
+    let id = c
+        .cli_ok(&["incident", "open", "vendor breach", "--secrets", "vendor-*", "--concurrency", "2"])
+        .trim()
+        .to_string();
+    assert!(id.starts_with("inc-"), "{id}");
+    let mut status = Value::Null;
+    wait_for("campaign done", Duration::from_secs(60), || {
+        status = c.cli_json(&["incident", "status", &id]);
+        status["state"] == "done"
+    });
+    let s = status["secrets"].as_object().unwrap();
+    assert_eq!(s.keys().collect::<Vec<_>>(), vec!["vendor-a", "vendor-b", "vendor-c"]);
+    for (name, p) in s {
+        assert_eq!(p["state"], "completed", "{name}: {p}");
+        assert_eq!(p["healthy"], 3, "{name}");
+    }
+    // Bounded concurrency: never more than 2 rotations rolling out at once.
+    let rotations: Vec<Value> =
+        s.values().map(|p| c.cli_json(&["rotate", "status", p["rotation"].as_str().unwrap()])).collect();
+    let spans: Vec<(i64, i64)> = rotations
+        .iter()
+        .map(|r| {
+            let t = r["timeline"].as_array().unwrap();
+            let at = |st: &str| t.iter().find(|e| e["state"] == st).unwrap()["at_ms"].as_i64().unwrap();
+            (at("planned"), at("verified"))
+        })
+        .collect();
+    for (i, a) in spans.iter().enumerate() {
+        let overlapping = spans.iter().filter(|b| b.0 < a.1 && a.0 < b.1).count();
+        assert!(overlapping <= 2, "rotation {i} overlapped {overlapping} rollouts: {spans:?}");
+    }
+    // The unmatched secret was left alone.
+    assert!(c.cli_json(&["rotate", "list", "--secret", "unrelated"]).as_array().unwrap().is_empty());
+    // One Markdown report: every secret and every host.
+    let report = c.cli_ok(&["report", &id]);
+    assert!(report.starts_with("# Incident report: vendor breach"), "{report}");
+    for needle in ["vendor-a", "vendor-b", "vendor-c", "host-1", "host-2", "host-3", "audit chain at head"] {
+        assert!(report.contains(needle), "{needle} missing from the report:\n{report}");
+    }
+    assert!(!report.contains("unrelated"));
+    let json: Value = serde_json::from_str(&c.cli_ok(&["report", &id, "--format", "json"])).unwrap();
+    assert_eq!(json["kind"], "incident");
+    for a in &agents {
+        for v in a.values_seen() {
+            assert!(!report.contains(&*String::from_utf8_lossy(&v)), "a secret value is in the report");
+        }
+    }
+    let closed = c.cli_json(&["incident", "close", &id]);
+    assert_eq!(closed["state"], "closed");
+    let list = c.cli_ok(&["incident", "list"]);
+    assert!(list.contains("vendor breach") && list.contains("closed"), "{list}");
 }

@@ -7,3 +7,4 @@ mod engine;
 mod foundation;
 mod grpc;
 mod pipeline;
+mod providers;

@@ -90,13 +90,45 @@ struct RawRevocation {
     grace: String,
     #[serde(default = "yes")]
     delete: bool,
-    #[serde(default = "no_time")]
+    #[serde(default = "three_days")]
     monitor: String,
+    /// Hold deactivation until the provider's usage data shows no use of the
+    /// old version since the last host switched (where the provider reports usage).
+    #[serde(default = "yes")]
+    require_evidence: bool,
+    /// How coarse the provider's usage timestamps are (AWS: up to hours).
+    #[serde(default = "no_time")]
+    usage_granularity: String,
+    /// `reactivate` (alert, reactivate the old version, halt) or `proceed` (alert only).
+    #[serde(default = "reactivate")]
+    on_use_during_grace: String,
+    /// How often usage is checked during grace and monitoring.
+    #[serde(default = "one_minute")]
+    check_every: String,
+}
+
+fn three_days() -> String {
+    "72h".into()
+}
+fn reactivate() -> String {
+    "reactivate".into()
+}
+fn one_minute() -> String {
+    "1m".into()
 }
 
 impl Default for RawRevocation {
     fn default() -> Self {
-        RawRevocation { deactivate: true, grace: ten_minutes(), delete: true, monitor: no_time() }
+        RawRevocation {
+            deactivate: true,
+            grace: ten_minutes(),
+            delete: true,
+            monitor: three_days(),
+            require_evidence: true,
+            usage_granularity: no_time(),
+            on_use_during_grace: reactivate(),
+            check_every: one_minute(),
+        }
     }
 }
 
@@ -181,6 +213,24 @@ pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpe
             grace_ms: duration_ms(path, &at("revocation.grace"), &s.revocation.grace)?,
             delete: s.revocation.delete,
             monitor_ms: duration_ms(path, &at("revocation.monitor"), &s.revocation.monitor)?,
+            require_evidence: s.revocation.require_evidence,
+            usage_granularity_ms: duration_ms(
+                path,
+                &at("revocation.usage_granularity"),
+                &s.revocation.usage_granularity,
+            )?,
+            grace_use: match s.revocation.on_use_during_grace.as_str() {
+                "reactivate" => super::machine::GraceUse::Reactivate,
+                "proceed" => super::machine::GraceUse::Proceed,
+                other => {
+                    return Err(ConfigError::field(
+                        path,
+                        at("revocation.on_use_during_grace"),
+                        format!("expected \"reactivate\" or \"proceed\", got {other:?}"),
+                    ));
+                }
+            },
+            check_every_ms: duration_ms(path, &at("revocation.check_every"), &s.revocation.check_every)?.max(1000),
         };
         out.push(SecretSpec {
             name: s.name,

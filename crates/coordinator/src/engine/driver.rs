@@ -7,9 +7,10 @@
 //! tasks that call providers (so a slow provider never blocks other
 //! rotations). A 1 s tick drives deadlines and the grace/monitoring timers.
 
-use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage};
+use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage, Usage};
 use super::plan::plan_waves;
 use super::state::{EngineState, StateError};
+use crate::alerts::Alerts;
 use crate::audit::AuditEntry;
 use crate::config::Config;
 use crate::sessions::Sessions;
@@ -18,7 +19,7 @@ use rand::Rng;
 use rekey_common::secret::fingerprint_fields;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1::{self, CoordinatorMessage, coordinator_message};
-use rekey_providers::{CreateRequest, Provider, ProviderError, Sink, SinkWrite};
+use rekey_providers::{CreateRequest, LastUsed, Provider, ProviderError, Sink, SinkWrite};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,6 +134,7 @@ pub struct Engine {
     /// Per secret, where every new version is also written.
     sinks: Arc<HashMap<String, Vec<Arc<dyn Sink>>>>,
     active: HashMap<String, Rotation>,
+    alerts: Alerts,
     tx: mpsc::Sender<Command>,
     rx: mpsc::Receiver<Command>,
 }
@@ -199,6 +201,7 @@ impl Engine {
         store: Store,
         state: EngineState,
         sessions: Sessions,
+        alerts: Alerts,
     ) -> Result<(Engine, EngineHandle), ProviderError> {
         let mut providers = HashMap::new();
         let mut sinks = HashMap::new();
@@ -213,7 +216,10 @@ impl Engine {
         let sinks = Arc::new(sinks);
         let (tx, rx) = mpsc::channel(1024);
         let handle = EngineHandle { tx: tx.clone(), state: state.clone(), providers: providers.clone() };
-        Ok((Engine { config, state, store, sessions, providers, sinks, active: HashMap::new(), tx, rx }, handle))
+        Ok((
+            Engine { config, state, store, sessions, providers, sinks, alerts, active: HashMap::new(), tx, rx },
+            handle,
+        ))
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), EngineError> {
@@ -388,6 +394,16 @@ impl Engine {
             if after.state != before.state {
                 tracing::info!(rotation = %id, from = before.state.as_str(), to = after.state.as_str(), "rotation state");
             }
+            if after.state == RotationState::Completed
+                && before.state != RotationState::Completed
+                && let Some(old) = &after.old_version
+                && after.timeline.iter().any(|t| t.state == RotationState::Deleting)
+            {
+                // Monitoring is over: forget the revoked value.
+                if let Err(e) = self.state.remove_version(&after.secret, old) {
+                    tracing::error!(rotation = %id, error = %e, "cannot forget the old value");
+                }
+            }
             if after.state.is_terminal() {
                 self.active.remove(id);
             } else {
@@ -434,6 +450,25 @@ impl Engine {
                     });
                     if let Err(e) = self.sessions.send(&host, CoordinatorMessage { msg: Some(msg) }) {
                         tracing::info!(rotation = %rot.id, %host, error = %e, "rollback not sent; retried when the agent reconnects");
+                    }
+                }
+                Action::ReactivateOld => self.spawn_provider(rot, ProviderOp::ReactivateOld),
+                Action::CheckUsage => self.spawn_usage_check(rot),
+                Action::Alert { kind, severity, message } => {
+                    let details = serde_json::json!({
+                        "rotation": rot.id, "secret": rot.secret,
+                        "old_version": rot.old_version, "new_version": rot.new_version,
+                    });
+                    let entry = AuditEntry::new(
+                        "rekeyd",
+                        format!("alert.{kind}"),
+                        serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "severity": severity, "message": message }),
+                    );
+                    if let Err(e) = self.state.audit(now_unix_ms(), vec![entry]) {
+                        tracing::error!(rotation = %rot.id, error = %e, "cannot audit an alert");
+                    }
+                    if let Err(e) = self.alerts.raise(&kind, &severity, &rot.secret, Some(&rot.id), message, details) {
+                        tracing::error!(rotation = %rot.id, error = %e, "cannot record an alert");
                     }
                 }
                 Action::PurgeOld => {
@@ -487,6 +522,37 @@ impl Engine {
             .map_err(|e| e.to_string())?;
         tracing::info!(rotation = %rot.id, %host, version = %new, "delivered");
         Ok(())
+    }
+
+    /// Asks the provider when the old version was last used, in its own task.
+    fn spawn_usage_check(&self, rot: &Rotation) {
+        let (Some(provider), Some(old)) = (self.providers.get(&rot.secret).cloned(), rot.old_version.clone()) else {
+            let _ = self.tx.try_send(Command::Provider {
+                id: rot.id.clone(),
+                event: Event::UsageChecked { usage: Some(Usage::Unknown), error: None },
+            });
+            return;
+        };
+        let tx = self.tx.clone();
+        let id = rot.id.clone();
+        let span = tracing::info_span!("usage", rotation = %rot.id, secret = %rot.secret, version = %old);
+        tokio::spawn(
+            async move {
+                let event = match with_retries(|| provider.last_used(&old)).await {
+                    Ok(LastUsed::Unknown) => Event::UsageChecked { usage: Some(Usage::Unknown), error: None },
+                    Ok(LastUsed::Never) => Event::UsageChecked { usage: Some(Usage::Never), error: None },
+                    Ok(LastUsed::At(t)) => Event::UsageChecked { usage: Some(Usage::At(t * 1000)), error: None },
+                    // Deleted at the provider: nothing can use it any more.
+                    Err(ProviderError::NotFound { .. }) => {
+                        Event::UsageChecked { usage: Some(Usage::Never), error: None }
+                    }
+                    Err(e) => Event::UsageChecked { usage: None, error: Some(e.to_string()) },
+                };
+                tracing::info!(?event, "usage checked");
+                let _ = tx.send(Command::Provider { id, event }).await;
+            }
+            .instrument(span),
+        );
     }
 
     /// Calls the provider in its own task; the result comes back as an event.
@@ -605,7 +671,13 @@ async fn provider_call(
                 Ok(()) | Err(ProviderError::NotFound { .. }) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            state.remove_version(&rot.secret, old).map_err(|e| e.to_string())?;
+            // The sealed old value is kept until monitoring ends, for leftover
+            // scans (`rekey scope --version old`); see `Engine::apply`.
+            Ok(Event::ProviderDone { op })
+        }
+        ProviderOp::ReactivateOld => {
+            let old = rot.old_version.as_deref().ok_or("no old version")?;
+            with_retries(|| p.reactivate(old)).await.map_err(|e| e.to_string())?;
             Ok(Event::ProviderDone { op })
         }
         ProviderOp::DeleteNew => {

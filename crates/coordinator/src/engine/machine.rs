@@ -149,6 +149,59 @@ pub struct Policy {
     pub grace_ms: i64,
     pub delete: bool,
     pub monitor_ms: i64,
+    /// Before deactivating, ask the provider when the old version was last
+    /// used and hold revocation if it was used after every host switched.
+    #[serde(default = "yes")]
+    pub require_evidence: bool,
+    /// The provider's usage-reporting granularity: use within this long after
+    /// the last host switched is not held against the rotation.
+    #[serde(default)]
+    pub usage_granularity_ms: i64,
+    /// What to do when the deactivated old version is used during the grace period.
+    #[serde(default)]
+    pub grace_use: GraceUse,
+    /// How often usage is checked during grace and monitoring.
+    #[serde(default = "one_minute")]
+    pub check_every_ms: i64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one_minute() -> i64 {
+    60_000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GraceUse {
+    /// Alert, reactivate the old version and halt the rotation.
+    #[default]
+    Reactivate,
+    /// Alert and carry on.
+    Proceed,
+}
+
+/// What the provider says about the old version's last use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "at_ms")]
+pub enum Usage {
+    /// The provider keeps no usage data for this kind of secret.
+    Unknown,
+    Never,
+    At(i64),
+}
+
+/// One usage check, as shown in status and reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvidenceEntry {
+    pub at_ms: i64,
+    pub phase: RotationState,
+    pub usage: Option<Usage>,
+    pub error: Option<String>,
+    /// What rekey concluded.
+    pub verdict: String,
 }
 
 impl Default for Policy {
@@ -163,6 +216,10 @@ impl Default for Policy {
             grace_ms: 10 * 60_000,
             delete: true,
             monitor_ms: 0,
+            require_evidence: true,
+            usage_granularity_ms: 0,
+            grace_use: GraceUse::Reactivate,
+            check_every_ms: 60_000,
         }
     }
 }
@@ -258,6 +315,24 @@ pub struct Rotation {
     /// Abort: the provider was asked to delete the new version.
     pub delete_new_issued: bool,
     pub timeline: Vec<TimelineEntry>,
+    /// Usage checks of the old version (revocation evidence, grace tripwire, monitoring).
+    #[serde(default)]
+    pub evidence: Vec<EvidenceEntry>,
+    /// The pre-revocation evidence was gathered and allows deactivation.
+    #[serde(default)]
+    pub evidence_ok: bool,
+    #[serde(default)]
+    pub usage_check_pending: bool,
+    #[serde(default)]
+    pub next_check_ms: Option<i64>,
+    #[serde(default)]
+    pub deactivated_ms: Option<i64>,
+    /// The old version is being reactivated after use during grace.
+    #[serde(default)]
+    pub reactivating: bool,
+    /// The last use already alerted on (the same use is reported by every check).
+    #[serde(default)]
+    pub alerted_use_ms: Option<i64>,
 }
 
 /// How long after a reconnect a host that was mid-delivery is sent the
@@ -282,6 +357,16 @@ pub enum Action {
     DeleteNew,
     /// Tell agents the old version is revoked: purge backups holding it.
     PurgeOld,
+    /// Ask the provider when the old version was last used.
+    CheckUsage,
+    /// Undo the deactivation (the old version was used during grace).
+    ReactivateOld,
+    /// Tell an operator now (log, store, webhook).
+    Alert {
+        kind: String,
+        severity: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +375,7 @@ pub enum ProviderOp {
     DeactivateOld,
     DeleteOld,
     DeleteNew,
+    ReactivateOld,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -325,6 +411,11 @@ pub enum Event {
         error: String,
     },
     Tick,
+    /// The answer to [`Action::CheckUsage`] (or why there is none).
+    UsageChecked {
+        usage: Option<Usage>,
+        error: Option<String>,
+    },
     Pause {
         by: String,
     },
@@ -385,6 +476,13 @@ impl Rotation {
             halted_from: None,
             phase_until_ms: None,
             delete_new_issued: false,
+            evidence: Vec::new(),
+            evidence_ok: false,
+            usage_check_pending: false,
+            next_check_ms: None,
+            deactivated_ms: None,
+            reactivating: false,
+            alerted_use_ms: None,
             timeline: vec![TimelineEntry { at_ms: now, state: RotationState::Planned, note: "planned".into() }],
         }
     }
@@ -465,7 +563,20 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
             }
         }
         Event::ProviderDone { op } => match (op, rot.state) {
+            (ProviderOp::ReactivateOld, RotationState::Grace) if rot.reactivating => {
+                rot.reactivating = false;
+                rot.deactivated_ms = None;
+                rot.evidence_ok = false;
+                rot.halted_from = Some(RotationState::Verified);
+                let reason = "the old version was used during the grace period and has been reactivated; \
+                              find the consumer (`rekey scope`), then resume to check again and revoke"
+                    .to_string();
+                rot.halt_reason = Some(reason.clone());
+                rot.goto(RotationState::Halted, reason, now);
+            }
             (ProviderOp::DeactivateOld, RotationState::Deactivating) => {
+                rot.deactivated_ms = Some(now);
+                rot.next_check_ms = Some(now + rot.policy.check_every_ms);
                 rot.phase_until_ms = Some(now + rot.policy.grace_ms);
                 let note = format!("old version deactivated; grace period of {}", fmt_ms(rot.policy.grace_ms));
                 rot.goto(RotationState::Grace, note, now);
@@ -485,6 +596,7 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
                 ProviderOp::DeactivateOld => RotationState::Deactivating,
                 ProviderOp::DeleteOld => RotationState::Deleting,
                 ProviderOp::DeleteNew => RotationState::Aborting,
+                ProviderOp::ReactivateOld => RotationState::Grace,
             };
             if rot.state == expected {
                 let what = match op {
@@ -492,7 +604,12 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
                     ProviderOp::DeactivateOld => "deactivating the old version",
                     ProviderOp::DeleteOld => "deleting the old version",
                     ProviderOp::DeleteNew => "deleting the new version",
+                    ProviderOp::ReactivateOld => "reactivating the old version after its use during grace",
                 };
+                if op == ProviderOp::ReactivateOld {
+                    rot.reactivating = false;
+                    rot.halted_from = Some(RotationState::Verified);
+                }
                 if op == ProviderOp::DeleteNew {
                     rot.delete_new_issued = false;
                 }
@@ -537,6 +654,7 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
                 }
             }
         }
+        Event::UsageChecked { usage, error } => usage_checked(rot, usage, error, now, &mut actions),
         Event::Pause { by } => {
             if rot.state != RotationState::RollingOut || rot.paused {
                 return Err(Refusal(format!(
@@ -718,6 +836,12 @@ fn resume(rot: &mut Rotation, by: &str, now: i64, actions: &mut Vec<Action>) -> 
                     rot.goto(RotationState::Deactivating, format!("resumed by {by}: deactivating again"), now);
                     actions.push(Action::DeactivateOld);
                 }
+                RotationState::Verified => {
+                    rot.evidence_ok = false;
+                    rot.usage_check_pending = false;
+                    rot.next_check_ms = None;
+                    rot.goto(RotationState::Verified, format!("resumed by {by}: checking usage evidence again"), now);
+                }
                 RotationState::Deleting => {
                     rot.goto(RotationState::Deleting, format!("resumed by {by}: deleting again"), now);
                     actions.push(Action::DeleteOld);
@@ -791,9 +915,129 @@ fn abort(rot: &mut Rotation, by: &str, now: i64, actions: &mut Vec<Action>) -> R
     }
 }
 
+/// When the last target host confirmed the new version.
+fn last_switch_ms(rot: &Rotation) -> i64 {
+    rot.hosts
+        .values()
+        .filter(|h| h.state == HostState::Healthy)
+        .filter_map(|h| h.history.iter().rev().find(|(s, _)| *s == HostState::Healthy).map(|(_, t)| *t))
+        .max()
+        .unwrap_or(rot.created_ms)
+}
+
+fn fmt_at(ms: i64) -> String {
+    rekey_common::time::format_unix(ms / 1000)
+}
+
+fn usage_checked(rot: &mut Rotation, usage: Option<Usage>, error: Option<String>, now: i64, actions: &mut Vec<Action>) {
+    if !rot.usage_check_pending {
+        return; // late answer
+    }
+    rot.usage_check_pending = false;
+    let phase = rot.state;
+    let old = rot.old_version.clone().unwrap_or_default();
+    let mut entry = EvidenceEntry { at_ms: now, phase, usage, error: error.clone(), verdict: String::new() };
+    match phase {
+        RotationState::Verified => {
+            let switch = last_switch_ms(rot);
+            let limit = switch + rot.policy.usage_granularity_ms;
+            match (usage, &error) {
+                (_, Some(e)) => {
+                    entry.verdict = format!("usage of {old} unknown ({e}); revocation held, checking again");
+                    rot.next_check_ms = Some(now + rot.policy.check_every_ms);
+                }
+                (Some(Usage::At(t)), None) if t > limit => {
+                    entry.verdict = format!(
+                        "{old} was used at {} after every host had switched ({}): revocation held",
+                        fmt_at(t),
+                        fmt_at(switch)
+                    );
+                    let message = format!(
+                        "{old} of {} was used at {}, after every target host had switched to the new version at {}: \
+                         an undeclared consumer? find it with `rekey scope {}`, then resume to check again",
+                        rot.secret,
+                        fmt_at(t),
+                        fmt_at(switch),
+                        rot.secret
+                    );
+                    actions.push(Action::Alert {
+                        kind: "old_version_used".into(),
+                        severity: "critical".into(),
+                        message: message.clone(),
+                    });
+                    rot.evidence.push(entry);
+                    rot.halt(message, now);
+                    return;
+                }
+                (u, None) => {
+                    entry.verdict = match u {
+                        Some(Usage::At(t)) => {
+                            format!("{old} last used at {}, before every host switched: ok", fmt_at(t))
+                        }
+                        Some(Usage::Never) => format!("{old} never used according to the provider: ok"),
+                        _ => "the provider reports no usage data for this kind of secret".to_string(),
+                    };
+                    rot.evidence_ok = true;
+                }
+            }
+        }
+        RotationState::Grace | RotationState::Monitoring => {
+            rot.next_check_ms = Some(now + rot.policy.check_every_ms);
+            let since = if phase == RotationState::Grace {
+                rot.deactivated_ms
+            } else {
+                rot.phase_until_ms.map(|t| t - rot.policy.monitor_ms)
+            };
+            match (usage, since) {
+                (Some(Usage::At(t)), Some(since))
+                    if t > since + rot.policy.usage_granularity_ms && rot.alerted_use_ms.is_none_or(|a| t > a) =>
+                {
+                    rot.alerted_use_ms = Some(t);
+                    let what = if phase == RotationState::Grace { "deactivated" } else { "revoked" };
+                    entry.verdict = format!("{old} used at {} after it was {what}", fmt_at(t));
+                    let reactivate = phase == RotationState::Grace && rot.policy.grace_use == GraceUse::Reactivate;
+                    let message = format!(
+                        "the {what} old version {old} of {} was used at {}{}",
+                        rot.secret,
+                        fmt_at(t),
+                        if reactivate { "; reactivating it and halting the rotation" } else { "" }
+                    );
+                    actions.push(Action::Alert {
+                        kind: if phase == RotationState::Grace {
+                            "old_version_used_during_grace"
+                        } else {
+                            "old_version_used_after_revocation"
+                        }
+                        .into(),
+                        severity: "critical".into(),
+                        message,
+                    });
+                    if reactivate {
+                        rot.reactivating = true;
+                        actions.push(Action::ReactivateOld);
+                    }
+                }
+                _ => {
+                    entry.verdict = match (&error, usage) {
+                        (Some(e), _) => format!("usage unknown: {e}"),
+                        (None, Some(Usage::At(t))) => format!("last used at {}: no use since", fmt_at(t)),
+                        (None, _) => "no use reported".into(),
+                    };
+                }
+            }
+        }
+        _ => return,
+    }
+    rot.evidence.push(entry);
+    if rot.evidence.len() > 200 {
+        rot.evidence.remove(0);
+    }
+}
+
 fn enter_monitoring(rot: &mut Rotation, note: &str, now: i64) {
     if rot.policy.monitor_ms > 0 {
         rot.phase_until_ms = Some(now + rot.policy.monitor_ms);
+        rot.next_check_ms = Some(now + rot.policy.check_every_ms);
         rot.goto(RotationState::Monitoring, format!("{note}; monitoring for {}", fmt_ms(rot.policy.monitor_ms)), now);
     } else {
         rot.phase_until_ms = None;
@@ -862,6 +1106,16 @@ fn advance(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) {
                 return;
             }
             RotationState::Verified => {
+                let revoking = rot.policy.deactivate || rot.policy.delete;
+                if rot.old_version.is_some() && revoking && rot.policy.require_evidence && !rot.evidence_ok {
+                    let ready = last_switch_ms(rot) + rot.policy.usage_granularity_ms;
+                    let due = rot.next_check_ms.is_none_or(|t| now >= t);
+                    if !rot.usage_check_pending && now >= ready && due {
+                        rot.usage_check_pending = true;
+                        actions.push(Action::CheckUsage);
+                    }
+                    return;
+                }
                 if rot.old_version.is_none() {
                     enter_monitoring(rot, "first version in place, nothing to revoke", now);
                 } else if rot.policy.deactivate {
@@ -877,6 +1131,19 @@ fn advance(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) {
                 }
             }
             RotationState::Grace => {
+                if rot.reactivating {
+                    return;
+                }
+                if rot.old_version.is_some() && !rot.usage_check_pending && rot.next_check_ms.is_some_and(|t| now >= t)
+                {
+                    rot.usage_check_pending = true;
+                    rot.next_check_ms = Some(now + rot.policy.check_every_ms);
+                    actions.push(Action::CheckUsage);
+                    return;
+                }
+                if rot.usage_check_pending {
+                    return; // the last check's answer decides whether deletion may follow
+                }
                 if rot.phase_until_ms.is_some_and(|t| now >= t) {
                     if rot.policy.delete {
                         rot.goto(RotationState::Deleting, "grace period over; deleting the old version", now);
@@ -889,6 +1156,12 @@ fn advance(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) {
                 return;
             }
             RotationState::Monitoring => {
+                if rot.old_version.is_some() && !rot.usage_check_pending && rot.next_check_ms.is_some_and(|t| now >= t)
+                {
+                    rot.usage_check_pending = true;
+                    rot.next_check_ms = Some(now + rot.policy.check_every_ms);
+                    actions.push(Action::CheckUsage);
+                }
                 if rot.phase_until_ms.is_some_and(|t| now >= t) {
                     rot.goto(RotationState::Completed, "monitoring window over; completed", now);
                 }
@@ -919,6 +1192,10 @@ pub fn on_restart(rot: &mut Rotation, now: i64) -> Vec<Action> {
         RotationState::Deactivating => vec![Action::DeactivateOld],
         RotationState::Deleting => vec![Action::DeleteOld],
         RotationState::Aborting if rot.delete_new_issued => vec![Action::DeleteNew],
+        RotationState::Grace if rot.reactivating => vec![Action::ReactivateOld],
+        RotationState::Verified | RotationState::Grace | RotationState::Monitoring if rot.usage_check_pending => {
+            vec![Action::CheckUsage]
+        }
         _ => vec![],
     };
     advance(rot, now, &mut actions);

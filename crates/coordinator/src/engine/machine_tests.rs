@@ -56,7 +56,13 @@ fn all_healthy(rot: &mut Rotation, hs: &[String], now: i64) -> Vec<Action> {
 }
 
 fn policy() -> Policy {
-    Policy { canary: 1, waves: vec![Amount::Percent(60), Amount::Percent(100)], grace_ms: 1000, ..Policy::default() }
+    Policy {
+        canary: 1,
+        waves: vec![Amount::Percent(60), Amount::Percent(100)],
+        grace_ms: 1000,
+        require_evidence: false,
+        ..Policy::default()
+    }
 }
 
 #[test]
@@ -321,6 +327,7 @@ fn restart_redoes_the_pending_provider_call_of_each_state() {
     let mut r = rotation(1, policy());
     ev(&mut r, Event::Begin, 1);
     assert_eq!(on_restart(&mut r.clone(), 2), vec![Action::Create]);
+    // (evidence off in `policy()`; see the evidence tests for CheckUsage replays)
     ev(&mut r, Event::Generated { version: "v2".into(), fingerprint: FP.into() }, 2);
     assert!(on_restart(&mut r.clone(), 3).is_empty(), "deliveries are redone on reconnect");
     all_healthy(&mut r, &["h1".into()], 3);
@@ -328,6 +335,82 @@ fn restart_redoes_the_pending_provider_call_of_each_state() {
     ev(&mut r, Event::ProviderDone { op: ProviderOp::DeactivateOld }, 4);
     assert!(on_restart(&mut r.clone(), 5).is_empty());
     assert_eq!(on_restart(&mut r.clone(), 5000), vec![Action::DeleteOld], "grace over while down");
+}
+
+#[test]
+fn revocation_waits_for_usage_evidence_and_holds_on_use_after_the_switch() {
+    let p = Policy { require_evidence: true, usage_granularity_ms: 100, ..policy() };
+    let mut r = rotation(1, p.clone());
+    start(&mut r);
+    let a = all_healthy(&mut r, &["h1".into()], 1000);
+    assert!(a.is_empty(), "no check before the provider's granularity has passed: {a:?}");
+    assert_eq!(r.state, RotationState::Verified);
+    assert_eq!(ev(&mut r, Event::Tick, 1100), vec![Action::CheckUsage]);
+    assert!(ev(&mut r, Event::Tick, 1150).is_empty(), "one check at a time");
+    // Used before the switch (+ granularity): fine, deactivate.
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1050)), error: None }, 1200);
+    assert_eq!(a, vec![Action::DeactivateOld]);
+    assert!(r.evidence[0].verdict.contains("before every host switched"), "{:?}", r.evidence);
+
+    // Used after every host switched: an unknown consumer. Hold, alert, halt.
+    let mut r = rotation(1, p.clone());
+    start(&mut r);
+    all_healthy(&mut r, &["h1".into()], 1000);
+    ev(&mut r, Event::Tick, 1100);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(5000)), error: None }, 6000);
+    assert!(matches!(&a[..], [Action::Alert { kind, .. }] if kind == "old_version_used"), "{a:?}");
+    assert_eq!(r.state, RotationState::Halted);
+    assert!(r.halt_reason.as_deref().unwrap().contains("rekey scope"));
+    // Resume checks again (it does not skip the evidence).
+    let a = ev(&mut r, Event::Resume { by: "op".into() }, 7000);
+    assert_eq!(a, vec![Action::CheckUsage]);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(5000)), error: None }, 7100);
+    assert!(matches!(&a[..], [Action::Alert { .. }]));
+    // A provider without usage data does not block revocation.
+    let mut r = rotation(1, p);
+    start(&mut r);
+    all_healthy(&mut r, &["h1".into()], 1000);
+    ev(&mut r, Event::Tick, 1100);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::Unknown), error: None }, 1200);
+    assert_eq!(a, vec![Action::DeactivateOld]);
+}
+
+#[test]
+fn use_during_grace_alerts_and_by_policy_reactivates_and_halts() {
+    let p = Policy { grace_ms: 10_000, check_every_ms: 1000, ..policy() };
+    let mut r = rotation(1, p.clone());
+    start(&mut r);
+    all_healthy(&mut r, &["h1".into()], 3);
+    ev(&mut r, Event::ProviderDone { op: ProviderOp::DeactivateOld }, 100);
+    assert_eq!(r.state, RotationState::Grace);
+    assert_eq!(ev(&mut r, Event::Tick, 1100), vec![Action::CheckUsage]);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(50)), error: None }, 1150);
+    assert!(a.is_empty(), "use before the deactivation is not an alert: {a:?}");
+    assert_eq!(ev(&mut r, Event::Tick, 2200), vec![Action::CheckUsage]);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(2000)), error: None }, 2300);
+    assert!(
+        matches!(&a[0], Action::Alert { kind, severity, .. } if kind == "old_version_used_during_grace" && severity == "critical")
+    );
+    assert_eq!(a[1], Action::ReactivateOld);
+    // The grace timer must not delete a key that is being reactivated.
+    assert!(ev(&mut r, Event::Tick, 50_000).is_empty());
+    ev(&mut r, Event::ProviderDone { op: ProviderOp::ReactivateOld }, 50_001);
+    assert_eq!(r.state, RotationState::Halted);
+    assert!(r.halt_reason.as_deref().unwrap().contains("reactivated"));
+    assert!(handle(&mut r, Event::Abort { by: "op".into() }, 50_002).is_err(), "every host is on the new version");
+
+    // Policy "proceed": alert only, deletion follows the grace period.
+    let mut r = rotation(1, Policy { grace_use: GraceUse::Proceed, ..p });
+    start(&mut r);
+    all_healthy(&mut r, &["h1".into()], 3);
+    ev(&mut r, Event::ProviderDone { op: ProviderOp::DeactivateOld }, 100);
+    ev(&mut r, Event::Tick, 1100);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1000)), error: None }, 1150);
+    assert_eq!(a.len(), 1, "{a:?}");
+    // A last check before deletion, then the old version goes.
+    assert_eq!(ev(&mut r, Event::Tick, 10_100), vec![Action::CheckUsage]);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1000)), error: None }, 10_150);
+    assert_eq!(a, vec![Action::DeleteOld]);
 }
 
 // ---- properties ----------------------------------------------------------
@@ -374,6 +457,9 @@ fn arb_step(n: usize) -> impl Strategy<Value = Step> {
         1 => Just(Step::Ev(Event::Abort { by: "op".into() })),
         1 => host.prop_map(|h| Step::Ev(Event::Exclude { host: h, by: "op".into(), reason: "r".into() })),
         2 => Just(Step::Crash),
+        2 => prop_oneof![
+            Just(Some(Usage::Unknown)), Just(Some(Usage::Never)), (0i64..2000).prop_map(|t| Some(Usage::At(t))), Just(None)
+        ].prop_map(|usage| Step::Ev(Event::UsageChecked { usage, error: if usage.is_none() { Some("throttled".into()) } else { None } })),
     ]
 }
 

@@ -2,6 +2,7 @@
 //! planner ([`plan`]), the secret catalog ([`catalog`]), and the driver that
 //! persists each transition before performing its side effects ([`driver`]).
 
+pub mod campaign;
 pub mod catalog;
 pub mod driver;
 pub mod machine;

@@ -56,6 +56,7 @@ pub struct EngineState {
     versions: sled::Tree,
     provider_state: sled::Tree,
     audit: sled::Tree,
+    incidents: sled::Tree,
     dek: Arc<Key>,
 }
 
@@ -75,6 +76,7 @@ impl EngineState {
             versions: db.open_tree("versions")?,
             provider_state: db.open_tree("provider_state")?,
             audit: db.open_tree("audit")?,
+            incidents: db.open_tree("incidents")?,
             dek,
         })
     }
@@ -141,7 +143,9 @@ impl EngineState {
         let now = rot.updated_ms;
         (&self.rotations, &self.secrets, &self.audit).transaction(|(rotations, secrets, audit_t)| {
             rotations.insert(rot.id.as_bytes(), serde_json::to_vec(rot).expect("json"))?;
-            if rot.state.is_terminal() {
+            // Completed, or monitoring (the rotation's work is done; it only watches):
+            // the secret is free for its next rotation.
+            if rot.state.is_terminal() || rot.state == super::machine::RotationState::Monitoring {
                 let mut rec: SecretRecord = match secrets.get(rot.secret.as_bytes())? {
                     Some(v) => serde_json::from_slice(&v)
                         .map_err(|e| ConflictableTransactionError::Abort(corrupt("secret", e)))?,
@@ -149,7 +153,10 @@ impl EngineState {
                 };
                 if rec.active_rotation.as_deref() == Some(rot.id.as_str()) {
                     rec.active_rotation = None;
-                    if rot.state == super::machine::RotationState::Completed {
+                    if matches!(
+                        rot.state,
+                        super::machine::RotationState::Completed | super::machine::RotationState::Monitoring
+                    ) {
                         rec.current_version = rot.new_version.clone();
                         rec.last_completed_ms = Some(rot.updated_ms);
                     }
@@ -160,6 +167,32 @@ impl EngineState {
             Ok(())
         })?;
         self.flush()
+    }
+
+    /// Writes an incident (campaign) and its audit records in one transaction.
+    pub fn put_incident(&self, inc: &super::campaign::Incident, audit: Vec<AuditEntry>) -> Result<(), StateError> {
+        let now = rekey_common::time::now_unix_ms();
+        (&self.incidents, &self.audit).transaction(|(incidents, audit_t)| {
+            incidents.insert(inc.id.as_bytes(), serde_json::to_vec(inc).expect("json"))?;
+            append_audit(audit_t, now, &audit)?;
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    pub fn get_incident(&self, id: &str) -> Result<Option<super::campaign::Incident>, StateError> {
+        self.incidents
+            .get(id)?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&format!("incident {id}"), e)))
+            .transpose()
+    }
+
+    pub fn list_incidents(&self) -> Result<Vec<super::campaign::Incident>, StateError> {
+        self.incidents
+            .iter()
+            .values()
+            .map(|v| serde_json::from_slice(&v?).map_err(|e| corrupt("incident", e)))
+            .collect()
     }
 
     /// Appends audit records outside a rotation (e.g. agent revocation).

@@ -2,17 +2,20 @@
 //! certificate issued by this coordinator; agents are refused.
 
 use super::{Shared, internal};
+use crate::engine::campaign::{CampaignError, Incident};
 use crate::engine::driver::{EngineError, consumers, waiting_on};
 use crate::engine::machine::{Event, HostState, Rotation};
+use crate::scope::{self, ScopeError};
 use crate::store::TokenRecord;
 use rekey_common::time::now_unix;
 use rekey_common::tls::{Identity, Role};
 use rekey_proto::v1::admin_service_server::AdminService;
 use rekey_proto::v1::{
     AgentInfo, Control, ControlRotationRequest, CoordinatorMessage, CreateTokenRequest, CreateTokenResponse,
-    GetReportRequest, GetRotationRequest, JsonResponse, ListAgentsRequest, ListAgentsResponse, ListAuditRequest, ListRotationsRequest,
-    ListSecretsRequest, ListVersionsRequest, ReportResponse, RevokeAgentRequest, RevokeAgentResponse, Revoked, StartRotationRequest,
-    VerifyAuditRequest, coordinator_message,
+    GetIncidentRequest, GetReportRequest, GetRotationRequest, JsonResponse, ListAgentsRequest, ListAgentsResponse,
+    ListAlertsRequest, ListAuditRequest, ListIncidentsRequest, ListRotationsRequest, ListSecretsRequest,
+    ListVersionsRequest, OpenIncidentRequest, ReportResponse, RevokeAgentRequest, RevokeAgentResponse, Revoked,
+    ScopeRequest, StartRotationRequest, VerifyAuditRequest, coordinator_message,
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -279,18 +282,78 @@ impl AdminService for AdminSvc {
         operator(&self.shared, &req)?;
         let r = req.into_inner();
         let state = self.shared.engine.state();
+        let audit = state.audit_records().map_err(|e| Status::internal(one_line(&e)))?;
+        let head = crate::audit::verify(&audit).head;
+        if r.id.starts_with("inc-") {
+            let inc = self.shared.campaigns.get(&r.id).map_err(campaign_status)?;
+            let rotations: Vec<Rotation> = inc
+                .secrets
+                .values()
+                .filter_map(|p| p.rotation.as_ref())
+                .map(|id| state.get_rotation(id).map_err(|e| Status::internal(one_line(&e))))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect();
+            let content = match r.format.as_str() {
+                "md" | "markdown" | "" => crate::report::incident_markdown(&inc, &rotations, &audit, &head),
+                "json" => serde_json::to_string_pretty(&crate::report::incident_json(&inc, &rotations, &audit, &head))
+                    .expect("json"),
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown report format {other:?}: expected md or json"
+                    )));
+                }
+            };
+            return Ok(Response::new(ReportResponse { content }));
+        }
         let rot = state
             .get_rotation(&r.id)
             .map_err(|e| Status::internal(one_line(&e)))?
             .ok_or_else(|| engine_status(EngineError::UnknownRotation(r.id.clone())))?;
-        let audit = state.audit_records().map_err(|e| Status::internal(one_line(&e)))?;
-        let head = crate::audit::verify(&audit).head;
         let content = match r.format.as_str() {
             "md" | "markdown" | "" => crate::report::rotation_markdown(&rot, &audit, &head),
             "json" => serde_json::to_string_pretty(&crate::report::rotation_json(&rot, &audit, &head)).expect("json"),
-            other => return Err(Status::invalid_argument(format!("unknown report format {other:?}: expected md or json"))),
+            other => {
+                return Err(Status::invalid_argument(format!("unknown report format {other:?}: expected md or json")));
+            }
         };
         Ok(Response::new(ReportResponse { content }))
+    }
+
+    async fn list_alerts(&self, req: Request<ListAlertsRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let mut all = self.shared.alerts.list().map_err(|e| Status::internal(e.to_string()))?;
+        all.reverse(); // newest first
+        Ok(json(serde_json::to_value(all).expect("json")))
+    }
+
+    async fn open_incident(&self, req: Request<OpenIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
+        let who = operator(&self.shared, &req)?.to_string();
+        let r = req.into_inner();
+        let concurrency = if r.concurrency == 0 { 1 } else { r.concurrency as usize };
+        let inc = self.shared.campaigns.open(&r.name, &r.secrets, concurrency, &who).map_err(campaign_status)?;
+        Ok(json(incident_view(&self.shared, &inc)?))
+    }
+
+    async fn get_incident(&self, req: Request<GetIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let inc = self.shared.campaigns.get(&req.into_inner().id).map_err(campaign_status)?;
+        Ok(json(incident_view(&self.shared, &inc)?))
+    }
+
+    async fn list_incidents(&self, req: Request<ListIncidentsRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(&self.shared, &req)?;
+        let mut all = self.shared.campaigns.list().map_err(campaign_status)?;
+        all.sort_by_key(|i| std::cmp::Reverse(i.opened_ms));
+        let v = all.iter().map(|i| incident_view(&self.shared, i)).collect::<Result<Vec<_>, _>>()?;
+        Ok(json(serde_json::Value::Array(v)))
+    }
+
+    async fn close_incident(&self, req: Request<GetIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
+        let who = operator(&self.shared, &req)?.to_string();
+        let inc = self.shared.campaigns.close(&req.into_inner().id, &who).map_err(campaign_status)?;
+        Ok(json(incident_view(&self.shared, &inc)?))
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -301,6 +364,29 @@ impl AdminService for AdminSvc {
             records.drain(..records.len() - limit);
         }
         Ok(json(serde_json::to_value(records).expect("json")))
+    }
+
+    async fn scope(&self, req: Request<ScopeRequest>) -> Result<Response<JsonResponse>, Status> {
+        let who = operator(&self.shared, &req)?.to_string();
+        let r = req.into_inner();
+        let s = &self.shared;
+        let query = scope::Query::new(r.secret, &r.version, r.rotation_id, r.timeout_seconds).map_err(scope_status)?;
+        let scan = scope::prepare(s, &query).map_err(scope_status)?;
+        // Recorded before any agent is asked: who looked for what, and where.
+        super::audit(
+            s,
+            &who,
+            "scope.scan",
+            serde_json::json!({
+                "scan": scan.id, "secret": query.secret, "filter": query.filter.to_string(),
+                "rotation": scan.rotation, "hosts_asked": scan.hosts_asked,
+                "versions": scan.searched.iter().map(|v| serde_json::json!({"version": v.version, "role": v.role, "field": v.field})).collect::<Vec<_>>(),
+            }),
+        );
+        tracing::info!(operator = %who, scan = %scan.id, secret = %query.secret, hosts = scan.hosts_asked.len(), "scope scan started");
+        let map = scan.run(s).await.map_err(scope_status)?;
+        super::audit(s, &who, "scope.result", scope::audit_summary(&map));
+        Ok(json(serde_json::to_value(&map).expect("json")))
     }
 
     async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -316,6 +402,52 @@ impl AdminService for AdminSvc {
     }
 }
 
+fn campaign_status(e: CampaignError) -> Status {
+    match e {
+        CampaignError::Unknown(_) => Status::not_found(e.to_string()),
+        CampaignError::NoMatch(_) | CampaignError::BadName(_) | CampaignError::BadConcurrency => {
+            Status::invalid_argument(e.to_string())
+        }
+        CampaignError::Closed(_) => Status::failed_precondition(e.to_string()),
+        CampaignError::State(_) => Status::internal(one_line(&e)),
+    }
+}
+
+/// An incident with the live state of each of its rotations.
+fn incident_view(shared: &super::Shared, inc: &Incident) -> Result<serde_json::Value, Status> {
+    let state = shared.engine.state();
+    let mut v = serde_json::to_value(inc).expect("json");
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for (name, p) in &inc.secrets {
+        let rot = match &p.rotation {
+            Some(id) => state.get_rotation(id).map_err(|e| Status::internal(one_line(&e)))?,
+            None => None,
+        };
+        let outcome = match (&rot, &p.error) {
+            (Some(r), _) => r.state.as_str().to_string(),
+            (None, Some(_)) => "not_started".to_string(),
+            (None, None) => "waiting".to_string(),
+        };
+        *counts.entry(outcome.clone()).or_default() += 1;
+        v["secrets"][name]["state"] = serde_json::json!(outcome);
+        if let Some(r) = rot {
+            v["secrets"][name]["hosts"] = serde_json::json!(r.hosts.len());
+            v["secrets"][name]["healthy"] =
+                serde_json::json!(r.hosts.values().filter(|h| h.state == HostState::Healthy).count());
+            v["secrets"][name]["waiting_on"] = serde_json::json!(waiting_on(&r));
+        }
+    }
+    v["summary"] = serde_json::json!(counts);
+    v["state"] = serde_json::json!(if !inc.is_open() {
+        "closed"
+    } else if counts.iter().all(|(k, _)| matches!(k.as_str(), "completed" | "monitoring" | "not_started" | "aborted")) {
+        "done"
+    } else {
+        "running"
+    });
+    Ok(v)
+}
+
 fn engine_status(e: EngineError) -> Status {
     match e {
         EngineError::UnknownSecret(_) | EngineError::UnknownRotation(_) => Status::not_found(e.to_string()),
@@ -326,6 +458,22 @@ fn engine_status(e: EngineError) -> Status {
         EngineError::Stopped => Status::unavailable(e.to_string()),
         EngineError::State(_) => {
             tracing::error!(error = %one_line(&e), "engine state failure");
+            Status::internal(one_line(&e))
+        }
+    }
+}
+
+fn scope_status(e: ScopeError) -> Status {
+    use ScopeError as E;
+    match e {
+        E::UnknownSecret(_) | E::UnknownRotation(_) => Status::not_found(e.to_string()),
+        E::WrongRotation { .. } | E::BadFilter(_) | E::BadTimeout(_) => Status::invalid_argument(e.to_string()),
+        E::NoVersion { .. } | E::OldValueForgotten { .. } | E::ValueNotHeld { .. } | E::NothingSearchable { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        E::TooManyScans(_) => Status::resource_exhausted(e.to_string()),
+        E::State(_) | E::Store(_) | E::Random => {
+            tracing::error!(error = %one_line(&e), "scope scan failed");
             Status::internal(one_line(&e))
         }
     }

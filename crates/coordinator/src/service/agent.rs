@@ -237,6 +237,7 @@ async fn inbound_loop(
                 tracing::info!(rotation = %r.rotation_id, secret = %r.secret, stage = r.stage, "stage report");
                 s.engine.agent_event(AgentEvent::Report { host: name.to_string(), report: r }).await;
             }
+            Some(agent_message::Msg::ScanResult(r)) => s.scans.deliver(name, r),
             Some(agent_message::Msg::Hello(_)) => {
                 tracing::warn!("duplicate hello ignored");
             }

@@ -20,6 +20,9 @@ pub struct Shared {
     pub sessions: Sessions,
     pub revoked: RevokedSerials,
     pub engine: crate::engine::driver::EngineHandle,
+    pub campaigns: crate::engine::campaign::Campaigns,
+    pub alerts: crate::alerts::Alerts,
+    pub scans: crate::scope::Scans,
 }
 
 /// The one authorization check of every call except enrollment: a client
