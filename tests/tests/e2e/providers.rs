@@ -311,7 +311,7 @@ check_every = "1s"
 #[test]
 fn aws_iam_rotation_moves_every_host_to_a_new_key_and_revokes_the_old_one() {
     use aws_sdk_iam::types::StatusType;
-    let w = iam::world(&[StatusType::Active]);
+    let w = iam::world(&[aws_sdk_iam::types::StatusType::Active]);
     let (old_id, old_secret) = w.keys[0].clone();
     assert_eq!(w.get_user_with(&old_id, &old_secret), Ok(()), "the deployed key works before the rotation");
     let f = fleet(3, &["aws-app"], |_| w.catalog("aws-app"));
@@ -386,7 +386,7 @@ fn aws_iam_refuses_two_active_keys_naming_both_and_changes_nothing() {
 #[test]
 fn aws_iam_create_replayed_after_a_crash_never_leaves_a_third_key() {
     use aws_sdk_iam::types::StatusType;
-    let w = iam::world(&[StatusType::Active]);
+    let w = iam::world(&[aws_sdk_iam::types::StatusType::Active]);
     let current = w.keys[0].0.clone();
     let state = Arc::new(MemState::default());
     let p = provider_from(w.provider_config(), state.clone());
@@ -952,4 +952,131 @@ fn a_vault_sink_logs_in_with_approle_and_writes_once_per_version() {
     let e = block_on(rekey_providers::build_sink(&denied, "svc").unwrap().write(&w)).unwrap_err();
     assert!(!e.retryable() && e.to_string().contains("403"), "{e}");
     assert!(!e.to_string().contains("tk_approle_value_1"));
+}
+
+// ---------------------------------------------------------------- breach response on moto
+
+/// A webhook receiver on loopback: records (signature header, body) of every POST.
+struct Hook {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+fn hook() -> Hook {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(50).flatten() {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let (mut sig, mut len) = (String::new(), 0usize);
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("x-rekey-signature:") {
+                    sig = v.trim().to_string();
+                }
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            g.lock().unwrap().push((sig, String::from_utf8_lossy(&body).into_owned()));
+            let mut s = s;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    Hook { url, got }
+}
+
+/// DESIGN "the retired key as a tripwire": use of the old key after its
+/// deactivation (a signed IAM GetUser — moto records last use, also for an
+/// inactive key) raises a signed webhook alert and, with the reactivate
+/// policy, halts the rotation with the key active again.
+#[test]
+fn use_of_the_deactivated_key_alerts_the_webhook_and_reactivates_it() {
+    let w = iam::world(&[aws_sdk_iam::types::StatusType::Active]);
+    let (old_id, old_secret) = w.keys[0].clone();
+    let h = hook();
+    let key_file = w.credentials_file.with_file_name("webhook.key");
+    write_secret_file(&key_file, "webhook-signing-secret-0123456789");
+    let f = fleet(2, &["aws-app"], |_| {
+        w.catalog("aws-app").replace("grace = \"1s\"", "grace = \"60s\"")
+            + &format!("\n[alerts]\nwebhook_url = \"{}\"\nwebhook_secret_file = \"{}\"\n", h.url, key_file.display())
+    });
+    let id = start(&f.c, "aws-app");
+    wait_state(&f.c, &id, &["grace"]);
+    assert_eq!(w.keys_now().iter().find(|(k, _)| *k == old_id).map(|(_, a)| *a), Some(false), "old key deactivated");
+    // Evidence before deactivation: the provider was asked and saw no use after the switch.
+    let r = f.c.cli_json(&["rotate", "status", &id]);
+    let ev = r["evidence"].as_array().unwrap();
+    assert!(ev.iter().any(|e| e["phase"] == "verified" && e["verdict"].as_str().unwrap().contains("ok")), "{ev:?}");
+
+    // Someone still uses the old key (a forgotten host, or the attacker).
+    std::thread::sleep(Duration::from_millis(1100));
+    let _ = w.get_user_with(&old_id, &old_secret);
+    let r = wait_state(&f.c, &id, &["halted"]);
+    assert!(r["halt_reason"].as_str().unwrap().contains("reactivated"), "{r:#}");
+    assert_eq!(w.keys_now().iter().find(|(k, _)| *k == old_id).map(|(_, a)| *a), Some(true), "old key active again");
+    // Everyone is still on the new key; abort makes no sense any more, resume re-checks.
+    assert!(!f.c.cli(&["rotate", "abort", &id]).status.success());
+
+    // The webhook got a signed alert naming the key id, never a secret.
+    wait_for("webhook", Duration::from_secs(15), || !h.got.lock().unwrap().is_empty());
+    let (sig, body) = h.got.lock().unwrap()[0].clone();
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"webhook-signing-secret-0123456789");
+    assert_eq!(sig, format!("sha256={}", hex::encode(ring::hmac::sign(&k, body.as_bytes()).as_ref())), "bad signature");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["alert"]["kind"], "old_version_used_during_grace");
+    assert_eq!(v["alert"]["severity"], "critical");
+    assert!(v["alert"]["message"].as_str().unwrap().contains(&old_id));
+    assert!(!body.contains(&old_secret));
+    let alerts = f.c.cli_json(&["alerts"]);
+    assert_eq!(alerts[0]["kind"], "old_version_used_during_grace");
+    wait_for("delivery recorded", Duration::from_secs(10), || f.c.cli_json(&["alerts"])[0]["delivery"] == "delivered");
+    let report = f.c.cli_ok(&["report", &id]);
+    assert!(report.contains("## Revocation evidence") && report.contains("after it was deactivated"), "{report}");
+    for a in &f.agents {
+        for s in a.values_seen() {
+            let s = String::from_utf8_lossy(&s).into_owned();
+            if s.starts_with("AKIA") {
+                continue; // access key ids are public identifiers, named on purpose
+            }
+            assert!(!body.contains(&s) && !report.contains(&s) && !f.c.logs().contains(&s), "a secret value leaked");
+        }
+    }
+}
+
+/// Evidence-gated revocation: every host confirmed, but the provider shows the
+/// old key used after they all switched — an undeclared consumer. Revocation
+/// is held (the old key stays active), an alert is raised, the rotation halts.
+#[test]
+fn revocation_is_held_when_the_old_key_is_used_after_every_host_switched() {
+    let w = iam::world(&[aws_sdk_iam::types::StatusType::Active]);
+    let (old_id, old_secret) = w.keys[0].clone();
+    let f = fleet(2, &["aws-app"], |_| w.catalog("aws-app").replace("check_every = \"1s\"", "check_every = \"4s\""));
+    let id = start(&f.c, "aws-app");
+    wait_state(&f.c, &id, &["verified"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = w.get_user_with(&old_id, &old_secret); // the forgotten consumer
+    let r = wait_state(&f.c, &id, &["halted", "deactivating", "grace"]);
+    assert_eq!(r["state"], "halted", "revocation went ahead despite the use: {r:#}");
+    let reason = r["halt_reason"].as_str().unwrap();
+    assert!(reason.contains(&old_id) && reason.contains("rekey scope"), "{reason}");
+    assert_eq!(
+        w.keys_now().iter().find(|(k, _)| *k == old_id).map(|(_, a)| *a),
+        Some(true),
+        "old key must stay active"
+    );
+    let alerts = f.c.cli_json(&["alerts"]);
+    assert_eq!(alerts[0]["kind"], "old_version_used");
+    assert_eq!(alerts[0]["delivery"], "not_configured");
+    let status = f.c.cli_ok(&["rotate", "status", &id]);
+    assert!(status.contains("revocation evidence") && status.contains("revocation held"), "{status}");
 }

@@ -969,15 +969,25 @@ fn usage_checked(rot: &mut Rotation, usage: Option<Usage>, error: Option<String>
                     rot.halt(message, now);
                     return;
                 }
-                (u, None) => {
-                    entry.verdict = match u {
-                        Some(Usage::At(t)) => {
-                            format!("{old} last used at {}, before every host switched: ok", fmt_at(t))
-                        }
-                        Some(Usage::Never) => format!("{old} never used according to the provider: ok"),
-                        _ => "the provider reports no usage data for this kind of secret".to_string(),
-                    };
+                (Some(Usage::Unknown) | None, None) => {
+                    entry.verdict = "the provider reports no usage data for this kind of secret".to_string();
                     rot.evidence_ok = true;
+                }
+                (Some(u), None) => {
+                    // The provider has usage data: observe it for one check interval
+                    // after the switch, so a forgotten consumer shows up.
+                    let observed_until = limit + rot.policy.check_every_ms;
+                    let last = match u {
+                        Usage::At(t) => format!("last used at {}, before every host switched", fmt_at(t)),
+                        _ => "never used".to_string(),
+                    };
+                    if now >= observed_until {
+                        entry.verdict = format!("{old} {last}; no use since: ok");
+                        rot.evidence_ok = true;
+                    } else {
+                        entry.verdict = format!("{old} {last}; observing until {}", fmt_at(observed_until));
+                        rot.next_check_ms = Some(observed_until);
+                    }
                 }
             }
         }
@@ -1108,6 +1118,7 @@ fn advance(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) {
             RotationState::Verified => {
                 let revoking = rot.policy.deactivate || rot.policy.delete;
                 if rot.old_version.is_some() && revoking && rot.policy.require_evidence && !rot.evidence_ok {
+                    // Ask once the provider data has settled (its granularity after the switch).
                     let ready = last_switch_ms(rot) + rot.policy.usage_granularity_ms;
                     let due = rot.next_check_ms.is_none_or(|t| now >= t);
                     if !rot.usage_check_pending && now >= ready && due {

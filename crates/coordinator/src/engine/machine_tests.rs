@@ -339,39 +339,47 @@ fn restart_redoes_the_pending_provider_call_of_each_state() {
 
 #[test]
 fn revocation_waits_for_usage_evidence_and_holds_on_use_after_the_switch() {
-    let p = Policy { require_evidence: true, usage_granularity_ms: 100, ..policy() };
+    let p = Policy { require_evidence: true, usage_granularity_ms: 60, check_every_ms: 40, ..policy() };
     let mut r = rotation(1, p.clone());
     start(&mut r);
     let a = all_healthy(&mut r, &["h1".into()], 1000);
     assert!(a.is_empty(), "no check before the provider's granularity has passed: {a:?}");
     assert_eq!(r.state, RotationState::Verified);
+    assert_eq!(ev(&mut r, Event::Tick, 1060), vec![Action::CheckUsage]);
+    assert!(ev(&mut r, Event::Tick, 1065).is_empty(), "one check at a time");
+    // Used before the switch (+ granularity): fine so far; observe one interval more.
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1050)), error: None }, 1070);
+    assert!(a.is_empty(), "{a:?}");
+    assert!(r.evidence[0].verdict.contains("observing until"), "{:?}", r.evidence);
+    assert!(ev(&mut r, Event::Tick, 1090).is_empty());
     assert_eq!(ev(&mut r, Event::Tick, 1100), vec![Action::CheckUsage]);
-    assert!(ev(&mut r, Event::Tick, 1150).is_empty(), "one check at a time");
-    // Used before the switch (+ granularity): fine, deactivate.
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1050)), error: None }, 1200);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1050)), error: None }, 1110);
     assert_eq!(a, vec![Action::DeactivateOld]);
-    assert!(r.evidence[0].verdict.contains("before every host switched"), "{:?}", r.evidence);
+    assert!(r.evidence[1].verdict.contains("no use since: ok"), "{:?}", r.evidence);
 
-    // Used after every host switched: an unknown consumer. Hold, alert, halt.
+    // Used after every host switched (+ granularity): an unknown consumer. Hold, alert, halt.
     let mut r = rotation(1, p.clone());
     start(&mut r);
     all_healthy(&mut r, &["h1".into()], 1000);
+    ev(&mut r, Event::Tick, 1060);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1055)), error: None }, 1061);
+    assert!(a.is_empty(), "use within the granularity after the switch is not held against it: {a:?}");
     ev(&mut r, Event::Tick, 1100);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(5000)), error: None }, 6000);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1090)), error: None }, 1101);
     assert!(matches!(&a[..], [Action::Alert { kind, .. }] if kind == "old_version_used"), "{a:?}");
     assert_eq!(r.state, RotationState::Halted);
     assert!(r.halt_reason.as_deref().unwrap().contains("rekey scope"));
     // Resume checks again (it does not skip the evidence).
     let a = ev(&mut r, Event::Resume { by: "op".into() }, 7000);
     assert_eq!(a, vec![Action::CheckUsage]);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(5000)), error: None }, 7100);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1090)), error: None }, 7100);
     assert!(matches!(&a[..], [Action::Alert { .. }]));
-    // A provider without usage data does not block revocation.
+    // A provider without usage data does not block (or delay) revocation.
     let mut r = rotation(1, p);
     start(&mut r);
     all_healthy(&mut r, &["h1".into()], 1000);
-    ev(&mut r, Event::Tick, 1100);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::Unknown), error: None }, 1200);
+    ev(&mut r, Event::Tick, 1060);
+    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::Unknown), error: None }, 1061);
     assert_eq!(a, vec![Action::DeactivateOld]);
 }
 
