@@ -254,7 +254,8 @@ fn three_real_agents_rotate_a_real_services_key_and_a_failing_service_rolls_back
     let token_file = tmp.path().join("admin.token");
     {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&token_file).unwrap();
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&token_file).unwrap();
         std::io::Write::write_all(&mut f, b"adm_test_token").unwrap();
     }
     let addr_file = tmp.path().join("api.addr");
