@@ -164,14 +164,17 @@ pub fn print_map(v: &Value) {
     let undeclared = sum["undeclared"].as_u64().unwrap_or(0);
     let leftovers = sum["leftovers"].as_u64().unwrap_or(0);
     let mut notes = Vec::new();
-    if undeclared > 0 {
-        notes.push(format!(
-            "{} in files no agent config declares: rotation will not update them",
-            plural(undeclared, "occurrence", "occurrences")
-        ));
-    }
     if leftovers > 0 {
-        notes.push(format!("{} of an old version", plural(leftovers, "leftover", "leftovers")));
+        notes.push(format!("{} of an old version: remove or replace them", plural(leftovers, "leftover", "leftovers")));
+    }
+    // Undeclared copies of the current or new version: a rotation would miss them.
+    let missed = undeclared
+        .saturating_sub(v["undeclared"].as_array().into_iter().flatten().filter(|o| o["role"] == "old").count() as u64);
+    if missed > 0 {
+        notes.push(format!(
+            "{} in files no agent config declares: a rotation will not update them",
+            plural(missed, "occurrence", "occurrences")
+        ));
     }
     let missing = list(&sum["declared_not_found"]);
     if !missing.is_empty() {

@@ -20,3 +20,4 @@ pub mod server;
 pub mod service;
 pub mod sessions;
 pub mod store;
+pub mod tripwire;

@@ -169,6 +169,9 @@ impl Coordinator {
         let engine_task = tokio::spawn(self.engine.run(engine_stop.clone()).instrument(tracing::info_span!("engine")));
         let campaign_task =
             tokio::spawn(s.campaigns.clone().run(engine_stop.clone()).instrument(tracing::info_span!("campaigns")));
+        let tripwire_task = tokio::spawn(
+            crate::tripwire::run(s.clone(), engine_stop.clone()).instrument(tracing::info_span!("tripwire")),
+        );
         let (chain, key) = s.ca.issue_server(&s.config.server_names, SERVER_CERT_LIFETIME)?;
         let tls_config = tls::server_config(std::slice::from_ref(s.ca.cert_der()), chain, key)?;
         let listener = tokio::net::TcpListener::bind(s.config.listen)
@@ -202,6 +205,7 @@ impl Coordinator {
         let served = server.await;
         engine_stop.cancel();
         let _ = campaign_task.await;
+        let _ = tripwire_task.await;
         match engine_task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(ServerError::Engine(e)),

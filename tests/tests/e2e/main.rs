@@ -8,3 +8,4 @@ mod foundation;
 mod grpc;
 mod pipeline;
 mod providers;
+mod scope;

@@ -355,3 +355,46 @@ grace = "1s"
     let _ = api_proc.kill();
     let _ = api_proc.wait();
 }
+
+/// The retired key as a tripwire, fleet side: while a rotation is monitoring,
+/// a copy of the revoked value left in a file nobody declared is found by a
+/// scan (keyed fingerprints, never the value) and raises an alert.
+#[test]
+fn a_leftover_copy_of_the_revoked_value_raises_an_alert_while_monitoring() {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let tmp = tempfile::Builder::new().prefix("rekey-tripwire-").tempdir().unwrap();
+    let catalog = catalog().replace("monitor = \"0s\"", "monitor = \"1h\"\ncheck_every = \"2s\"");
+    let c = Coordinator::start(&tmp.path().join("c"), &catalog);
+    let dir = tmp.path().join("agent-host-1");
+    std::fs::create_dir_all(dir.join("extra")).unwrap();
+    let config = format!("{}\n[scan]\nroots = [\"{}\"]\n", agent_config(&dir), dir.join("extra").display());
+    let mut a = Agent::with_config(tmp.path(), "host-1", &config);
+    a.enroll_ok(&c, &[]);
+    a.start();
+    wait_for("agent connected", Duration::from_secs(20), || c.is_connected("host-1"));
+    let out = c.cli(&["rotate", "start", SECRET, "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Someone copied the key into a file rekey does not manage.
+    let v1 = std::fs::read_to_string(dir.join("app.conf")).unwrap();
+    let v1 = v1.lines().find_map(|l| l.strip_prefix("token = ")).unwrap().to_string();
+    std::fs::write(dir.join("extra/old-notes.txt"), format!("backup of the token:\n  {v1}\n")).unwrap();
+    // The next rotation revokes it and keeps watching.
+    let out = c.cli(&["rotate", "start", SECRET, "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut alerts = Value::Null;
+    wait_for("leftover alert", Duration::from_secs(40), || {
+        alerts = c.cli_json(&["alerts"]);
+        alerts.as_array().is_some_and(|a| a.iter().any(|x| x["kind"] == "leftover_found"))
+    });
+    let a0 = alerts.as_array().unwrap().iter().find(|x| x["kind"] == "leftover_found").unwrap().clone();
+    assert_eq!(a0["details"]["host"], "host-1");
+    assert!(a0["details"]["path"].as_str().unwrap().ends_with("extra/old-notes.txt"), "{a0}");
+    assert_eq!(a0["details"]["line"], 2);
+    assert_eq!(a0["details"]["declared"], false);
+    // Reported once, not at every scan.
+    std::thread::sleep(Duration::from_secs(5));
+    let all = c.cli_json(&["alerts"]);
+    let n = all.as_array().unwrap().iter().filter(|x| x["kind"] == "leftover_found").count();
+    assert_eq!(n, 1, "{all:#}");
+    assert!(!c.logs().contains(&v1) && !c.cli_ok(&["alerts"]).contains(&v1), "the value leaked");
+}

@@ -310,7 +310,6 @@ check_every = "1s"
 
 #[test]
 fn aws_iam_rotation_moves_every_host_to_a_new_key_and_revokes_the_old_one() {
-    use aws_sdk_iam::types::StatusType;
     let w = iam::world(&[aws_sdk_iam::types::StatusType::Active]);
     let (old_id, old_secret) = w.keys[0].clone();
     assert_eq!(w.get_user_with(&old_id, &old_secret), Ok(()), "the deployed key works before the rotation");
@@ -385,7 +384,6 @@ fn aws_iam_refuses_two_active_keys_naming_both_and_changes_nothing() {
 
 #[test]
 fn aws_iam_create_replayed_after_a_crash_never_leaves_a_third_key() {
-    use aws_sdk_iam::types::StatusType;
     let w = iam::world(&[aws_sdk_iam::types::StatusType::Active]);
     let current = w.keys[0].0.clone();
     let state = Arc::new(MemState::default());

@@ -227,6 +227,14 @@ impl Engine {
         let now = now_unix_ms();
         for rot in self.state.list_rotations()? {
             if rot.state.is_terminal() {
+                // A crash between completing and forgetting the revoked value: forget it now.
+                if rot.state == RotationState::Completed
+                    && let Some(old) = &rot.old_version
+                    && rot.timeline.iter().any(|t| t.state == RotationState::Deleting)
+                    && let Err(e) = self.state.remove_version(&rot.secret, old)
+                {
+                    tracing::error!(rotation = %rot.id, error = %e, "cannot forget the old value");
+                }
                 continue;
             }
             let before = rot.clone();

@@ -1,0 +1,87 @@
+//! The retired key as a tripwire (playbook step 7), fleet side: while a
+//! rotation is in `monitoring`, its old value is searched for across the fleet
+//! every `check_every` (keyed fingerprints, never the value — see [`scope`]),
+//! and every copy found raises an alert once (host, path, line). The
+//! provider side (the old key's last use) is checked by the engine itself.
+//!
+//! Tasks: one reconciler ([`run`]), which runs at most one scan at a time.
+
+use crate::scope::{self, Query};
+use crate::service::Shared;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long agents get to answer a monitoring scan.
+const SCAN_TIMEOUT_SECONDS: u32 = 20;
+
+/// Scans monitored rotations' old values until `shutdown`.
+pub async fn run(shared: Shared, shutdown: CancellationToken) {
+    let mut last_scan: HashMap<String, tokio::time::Instant> = HashMap::new();
+    // (secret, version, host, path, line) already alerted on: one alert per copy,
+    // whichever monitored rotation's scan finds it.
+    let mut alerted: BTreeSet<(String, String, String, String, u32)> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let rotations = match shared.engine.state().list_rotations() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "tripwire cannot list rotations");
+                continue;
+            }
+        };
+        for rot in rotations.iter().filter(|r| r.state == crate::engine::machine::RotationState::Monitoring) {
+            let every = Duration::from_millis(rot.policy.check_every_ms.max(1000) as u64);
+            if last_scan.get(&rot.id).is_some_and(|t| t.elapsed() < every) {
+                continue;
+            }
+            last_scan.insert(rot.id.clone(), tokio::time::Instant::now());
+            let query = match Query::new(rot.secret.clone(), "old", rot.id.clone(), SCAN_TIMEOUT_SECONDS) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::warn!(rotation = %rot.id, error = %e, "tripwire scan not possible");
+                    continue;
+                }
+            };
+            let map = match scope::run_scan(&shared, &query).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::info!(rotation = %rot.id, error = %e, "tripwire scan skipped");
+                    continue;
+                }
+            };
+            for o in &map.leftovers {
+                let key = (rot.secret.clone(), o.version.clone(), o.host.clone(), o.path.clone(), o.line);
+                if !alerted.insert(key) {
+                    continue;
+                }
+                let message = format!(
+                    "a copy of the revoked version {} of {} is still on {} in {} line {}{}",
+                    o.version,
+                    rot.secret,
+                    o.host,
+                    o.path,
+                    o.line,
+                    if o.declared { "" } else { " (a file no agent config declares)" }
+                );
+                let details = serde_json::json!({
+                    "rotation": rot.id, "secret": rot.secret, "host": o.host, "path": o.path,
+                    "line": o.line, "version": o.version, "declared": o.declared, "scan": map.scan_id,
+                });
+                let entry = crate::audit::AuditEntry::new("rekeyd", "alert.leftover_found", details.clone());
+                if let Err(e) = shared.engine.state().audit(rekey_common::time::now_unix_ms(), vec![entry]) {
+                    tracing::error!(error = %e, "cannot audit a leftover alert");
+                }
+                if let Err(e) =
+                    shared.alerts.raise("leftover_found", "warning", &rot.secret, Some(&rot.id), message, details)
+                {
+                    tracing::error!(error = %e, "cannot record a leftover alert");
+                }
+            }
+        }
+        last_scan.retain(|id, _| rotations.iter().any(|r| &r.id == id));
+    }
+}
