@@ -35,6 +35,7 @@
 //! the credentials parser, a minimal HTTP/1 client and pidfile helpers.
 
 pub mod api;
+pub mod aws;
 pub mod credentials;
 pub mod http_client;
 pub mod process;

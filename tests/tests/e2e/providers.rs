@@ -1078,3 +1078,107 @@ fn revocation_is_held_when_the_old_key_is_used_after_every_host_switched() {
     let status = f.c.cli_ok(&["rotate", "status", &id]);
     assert!(status.contains("revocation evidence") && status.contains("revocation held"), "{status}");
 }
+
+/// AWS end to end with real agents: an IAM user's key is deployed on 3 hosts,
+/// each running the demo service in AWS mode (its /health is a SigV4-signed STS
+/// GetCallerIdentity against moto); the rotation rewrites every host's
+/// credentials file, restarts every service, confirms each healthy on the new
+/// key, then revokes the old one — which moto refuses from then on.
+#[test]
+fn aws_keys_rotate_on_real_agents_with_services_checking_sts() {
+    use rekey_tests::Agent;
+    let w = iam::world(&[aws_sdk_iam::types::StatusType::Active]);
+    let (old_id, old_secret) = w.keys[0].clone();
+    let tmp = tempfile::Builder::new().prefix("rekey-aws-agents-").tempdir().unwrap();
+    let c = Coordinator::start(&tmp.path().join("c"), &w.catalog("aws-app"));
+    let svc = rekey_tests::bins().demo_service.display().to_string();
+    let mut pidfiles = Vec::new();
+    let mut hosts = Vec::new();
+    for i in 1..=3 {
+        let name = format!("host-{i}");
+        let dir = tmp.path().join(format!("svc-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_secret_file(
+            &dir.join("aws.env"),
+            &format!("AWS_ACCESS_KEY_ID={old_id}\nAWS_SECRET_ACCESS_KEY={old_secret}\nAWS_REGION=us-east-1\n"),
+        );
+        let port = rekey_tests::free_port();
+        let d = dir.display();
+        let args: Vec<String> = [
+            svc.as_str(),
+            "--detach",
+            "--replace",
+            "--pidfile",
+            &format!("{d}/service.pid"),
+            "--credentials",
+            &format!("{d}/aws.env"),
+            "--aws-sts",
+            &w.moto.url,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log",
+            &format!("{d}/service.log"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = std::process::Command::new(&args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "service {name}: {}", String::from_utf8_lossy(&out.stderr));
+        pidfiles.push(dir.join("service.pid"));
+        let cmd = args.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
+        let config = format!(
+            "state_dir = \"state\"\n[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n\n\
+             [[secret]]\nname = \"aws-app\"\n  [[secret.file]]\n  path = \"{d}/aws.env\"\n  kind = \"env-file\"\n  \
+             keys = {{ AWS_ACCESS_KEY_ID = \"access_key_id\", AWS_SECRET_ACCESS_KEY = \"secret_access_key\" }}\n  \
+             [secret.restart]\n  kind = \"command\"\n  command = [{cmd}]\n  timeout = \"20s\"\n  \
+             [secret.health]\n  kind = \"http\"\n  url = \"http://127.0.0.1:{port}/health\"\n  body_contains = \"aws accepts\"\n  \
+             retries = 10\n  interval = \"300ms\"\n  timeout = \"3s\"\n"
+        );
+        let mut a = Agent::with_config(tmp.path(), &name, &config);
+        a.enroll_ok(&c, &[]);
+        a.start();
+        hosts.push((a, dir, port));
+    }
+    struct Kill(Vec<PathBuf>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                if let Ok(pid) = std::fs::read_to_string(p) {
+                    let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+                }
+            }
+        }
+    }
+    let _kill = Kill(pidfiles);
+    wait_for("agents connected", Duration::from_secs(20), || hosts.iter().all(|(a, _, _)| c.is_connected(&a.name)));
+    let health = |port: u16| {
+        rekey_tests::fixtures::http(&format!("127.0.0.1:{port}"), "GET", "/health", &[], b"").map(|r| r.0).unwrap_or(0)
+    };
+    for (_, _, port) in &hosts {
+        assert_eq!(health(*port), 200, "services start healthy on the deployed key");
+    }
+
+    let out = c.cli(&["rotate", "start", "aws-app", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.logs());
+    let mut new_id = String::new();
+    for (a, dir, port) in &hosts {
+        let env = std::fs::read_to_string(dir.join("aws.env")).unwrap();
+        assert!(!env.contains(&old_id) && !env.contains(&old_secret), "{}: old key still in its file", a.name);
+        assert!(env.contains("AWS_REGION=us-east-1"), "{}: other lines must be kept", a.name);
+        new_id = env.lines().find_map(|l| l.strip_prefix("AWS_ACCESS_KEY_ID=")).unwrap().to_string();
+        assert_eq!(health(*port), 200, "{} is not healthy on the new key", a.name);
+    }
+    let new_secret = std::fs::read_to_string(hosts[0].1.join("aws.env"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("AWS_SECRET_ACCESS_KEY=").map(str::to_string))
+        .unwrap();
+    // Revoked at AWS: the old key is refused, the new one works.
+    assert_eq!(w.get_user_with(&old_id, &old_secret), Err("InvalidClientTokenId".to_string()));
+    assert_eq!(w.get_user_with(&new_id, &new_secret), Ok(()));
+    assert_eq!(w.keys_now(), vec![(new_id.clone(), true)]);
+    for (a, _, _) in &hosts {
+        assert!(!a.logs().contains(&new_secret) && !a.logs().contains(&old_secret), "{}: a secret in its log", a.name);
+    }
+    assert!(!c.logs().contains(&new_secret) && !c.logs().contains(&old_secret), "a secret in rekeyd's log");
+}

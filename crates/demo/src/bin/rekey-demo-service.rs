@@ -30,9 +30,17 @@ struct Cli {
     /// Variable of the credentials file that holds the key.
     #[arg(long, default_value = "DEMO_API_KEY")]
     key_var: String,
-    /// Base URL of rekey-demo-api.
+    /// Base URL of rekey-demo-api (the default mode: the key is a demo API key).
+    #[arg(long, required_unless_present = "aws_sts", conflicts_with = "aws_sts")]
+    api: Option<String>,
+    /// AWS mode: the credentials file holds AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, and /health is a SigV4-signed STS
+    /// GetCallerIdentity at this endpoint (e.g. a local moto server).
     #[arg(long)]
-    api: String,
+    aws_sts: Option<String>,
+    /// Region for the STS signature in AWS mode.
+    #[arg(long, default_value = "us-east-1")]
+    aws_region: String,
     /// Address to listen on; port 0 picks a free port (see --addr-file).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
@@ -150,9 +158,9 @@ fn detach(cli: &Cli) -> anyhow::Result<()> {
     }
 }
 
-struct Service {
-    key: SecretBytes,
-    api: BaseUrl,
+enum Service {
+    Api { key: SecretBytes, api: BaseUrl },
+    Aws { endpoint: String, region: String, access_key_id: String, secret: SecretBytes },
 }
 
 fn foreground(cli: Cli) -> anyhow::Result<()> {
@@ -162,10 +170,31 @@ fn foreground(cli: Cli) -> anyhow::Result<()> {
         process::stop(pidfile, STOP_GRACE);
     }
     // Read once, at start: a new key needs a restart.
-    let key = credentials::read_key(&cli.credentials, &cli.key_var)?;
-    let api = BaseUrl::parse(&cli.api).map_err(anyhow::Error::msg).context("--api")?;
+    let svc = match (&cli.aws_sts, &cli.api) {
+        (Some(endpoint), _) => {
+            let text = std::fs::read(&cli.credentials)
+                .with_context(|| format!("cannot read credentials {}", cli.credentials.display()))?;
+            let get = |k: &str| {
+                credentials::parse_env_value(&text, k)
+                    .ok_or_else(|| anyhow::anyhow!("{}: {k} is missing", cli.credentials.display()))
+            };
+            let id = get("AWS_ACCESS_KEY_ID")?;
+            let access_key_id = String::from_utf8(id.expose().to_vec()).context("AWS_ACCESS_KEY_ID is not text")?;
+            Service::Aws {
+                endpoint: endpoint.clone(),
+                region: cli.aws_region.clone(),
+                access_key_id,
+                secret: get("AWS_SECRET_ACCESS_KEY")?,
+            }
+        }
+        (None, Some(api)) => Service::Api {
+            key: credentials::read_key(&cli.credentials, &cli.key_var)?,
+            api: BaseUrl::parse(api).map_err(anyhow::Error::msg).context("--api")?,
+        },
+        (None, None) => bail!("either --api or --aws-sts is required"),
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(serve(cli, Arc::new(Service { key, api })))
+    rt.block_on(serve(cli, Arc::new(svc)))
 }
 
 async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -227,7 +256,23 @@ async fn serve(cli: Cli, svc: Arc<Service>) -> anyhow::Result<()> {
 }
 
 async fn health(State(svc): State<Arc<Service>>) -> (StatusCode, String) {
-    match http_client::get(&svc.api, "/v1/whoami", Some(svc.key.expose()), Duration::from_secs(2)).await {
+    let (key, api) = match &*svc {
+        Service::Api { key, api } => (key, api),
+        Service::Aws { endpoint, region, access_key_id, secret } => {
+            return match rekey_demo::aws::get_caller_identity(endpoint, region, access_key_id, secret).await {
+                Ok((200, _)) => (StatusCode::OK, format!("ok: aws accepts access key {access_key_id}\n")),
+                Ok((code, aws)) => {
+                    tracing::warn!(code, aws = %aws, "health: aws rejects this service's access key");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("unhealthy: aws rejects access key {access_key_id} (HTTP {code} {aws})\n"),
+                    )
+                }
+                Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: sts unreachable: {e}\n")),
+            };
+        }
+    };
+    match http_client::get(api, "/v1/whoami", Some(key.expose()), Duration::from_secs(2)).await {
         Ok((200, body)) => {
             let id = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
