@@ -18,6 +18,11 @@
 //!   non-zero at once. `GET /health` answers 200 while the API accepts the
 //!   key (`/v1/whoami`), 503 with a short reason (never the key) otherwise.
 //!
+//!   **AWS mode** (`--aws-sts URL [--aws-region R]` instead of `--api`): the
+//!   credentials file holds `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`,
+//!   and `/health` is a SigV4-signed STS `GetCallerIdentity` ([`aws`]): 200
+//!   while AWS (or moto) accepts the key.
+//!
 //!   How rekey-agent restarts it, for real:
 //!   - **Restart command** (stop, then start): `rekey-demo-service --detach
 //!     --replace --pidfile FILE ...` sends SIGTERM to the process in the
