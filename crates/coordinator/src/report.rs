@@ -49,6 +49,27 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
         })
         .collect();
     let mine = records_of(audit, &rot.id);
+    // Scope scans of this secret (operators' and the tripwire's): the consumer
+    // map before the rotation (up to a day earlier) and after it.
+    let end = if rot.state.is_terminal() { rot.updated_ms } else { i64::MAX };
+    let scans: Vec<Value> = audit
+        .iter()
+        .filter(|r| r.action == "scope.result" && r.details["secret"] == rot.secret.as_str())
+        .filter(|r| r.at_ms >= rot.created_ms - 86_400_000 && r.at_ms <= end)
+        .map(|r| {
+            json!({
+                "at": ts(r.at_ms),
+                "when": if r.at_ms < rot.created_ms { "before" } else { "after" },
+                "by": r.actor,
+                "scan": r.details["scan"],
+                "hosts_with_value": r.details["hosts_with_value"],
+                "occurrences": r.details["occurrences"],
+                "undeclared": r.details["undeclared"],
+                "leftovers": r.details["leftovers"],
+                "not_answering": r.details["not_answering"],
+            })
+        })
+        .collect();
     // Every failure any host reported, even if a later retry succeeded.
     let mut failures: Vec<Value> = Vec::new();
     for r in &mine {
@@ -98,6 +119,7 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
         "rolled_back": rolled_back,
         "exclusions": rot.hosts.iter().filter_map(|(n, h)| h.exclusion.as_ref().map(|e| json!({"host": n, "by": e.by, "reason": e.reason}))).collect::<Vec<_>>(),
         "operator_actions": operator_actions,
+        "scope": scans,
         "revocation_evidence": rot.evidence.iter().map(|e| json!({
             "at": ts(e.at_ms), "phase": e.phase.as_str(), "usage": e.usage, "error": e.error, "verdict": e.verdict,
         })).collect::<Vec<_>>(),
@@ -173,6 +195,43 @@ pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str
     }
     for e in exclusions {
         out.push_str(&format!("- **{}** excluded by `{}`: {}\n", s(&e["host"]), s(&e["by"]), s(&e["reason"])));
+    }
+    out.push_str("\n## Scope (where the secret was found)\n\n");
+    let scans = j["scope"].as_array().cloned().unwrap_or_default();
+    if scans.is_empty() {
+        out.push_str("No scope scan of this secret around this rotation (`rekey scope SECRET` maps it).\n");
+    }
+    for sc in scans {
+        let places = |k: &str| {
+            sc[k]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|o| format!("{}:{} line {}", s(&o["host"]), s(&o["path"]), s(&o["line"])))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        let hosts = sc["hosts_with_value"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "- {} ({}, by `{}`): {} occurrences on {}",
+            s(&sc["at"]),
+            s(&sc["when"]),
+            s(&sc["by"]),
+            s(&sc["occurrences"]),
+            if hosts.is_empty() { "no host".to_string() } else { hosts }
+        ));
+        let (u, l) = (places("undeclared"), places("leftovers"));
+        if !u.is_empty() {
+            out.push_str(&format!("; undeclared: {}", u.join("; ")));
+        }
+        if !l.is_empty() {
+            out.push_str(&format!("; leftovers of the old value: {}", l.join("; ")));
+        }
+        out.push('\n');
     }
     out.push_str("\n## Revocation evidence\n\n");
     if rot.evidence.is_empty() {

@@ -53,6 +53,13 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
                     continue;
                 }
             };
+            let mut summary = scope::audit_summary(&map);
+            summary["rotation"] = serde_json::json!(rot.id);
+            summary["purpose"] = serde_json::json!("tripwire");
+            let entry = crate::audit::AuditEntry::new("rekeyd", "scope.result", summary);
+            if let Err(e) = shared.engine.state().audit(rekey_common::time::now_unix_ms(), vec![entry]) {
+                tracing::error!(error = %e, "cannot audit a tripwire scan");
+            }
             for o in &map.leftovers {
                 let key = (rot.secret.clone(), o.version.clone(), o.host.clone(), o.path.clone(), o.line);
                 if !alerted.insert(key) {

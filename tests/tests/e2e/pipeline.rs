@@ -397,4 +397,14 @@ fn a_leftover_copy_of_the_revoked_value_raises_an_alert_while_monitoring() {
     let n = all.as_array().unwrap().iter().filter(|x| x["kind"] == "leftover_found").count();
     assert_eq!(n, 1, "{all:#}");
     assert!(!c.logs().contains(&v1) && !c.cli_ok(&["alerts"]).contains(&v1), "the value leaked");
+    // The rotation's report shows where the old value was found after it.
+    let id = a0["rotation"].as_str().unwrap();
+    let report = c.cli_ok(&["report", id]);
+    assert!(
+        report.contains("## Scope")
+            && report.contains("leftovers of the old value")
+            && report.contains("old-notes.txt"),
+        "{report}"
+    );
+    assert!(!report.contains(&v1));
 }
