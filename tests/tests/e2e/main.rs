@@ -6,6 +6,7 @@ mod demo;
 mod engine;
 mod foundation;
 mod grpc;
+mod netns;
 mod pipeline;
 mod providers;
 mod scope;
