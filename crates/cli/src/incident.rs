@@ -1,6 +1,7 @@
 //! `rekey incident ...`: campaigns that rotate every secret matching a
 //! pattern as one incident, with one status.
 
+use crate::rotate::s;
 use crate::table::Table;
 use crate::{Client, Output, output};
 use anyhow::Result;
@@ -27,14 +28,6 @@ pub enum IncidentCmd {
     List,
     /// Close an incident: no further rotation is started for it.
     Close { id: String },
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(x) => x.clone(),
-        other => other.to_string(),
-    }
 }
 
 fn print_incident(v: &Value) {

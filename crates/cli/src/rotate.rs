@@ -5,7 +5,8 @@ use crate::table::Table;
 use rekey_common::time::{format_relative, format_unix, now_unix};
 use serde_json::Value;
 
-fn s(v: &Value) -> String {
+/// A JSON value as a table cell: `-` for null or empty.
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(x) if x.is_empty() => "-".into(),

@@ -3,6 +3,7 @@
 //! or the coordinator's JSON document with `-o json`. The coordinator sends
 //! the agents keyed fingerprints, never values; nothing here prints one.
 
+use crate::rotate::s;
 use crate::table::Table;
 use crate::{Client, Output, output};
 use anyhow::Result;
@@ -37,15 +38,6 @@ pub async fn run(client: &Client, out: Output, args: &ScopeArgs) -> Result<()> {
     let v = client.json(client.inner.clone().scope(req).await)?;
     output(out, &v, print_map);
     Ok(())
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(x) if x.is_empty() => "-".into(),
-        Value::String(x) => x.clone(),
-        other => other.to_string(),
-    }
 }
 
 fn list(v: &Value) -> Vec<String> {

@@ -211,27 +211,7 @@ impl Provider for Random {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Mem(Mutex<BTreeMap<String, Vec<u8>>>);
-    impl ProviderState for Mem {
-        fn get(&self, k: &str) -> Result<Option<SecretBytes>, String> {
-            Ok(self.0.lock().unwrap().get(k).map(|v| SecretBytes::new(v.clone())))
-        }
-        fn put(&self, k: &str, v: &[u8]) -> Result<(), String> {
-            self.0.lock().unwrap().insert(k.into(), v.to_vec());
-            Ok(())
-        }
-        fn remove(&self, k: &str) -> Result<(), String> {
-            self.0.lock().unwrap().remove(k);
-            Ok(())
-        }
-        fn keys(&self) -> Result<Vec<String>, String> {
-            Ok(self.0.lock().unwrap().keys().cloned().collect())
-        }
-    }
+    use crate::testing::Mem;
 
     fn cfg(toml_like: RandomConfig) -> Random {
         Random::new(toml_like, Arc::new(Mem::default()))
