@@ -93,6 +93,10 @@ pub struct VaultConfig {
 }
 
 /// `sinks = [{ kind = "vault", ... }]`: where every new version is also written.
+///
+/// The connection fields repeat [`VaultConfig`]'s on purpose: serde cannot
+/// combine `#[serde(flatten)]` with `deny_unknown_fields`, and refusing unknown
+/// fields (a typo in a credential setting) matters more than sharing a struct.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VaultSinkConfig {
