@@ -15,6 +15,11 @@ fmt:
 demo:
     cargo run --release --bin rekey -- demo
 
+# The unit tests UNIT times, then the whole suite FULL times under a CPU hog
+# on every core; stops at the first failure (logs in target/stress/).
+stress-tests UNIT="50" FULL="5":
+    scripts/stress-tests.sh {{UNIT}} {{FULL}}
+
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings

@@ -165,7 +165,7 @@ impl Server {
     fn wait_ready(&mut self, mut ready: impl FnMut() -> bool) {
         let (name, log) = (self.name, self.log.clone());
         let child = &mut self.child;
-        wait_for(&format!("{name} to answer"), Duration::from_secs(30), || {
+        wait_for(&format!("{name} to answer"), || {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("{name} exited with {st}:\n{}", read_log(&log));
             }

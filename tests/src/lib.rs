@@ -75,8 +75,13 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// Polls `f` until it returns true or `timeout` passes; panics naming `what`.
-pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub use rekey_common::testing::budget;
+
+/// Polls `f` until it returns true; panics naming `what` once the test budget
+/// ([`budget`], `REKEY_TEST_BUDGET`) has passed. A wait is on a condition,
+/// never on elapsed time, so the budget only bounds a broken test.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let timeout = budget();
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(20);
     while Instant::now() < deadline {
@@ -147,7 +152,7 @@ impl Coordinator {
         let child = spawn_logged(Command::new(&bins().rekeyd).arg("--config").arg(&self.config).arg("run"), &self.log);
         self.child = Some(child);
         let log = self.log.clone();
-        wait_for("rekeyd to listen", Duration::from_secs(30), || {
+        wait_for("rekeyd to listen", || {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(st)) = child.try_wait()
             {
@@ -336,7 +341,8 @@ impl Agent {
     }
 
     /// Waits for the agent process to exit by itself; returns its status and log.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
+    pub fn wait_exit(&mut self) -> Result<(ExitStatus, String)> {
+        let timeout = budget();
         let child = self.child.as_mut().ok_or_else(|| anyhow!("agent {} not running", self.name))?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -398,7 +404,7 @@ impl TestCluster {
     }
 
     pub fn wait_all_connected(&self) {
-        wait_for("all agents connected", Duration::from_secs(30), || {
+        wait_for("all agents connected", || {
             let list = self.coordinator.agents();
             self.agents.iter().all(|a| list.iter().any(|x| x["name"] == a.name.as_str() && x["connected"] == true))
         });

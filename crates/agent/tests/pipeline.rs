@@ -88,8 +88,10 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Polls `f` until true; panics naming `what` after `timeout`.
-async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// Polls `f` until true; panics naming `what` after the test budget
+/// (`REKEY_TEST_BUDGET`): waits are on conditions, never on elapsed time.
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let timeout = rekey_common::testing::budget();
     let deadline = Instant::now() + timeout;
     while !f() {
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
@@ -148,7 +150,7 @@ impl DemoApi {
             .stderr(log)
             .spawn()
             .expect("start rekey-demo-api");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + rekey_common::testing::budget();
         while !addr_file.exists() {
             assert!(child.try_wait().unwrap().is_none(), "rekey-demo-api exited at start");
             assert!(Instant::now() < deadline, "rekey-demo-api did not start");
@@ -257,7 +259,7 @@ impl Host {
     }
 
     async fn wait_healthy(&self) {
-        wait_for("the demo service to be healthy", Duration::from_secs(10), || self.health() == Some(200)).await;
+        wait_for("the demo service to be healthy", || self.health() == Some(200)).await;
     }
 
     /// agent.toml with the given file/restart/health blocks (placeholders
@@ -548,7 +550,7 @@ async fn interrupted_apply_is_rolled_back_at_start() {
     let p = pipeline.clone();
     let d = delivery("v2", &host.key2.1, Some(("v1", &host.key1.1)));
     let task = tokio::spawn(async move { p.deliver(d).await });
-    wait_for("the restart command to block", Duration::from_secs(10), || host.path("blocker.pid").exists()).await;
+    wait_for("the restart command to block", || host.path("blocker.pid").exists()).await;
     // Mid-apply: the new key is on disk, the journal says where we are.
     assert!(std::fs::read_to_string(host.path("creds.env")).unwrap().contains(&host.key2.1));
     let journal = std::fs::read_to_string(host.state_dir().join("journal/demo-key.json")).unwrap();
@@ -560,7 +562,7 @@ async fn interrupted_apply_is_rolled_back_at_start() {
     assert!(task.await.unwrap_err().is_cancelled());
     drop(pipeline);
     let blocker: i32 = std::fs::read_to_string(host.path("blocker.pid")).unwrap().trim().parse().unwrap();
-    wait_for("the blocked restart command to die", Duration::from_secs(5), || {
+    wait_for("the blocked restart command to die", || {
         std::fs::read_to_string(format!("/proc/{blocker}/stat"))
             .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
             .unwrap_or(true)
@@ -602,7 +604,7 @@ async fn duplicate_delivery_while_applying_starts_no_second_apply() {
     let d = || delivery("v2", &host.key2.1, Some(("v1", &host.key1.1)));
 
     let (first, second) = tokio::join!(pipeline.deliver(d()), async {
-        wait_for("the first apply to start", Duration::from_secs(10), || host.path("restarts").exists()).await;
+        wait_for("the first apply to start", || host.path("restarts").exists()).await;
         pipeline.deliver(d()).await
     });
     assert_eq!(stages(&first), [Delivered, Applied, Restarted, Healthy], "{first:?}");

@@ -5,12 +5,14 @@
 //! - [`secret`]: the type that holds secret bytes (redacted `Debug`, zeroized on drop).
 //! - [`config`]: TOML loading whose errors name the file and the field.
 //! - [`time`] and [`logging`]: small helpers every binary uses the same way.
+//! - [`testing`]: the one wait budget the crates' and e2e tests derive deadlines from.
 //!
 //! Owns no tasks and no channels.
 
 pub mod config;
 pub mod logging;
 pub mod secret;
+pub mod testing;
 pub mod time;
 pub mod tls;
 

@@ -230,7 +230,10 @@ mod tests {
             // The sealed key in the store is not the PEM.
             let sealed = store.meta_get(CA_KEY).unwrap().unwrap();
             assert!(!String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"));
-            ca.fingerprint()
+            let fp = ca.fingerprint();
+            drop(ca);
+            store.close().unwrap();
+            fp
         };
         let store = Store::open(dir.path()).unwrap();
         let (ca, created) = Ca::load_or_create(&store, &master).unwrap();

@@ -14,12 +14,16 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open store at {path} (is another rekeyd running on this data dir?)")]
+    #[error("store at {path} is locked by another process (is another rekeyd running on this data dir?)")]
+    Locked { path: PathBuf },
+    #[error("cannot open store at {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: sled::Error,
     },
+    #[error("store at {path} is still held {waited:?} after close (a clone of the store is still alive?)")]
+    StillHeld { path: PathBuf, waited: std::time::Duration },
     #[error("store i/o")]
     Sled(#[from] sled::Error),
     #[error("corrupt record in tree {tree} at key {key}")]
@@ -81,12 +85,32 @@ pub enum Redeem {
 
 #[derive(Clone)]
 pub struct Store {
+    path: PathBuf,
     db: sled::Db,
     meta: sled::Tree,
     tokens: sled::Tree,
     agents: sled::Tree,
     revoked: sled::Tree,
     operators: sled::Tree,
+}
+
+/// How long [`Store::close`] waits for sled's threads to release the lock.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Whether some open file description holds sled's lock (an `flock` on the
+/// `db` file, as sled takes it). A missing file is not locked.
+fn lock_is_held(dir: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("db")) else {
+        return false;
+    };
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.unlock();
+            false
+        }
+        Err(std::fs::TryLockError::WouldBlock) => true,
+        Err(std::fs::TryLockError::Error(_)) => false,
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -103,11 +127,15 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], v: &[u8]) -> Resu
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
+        let db = sled::Config::new().path(path).open().map_err(|source| {
+            if lock_is_held(path) {
+                StoreError::Locked { path: path.to_path_buf() }
+            } else {
+                StoreError::Open { path: path.to_path_buf(), source }
+            }
+        })?;
         Ok(Store {
+            path: path.to_path_buf(),
             meta: db.open_tree("meta")?,
             tokens: db.open_tree("tokens")?,
             agents: db.open_tree("agents")?,
@@ -115,6 +143,27 @@ impl Store {
             operators: db.open_tree("operators")?,
             db,
         })
+    }
+
+    /// Flushes, lets go of every handle, and returns once sled's background
+    /// threads have really released the directory, so this process can open it
+    /// again at once (tests, backup/restore, migrations). Dropping a `Store` is
+    /// not enough: sled's flusher and I/O pool may hold the lock a little
+    /// longer. Every other clone must be dropped first.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        let path = self.path.clone();
+        drop(self);
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(1);
+        while lock_is_held(&path) {
+            if start.elapsed() > CLOSE_WAIT {
+                return Err(StoreError::StillHeld { path, waited: start.elapsed() });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// The underlying database, for subsystems that own further trees.
@@ -294,6 +343,7 @@ mod tests {
             s.enroll_agent(&rec, 1).unwrap();
             s.revoke_agent("a", "operator/admin", 5).unwrap().unwrap();
             assert!(s.revoke_agent("zzz", "x", 5).unwrap().is_none());
+            s.close().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         let a = s.get_agent("a").unwrap().unwrap();
@@ -302,5 +352,30 @@ mod tests {
         let mut r = s.revoked_serials().unwrap();
         r.sort();
         assert_eq!(r, vec!["01", "02"]);
+    }
+
+    #[test]
+    fn close_releases_the_directory_and_a_held_lock_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            let s = Store::open(dir.path()).unwrap();
+            s.put_operator(&format!("{i:02}"), "admin").unwrap();
+            s.close().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.is_operator_serial("19").unwrap());
+        // While it is open, a second open says the lock is held, not "corrupt".
+        let err = Store::open(dir.path()).err().expect("second open refused");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("another rekeyd"), "{err}");
+        // A clone still alive keeps the lock: close says so instead of lying.
+        let clone = s.clone();
+        let waited = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(clone);
+        });
+        s.close().unwrap();
+        waited.join().unwrap();
+        Store::open(dir.path()).unwrap().close().unwrap();
     }
 }

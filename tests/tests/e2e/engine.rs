@@ -45,7 +45,7 @@ fn fleet(n: usize, grace: &str) -> Fleet {
     let agents = (1..=n)
         .map(|i| ScriptedAgent::enroll(&c, tmp.path(), &format!("host-{i}"), &[SECRET, "db-password"], &["env=test"]))
         .collect::<Vec<_>>();
-    wait_for("agents connected", Duration::from_secs(20), || agents.iter().all(|a| c.is_connected(&a.name)));
+    wait_for("agents connected", || agents.iter().all(|a| c.is_connected(&a.name)));
     Fleet { _tmp: tmp, c, agents }
 }
 
@@ -59,7 +59,7 @@ fn start(c: &Coordinator, secret: &str) -> String {
 
 fn wait_state(c: &Coordinator, id: &str, states: &[&str]) -> Value {
     let mut last = Value::Null;
-    wait_for(&format!("rotation {id} to reach {states:?}"), Duration::from_secs(40), || {
+    wait_for(&format!("rotation {id} to reach {states:?}"), || {
         last = rotation(c, id);
         states.contains(&last["state"].as_str().unwrap_or(""))
     });
@@ -126,9 +126,7 @@ fn a_rotation_goes_canary_waves_verified_deactivate_grace_delete_completed() {
     let vs = versions(&f.c, SECRET);
     assert_eq!(vs.len(), 1, "{vs:?}");
     assert_eq!((vs[0]["id"].as_str().unwrap(), vs[0]["status"].as_str().unwrap()), (v2, "active"));
-    wait_for("purges", Duration::from_secs(5), || {
-        f.agents.iter().all(|a| a.purges().contains(&(SECRET.into(), v1.clone())))
-    });
+    wait_for("purges", || f.agents.iter().all(|a| a.purges().contains(&(SECRET.into(), v1.clone()))));
     assert_revocation_after_confirmation(&f.c, &id);
     assert!(f.c.cli_ok(&["audit", "verify"]).contains("audit chain intact"));
     // Human-readable status and lists.
@@ -194,9 +192,9 @@ fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audit
     f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
     let v1 = f.agents[0].applied(SECRET).unwrap().0;
     f.agents[1].stop();
-    wait_for("host-2 gone", Duration::from_secs(20), || !f.c.is_connected("host-2"));
+    wait_for("host-2 gone", || !f.c.is_connected("host-2"));
     let id = start(&f.c, SECRET);
-    wait_for("host-2 unreachable, the others healthy", Duration::from_secs(30), || {
+    wait_for("host-2 unreachable, the others healthy", || {
         let r = rotation(&f.c, &id);
         r["hosts"]["host-2"]["state"] == "unreachable" && r["hosts"]["host-3"]["state"] == "healthy"
     });
@@ -213,11 +211,9 @@ fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audit
 
     // Next rotation: host-3 is gone for good; the operator excludes it.
     f.agents[2].stop();
-    wait_for("host-3 gone", Duration::from_secs(20), || !f.c.is_connected("host-3"));
+    wait_for("host-3 gone", || !f.c.is_connected("host-3"));
     let id = start(&f.c, SECRET);
-    wait_for("host-3 unreachable", Duration::from_secs(30), || {
-        rotation(&f.c, &id)["hosts"]["host-3"]["state"] == "unreachable"
-    });
+    wait_for("host-3 unreachable", || rotation(&f.c, &id)["hosts"]["host-3"]["state"] == "unreachable");
     let out = f.c.cli(&["rotate", "exclude", &id, "host-3", "--reason", ""]);
     assert!(!out.status.success(), "an exclusion needs a reason");
     f.c.cli_ok(&["rotate", "exclude", &id, "host-3", "--reason", "host decommissioned (INC-42)"]);
@@ -263,7 +259,7 @@ fn a_secret_without_consumers_is_refused() {
     let c = Coordinator::start(&tmp.path().join("c"), &catalog("1s"));
     // An agent that does not match the selector.
     let _a = ScriptedAgent::enroll(&c, tmp.path(), "other", &[SECRET], &["env=prod"]);
-    wait_for("connected", Duration::from_secs(20), || c.is_connected("other"));
+    wait_for("connected", || c.is_connected("other"));
     let out = c.cli(&["rotate", "start", SECRET]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no agent consumes secret"), "{out:?}");
     assert!(c.cli_json(&["rotate", "list"]).as_array().unwrap().is_empty());
@@ -284,12 +280,10 @@ fn sigkill_of_rekeyd_at_any_point_loses_nothing() {
         let id = start(&f.c, SECRET);
         match point {
             "after-generating" => {
-                wait_for("new version", Duration::from_secs(20), || rotation(&f.c, &id)["new_version"].is_string());
+                wait_for("new version", || rotation(&f.c, &id)["new_version"].is_string());
             }
             "mid-wave" => {
-                wait_for("host-3 stuck", Duration::from_secs(20), || {
-                    rotation(&f.c, &id)["hosts"]["host-3"]["state"] == "delivered"
-                });
+                wait_for("host-3 stuck", || rotation(&f.c, &id)["hosts"]["host-3"]["state"] == "delivered");
             }
             "after-verification" | "during-grace" => {
                 wait_state(&f.c, &id, &["grace"]);
@@ -355,7 +349,7 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
     let secrets = ["vendor-a", "vendor-b", "vendor-c", "unrelated"];
     let agents: Vec<ScriptedAgent> =
         (1..=3).map(|i| ScriptedAgent::enroll(&c, tmp.path(), &format!("host-{i}"), &secrets, &[])).collect();
-    wait_for("agents connected", Duration::from_secs(20), || agents.iter().all(|a| c.is_connected(&a.name)));
+    wait_for("agents connected", || agents.iter().all(|a| c.is_connected(&a.name)));
 
     let out = c.cli(&["incident", "open", "x", "--secrets", "nothing-*"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no secret of the catalog matches"), "{out:?}");
@@ -366,7 +360,7 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
         .to_string();
     assert!(id.starts_with("inc-"), "{id}");
     let mut status = Value::Null;
-    wait_for("campaign done", Duration::from_secs(60), || {
+    wait_for("campaign done", || {
         status = c.cli_json(&["incident", "status", &id]);
         status["state"] == "done"
     });

@@ -9,7 +9,6 @@ use rekey_tests::{Agent, Coordinator, wait_for};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 const SECRET: &str = "scope-token";
 /// Its old value stays held by the coordinator (no deletion at the provider).
@@ -134,9 +133,7 @@ fn scope_maps_declared_and_undeclared_copies_and_silent_hosts() {
     // Enrolled, never started.
     let idle = Agent::with_config(t, "idle", "state_dir = \"state\"\n");
     idle.enroll_ok(&c, &[]);
-    wait_for("agents connected", Duration::from_secs(30), || {
-        consumers.iter().chain([&batch]).all(|a| c.is_connected(&a.name))
-    });
+    wait_for("agents connected", || consumers.iter().chain([&batch]).all(|a| c.is_connected(&a.name)));
 
     // The first version lands in every consumer's declared file.
     let out = c.cli(&["rotate", "start", SECRET, "--wait"]);
@@ -262,7 +259,7 @@ fn leftover_scans_find_old_copies_and_say_when_the_old_value_is_gone() {
     let t = tmp.path();
     let c = Coordinator::start(&t.join("c"), &catalog());
     let a = start_agent(&c, t, "web-1", &[KEPT, WATCHED]);
-    wait_for("agent connected", Duration::from_secs(30), || c.is_connected(&a.name));
+    wait_for("agent connected", || c.is_connected(&a.name));
 
     // Bad questions get clear answers.
     let err = |args: &[&str]| {
@@ -323,7 +320,7 @@ fn leftover_scans_find_old_copies_and_say_when_the_old_value_is_gone() {
     std::fs::write(&stale, format!("# old copy\nW={revoked}\n")).unwrap();
     let id = c.cli_ok(&["rotate", "start", WATCHED]).trim().to_string();
     let state = |id: &str| c.cli_json(&["rotate", "status", id])["state"].as_str().unwrap_or_default().to_string();
-    wait_for("the rotation to monitor", Duration::from_secs(60), || state(&id) == "monitoring");
+    wait_for("the rotation to monitor", || state(&id) == "monitoring");
     let map = c.cli_json(&["scope", WATCHED, "--version", "old"]);
     assert_eq!(map["rotation"], id.as_str(), "{map:#}");
     let leftovers = map["leftovers"].as_array().unwrap();
@@ -332,7 +329,7 @@ fn leftover_scans_find_old_copies_and_say_when_the_old_value_is_gone() {
         (leftovers[0]["path"].as_str(), leftovers[0]["line"].as_u64()),
         (Some(&*stale.display().to_string()), Some(2))
     );
-    wait_for("the rotation to complete", Duration::from_secs(60), || state(&id) == "completed");
+    wait_for("the rotation to complete", || state(&id) == "completed");
     let e = err(&["scope", WATCHED, "--version", "old"]);
     assert!(
         e.contains(&format!(

@@ -449,10 +449,22 @@ mod tests {
         let pidfile = dir.path().join("pid");
         let spec = sh(&format!("echo $$ > {}; sleep 30", pidfile.display()));
         let (values, scrub) = (none(), Scrubber::default());
-        let fut = run_command(&spec, &values, Duration::from_secs(60), &scrub);
-        let _ = tokio::time::timeout(Duration::from_millis(500), fut).await;
-        let pid = read_pidfile(&pidfile).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut fut = Box::pin(run_command(&spec, &values, Duration::from_secs(60), &scrub));
+        // Drop the future only once the command is really running (its pid
+        // is written), however slowly a loaded machine starts it.
+        let deadline = Instant::now() + rekey_common::testing::budget();
+        let pid = loop {
+            tokio::select! {
+                _ = &mut fut => panic!("the command ended by itself"),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if let Ok(pid) = read_pidfile(&pidfile) {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the command never wrote its pid");
+        };
+        drop(fut);
+        let deadline = Instant::now() + rekey_common::testing::budget();
         while is_running(pid) {
             assert!(Instant::now() < deadline, "process {pid} survived");
             tokio::time::sleep(Duration::from_millis(20)).await;
