@@ -5,21 +5,23 @@
 //! of the body (`X-Rekey-Signature: sha256=HEX`), retried with exponential
 //! backoff. Alerts name keys by id and hosts by name: never a secret value.
 //!
-//! Tasks: one short task per webhook delivery (bounded attempts).
+//! Tasks: [`WebhookSender::run`], under the supervisor, sends queued alerts
+//! (at most 8 deliveries in flight, each with bounded attempts).
 
+pub use crate::engine::machine::{AlertKind, Severity};
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
     pub seq: u64,
     pub at_ms: i64,
-    /// e.g. `old_version_used`, `leftover_found`, `revocation_held`.
-    pub kind: String,
-    /// `warning` or `critical`.
-    pub severity: String,
+    pub kind: AlertKind,
+    pub severity: Severity,
     pub secret: String,
     pub rotation: Option<String>,
     pub message: String,
@@ -56,7 +58,21 @@ pub enum AlertError {
 pub struct Alerts {
     tree: sled::Tree,
     store: Store,
-    webhook: Option<Webhook>,
+    /// Alerts waiting for the webhook task (none without a webhook).
+    outbox: Option<mpsc::Sender<Alert>>,
+}
+
+/// Alerts waiting for the webhook; beyond this, an alert is stored and
+/// logged but marked as not sent.
+const WEBHOOK_QUEUE: usize = 1024;
+/// Webhook deliveries (each with its retries) in flight at once.
+const WEBHOOK_CONCURRENCY: usize = 8;
+
+/// The task that sends alerts to the webhook, with retries, a few at a time.
+pub struct WebhookSender {
+    hook: Webhook,
+    alerts: Alerts,
+    rx: mpsc::Receiver<Alert>,
 }
 
 /// `sha256=HEX` of HMAC-SHA256(key, body): what receivers verify.
@@ -66,8 +82,16 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
 }
 
 impl Alerts {
-    pub fn open(store: &Store, webhook: Option<Webhook>) -> Result<Alerts, AlertError> {
-        Ok(Alerts { tree: store.db().open_tree("alerts")?, store: store.clone(), webhook })
+    /// The alert log, and the webhook's sender task if a webhook is configured
+    /// (run it under the supervisor).
+    pub fn open(store: &Store, webhook: Option<Webhook>) -> Result<(Alerts, Option<WebhookSender>), AlertError> {
+        let tree = store.db().open_tree("alerts")?;
+        let Some(hook) = webhook else {
+            return Ok((Alerts { tree, store: store.clone(), outbox: None }, None));
+        };
+        let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
+        let alerts = Alerts { tree, store: store.clone(), outbox: Some(tx) };
+        Ok((alerts.clone(), Some(WebhookSender { hook, alerts, rx })))
     }
 
     pub fn list(&self) -> Result<Vec<Alert>, AlertError> {
@@ -81,8 +105,8 @@ impl Alerts {
     /// Records an alert, logs it, and sends it to the webhook in the background.
     pub fn raise(
         &self,
-        kind: &str,
-        severity: &str,
+        kind: AlertKind,
+        severity: Severity,
         secret: &str,
         rotation: Option<&str>,
         message: String,
@@ -92,31 +116,24 @@ impl Alerts {
         let alert = Alert {
             seq,
             at_ms: rekey_common::time::now_unix_ms(),
-            kind: kind.to_string(),
-            severity: severity.to_string(),
+            kind,
+            severity,
             secret: secret.to_string(),
             rotation: rotation.map(str::to_string),
             message,
             details,
-            delivery: if self.webhook.is_some() { "pending".into() } else { "not_configured".into() },
+            delivery: if self.outbox.is_some() { "pending".into() } else { "not_configured".into() },
         };
         self.put(&alert)?;
-        tracing::warn!(alert = seq, kind, severity, secret, rotation = ?rotation, message = %alert.message, "ALERT");
-        if let Some(hook) = self.webhook.clone() {
-            let me = self.clone();
-            let a = alert.clone();
-            tokio::spawn(async move {
-                let outcome = deliver(&hook, &a).await;
-                let mut a = a;
-                a.delivery = match &outcome {
-                    Ok(()) => "delivered".into(),
-                    Err(e) => format!("failed: {e}"),
-                };
-                if let Err(e) = &outcome {
-                    tracing::error!(alert = a.seq, url = %hook.url, error = %e, "alert webhook delivery failed");
-                }
-                let _ = me.put(&a);
-            });
+        tracing::warn!(alert = seq, kind = kind.as_str(), severity = severity.as_str(), secret, rotation = ?rotation, message = %alert.message, "ALERT");
+        if let Some(outbox) = &self.outbox
+            && let Err(e) = outbox.try_send(alert.clone())
+        {
+            let mut a = alert.clone();
+            a.delivery = format!("failed: not sent to the webhook ({e})");
+            tracing::error!(alert = seq, "alert webhook queue full: alert not sent");
+            self.put(&a)?;
+            return Ok(a);
         }
         Ok(alert)
     }
@@ -125,6 +142,45 @@ impl Alerts {
         self.tree.insert(a.seq.to_be_bytes(), serde_json::to_vec(a).expect("json"))?;
         self.store.flush().map_err(|e| AlertError::Corrupt(e.to_string()))?;
         Ok(())
+    }
+}
+
+impl WebhookSender {
+    /// Sends queued alerts until `stop`; deliveries still retrying then are
+    /// abandoned (their alerts stay `pending` in the store).
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), std::convert::Infallible> {
+        let mut inflight = tokio::task::JoinSet::new();
+        loop {
+            if inflight.len() >= WEBHOOK_CONCURRENCY {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = inflight.join_next() => continue,
+                }
+            }
+            let alert = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                Some(_) = inflight.join_next(), if !inflight.is_empty() => continue,
+                a = self.rx.recv() => match a {
+                    Some(a) => a,
+                    None => return Ok(()),
+                },
+            };
+            let (hook, alerts) = (self.hook.clone(), self.alerts.clone());
+            inflight.spawn(async move {
+                let outcome = deliver(&hook, &alert).await;
+                let mut a = alert;
+                a.delivery = match &outcome {
+                    Ok(()) => "delivered".into(),
+                    Err(e) => format!("failed: {e}"),
+                };
+                if let Err(e) = &outcome {
+                    tracing::error!(alert = a.seq, url = %hook.url, error = %e, "alert webhook delivery failed");
+                }
+                if let Err(e) = alerts.put(&a) {
+                    tracing::error!(alert = a.seq, error = %e, "cannot record the webhook outcome");
+                }
+            });
+        }
     }
 }
 

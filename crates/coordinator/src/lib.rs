@@ -20,4 +20,5 @@ pub mod server;
 pub mod service;
 pub mod sessions;
 pub mod store;
+pub mod supervisor;
 pub mod tripwire;

@@ -1,4 +1,5 @@
-//! `rekeyd`: config → init → serve → wait for SIGINT/SIGTERM → drain.
+//! `rekeyd`: config → init → serve (every task under one supervisor) until
+//! SIGINT/SIGTERM or the first task failure → drain → exit non-zero on failure.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -79,18 +80,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Serves until SIGINT/SIGTERM or the first failing task; the supervisor
+/// inside drains every task within `DRAIN_TIMEOUT` per phase.
 async fn serve(coordinator: Coordinator) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let mut task = tokio::spawn(coordinator.serve(shutdown.clone(), |_| {}));
-    tokio::select! {
-        r = &mut task => return r?.map_err(Into::into),
-        _ = shutdown_signal() => tracing::info!("shutdown requested, draining"),
-    }
-    shutdown.cancel();
-    match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
-        Ok(r) => r?.map_err(Into::into),
-        Err(_) => anyhow::bail!("drain did not finish within {}s", DRAIN_TIMEOUT.as_secs()),
-    }
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested, draining");
+        signal.cancel();
+    });
+    coordinator.serve(shutdown, DRAIN_TIMEOUT, |_| {}).await.map_err(Into::into)
 }
 
 async fn shutdown_signal() {

@@ -13,15 +13,17 @@
 //! leftovers of an old version, hosts that declare the secret but do not have
 //! it, hosts that did not answer.
 //!
-//! Tasks and channels: none of its own. A scan runs in the admin call that
-//! asked for it; [`Scans`] is the registry of scans in flight (at most
+//! Tasks and channels: none of its own. A scan runs in the admin call (or the
+//! tripwire) that asked for it, through a [`Scanner`] holding the handles a
+//! scan needs; [`Scans`] is the registry of scans in flight (at most
 //! [`MAX_IN_FLIGHT`]), each with a bounded channel (one slot per host asked)
 //! that the agents' session tasks feed through [`Scans::deliver`].
 
+use crate::config::Config;
 use crate::engine::machine::{Rotation, RotationState};
-use crate::engine::state::{SecretRecord, StateError};
-use crate::service::Shared;
-use crate::store::{AgentRecord, StoreError};
+use crate::engine::state::{EngineState, SecretRecord, StateError};
+use crate::sessions::Sessions;
+use crate::store::{AgentRecord, Store, StoreError};
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1::{CoordinatorMessage, ScanRequest, ScanResult, ScanTarget, coordinator_message};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -458,12 +460,44 @@ fn random_bytes(n: usize) -> Result<Vec<u8>, ScopeError> {
     Ok(b)
 }
 
-/// Chooses the versions, reads their values (sealed store), computes the
-/// targets, and lists the hosts to ask. Sends nothing.
-pub fn prepare(shared: &Shared, query: &Query) -> Result<PreparedScan, ScopeError> {
+/// What a scan needs: the catalog, the engine's state (versions, rotations),
+/// the agent registry, the live sessions and the registry of scans in flight.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Scanner {
+    config: Arc<Config>,
+    state: EngineState,
+    store: Store,
+    sessions: Sessions,
+    scans: Scans,
+}
+
+impl Scanner {
+    pub fn new(config: Arc<Config>, state: EngineState, store: Store, sessions: Sessions) -> Scanner {
+        Scanner { config, state, store, sessions, scans: Scans::default() }
+    }
+
+    /// The registry the agents' sessions deliver scan results to.
+    pub fn scans(&self) -> &Scans {
+        &self.scans
+    }
+
+    /// Chooses the versions, reads their values (sealed store), computes the
+    /// targets, and lists the hosts to ask. Sends nothing.
+    pub fn prepare(&self, query: &Query) -> Result<PreparedScan, ScopeError> {
+        prepare(self, query)
+    }
+
+    /// Prepares and runs a scan in one go.
+    pub async fn run(&self, query: &Query) -> Result<ConsumerMap, ScopeError> {
+        prepare(self, query)?.run(self).await
+    }
+}
+
+fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError> {
     let secret = &query.secret;
-    let spec = shared.config.secret(secret).ok_or_else(|| ScopeError::UnknownSecret(secret.clone()))?;
-    let state = shared.engine.state();
+    let spec = scanner.config.secret(secret).ok_or_else(|| ScopeError::UnknownSecret(secret.clone()))?;
+    let state = &scanner.state;
     let rec = state.get_secret(secret)?;
     let context = match &query.rotation {
         Some(id) => {
@@ -578,9 +612,9 @@ pub fn prepare(shared: &Shared, query: &Query) -> Result<PreparedScan, ScopeErro
     }
 
     let agents: Vec<AgentRecord> =
-        shared.store.list_agents()?.into_iter().filter(|a| a.revoked_unix.is_none()).collect();
+        scanner.store.list_agents()?.into_iter().filter(|a| a.revoked_unix.is_none()).collect();
     let mut hosts_asked: Vec<String> =
-        agents.iter().filter(|a| shared.sessions.is_connected(&a.name)).map(|a| a.name.clone()).collect();
+        agents.iter().filter(|a| scanner.sessions.is_connected(&a.name)).map(|a| a.name.clone()).collect();
     hosts_asked.sort();
     let id = format!("scan-{}", hex::encode(random_bytes(6)?));
     // The agents stop a little before the coordinator does, so a truncated
@@ -604,17 +638,17 @@ pub fn prepare(shared: &Shared, query: &Query) -> Result<PreparedScan, ScopeErro
 impl PreparedScan {
     /// Asks every host, waits for the answers (bounded by the query's
     /// timeout), and builds the consumer map.
-    pub async fn run(self, shared: &Shared) -> Result<ConsumerMap, ScopeError> {
+    pub async fn run(self, scanner: &Scanner) -> Result<ConsumerMap, ScopeError> {
         let started_ms = now_unix_ms();
         let started = tokio::time::Instant::now();
         let deadline = started + self.query.timeout;
         let asked: BTreeSet<String> = self.hosts_asked.iter().cloned().collect();
-        let (_registration, mut rx) = shared.scans.register(&self.id, &asked)?;
+        let (_registration, mut rx) = scanner.scans.register(&self.id, &asked)?;
         let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
         let mut waiting = asked.clone();
         for host in &asked {
             let msg = CoordinatorMessage { msg: Some(coordinator_message::Msg::Scan(self.request.clone())) };
-            if let Err(e) = shared.sessions.send(host, msg) {
+            if let Err(e) = scanner.sessions.send(host, msg) {
                 waiting.remove(host);
                 unreachable.insert(host.clone(), e.to_string());
             }
@@ -651,7 +685,7 @@ impl PreparedScan {
             searched: &self.searched,
             not_searched: &self.not_searched,
             agents: &self.agents,
-            connected: &|h| shared.sessions.is_connected(h),
+            connected: &|h| scanner.sessions.is_connected(h),
             selector: &self.selector,
             answers,
             unreachable,
@@ -667,11 +701,6 @@ impl PreparedScan {
         );
         Ok(map)
     }
-}
-
-/// Prepares and runs a scan in one go.
-pub async fn run_scan(shared: &Shared, query: &Query) -> Result<ConsumerMap, ScopeError> {
-    prepare(shared, query)?.run(shared).await
 }
 
 /// Occurrences named in the audit record of a scan's outcome.

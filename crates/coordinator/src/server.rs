@@ -8,11 +8,14 @@ use crate::engine::campaign::Campaigns;
 use crate::engine::driver::Engine;
 use crate::engine::state::EngineState;
 use crate::pki::{Ca, PkiError};
-use crate::service::Shared;
+use crate::scope::Scanner;
 use crate::service::admin::AdminSvc;
 use crate::service::agent::AgentSvc;
+use crate::service::{Authorizer, Shared};
 use crate::sessions::{RevokedSerials, Sessions};
 use crate::store::{Store, StoreError};
+use crate::supervisor::{Phase, Supervisor, SupervisorError};
+use crate::tripwire::Tripwire;
 use rekey_common::tls::{self, TlsError};
 use rekey_proto::v1::admin_service_server::AdminServiceServer;
 use rekey_proto::v1::agent_service_server::AgentServiceServer;
@@ -21,7 +24,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// Server certificates are re-issued at every start; this bounds a long run.
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
@@ -50,10 +52,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("grpc server failed")]
-    Serve(#[from] tonic::transport::Error),
-    #[error("rotation engine failed")]
-    Engine(#[source] crate::engine::driver::EngineError),
+    #[error(transparent)]
+    Supervised(#[from] SupervisorError),
     #[error(transparent)]
     EngineState(#[from] crate::engine::state::StateError),
     #[error(transparent)]
@@ -78,6 +78,7 @@ pub struct Coordinator {
     shared: Shared,
     pub init: InitReport,
     engine: Engine,
+    webhook: Option<crate::alerts::WebhookSender>,
 }
 
 fn write_file(path: PathBuf, bytes: &[u8], private: bool) -> Result<(), ServerError> {
@@ -126,7 +127,7 @@ impl Coordinator {
         let engine_state = EngineState::open(&store, ca.dek())?;
         let sessions = Sessions::default();
         let config = Arc::new(config);
-        let alerts = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
+        let (alerts, webhook) = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
         let (engine, engine_handle) =
             Engine::new(config.clone(), store.clone(), engine_state, sessions.clone(), alerts.clone())?;
         let init = InitReport {
@@ -138,40 +139,38 @@ impl Coordinator {
             master_key_file: config.master_key_file.clone(),
         };
         let campaigns = Campaigns::new(config.clone(), engine_handle.state().clone(), engine_handle.clone());
+        let scanner = Scanner::new(config.clone(), engine_handle.state().clone(), store.clone(), sessions.clone());
         let shared = Shared {
+            auth: Authorizer::new(revoked.clone(), store.clone()),
             config,
             store,
             ca: Arc::new(ca),
             sessions,
             revoked,
             engine: engine_handle,
-            scans: Default::default(),
+            scanner,
             campaigns,
             alerts,
         };
-        Ok(Coordinator { shared, init, engine })
+        Ok(Coordinator { shared, init, engine, webhook })
     }
 
     pub fn config(&self) -> &Config {
         &self.shared.config
     }
 
-    /// Binds the listener and serves until `shutdown`, then drains.
-    /// `on_bound` is told the bound address (useful with port 0).
+    /// Binds the listener, then runs the gRPC server, the engine, campaigns,
+    /// the tripwire and the alert webhook under one [`Supervisor`] until
+    /// `shutdown` or the first task that fails; then drains (each phase
+    /// bounded by `drain`). `on_bound` is told the bound address (useful with
+    /// port 0).
     pub async fn serve(
         self,
         shutdown: CancellationToken,
+        drain: Duration,
         on_bound: impl FnOnce(SocketAddr),
     ) -> Result<(), ServerError> {
         let s = self.shared;
-        // The engine resumes rotations before the first agent can say hello.
-        let engine_stop = CancellationToken::new();
-        let engine_task = tokio::spawn(self.engine.run(engine_stop.clone()).instrument(tracing::info_span!("engine")));
-        let campaign_task =
-            tokio::spawn(s.campaigns.clone().run(engine_stop.clone()).instrument(tracing::info_span!("campaigns")));
-        let tripwire_task = tokio::spawn(
-            crate::tripwire::run(s.clone(), engine_stop.clone()).instrument(tracing::info_span!("tripwire")),
-        );
         let (chain, key) = s.ca.issue_server(&s.config.server_names, SERVER_CERT_LIFETIME)?;
         let tls_config = tls::server_config(std::slice::from_ref(s.ca.cert_der()), chain, key)?;
         let listener = tokio::net::TcpListener::bind(s.config.listen)
@@ -180,43 +179,49 @@ impl Coordinator {
         let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: s.config.listen, source })?;
         write_file(s.config.addr_file(), format!("{addr}\n").as_bytes(), false)?;
         write_operator_endpoint(&s.config, addr)?;
-        tracing::info!(%addr, ca = %s.ca.fingerprint(), "rekeyd listening");
-        on_bound(addr);
 
-        let accept_stop = CancellationToken::new();
-        let incoming = tls::tls_incoming(listener, tls_config, accept_stop.clone());
+        let mut tasks = Supervisor::default();
+        // The engine resumes rotations before the first agent can say hello.
+        tasks.spawn("engine", Phase::Back, |stop| self.engine.run(stop));
+        let campaigns = s.campaigns.clone();
+        tasks.spawn("campaigns", Phase::Back, |stop| campaigns.run(stop));
+        let tripwire =
+            Tripwire { state: s.engine.state().clone(), scanner: s.scanner.clone(), alerts: s.alerts.clone() };
+        tasks.spawn("tripwire", Phase::Back, |stop| tripwire.run(stop));
+        if let Some(webhook) = self.webhook {
+            tasks.spawn("alert-webhook", Phase::Back, |stop| webhook.run(stop));
+        }
+        let agent_svc = AgentSvc {
+            config: s.config.clone(),
+            store: s.store.clone(),
+            ca: s.ca.clone(),
+            sessions: s.sessions.clone(),
+            auth: s.auth.clone(),
+            engine: s.engine.clone(),
+            scans: s.scanner.scans().clone(),
+        };
+        let admin_svc = AdminSvc { shared: s.clone() };
         let sessions = s.sessions.clone();
-        let server = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(tls::KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(tls::KEEPALIVE_TIMEOUT))
-            .add_service(AgentServiceServer::new(AgentSvc { shared: s.clone() }))
-            .add_service(AdminServiceServer::new(AdminSvc { shared: s.clone() }))
-            .serve_with_incoming_shutdown(incoming, {
-                let shutdown = shutdown.clone();
-                async move {
-                    shutdown.cancelled().await;
-                    accept_stop.cancel();
+        tasks.spawn("grpc", Phase::Front, move |stop| {
+            let incoming = tls::tls_incoming(listener, tls_config, stop.clone());
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(tls::KEEPALIVE_INTERVAL))
+                .http2_keepalive_timeout(Some(tls::KEEPALIVE_TIMEOUT))
+                .add_service(AgentServiceServer::new(agent_svc))
+                .add_service(AdminServiceServer::new(admin_svc))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    stop.cancelled().await;
                     // End live sessions so the graceful drain can finish.
                     for name in sessions.connected() {
                         sessions.close(&name, None);
                     }
-                }
-            });
-        let served = server.await;
-        engine_stop.cancel();
-        let _ = campaign_task.await;
-        let _ = tripwire_task.await;
-        match engine_task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(ServerError::Engine(e)),
-            Err(e) => {
-                return Err(ServerError::Engine(crate::engine::driver::EngineError::Refused(format!(
-                    "engine task failed: {e}"
-                ))));
-            }
-        }
-        served?;
+                })
+        });
+        tracing::info!(%addr, ca = %s.ca.fingerprint(), "rekeyd listening");
+        on_bound(addr);
+        let outcome = tasks.wait(shutdown, drain).await;
         s.store.flush()?;
+        outcome?;
         tracing::info!("rekeyd stopped");
         Ok(())
     }

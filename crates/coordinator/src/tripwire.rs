@@ -4,10 +4,11 @@
 //! and every copy found raises an alert once (host, path, line). The
 //! provider side (the old key's last use) is checked by the engine itself.
 //!
-//! Tasks: one reconciler ([`run`]), which runs at most one scan at a time.
+//! Tasks: one reconciler ([`Tripwire::run`]), which runs at most one scan at a time.
 
-use crate::scope::{self, Query};
-use crate::service::Shared;
+use crate::alerts::{AlertKind, Alerts, Severity};
+use crate::engine::state::EngineState;
+use crate::scope::{self, Query, Scanner};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -15,8 +16,23 @@ use tokio_util::sync::CancellationToken;
 /// How long agents get to answer a monitoring scan.
 const SCAN_TIMEOUT_SECONDS: u32 = 20;
 
-/// Scans monitored rotations' old values until `shutdown`.
-pub async fn run(shared: Shared, shutdown: CancellationToken) {
+/// The handles the tripwire uses.
+pub struct Tripwire {
+    pub state: EngineState,
+    pub scanner: Scanner,
+    pub alerts: Alerts,
+}
+
+impl Tripwire {
+    /// Scans monitored rotations' old values until `shutdown`. Failures of one
+    /// scan are logged and retried at the next interval; it never ends early.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), std::convert::Infallible> {
+        run(self, shutdown).await;
+        Ok(())
+    }
+}
+
+async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
     let mut last_scan: HashMap<String, tokio::time::Instant> = HashMap::new();
     // (secret, version, host, path, line) already alerted on: one alert per copy,
     // whichever monitored rotation's scan finds it.
@@ -26,7 +42,7 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let rotations = match shared.engine.state().list_rotations() {
+        let rotations = match tripwire.state.list_rotations() {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "tripwire cannot list rotations");
@@ -46,7 +62,7 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
                     continue;
                 }
             };
-            let map = match scope::run_scan(&shared, &query).await {
+            let map = match tripwire.scanner.run(&query).await {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::info!(rotation = %rot.id, error = %e, "tripwire scan skipped");
@@ -57,7 +73,7 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
             summary["rotation"] = serde_json::json!(rot.id);
             summary["purpose"] = serde_json::json!("tripwire");
             let entry = crate::audit::AuditEntry::new("rekeyd", "scope.result", summary);
-            if let Err(e) = shared.engine.state().audit(rekey_common::time::now_unix_ms(), vec![entry]) {
+            if let Err(e) = tripwire.state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
                 tracing::error!(error = %e, "cannot audit a tripwire scan");
             }
             for o in &map.leftovers {
@@ -79,12 +95,17 @@ pub async fn run(shared: Shared, shutdown: CancellationToken) {
                     "line": o.line, "version": o.version, "declared": o.declared, "scan": map.scan_id,
                 });
                 let entry = crate::audit::AuditEntry::new("rekeyd", "alert.leftover_found", details.clone());
-                if let Err(e) = shared.engine.state().audit(rekey_common::time::now_unix_ms(), vec![entry]) {
+                if let Err(e) = tripwire.state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
                     tracing::error!(error = %e, "cannot audit a leftover alert");
                 }
-                if let Err(e) =
-                    shared.alerts.raise("leftover_found", "warning", &rot.secret, Some(&rot.id), message, details)
-                {
+                if let Err(e) = tripwire.alerts.raise(
+                    AlertKind::LeftoverFound,
+                    Severity::Warning,
+                    &rot.secret,
+                    Some(&rot.id),
+                    message,
+                    details,
+                ) {
                     tracing::error!(error = %e, "cannot record a leftover alert");
                 }
             }

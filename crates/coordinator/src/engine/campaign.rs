@@ -9,43 +9,16 @@
 //! Reconciling is idempotent: a restarted coordinator simply continues.
 
 use super::driver::{EngineError, EngineHandle};
+pub use super::incident::{Incident, SecretProgress};
 use super::machine::RotationState;
 use super::state::{EngineState, StateError};
 use crate::audit::AuditEntry;
 use crate::config::Config;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SecretProgress {
-    pub rotation: Option<String>,
-    /// Why its rotation could not be started (the campaign does not retry it).
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Incident {
-    pub id: String,
-    pub name: String,
-    pub pattern: String,
-    pub concurrency: usize,
-    pub opened_by: String,
-    pub opened_ms: i64,
-    pub closed_by: Option<String>,
-    pub closed_ms: Option<i64>,
-    /// Secret name → its rotation in this campaign, in catalog order.
-    pub secrets: BTreeMap<String, SecretProgress>,
-}
-
-impl Incident {
-    pub fn is_open(&self) -> bool {
-        self.closed_ms.is_none()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CampaignError {
@@ -165,13 +138,13 @@ impl Campaigns {
     }
 
     /// Reconciles open incidents every second and when poked, until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), std::convert::Infallible> {
         loop {
             if let Err(e) = self.reconcile().await {
                 tracing::error!(error = %e, "campaign reconcile failed");
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = self.poke.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }

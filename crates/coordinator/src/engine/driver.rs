@@ -469,13 +469,13 @@ impl Engine {
                     });
                     let entry = AuditEntry::new(
                         "rekeyd",
-                        format!("alert.{kind}"),
+                        format!("alert.{}", kind.as_str()),
                         serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "severity": severity, "message": message }),
                     );
                     if let Err(e) = self.state.audit(now_unix_ms(), vec![entry]) {
                         tracing::error!(rotation = %rot.id, error = %e, "cannot audit an alert");
                     }
-                    if let Err(e) = self.alerts.raise(&kind, &severity, &rot.secret, Some(&rot.id), message, details) {
+                    if let Err(e) = self.alerts.raise(kind, severity, &rot.secret, Some(&rot.id), message, details) {
                         tracing::error!(rotation = %rot.id, error = %e, "cannot record an alert");
                     }
                 }

@@ -363,10 +363,53 @@ pub enum Action {
     ReactivateOld,
     /// Tell an operator now (log, store, webhook).
     Alert {
-        kind: String,
-        severity: String,
+        kind: AlertKind,
+        severity: Severity,
         message: String,
     },
+}
+
+/// What an alert is about. Serialized in `snake_case` (`old_version_used`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// The old version was used after every target host had switched:
+    /// revocation is held.
+    OldVersionUsed,
+    /// The deactivated old version was used during the grace window.
+    OldVersionUsedDuringGrace,
+    /// The deleted old version was used while monitoring.
+    OldVersionUsedAfterRevocation,
+    /// A copy of a revoked value is still on a host (tripwire scan).
+    LeftoverFound,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::OldVersionUsed => "old_version_used",
+            AlertKind::OldVersionUsedDuringGrace => "old_version_used_during_grace",
+            AlertKind::OldVersionUsedAfterRevocation => "old_version_used_after_revocation",
+            AlertKind::LeftoverFound => "leftover_found",
+        }
+    }
+}
+
+/// How urgent an alert is. Serialized in `snake_case`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -961,8 +1004,8 @@ fn usage_checked(rot: &mut Rotation, usage: Option<Usage>, error: Option<String>
                         rot.secret
                     );
                     actions.push(Action::Alert {
-                        kind: "old_version_used".into(),
-                        severity: "critical".into(),
+                        kind: AlertKind::OldVersionUsed,
+                        severity: Severity::Critical,
                         message: message.clone(),
                     });
                     rot.evidence.push(entry);
@@ -1014,12 +1057,11 @@ fn usage_checked(rot: &mut Rotation, usage: Option<Usage>, error: Option<String>
                     );
                     actions.push(Action::Alert {
                         kind: if phase == RotationState::Grace {
-                            "old_version_used_during_grace"
+                            AlertKind::OldVersionUsedDuringGrace
                         } else {
-                            "old_version_used_after_revocation"
-                        }
-                        .into(),
-                        severity: "critical".into(),
+                            AlertKind::OldVersionUsedAfterRevocation
+                        },
+                        severity: Severity::Critical,
                         message,
                     });
                     if reactivate {

@@ -366,7 +366,7 @@ fn revocation_waits_for_usage_evidence_and_holds_on_use_after_the_switch() {
     assert!(a.is_empty(), "use within the granularity after the switch is not held against it: {a:?}");
     ev(&mut r, Event::Tick, 1100);
     let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1090)), error: None }, 1101);
-    assert!(matches!(&a[..], [Action::Alert { kind, .. }] if kind == "old_version_used"), "{a:?}");
+    assert!(matches!(&a[..], [Action::Alert { kind, .. }] if *kind == AlertKind::OldVersionUsed), "{a:?}");
     assert_eq!(r.state, RotationState::Halted);
     assert!(r.halt_reason.as_deref().unwrap().contains("rekey scope"));
     // Resume checks again (it does not skip the evidence).
@@ -397,7 +397,7 @@ fn use_during_grace_alerts_and_by_policy_reactivates_and_halts() {
     assert_eq!(ev(&mut r, Event::Tick, 2200), vec![Action::CheckUsage]);
     let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(2000)), error: None }, 2300);
     assert!(
-        matches!(&a[0], Action::Alert { kind, severity, .. } if kind == "old_version_used_during_grace" && severity == "critical")
+        matches!(&a[0], Action::Alert { kind, severity, .. } if *kind == AlertKind::OldVersionUsedDuringGrace && *severity == Severity::Critical)
     );
     assert_eq!(a[1], Action::ReactivateOld);
     // The grace timer must not delete a key that is being reactivated.

@@ -5,6 +5,7 @@
 pub mod campaign;
 pub mod catalog;
 pub mod driver;
+pub mod incident;
 pub mod machine;
 pub mod plan;
 pub mod state;

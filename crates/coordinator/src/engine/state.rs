@@ -170,7 +170,7 @@ impl EngineState {
     }
 
     /// Writes an incident (campaign) and its audit records in one transaction.
-    pub fn put_incident(&self, inc: &super::campaign::Incident, audit: Vec<AuditEntry>) -> Result<(), StateError> {
+    pub fn put_incident(&self, inc: &super::incident::Incident, audit: Vec<AuditEntry>) -> Result<(), StateError> {
         let now = rekey_common::time::now_unix_ms();
         (&self.incidents, &self.audit).transaction(|(incidents, audit_t)| {
             incidents.insert(inc.id.as_bytes(), serde_json::to_vec(inc).expect("json"))?;
@@ -180,14 +180,14 @@ impl EngineState {
         self.flush()
     }
 
-    pub fn get_incident(&self, id: &str) -> Result<Option<super::campaign::Incident>, StateError> {
+    pub fn get_incident(&self, id: &str) -> Result<Option<super::incident::Incident>, StateError> {
         self.incidents
             .get(id)?
             .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&format!("incident {id}"), e)))
             .transpose()
     }
 
-    pub fn list_incidents(&self) -> Result<Vec<super::campaign::Incident>, StateError> {
+    pub fn list_incidents(&self) -> Result<Vec<super::incident::Incident>, StateError> {
         self.incidents
             .iter()
             .values()

@@ -371,7 +371,7 @@ impl AdminService for AdminSvc {
         let r = req.into_inner();
         let s = &self.shared;
         let query = scope::Query::new(r.secret, &r.version, r.rotation_id, r.timeout_seconds).map_err(scope_status)?;
-        let scan = scope::prepare(s, &query).map_err(scope_status)?;
+        let scan = s.scanner.prepare(&query).map_err(scope_status)?;
         // Recorded before any agent is asked: who looked for what, and where.
         super::audit(
             s,
@@ -384,7 +384,7 @@ impl AdminService for AdminSvc {
             }),
         );
         tracing::info!(operator = %who, scan = %scan.id, secret = %query.secret, hosts = scan.hosts_asked.len(), "scope scan started");
-        let map = scan.run(s).await.map_err(scope_status)?;
+        let map = scan.run(&s.scanner).await.map_err(scope_status)?;
         super::audit(s, &who, "scope.result", scope::audit_summary(&map));
         Ok(json(serde_json::to_value(&map).expect("json")))
     }

@@ -1,9 +1,12 @@
 //! `rekey.v1.AgentService`: enrollment and the agents' live sessions.
 
-use super::{Shared, internal};
-use crate::engine::driver::AgentEvent;
-use crate::sessions::SessionHandle;
-use crate::store::{AgentRecord, Redeem};
+use super::{Authorizer, internal};
+use crate::config::Config;
+use crate::engine::driver::{AgentEvent, EngineHandle};
+use crate::pki::Ca;
+use crate::scope::Scans;
+use crate::sessions::{SessionHandle, Sessions};
+use crate::store::{AgentRecord, Redeem, Store};
 use rekey_common::time::{format_unix, now_unix};
 use rekey_common::tls::Role;
 use rekey_proto::PROTOCOL_VERSION;
@@ -13,6 +16,7 @@ use rekey_proto::v1::{
     agent_message, coordinator_message,
 };
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,8 +29,17 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often last-seen is written to the store for a healthy session.
 const LAST_SEEN_PERSIST: Duration = Duration::from_secs(60);
 
+/// The agent service and the handles it uses (cheap to clone: a session's
+/// task holds a clone).
+#[derive(Clone)]
 pub struct AgentSvc {
-    pub shared: Shared,
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub ca: Arc<Ca>,
+    pub sessions: Sessions,
+    pub auth: Authorizer,
+    pub engine: EngineHandle,
+    pub scans: Scans,
 }
 
 pub(crate) fn version_mismatch(peer: &str, theirs: u32) -> Status {
@@ -61,7 +74,7 @@ impl AgentService for AgentSvc {
         // Check the CSR before spending the token: a broken agent must not burn it.
         crate::pki::Ca::check_csr(&req.csr_der)
             .map_err(|e| Status::invalid_argument(format!("enrollment refused: {e}")))?;
-        let s = &self.shared;
+        let s = self;
         let now = now_unix();
         let record = match s.store.redeem_token(&id, &hash, now).map_err(internal)? {
             Redeem::Ok(t) => t,
@@ -100,12 +113,12 @@ impl AgentService for AgentSvc {
         s.store.enroll_agent(&agent, now).map_err(internal)?;
         if let Some(prev) = previous {
             // A re-enrolled host: its old certificates are dead from now on.
-            s.revoked.extend(prev.serials);
+            s.auth.revoked().extend(prev.serials);
             s.sessions.close(&agent.name, None);
         }
         tracing::info!(agent = %agent.name, token = %id, serial = %issued.serial, "agent enrolled");
-        super::audit(
-            s,
+        super::audit_to(
+            s.engine.state(),
             &format!("agent/{}", agent.name),
             "agent.enroll",
             serde_json::json!({ "agent": agent.name, "token": id, "serial": issued.serial, "labels": agent.labels }),
@@ -122,8 +135,8 @@ impl AgentService for AgentSvc {
     type SessionStream = SessionStream;
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let identity = super::authorize(&self.shared, &req, Role::Agent)?;
-        let s = self.shared.clone();
+        let identity = self.auth.check(&req, Role::Agent)?;
+        let s = self.clone();
         let name = identity.name.clone();
         let mut record = s
             .store
@@ -191,7 +204,7 @@ impl AgentService for AgentSvc {
 /// Reads the agent's messages until it leaves, falls silent, or the session is
 /// cancelled (revocation, replacement, shutdown). Returns why it ended.
 async fn inbound_loop(
-    s: &super::Shared,
+    s: &AgentSvc,
     name: &str,
     inbound: &mut Streaming<AgentMessage>,
     tx: &crate::sessions::Outbound,
@@ -248,7 +261,7 @@ async fn inbound_loop(
     }
 }
 
-fn renew(s: &super::Shared, name: &str, csr: &[u8]) -> Result<RenewResponse, Status> {
+fn renew(s: &AgentSvc, name: &str, csr: &[u8]) -> Result<RenewResponse, Status> {
     let mut rec = s
         .store
         .get_agent(name)

@@ -1,17 +1,64 @@
 //! The gRPC services. Each converts its errors to `tonic::Status` in one
 //! place; messages are lowercase, specific, and never contain a secret value.
+//!
+//! Each service holds the handles it uses (cheap clones); nothing below
+//! `service/` imports from here.
 
 pub mod admin;
 pub mod agent;
 
 use crate::config::Config;
+use crate::engine::state::EngineState;
 use crate::pki::Ca;
 use crate::sessions::{RevokedSerials, Sessions};
 use crate::store::{Store, StoreError};
 use rekey_common::tls::{self, Identity, Role};
 use std::sync::Arc;
 
-/// State shared by the services (cheap to clone).
+/// The one authorization check of every call except enrollment: a client
+/// certificate from this CA, in the expected role, not revoked, and (for
+/// operators) issued by this coordinator. Cheap to clone.
+#[derive(Clone)]
+pub struct Authorizer {
+    revoked: RevokedSerials,
+    store: Store,
+}
+
+impl Authorizer {
+    pub fn new(revoked: RevokedSerials, store: Store) -> Authorizer {
+        Authorizer { revoked, store }
+    }
+
+    /// The serials refused from now on (revocations extend it).
+    pub fn revoked(&self) -> &RevokedSerials {
+        &self.revoked
+    }
+
+    pub(crate) fn check<T>(&self, req: &tonic::Request<T>, role: Role) -> Result<Identity, tonic::Status> {
+        let id = tls::request_identity(req)?;
+        if id.role != role {
+            return Err(tonic::Status::permission_denied(match role {
+                Role::Operator => format!("{id} is not an operator: agent certificates cannot call the admin API"),
+                Role::Agent => format!("{id} cannot open an agent session"),
+            }));
+        }
+        if self.revoked.contains(&id.serial) {
+            return Err(tonic::Status::permission_denied(format!(
+                "certificate {} of {id} is revoked; enroll again with a new join token",
+                id.serial
+            )));
+        }
+        if role == Role::Operator && !self.store.is_operator_serial(&id.serial).map_err(internal)? {
+            return Err(tonic::Status::permission_denied(format!(
+                "operator certificate {} is unknown to this coordinator",
+                id.serial
+            )));
+        }
+        Ok(id)
+    }
+}
+
+/// The handles the admin service uses (cheap to clone).
 #[derive(Clone)]
 pub struct Shared {
     pub config: Arc<Config>,
@@ -19,43 +66,29 @@ pub struct Shared {
     pub ca: Arc<Ca>,
     pub sessions: Sessions,
     pub revoked: RevokedSerials,
+    pub auth: Authorizer,
     pub engine: crate::engine::driver::EngineHandle,
     pub campaigns: crate::engine::campaign::Campaigns,
     pub alerts: crate::alerts::Alerts,
-    pub scans: crate::scope::Scans,
+    pub scanner: crate::scope::Scanner,
 }
 
-/// The one authorization check of every call except enrollment: a client
-/// certificate from this CA, in the expected role, not revoked, and (for
-/// operators) issued by this coordinator.
+/// Authorizes a call of the admin service.
 pub(crate) fn authorize<T>(shared: &Shared, req: &tonic::Request<T>, role: Role) -> Result<Identity, tonic::Status> {
-    let id = tls::request_identity(req)?;
-    if id.role != role {
-        return Err(tonic::Status::permission_denied(match role {
-            Role::Operator => format!("{id} is not an operator: agent certificates cannot call the admin API"),
-            Role::Agent => format!("{id} cannot open an agent session"),
-        }));
-    }
-    if shared.revoked.contains(&id.serial) {
-        return Err(tonic::Status::permission_denied(format!(
-            "certificate {} of {id} is revoked; enroll again with a new join token",
-            id.serial
-        )));
-    }
-    if role == Role::Operator && !shared.store.is_operator_serial(&id.serial).map_err(internal)? {
-        return Err(tonic::Status::permission_denied(format!(
-            "operator certificate {} is unknown to this coordinator",
-            id.serial
-        )));
-    }
-    Ok(id)
+    shared.auth.check(req, role)
 }
 
 /// Records an operator or enrollment event in the audit chain (best effort:
 /// the action itself already succeeded and was persisted).
 pub(crate) fn audit(shared: &Shared, actor: &str, action: &str, details: serde_json::Value) {
+    audit_to(shared.engine.state(), actor, action, details)
+}
+
+/// Records an event in the audit chain (best effort: the action itself
+/// already succeeded and was persisted).
+pub(crate) fn audit_to(state: &EngineState, actor: &str, action: &str, details: serde_json::Value) {
     let entry = crate::audit::AuditEntry::new(actor, action, details);
-    if let Err(e) = shared.engine.state().audit(rekey_common::time::now_unix_ms(), vec![entry]) {
+    if let Err(e) = state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
         tracing::error!(error = %e, action, "audit append failed");
     }
 }
