@@ -129,7 +129,7 @@ impl Coordinator {
         let config = Arc::new(config);
         let (alerts, webhook) = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
         let (engine, engine_handle) =
-            Engine::new(config.clone(), store.clone(), engine_state, sessions.clone(), alerts.clone())?;
+            Engine::new(config.clone(), store.clone(), engine_state, Arc::new(sessions.clone()), alerts.clone())?;
         let init = InitReport {
             created_master_key,
             created_ca,

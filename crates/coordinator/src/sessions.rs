@@ -4,7 +4,7 @@
 //! No thread and no unbounded buffer per agent: an idle session costs one
 //! small task (the inbound loop), a 32-slot channel and tonic's own buffers.
 
-use rekey_proto::v1::CoordinatorMessage;
+use rekey_proto::v1::{self, CoordinatorMessage};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -102,6 +102,52 @@ impl Sessions {
             None => false,
         }
     }
+}
+
+/// The engine reaches agents through their sessions: the one place that
+/// turns the driver's verbs into protocol messages.
+impl crate::engine::link::AgentLink for Sessions {
+    fn is_connected(&self, host: &str) -> bool {
+        Sessions::is_connected(self, host)
+    }
+
+    fn deliver(&self, host: &str, d: crate::engine::link::Delivery) -> Result<(), SendError> {
+        let to_proto = |f: &rekey_providers::Fields| {
+            f.iter().map(|(k, v)| v1::SecretField { name: k.clone(), value: v.expose().to_vec() }).collect::<Vec<_>>()
+        };
+        let delivery = v1::Delivery {
+            rotation_id: d.rotation_id,
+            secret: d.secret,
+            version_id: d.version_id,
+            fields: to_proto(&d.fields),
+            previous_version_id: d.previous_version_id.unwrap_or_default(),
+            previous_fields: d.previous_fields.as_ref().map(to_proto).unwrap_or_default(),
+            restart_jitter_ms: d.restart_jitter_ms,
+            fingerprint_key: d.fingerprint_key,
+        };
+        self.send(host, message(v1::coordinator_message::Msg::Delivery(delivery)))
+    }
+
+    fn rollback(&self, host: &str, rotation_id: &str, secret: &str, version_id: &str) -> Result<(), SendError> {
+        let msg = v1::coordinator_message::Msg::Rollback(v1::Rollback {
+            rotation_id: rotation_id.to_string(),
+            secret: secret.to_string(),
+            version_id: version_id.to_string(),
+        });
+        self.send(host, message(msg))
+    }
+
+    fn purge(&self, host: &str, secret: &str, version_id: &str) -> Result<(), SendError> {
+        let msg = v1::coordinator_message::Msg::Purge(v1::Purge {
+            secret: secret.to_string(),
+            version_id: version_id.to_string(),
+        });
+        self.send(host, message(msg))
+    }
+}
+
+fn message(msg: v1::coordinator_message::Msg) -> CoordinatorMessage {
+    CoordinatorMessage { msg: Some(msg) }
 }
 
 /// Certificate serials refused at the TLS handshake, mirrored from the store.

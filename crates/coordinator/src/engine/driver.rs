@@ -7,18 +7,18 @@
 //! tasks that call providers (so a slow provider never blocks other
 //! rotations). A 1 s tick drives deadlines and the grace/monitoring timers.
 
+use super::link::{AgentLink, Delivery};
 use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage, Usage};
 use super::plan::plan_waves;
 use super::state::{EngineState, StateError};
 use crate::alerts::Alerts;
 use crate::audit::AuditEntry;
 use crate::config::Config;
-use crate::sessions::Sessions;
 use crate::store::Store;
 use rand::Rng;
 use rekey_common::secret::fingerprint_fields;
 use rekey_common::time::now_unix_ms;
-use rekey_proto::v1::{self, CoordinatorMessage, coordinator_message};
+use rekey_proto::v1;
 use rekey_providers::{CreateRequest, LastUsed, Provider, ProviderError, Sink, SinkWrite};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -129,7 +129,7 @@ pub struct Engine {
     config: Arc<Config>,
     state: EngineState,
     store: Store,
-    sessions: Sessions,
+    link: Arc<dyn AgentLink>,
     providers: Arc<HashMap<String, Arc<dyn Provider>>>,
     /// Per secret, where every new version is also written.
     sinks: Arc<HashMap<String, Vec<Arc<dyn Sink>>>>,
@@ -195,31 +195,52 @@ fn unchanged(before: &Rotation, after: &Rotation) -> bool {
     *before == a
 }
 
+/// A secret's provider and the sinks every new version is also written to.
+pub struct SecretBackends {
+    pub provider: Arc<dyn Provider>,
+    pub sinks: Vec<Arc<dyn Sink>>,
+}
+
 impl Engine {
+    /// The engine with the providers and sinks the catalog configures.
     pub fn new(
         config: Arc<Config>,
         store: Store,
         state: EngineState,
-        sessions: Sessions,
+        link: Arc<dyn AgentLink>,
         alerts: Alerts,
     ) -> Result<(Engine, EngineHandle), ProviderError> {
+        let mut backends = HashMap::new();
+        for spec in &config.secrets {
+            let provider = rekey_providers::build(&spec.provider, state.provider_state(&spec.name))?;
+            let sinks =
+                spec.sinks.iter().map(|c| rekey_providers::build_sink(c, &spec.name)).collect::<Result<Vec<_>, _>>()?;
+            backends.insert(spec.name.clone(), SecretBackends { provider, sinks });
+        }
+        Ok(Engine::with_backends(config, store, state, link, alerts, backends))
+    }
+
+    /// The engine with the given providers and sinks per secret name (tests
+    /// and simulations put fakes here).
+    pub fn with_backends(
+        config: Arc<Config>,
+        store: Store,
+        state: EngineState,
+        link: Arc<dyn AgentLink>,
+        alerts: Alerts,
+        backends: HashMap<String, SecretBackends>,
+    ) -> (Engine, EngineHandle) {
         let mut providers = HashMap::new();
         let mut sinks = HashMap::new();
-        for spec in &config.secrets {
-            let p = rekey_providers::build(&spec.provider, state.provider_state(&spec.name))?;
-            providers.insert(spec.name.clone(), p);
-            let built =
-                spec.sinks.iter().map(|c| rekey_providers::build_sink(c, &spec.name)).collect::<Result<Vec<_>, _>>()?;
-            sinks.insert(spec.name.clone(), built);
+        for (name, b) in backends {
+            providers.insert(name.clone(), b.provider);
+            sinks.insert(name, b.sinks);
         }
         let providers = Arc::new(providers);
         let sinks = Arc::new(sinks);
         let (tx, rx) = mpsc::channel(1024);
         let handle = EngineHandle { tx: tx.clone(), state: state.clone(), providers: providers.clone() };
-        Ok((
-            Engine { config, state, store, sessions, providers, sinks, alerts, active: HashMap::new(), tx, rx },
-            handle,
-        ))
+        (Engine { config, state, store, link, providers, sinks, alerts, active: HashMap::new(), tx, rx }, handle)
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), EngineError> {
@@ -451,12 +472,8 @@ impl Engine {
                     }
                 }
                 Action::Rollback { host } => {
-                    let msg = coordinator_message::Msg::Rollback(v1::Rollback {
-                        rotation_id: rot.id.clone(),
-                        secret: rot.secret.clone(),
-                        version_id: rot.new_version.clone().unwrap_or_default(),
-                    });
-                    if let Err(e) = self.sessions.send(&host, CoordinatorMessage { msg: Some(msg) }) {
+                    let version = rot.new_version.as_deref().unwrap_or_default();
+                    if let Err(e) = self.link.rollback(&host, &rot.id, &rot.secret, version) {
                         tracing::info!(rotation = %rot.id, %host, error = %e, "rollback not sent; retried when the agent reconnects");
                     }
                 }
@@ -482,11 +499,9 @@ impl Engine {
                 Action::PurgeOld => {
                     if let Some(old) = &rot.old_version {
                         for host in rot.hosts.keys() {
-                            let msg = coordinator_message::Msg::Purge(v1::Purge {
-                                secret: rot.secret.clone(),
-                                version_id: old.clone(),
-                            });
-                            let _ = self.sessions.send(host, CoordinatorMessage { msg: Some(msg) });
+                            if let Err(e) = self.link.purge(host, &rot.secret, old) {
+                                tracing::info!(rotation = %rot.id, %host, error = %e, "purge not sent");
+                            }
                         }
                     }
                 }
@@ -497,7 +512,7 @@ impl Engine {
 
     fn deliver(&self, rot: &Rotation, host: &str) -> Result<(), String> {
         let new = rot.new_version.as_deref().ok_or("no new version yet")?;
-        if !self.sessions.is_connected(host) {
+        if !self.link.is_connected(host) {
             return Err(format!("agent {host} is not connected"));
         }
         let fields = self
@@ -505,29 +520,24 @@ impl Engine {
             .get_version(&rot.secret, new)
             .map_err(|e| format!("cannot read version {new}: {e}"))?
             .ok_or_else(|| format!("version {new} is missing from the store"))?;
-        let previous = match &rot.old_version {
+        let previous_fields = match &rot.old_version {
             Some(old) => {
                 self.state.get_version(&rot.secret, old).map_err(|e| format!("cannot read version {old}: {e}"))?
             }
             None => None,
         };
-        let to_proto = |f: &rekey_providers::Fields| {
-            f.iter().map(|(k, v)| v1::SecretField { name: k.clone(), value: v.expose().to_vec() }).collect::<Vec<_>>()
-        };
         let jitter = if rot.policy.jitter_ms > 0 { rand::rng().random_range(0..=rot.policy.jitter_ms) } else { 0 };
-        let delivery = v1::Delivery {
+        let delivery = Delivery {
             rotation_id: rot.id.clone(),
             secret: rot.secret.clone(),
             version_id: new.to_string(),
-            fields: to_proto(&fields),
-            previous_version_id: rot.old_version.clone().unwrap_or_default(),
-            previous_fields: previous.as_ref().map(to_proto).unwrap_or_default(),
+            fields,
+            previous_version_id: rot.old_version.clone(),
+            previous_fields,
             restart_jitter_ms: jitter,
             fingerprint_key: hex::decode(&rot.fingerprint_key).unwrap_or_default(),
         };
-        self.sessions
-            .send(host, CoordinatorMessage { msg: Some(coordinator_message::Msg::Delivery(delivery)) })
-            .map_err(|e| e.to_string())?;
+        self.link.deliver(host, delivery).map_err(|e| e.to_string())?;
         tracing::info!(rotation = %rot.id, %host, version = %new, "delivered");
         Ok(())
     }
@@ -730,3 +740,7 @@ pub fn waiting_on(rot: &Rotation) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+#[path = "driver_tests.rs"]
+mod tests;

@@ -1,0 +1,37 @@
+//! How the driver reaches agents: three verbs (deliver, roll back, purge)
+//! and a presence check, nothing else. The live implementation
+//! ([`crate::sessions::Sessions`]) turns them into messages on the agents'
+//! session streams; tests put a fake behind it to run the driver alone.
+
+use rekey_providers::Fields;
+
+/// A version for one host: what the agent needs to apply it. Values are in
+/// `SecretBytes` (redacted `Debug`, zeroized on drop).
+#[derive(Debug)]
+pub struct Delivery {
+    pub rotation_id: String,
+    pub secret: String,
+    pub version_id: String,
+    pub fields: Fields,
+    /// The version being replaced, for in-place replacement and rollback.
+    pub previous_version_id: Option<String>,
+    pub previous_fields: Option<Fields>,
+    pub restart_jitter_ms: u64,
+    /// The rotation's fingerprint key: the agent reports HMAC(key, value).
+    pub fingerprint_key: Vec<u8>,
+}
+
+/// Why a message did not leave (the agent is offline or not reading).
+pub type LinkError = crate::sessions::SendError;
+
+/// The driver's only way to an agent. Every call queues and returns at once;
+/// the agent's answers come back as engine events.
+pub trait AgentLink: Send + Sync + 'static {
+    fn is_connected(&self, host: &str) -> bool;
+    /// Send a new version.
+    fn deliver(&self, host: &str, delivery: Delivery) -> Result<(), LinkError>;
+    /// Tell the host to restore the version before `version_id`.
+    fn rollback(&self, host: &str, rotation_id: &str, secret: &str, version_id: &str) -> Result<(), LinkError>;
+    /// Tell the host `version_id` is revoked: delete backups holding it.
+    fn purge(&self, host: &str, secret: &str, version_id: &str) -> Result<(), LinkError>;
+}
