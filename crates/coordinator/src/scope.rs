@@ -25,7 +25,7 @@ use crate::engine::state::{EngineState, SecretRecord, StateError};
 use crate::sessions::Sessions;
 use crate::store::{AgentRecord, Store, StoreError};
 use rekey_common::time::now_unix_ms;
-use rekey_proto::v1::{CoordinatorMessage, ScanRequest, ScanResult, ScanTarget, coordinator_message};
+use rekey_proto::v1::{CoordinatorMessage, ScanMatch, ScanRequest, ScanResult, ScanTarget, coordinator_message};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -499,7 +499,41 @@ fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError>
     let spec = scanner.config.secret(secret).ok_or_else(|| ScopeError::UnknownSecret(secret.clone()))?;
     let state = &scanner.state;
     let rec = state.get_secret(secret)?;
-    let context = match &query.rotation {
+    let context = scan_context(state, query, &rec)?;
+    let chosen = chosen_versions(query, &rec, context.as_ref())?;
+    let salt = random_bytes(32)?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
+    let Targets { targets, searched, not_searched } = build_targets(state, query, &chosen, &key)?;
+
+    let agents: Vec<AgentRecord> =
+        scanner.store.list_agents()?.into_iter().filter(|a| a.revoked_unix.is_none()).collect();
+    let mut hosts_asked: Vec<String> =
+        agents.iter().filter(|a| scanner.sessions.is_connected(&a.name)).map(|a| a.name.clone()).collect();
+    hosts_asked.sort();
+    let id = format!("scan-{}", hex::encode(random_bytes(6)?));
+    // The agents stop a little before the coordinator does, so a truncated
+    // answer still arrives.
+    let margin = (query.timeout / 5).min(Duration::from_secs(2));
+    let request =
+        ScanRequest { scan_id: id.clone(), salt, targets, timeout_ms: (query.timeout - margin).as_millis() as u64 };
+    Ok(PreparedScan {
+        id,
+        query: query.clone(),
+        rotation: context.map(|r| r.id),
+        hosts_asked,
+        searched,
+        not_searched,
+        request,
+        agents,
+        selector: spec.selector.clone(),
+    })
+}
+
+/// The rotation whose versions a scan looks at: the one asked for, else the
+/// secret's active or last one.
+fn scan_context(state: &EngineState, query: &Query, rec: &SecretRecord) -> Result<Option<Rotation>, ScopeError> {
+    let secret = &query.secret;
+    Ok(match &query.rotation {
         Some(id) => {
             let r = state.get_rotation(id)?.ok_or_else(|| ScopeError::UnknownRotation(id.clone()))?;
             if r.secret != *secret {
@@ -515,8 +549,17 @@ fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError>
             Some(id) => state.get_rotation(id)?,
             None => None,
         },
-    };
-    let roles = version_roles(&rec, context.as_ref());
+    })
+}
+
+/// The (role, version) pairs to look for, after the query's filter.
+fn chosen_versions(
+    query: &Query,
+    rec: &SecretRecord,
+    context: Option<&Rotation>,
+) -> Result<Vec<(Role, String)>, ScopeError> {
+    let secret = &query.secret;
+    let roles = version_roles(rec, context);
     let chosen: Vec<(Role, String)> = match query.filter {
         Filter::All => roles,
         Filter::Only(role) => roles.into_iter().filter(|(r, _)| *r == role).collect(),
@@ -526,7 +569,7 @@ fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError>
             Filter::Only(r) => r,
             Filter::All => Role::Current,
         };
-        let why = match (role, &context) {
+        let why = match (role, context) {
             (Role::New, _) => "no rotation of it is rolling out".to_string(),
             (Role::Old, None) => "it was never rotated".to_string(),
             (Role::Old, Some(r)) => format!("rotation {} is {}", r.id, r.state.as_str()),
@@ -534,13 +577,40 @@ fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError>
         };
         return Err(ScopeError::NoVersion { secret: secret.clone(), role, why });
     }
+    Ok(chosen)
+}
 
-    let salt = random_bytes(32)?;
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &salt);
+/// Why no field of the chosen versions can be searched, for the error.
+fn why_nothing(not_searched: &[NotSearched]) -> String {
+    not_searched
+        .iter()
+        .map(|n| match &n.field {
+            Some(f) => format!("{} ({}) field {f}: {}", n.version, n.role, n.reason),
+            None => format!("{} ({}): {}", n.version, n.role, n.reason),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What a scan sends (fingerprints and lengths) and what it reports as
+/// searched or not.
+struct Targets {
+    targets: Vec<ScanTarget>,
+    searched: Vec<Searched>,
+    not_searched: Vec<NotSearched>,
+}
+
+fn build_targets(
+    state: &EngineState,
+    query: &Query,
+    chosen: &[(Role, String)],
+    key: &ring::hmac::Key,
+) -> Result<Targets, ScopeError> {
+    let secret = &query.secret;
     let mut targets = Vec::new();
     let mut searched = Vec::new();
     let mut not_searched = Vec::new();
-    for (role, version) in &chosen {
+    for (role, version) in chosen {
         let Some(fields) = state.get_version(secret, version)? else {
             match (query.filter, role) {
                 (Filter::Only(_), Role::Old) => return Err(ScopeError::OldValueForgotten { secret: secret.clone() }),
@@ -593,46 +663,16 @@ fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError>
                 secret: secret.clone(),
                 version_id: version.clone(),
                 field: field.clone(),
-                fingerprint: hex::encode(ring::hmac::sign(&key, bytes).as_ref()),
+                fingerprint: hex::encode(ring::hmac::sign(key, bytes).as_ref()),
                 length: bytes.len() as u32,
             });
             searched.push(Searched { version: version.clone(), role: *role, field: field.clone(), partial });
         }
     }
     if targets.is_empty() {
-        let why = not_searched
-            .iter()
-            .map(|n| match &n.field {
-                Some(f) => format!("{} ({}) field {f}: {}", n.version, n.role, n.reason),
-                None => format!("{} ({}): {}", n.version, n.role, n.reason),
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(ScopeError::NothingSearchable { secret: secret.clone(), why });
+        return Err(ScopeError::NothingSearchable { secret: secret.clone(), why: why_nothing(&not_searched) });
     }
-
-    let agents: Vec<AgentRecord> =
-        scanner.store.list_agents()?.into_iter().filter(|a| a.revoked_unix.is_none()).collect();
-    let mut hosts_asked: Vec<String> =
-        agents.iter().filter(|a| scanner.sessions.is_connected(&a.name)).map(|a| a.name.clone()).collect();
-    hosts_asked.sort();
-    let id = format!("scan-{}", hex::encode(random_bytes(6)?));
-    // The agents stop a little before the coordinator does, so a truncated
-    // answer still arrives.
-    let margin = (query.timeout / 5).min(Duration::from_secs(2));
-    let request =
-        ScanRequest { scan_id: id.clone(), salt, targets, timeout_ms: (query.timeout - margin).as_millis() as u64 };
-    Ok(PreparedScan {
-        id,
-        query: query.clone(),
-        rotation: context.map(|r| r.id),
-        hosts_asked,
-        searched,
-        not_searched,
-        request,
-        agents,
-        selector: spec.selector.clone(),
-    })
+    Ok(Targets { targets, searched, not_searched })
 }
 
 impl PreparedScan {
@@ -764,24 +804,7 @@ pub fn build_map(mut i: Inputs<'_>) -> ConsumerMap {
         let connected = (i.connected)(&a.name);
         let declares_secret = a.secrets.iter().any(|s| s == i.secret);
         let selected = i.selector.iter().all(|(k, v)| a.labels.get(k) == Some(v));
-        let mut h = HostScope {
-            host: a.name.clone(),
-            labels: a.labels.clone(),
-            connected,
-            status: HostStatus::NotAnswering,
-            error: None,
-            declares_secret,
-            selected,
-            declared_not_found: false,
-            files: Vec::new(),
-            files_scanned: 0,
-            bytes_scanned: 0,
-            skipped: BTreeMap::new(),
-            skipped_files: Vec::new(),
-            truncated: false,
-            limit: None,
-            elapsed_ms: None,
-        };
+        let mut h = HostScope::unasked(a, connected, declares_secret, selected);
         let answer = i.answers.remove(&a.name);
         match (answer, i.unreachable.get(&a.name)) {
             (Some(r), _) if !r.error.is_empty() => {
@@ -793,66 +816,17 @@ pub fn build_map(mut i: Inputs<'_>) -> ConsumerMap {
             (Some(r), _) => {
                 summary.hosts_asked += 1;
                 summary.answered += 1;
-                h.status = HostStatus::Answered;
-                h.files_scanned = r.files_scanned;
-                h.bytes_scanned = r.bytes_scanned;
-                h.skipped = r.skipped_counts.into_iter().collect();
-                h.skipped_files = r
-                    .skipped
-                    .into_iter()
-                    .take(MAX_SKIPPED_PER_HOST)
-                    .map(|s| Skipped { path: s.path, reason: s.reason, detail: s.detail })
-                    .collect();
-                h.truncated = r.truncated || r.matches.len() > MAX_MATCHES_PER_HOST;
-                h.limit = Some(r.limit).filter(|l| !l.is_empty());
-                h.elapsed_ms = Some(r.elapsed_ms);
-                if h.truncated {
-                    summary.truncated.push(a.name.clone());
-                }
-                let mut files: BTreeMap<String, FileScope> = BTreeMap::new();
-                for m in r.matches.into_iter().take(MAX_MATCHES_PER_HOST) {
-                    if m.secret != i.secret {
-                        continue;
-                    }
-                    let Some(s) = asked.get(&(m.version_id.as_str(), m.field.as_str())) else { continue };
-                    let occ = Occurrence {
-                        host: a.name.clone(),
-                        path: m.path.clone(),
-                        line: m.line,
-                        version: s.version.clone(),
-                        role: s.role,
-                        field: s.field.clone(),
-                        declared: m.declared,
-                        partial: s.partial,
-                    };
-                    let f = files.entry(m.path.clone()).or_insert_with(|| FileScope {
-                        path: m.path.clone(),
-                        declared: m.declared,
-                        versions: Vec::new(),
-                        lines: Vec::new(),
-                    });
-                    f.declared |= m.declared;
-                    if !f.versions.iter().any(|v| v.version == s.version) {
-                        f.versions.push(FileVersion { version: s.version.clone(), role: s.role });
-                    }
-                    f.lines.push(Line {
-                        line: m.line,
-                        version: s.version.clone(),
-                        role: s.role,
-                        field: s.field.clone(),
-                    });
-                    summary.occurrences += 1;
+                let matches = record_answer(&mut h, r, &mut summary);
+                let (files, occurrences) = host_files(&a.name, i.secret, matches, &asked);
+                h.files = files;
+                summary.occurrences += occurrences.len();
+                for occ in occurrences {
                     if !occ.declared {
                         undeclared.push(occ.clone());
                     }
                     if occ.role == Role::Old {
                         leftovers.push(occ);
                     }
-                }
-                h.files = files.into_values().collect();
-                for f in &mut h.files {
-                    f.lines.sort_by_key(|l| l.line);
-                    f.versions.sort_by_key(|v| v.role);
                 }
                 if !h.files.is_empty() {
                     summary.hosts_with_value.push(a.name.clone());
@@ -892,6 +866,97 @@ pub fn build_map(mut i: Inputs<'_>) -> ConsumerMap {
         leftovers,
         summary,
     }
+}
+
+impl HostScope {
+    /// A host's entry before its answer is looked at.
+    fn unasked(a: &AgentRecord, connected: bool, declares_secret: bool, selected: bool) -> HostScope {
+        HostScope {
+            host: a.name.clone(),
+            labels: a.labels.clone(),
+            connected,
+            status: HostStatus::NotAnswering,
+            error: None,
+            declares_secret,
+            selected,
+            declared_not_found: false,
+            files: Vec::new(),
+            files_scanned: 0,
+            bytes_scanned: 0,
+            skipped: BTreeMap::new(),
+            skipped_files: Vec::new(),
+            truncated: false,
+            limit: None,
+            elapsed_ms: None,
+        }
+    }
+}
+
+/// Copies an answer's counters into the host's entry; returns its matches
+/// (bounded).
+fn record_answer(h: &mut HostScope, r: ScanResult, summary: &mut Summary) -> Vec<ScanMatch> {
+    h.status = HostStatus::Answered;
+    h.files_scanned = r.files_scanned;
+    h.bytes_scanned = r.bytes_scanned;
+    h.skipped = r.skipped_counts.into_iter().collect();
+    h.skipped_files = r
+        .skipped
+        .into_iter()
+        .take(MAX_SKIPPED_PER_HOST)
+        .map(|s| Skipped { path: s.path, reason: s.reason, detail: s.detail })
+        .collect();
+    h.truncated = r.truncated || r.matches.len() > MAX_MATCHES_PER_HOST;
+    h.limit = Some(r.limit).filter(|l| !l.is_empty());
+    h.elapsed_ms = Some(r.elapsed_ms);
+    if h.truncated {
+        summary.truncated.push(h.host.clone());
+    }
+    r.matches.into_iter().take(MAX_MATCHES_PER_HOST).collect()
+}
+
+/// A host's files holding what was asked (other matches are ignored), and
+/// every occurrence in them.
+fn host_files(
+    host: &str,
+    secret: &str,
+    matches: Vec<ScanMatch>,
+    asked: &HashMap<(&str, &str), &Searched>,
+) -> (Vec<FileScope>, Vec<Occurrence>) {
+    let mut files: BTreeMap<String, FileScope> = BTreeMap::new();
+    let mut occurrences = Vec::new();
+    for m in matches {
+        if m.secret != secret {
+            continue;
+        }
+        let Some(s) = asked.get(&(m.version_id.as_str(), m.field.as_str())) else { continue };
+        let f = files.entry(m.path.clone()).or_insert_with(|| FileScope {
+            path: m.path.clone(),
+            declared: m.declared,
+            versions: Vec::new(),
+            lines: Vec::new(),
+        });
+        f.declared |= m.declared;
+        if !f.versions.iter().any(|v| v.version == s.version) {
+            f.versions.push(FileVersion { version: s.version.clone(), role: s.role });
+        }
+        f.lines.push(Line { line: m.line, version: s.version.clone(), role: s.role, field: s.field.clone() });
+        occurrences.push(Occurrence {
+            host: host.to_string(),
+            path: m.path,
+            line: m.line,
+            version: s.version.clone(),
+            role: s.role,
+            field: s.field.clone(),
+            declared: m.declared,
+            partial: s.partial,
+        });
+    }
+    let mut files: Vec<FileScope> = files.into_values().collect();
+    for f in &mut files {
+        f.lines.sort_by_key(|l| l.line);
+        f.versions.sort_by_key(|v| v.role);
+    }
+    (files, occurrences)
 }
 
 #[cfg(test)]

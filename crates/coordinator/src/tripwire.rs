@@ -7,8 +7,9 @@
 //! Tasks: one reconciler ([`Tripwire::run`]), which runs at most one scan at a time.
 
 use crate::alerts::{AlertKind, Alerts, Severity};
+use crate::engine::machine::Rotation;
 use crate::engine::state::EngineState;
-use crate::scope::{self, Query, Scanner};
+use crate::scope::{self, ConsumerMap, Query, Scanner};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -32,11 +33,54 @@ impl Tripwire {
     }
 }
 
+/// (secret, version, host, path, line) of a leftover copy.
+type Copy = (String, String, String, String, u32);
+
+impl Tripwire {
+    /// One alert per leftover copy not alerted on before.
+    fn alert_leftovers(&self, rot: &Rotation, map: &ConsumerMap, alerted: &mut BTreeSet<Copy>) {
+        for o in &map.leftovers {
+            let key = (rot.secret.clone(), o.version.clone(), o.host.clone(), o.path.clone(), o.line);
+            if !alerted.insert(key) {
+                continue;
+            }
+            let message = format!(
+                "a copy of the revoked version {} of {} is still on {} in {} line {}{}",
+                o.version,
+                rot.secret,
+                o.host,
+                o.path,
+                o.line,
+                if o.declared { "" } else { " (a file no agent config declares)" }
+            );
+            let details = serde_json::json!({
+                "rotation": rot.id, "secret": rot.secret, "host": o.host, "path": o.path,
+                "line": o.line, "version": o.version, "declared": o.declared, "scan": map.scan_id,
+            });
+            let entry = crate::audit::AuditEntry::new("rekeyd", "alert.leftover_found", details.clone());
+            if let Err(e) = self.state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
+                tracing::error!(error = %e, "cannot audit a leftover alert");
+            }
+            let raised = self.alerts.raise(
+                AlertKind::LeftoverFound,
+                Severity::Warning,
+                &rot.secret,
+                Some(&rot.id),
+                message,
+                details,
+            );
+            if let Err(e) = raised {
+                tracing::error!(error = %e, "cannot record a leftover alert");
+            }
+        }
+    }
+}
+
 async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
     let mut last_scan: HashMap<String, tokio::time::Instant> = HashMap::new();
     // (secret, version, host, path, line) already alerted on: one alert per copy,
     // whichever monitored rotation's scan finds it.
-    let mut alerted: BTreeSet<(String, String, String, String, u32)> = BTreeSet::new();
+    let mut alerted: BTreeSet<Copy> = BTreeSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -76,39 +120,7 @@ async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
             if let Err(e) = tripwire.state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
                 tracing::error!(error = %e, "cannot audit a tripwire scan");
             }
-            for o in &map.leftovers {
-                let key = (rot.secret.clone(), o.version.clone(), o.host.clone(), o.path.clone(), o.line);
-                if !alerted.insert(key) {
-                    continue;
-                }
-                let message = format!(
-                    "a copy of the revoked version {} of {} is still on {} in {} line {}{}",
-                    o.version,
-                    rot.secret,
-                    o.host,
-                    o.path,
-                    o.line,
-                    if o.declared { "" } else { " (a file no agent config declares)" }
-                );
-                let details = serde_json::json!({
-                    "rotation": rot.id, "secret": rot.secret, "host": o.host, "path": o.path,
-                    "line": o.line, "version": o.version, "declared": o.declared, "scan": map.scan_id,
-                });
-                let entry = crate::audit::AuditEntry::new("rekeyd", "alert.leftover_found", details.clone());
-                if let Err(e) = tripwire.state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
-                    tracing::error!(error = %e, "cannot audit a leftover alert");
-                }
-                if let Err(e) = tripwire.alerts.raise(
-                    AlertKind::LeftoverFound,
-                    Severity::Warning,
-                    &rot.secret,
-                    Some(&rot.id),
-                    message,
-                    details,
-                ) {
-                    tracing::error!(error = %e, "cannot record a leftover alert");
-                }
-            }
+            tripwire.alert_leftovers(rot, &map, &mut alerted);
         }
         last_scan.retain(|id, _| rotations.iter().any(|r| &r.id == id));
     }

@@ -161,6 +161,44 @@ fn duration_ms(path: &Path, field: &str, s: &str) -> Result<i64, ConfigError> {
     parse_duration(s).map(|d| d.as_millis() as i64).map_err(|m| ConfigError::field(path, field, m))
 }
 
+/// The rotation policy of one `[[secret]]` (its rollout and revocation tables).
+fn policy(path: &Path, at: &dyn Fn(&str) -> String, s: &RawSecret) -> Result<Policy, ConfigError> {
+    let mut waves = Vec::new();
+    for (j, w) in s.rollout.waves.iter().enumerate() {
+        waves.push(amount(path, &at(&format!("rollout.waves[{j}]")), w)?);
+    }
+    let failure_budget = amount(path, &at("rollout.failure_budget"), &s.rollout.failure_budget)?;
+    let host_deadline_ms = duration_ms(path, &at("rollout.host_deadline"), &s.rollout.host_deadline)?;
+    if host_deadline_ms < 1000 {
+        return Err(ConfigError::field(path, at("rollout.host_deadline"), "must be at least 1s"));
+    }
+    Ok(Policy {
+        canary: s.rollout.canary,
+        waves,
+        failure_budget,
+        host_deadline_ms,
+        jitter_ms: duration_ms(path, &at("rollout.jitter"), &s.rollout.jitter)? as u64,
+        deactivate: s.revocation.deactivate,
+        grace_ms: duration_ms(path, &at("revocation.grace"), &s.revocation.grace)?,
+        delete: s.revocation.delete,
+        monitor_ms: duration_ms(path, &at("revocation.monitor"), &s.revocation.monitor)?,
+        require_evidence: s.revocation.require_evidence,
+        usage_granularity_ms: duration_ms(path, &at("revocation.usage_granularity"), &s.revocation.usage_granularity)?,
+        grace_use: match s.revocation.on_use_during_grace.as_str() {
+            "reactivate" => super::machine::GraceUse::Reactivate,
+            "proceed" => super::machine::GraceUse::Proceed,
+            other => {
+                return Err(ConfigError::field(
+                    path,
+                    at("revocation.on_use_during_grace"),
+                    format!("expected \"reactivate\" or \"proceed\", got {other:?}"),
+                ));
+            }
+        },
+        check_every_ms: duration_ms(path, &at("revocation.check_every"), &s.revocation.check_every)?.max(1000),
+    })
+}
+
 pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpec>, ConfigError> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
@@ -194,44 +232,7 @@ pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpe
                 ),
             ));
         }
-        let mut waves = Vec::new();
-        for (j, w) in s.rollout.waves.iter().enumerate() {
-            waves.push(amount(path, &at(&format!("rollout.waves[{j}]")), w)?);
-        }
-        let failure_budget = amount(path, &at("rollout.failure_budget"), &s.rollout.failure_budget)?;
-        let host_deadline_ms = duration_ms(path, &at("rollout.host_deadline"), &s.rollout.host_deadline)?;
-        if host_deadline_ms < 1000 {
-            return Err(ConfigError::field(path, at("rollout.host_deadline"), "must be at least 1s"));
-        }
-        let policy = Policy {
-            canary: s.rollout.canary,
-            waves,
-            failure_budget,
-            host_deadline_ms,
-            jitter_ms: duration_ms(path, &at("rollout.jitter"), &s.rollout.jitter)? as u64,
-            deactivate: s.revocation.deactivate,
-            grace_ms: duration_ms(path, &at("revocation.grace"), &s.revocation.grace)?,
-            delete: s.revocation.delete,
-            monitor_ms: duration_ms(path, &at("revocation.monitor"), &s.revocation.monitor)?,
-            require_evidence: s.revocation.require_evidence,
-            usage_granularity_ms: duration_ms(
-                path,
-                &at("revocation.usage_granularity"),
-                &s.revocation.usage_granularity,
-            )?,
-            grace_use: match s.revocation.on_use_during_grace.as_str() {
-                "reactivate" => super::machine::GraceUse::Reactivate,
-                "proceed" => super::machine::GraceUse::Proceed,
-                other => {
-                    return Err(ConfigError::field(
-                        path,
-                        at("revocation.on_use_during_grace"),
-                        format!("expected \"reactivate\" or \"proceed\", got {other:?}"),
-                    ));
-                }
-            },
-            check_every_ms: duration_ms(path, &at("revocation.check_every"), &s.revocation.check_every)?.max(1000),
-        };
+        let policy = policy(path, &at, &s)?;
         out.push(SecretSpec {
             name: s.name,
             description: s.description,

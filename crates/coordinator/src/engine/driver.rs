@@ -625,6 +625,59 @@ where
     }
 }
 
+/// Creates the new version (idempotent per rotation id), seals it in the
+/// store, audits the provider's notes, and writes it to every sink — all
+/// before the rotation refers to it.
+async fn create_version(
+    p: &dyn Provider,
+    sinks: &[Arc<dyn Sink>],
+    state: &EngineState,
+    rot: &Rotation,
+) -> Result<Event, String> {
+    let req = CreateRequest {
+        secret: rot.secret.clone(),
+        rotation_id: rot.id.clone(),
+        previous_version: rot.old_version.clone(),
+    };
+    let v = with_retries(|| p.create(&req)).await.map_err(|e| e.to_string())?;
+    // The value is durable (sealed) before the rotation refers to it.
+    state.put_version(&rot.secret, &v.id, &v.fields).map_err(|e| e.to_string())?;
+    let key = hex::decode(&rot.fingerprint_key).unwrap_or_default();
+    let fingerprint = fingerprint_fields(&key, v.fields.iter().map(|(k, v)| (k.as_str(), v.expose())));
+    tracing::info!(version = %v.id, %fingerprint, "new version created");
+    if !v.notes.is_empty() {
+        let entries = v
+            .notes
+            .iter()
+            .map(|n| {
+                AuditEntry::new(
+                    "rekeyd",
+                    "provider.note",
+                    serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "provider": p.kind(), "note": n }),
+                )
+            })
+            .collect();
+        state.audit(now_unix_ms(), entries).map_err(|e| e.to_string())?;
+    }
+    // Sinks hold the version before any host does; a failure halts the
+    // rotation (nothing delivered) and a resume writes again (idempotent).
+    for sink in sinks {
+        let w = SinkWrite { secret: &rot.secret, rotation_id: &rot.id, version: &v.id, fields: &v.fields };
+        let note = with_retries(|| sink.write(&w)).await.map_err(|e| format!("sink {}: {e}", sink.describe()))?;
+        tracing::info!(version = %v.id, sink = %sink.describe(), "written to sink");
+        let entry = AuditEntry::new(
+            "rekeyd",
+            "sink.write",
+            serde_json::json!({
+                "rotation": rot.id, "secret": rot.secret, "version": v.id,
+                "sink": sink.describe(), "note": note,
+            }),
+        );
+        state.audit(now_unix_ms(), vec![entry]).map_err(|e| e.to_string())?;
+    }
+    Ok(Event::Generated { version: v.id, fingerprint })
+}
+
 async fn provider_call(
     p: &dyn Provider,
     sinks: &[Arc<dyn Sink>],
@@ -633,51 +686,7 @@ async fn provider_call(
     op: ProviderOp,
 ) -> Result<Event, String> {
     match op {
-        ProviderOp::Create => {
-            let req = CreateRequest {
-                secret: rot.secret.clone(),
-                rotation_id: rot.id.clone(),
-                previous_version: rot.old_version.clone(),
-            };
-            let v = with_retries(|| p.create(&req)).await.map_err(|e| e.to_string())?;
-            // The value is durable (sealed) before the rotation refers to it.
-            state.put_version(&rot.secret, &v.id, &v.fields).map_err(|e| e.to_string())?;
-            let key = hex::decode(&rot.fingerprint_key).unwrap_or_default();
-            let fingerprint = fingerprint_fields(&key, v.fields.iter().map(|(k, v)| (k.as_str(), v.expose())));
-            tracing::info!(version = %v.id, %fingerprint, "new version created");
-            if !v.notes.is_empty() {
-                let entries = v
-                    .notes
-                    .iter()
-                    .map(|n| {
-                        AuditEntry::new(
-                            "rekeyd",
-                            "provider.note",
-                            serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "provider": p.kind(), "note": n }),
-                        )
-                    })
-                    .collect();
-                state.audit(now_unix_ms(), entries).map_err(|e| e.to_string())?;
-            }
-            // Sinks hold the version before any host does; a failure halts the
-            // rotation (nothing delivered) and a resume writes again (idempotent).
-            for sink in sinks {
-                let w = SinkWrite { secret: &rot.secret, rotation_id: &rot.id, version: &v.id, fields: &v.fields };
-                let note =
-                    with_retries(|| sink.write(&w)).await.map_err(|e| format!("sink {}: {e}", sink.describe()))?;
-                tracing::info!(version = %v.id, sink = %sink.describe(), "written to sink");
-                let entry = AuditEntry::new(
-                    "rekeyd",
-                    "sink.write",
-                    serde_json::json!({
-                        "rotation": rot.id, "secret": rot.secret, "version": v.id,
-                        "sink": sink.describe(), "note": note,
-                    }),
-                );
-                state.audit(now_unix_ms(), vec![entry]).map_err(|e| e.to_string())?;
-            }
-            Ok(Event::Generated { version: v.id, fingerprint })
-        }
+        ProviderOp::Create => create_version(p, sinks, state, rot).await,
         ProviderOp::DeactivateOld => {
             let old = rot.old_version.as_deref().ok_or("no old version")?;
             with_retries(|| p.deactivate(old)).await.map_err(|e| e.to_string())?;

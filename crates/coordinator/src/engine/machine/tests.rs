@@ -1,4 +1,5 @@
 use super::*;
+use crate::engine::plan::Amount;
 use proptest::prelude::*;
 
 const FP: &str = "hmac-sha256:new";
