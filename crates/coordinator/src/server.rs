@@ -125,7 +125,7 @@ impl Coordinator {
         }
         let revoked = RevokedSerials::new(store.revoked_serials()?);
         let engine_state = EngineState::open(&store, ca.dek())?;
-        let sessions = Sessions::default();
+        let sessions = Sessions::new(revoked.clone());
         let config = Arc::new(config);
         let (alerts, webhook) = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
         let (engine, engine_handle) =

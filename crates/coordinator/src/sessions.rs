@@ -21,6 +21,9 @@ pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub id: u64,
+    /// Serial of the certificate the session was opened with: nothing is sent
+    /// once it is revoked.
+    pub serial: String,
     pub tx: Outbound,
     pub cancel: CancellationToken,
     pub connected_unix: i64,
@@ -32,16 +35,24 @@ pub enum SendError {
     NotConnected(String),
     #[error("agent {0} is not reading its session (outbound queue full)")]
     Backpressure(String),
+    #[error("agent {0} is revoked")]
+    Revoked(String),
 }
 
 /// The registry of live sessions, shared by the services and the engine.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Sessions {
     inner: Arc<Mutex<HashMap<String, SessionHandle>>>,
     next_id: Arc<AtomicU64>,
+    /// Checked before every message: a revoked certificate receives nothing.
+    revoked: RevokedSerials,
 }
 
 impl Sessions {
+    pub fn new(revoked: RevokedSerials) -> Sessions {
+        Sessions { inner: Arc::default(), next_id: Arc::default(), revoked }
+    }
+
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -78,9 +89,15 @@ impl Sessions {
         self.inner.lock().expect("sessions lock").keys().cloned().collect()
     }
 
-    /// Queues a message for an agent without waiting.
+    /// Queues a message for an agent without waiting. A session whose
+    /// certificate was revoked is closed instead: nothing reaches it.
     pub fn send(&self, name: &str, msg: CoordinatorMessage) -> Result<(), SendError> {
         let h = self.get(name).ok_or_else(|| SendError::NotConnected(name.to_string()))?;
+        if self.revoked.contains(&h.serial) {
+            self.deregister(name, h.id);
+            h.cancel.cancel();
+            return Err(SendError::Revoked(name.to_string()));
+        }
         h.tx.try_send(Ok(msg)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::Backpressure(name.to_string()),
             mpsc::error::TrySendError::Closed(_) => SendError::NotConnected(name.to_string()),
@@ -150,20 +167,73 @@ fn message(msg: v1::coordinator_message::Msg) -> CoordinatorMessage {
     CoordinatorMessage { msg: Some(msg) }
 }
 
-/// Certificate serials refused at the TLS handshake, mirrored from the store.
+/// Certificate serials refused from now on, mirrored from the store (which
+/// is written first). Waiters learn of each revocation at once.
 #[derive(Debug, Clone, Default)]
-pub struct RevokedSerials(Arc<RwLock<HashSet<String>>>);
+pub struct RevokedSerials {
+    set: Arc<RwLock<HashSet<String>>>,
+    changed: Arc<tokio::sync::Notify>,
+}
 
 impl RevokedSerials {
     pub fn new(serials: impl IntoIterator<Item = String>) -> Self {
-        RevokedSerials(Arc::new(RwLock::new(serials.into_iter().collect())))
+        RevokedSerials { set: Arc::new(RwLock::new(serials.into_iter().collect())), changed: Arc::default() }
     }
 
     pub fn contains(&self, serial: &str) -> bool {
-        self.0.read().expect("revoked lock").contains(serial)
+        self.set.read().expect("revoked lock").contains(serial)
     }
 
     pub fn extend(&self, serials: impl IntoIterator<Item = String>) {
-        self.0.write().expect("revoked lock").extend(serials);
+        self.set.write().expect("revoked lock").extend(serials);
+        self.changed.notify_waiters();
+    }
+
+    /// Returns once `serial` is revoked (at once if it already is).
+    pub async fn revoked(&self, serial: &str) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a revocation in between is not missed.
+            notified.as_mut().enable();
+            if self.contains(serial) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(serial: &str) -> (SessionHandle, mpsc::Receiver<Result<CoordinatorMessage, Status>>) {
+        let (tx, rx) = mpsc::channel(4);
+        (SessionHandle { id: 1, serial: serial.into(), tx, cancel: CancellationToken::new(), connected_unix: 0 }, rx)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_sent_to_a_revoked_certificate_and_waiters_wake() {
+        let revoked = RevokedSerials::default();
+        let sessions = Sessions::new(revoked.clone());
+        let (h, mut rx) = handle("0a");
+        let cancel = h.cancel.clone();
+        sessions.register("web-1", h);
+        sessions.send("web-1", CoordinatorMessage::default()).unwrap();
+        assert!(rx.recv().await.is_some());
+
+        let waiter = tokio::spawn({
+            let r = revoked.clone();
+            async move { r.revoked("0a").await }
+        });
+        revoked.extend(["0a".to_string()]);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        // The next send finds the revocation: refused, session closed, nothing queued.
+        assert!(matches!(sessions.send("web-1", CoordinatorMessage::default()), Err(SendError::Revoked(_))));
+        assert!(cancel.is_cancelled() && !sessions.is_connected("web-1"));
+        assert!(rx.try_recv().is_err());
+        // Already revoked: the wait returns at once.
+        revoked.revoked("0a").await;
     }
 }

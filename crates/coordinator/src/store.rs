@@ -44,6 +44,12 @@ impl From<TransactionError<StoreError>> for StoreError {
     }
 }
 
+/// Why [`Store::update_agent`] wrote nothing.
+enum UpdateAbort<E> {
+    Refused(E),
+    Store(StoreError),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenRecord {
     pub id: String,
@@ -222,16 +228,40 @@ impl Store {
         self.agents.get(name)?.map(|v| decode("agents", name.as_bytes(), &v)).transpose()
     }
 
-    pub fn put_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
-        self.agents.insert(a.name.as_bytes(), encode(a))?;
-        self.flush()
-    }
-
-    /// Like [`Store::put_agent`] without the flush: for bookkeeping (last seen)
-    /// whose loss in a crash is harmless.
-    pub fn put_agent_lazy(&self, a: &AgentRecord) -> Result<(), StoreError> {
-        self.agents.insert(a.name.as_bytes(), encode(a))?;
-        Ok(())
+    /// Changes one agent record atomically: `f` sees the stored record and
+    /// either edits it (committed, and flushed when `durable`) or refuses
+    /// with its own error (nothing written). A concurrent change — a
+    /// revocation committed in between — makes sled run `f` again on the new
+    /// record, so no update is ever based on a stale read. `None`: no such
+    /// agent.
+    pub fn update_agent<T, E>(
+        &self,
+        name: &str,
+        durable: bool,
+        f: impl Fn(&mut AgentRecord) -> Result<T, E>,
+    ) -> Result<Option<Result<T, E>>, StoreError> {
+        let out = self.agents.transaction(|agents| {
+            let Some(raw) = agents.get(name.as_bytes())? else { return Ok(None) };
+            let mut rec: AgentRecord = decode("agents", name.as_bytes(), &raw)
+                .map_err(|e| ConflictableTransactionError::Abort(UpdateAbort::Store(e)))?;
+            match f(&mut rec) {
+                Ok(v) => {
+                    agents.insert(name.as_bytes(), encode(&rec))?;
+                    Ok(Some(v))
+                }
+                Err(e) => Err(ConflictableTransactionError::Abort(UpdateAbort::Refused(e))),
+            }
+        });
+        let out = match out {
+            Ok(v) => v.map(Ok),
+            Err(TransactionError::Abort(UpdateAbort::Refused(e))) => return Ok(Some(Err(e))),
+            Err(TransactionError::Abort(UpdateAbort::Store(e))) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
+        };
+        if durable {
+            self.flush()?;
+        }
+        Ok(out)
     }
 
     pub fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
@@ -377,5 +407,38 @@ mod tests {
         s.close().unwrap();
         waited.join().unwrap();
         Store::open(dir.path()).unwrap().close().unwrap();
+    }
+
+    #[test]
+    fn agent_updates_see_a_revocation_committed_after_their_caller_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let rec = AgentRecord { name: "a".into(), serials: vec!["01".into()], ..Default::default() };
+        s.enroll_agent(&rec, 1).unwrap();
+        // A session read the record before the revocation…
+        let stale = s.get_agent("a").unwrap().unwrap();
+        assert!(stale.revoked_unix.is_none());
+        s.revoke_agent("a", "operator/admin", 5).unwrap().unwrap();
+        // …its update runs on the stored record, sees the revocation, writes nothing.
+        let r = s
+            .update_agent("a", true, |rec| {
+                if rec.revoked_unix.is_some() {
+                    return Err("revoked");
+                }
+                rec.last_seen_unix = 99;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(r, Some(Err("revoked")));
+        let now = s.get_agent("a").unwrap().unwrap();
+        assert_eq!((now.revoked_unix, now.last_seen_unix), (Some(5), 0));
+        // An accepted change is committed; an unknown agent is None.
+        let r = s.update_agent("a", false, |rec| {
+            rec.secrets = vec!["x".into()];
+            Ok::<_, ()>(7)
+        });
+        assert_eq!(r.unwrap(), Some(Ok(7)));
+        assert_eq!(s.get_agent("a").unwrap().unwrap().secrets, vec!["x"]);
+        assert_eq!(s.update_agent("zzz", true, |_| Ok::<_, ()>(())).unwrap(), None);
     }
 }

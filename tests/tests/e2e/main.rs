@@ -10,3 +10,4 @@ mod netns;
 mod pipeline;
 mod providers;
 mod scope;
+mod security;

@@ -137,37 +137,34 @@ impl AgentService for AgentSvc {
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
         let identity = self.auth.check(&req, Role::Agent)?;
         let s = self.clone();
-        let name = identity.name.clone();
-        let mut record = s
+        let (name, serial) = (identity.name.clone(), identity.serial.clone());
+        // A fast refusal before waiting; the decisive check is the compare-and-swap below.
+        let record = s
             .store
             .get_agent(&name)
             .map_err(internal)?
             .ok_or_else(|| Status::unauthenticated(format!("unknown agent {name}: enroll it again")))?;
-        if let Some(at) = record.revoked_unix {
-            return Err(Status::permission_denied(format!("agent {name} was revoked at {}", format_unix(at))));
-        }
-        if !record.serials.contains(&identity.serial) {
-            return Err(Status::unauthenticated(format!(
-                "certificate {} is not one issued to the current enrollment of {name}",
-                identity.serial
-            )));
-        }
+        check_current(&record, &serial)?;
         let mut inbound = req.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Hello(h)) }))) => h,
-            Ok(Ok(Some(_))) => return Err(Status::invalid_argument("the first message of a session must be a hello")),
-            Ok(Ok(None)) => return Err(Status::cancelled("agent closed the session before hello")),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),
+        let hello = tokio::select! {
+            h = wait_hello(&mut inbound) => h?,
+            // A revocation closes a session still waiting for its hello.
+            _ = s.auth.revoked().revoked(&serial) => return Err(revoked_status(&name)),
         };
         if hello.protocol_version != PROTOCOL_VERSION {
             return Err(version_mismatch(&format!("agent {name}"), hello.protocol_version));
         }
         let now = now_unix();
-        record.agent_version = hello.agent_version.clone();
-        record.secrets = hello.secrets.clone();
-        record.last_seen_unix = now;
-        s.store.put_agent(&record).map_err(internal)?;
+        s.store
+            .update_agent(&name, true, |rec| {
+                check_current(rec, &serial)?;
+                rec.agent_version = hello.agent_version.clone();
+                rec.secrets = hello.secrets.clone();
+                rec.last_seen_unix = now;
+                Ok::<(), Status>(())
+            })
+            .map_err(internal)?
+            .ok_or_else(|| Status::unauthenticated(format!("unknown agent {name}: enroll it again")))??;
 
         let (tx, rx) = mpsc::channel(crate::sessions::OUTBOUND_CAPACITY);
         let cancel = CancellationToken::new();
@@ -180,19 +177,24 @@ impl AgentService for AgentSvc {
             })),
         }))
         .expect("fresh channel has room");
-        s.sessions.register(&name, SessionHandle { id, tx: tx.clone(), cancel: cancel.clone(), connected_unix: now });
+        let handle =
+            SessionHandle { id, serial: serial.clone(), tx: tx.clone(), cancel: cancel.clone(), connected_unix: now };
+        s.sessions.register(&name, handle);
+        // A revocation that committed after the swap but before the session was
+        // registered found nothing to close: look again now that it is visible.
+        if s.auth.revoked().contains(&serial) {
+            s.sessions.deregister(&name, id);
+            return Err(revoked_status(&name));
+        }
         tracing::info!(agent = %name, session = id, version = %hello.agent_version, secrets = ?hello.secrets, "agent connected");
         s.engine.agent_event(AgentEvent::Connected { host: name.clone(), applied: hello.applied.clone() }).await;
 
         let span = tracing::info_span!("session", agent = %name, session = id);
         tokio::spawn(
             async move {
-                let reason = inbound_loop(&s, &name, &mut inbound, &tx, &cancel).await;
+                let reason = inbound_loop(&s, &name, &serial, &mut inbound, &tx, &cancel).await;
                 s.sessions.deregister(&name, id);
-                if let Ok(Some(mut rec)) = s.store.get_agent(&name) {
-                    rec.last_seen_unix = now_unix();
-                    let _ = s.store.put_agent_lazy(&rec);
-                }
+                touch_last_seen(&s.store, &name);
                 tracing::info!(%reason, "agent disconnected");
             }
             .instrument(span),
@@ -201,11 +203,54 @@ impl AgentService for AgentSvc {
     }
 }
 
+fn revoked_status(name: &str) -> Status {
+    Status::permission_denied(format!("agent {name} is revoked; enroll it again with a new join token"))
+}
+
+/// The record allows a session with this certificate: not revoked, and the
+/// serial belongs to the current enrollment.
+fn check_current(rec: &AgentRecord, serial: &str) -> Result<(), Status> {
+    if let Some(at) = rec.revoked_unix {
+        return Err(Status::permission_denied(format!("agent {} was revoked at {}", rec.name, format_unix(at))));
+    }
+    if !rec.serials.iter().any(|s| s == serial) {
+        return Err(Status::unauthenticated(format!(
+            "certificate {serial} is not one issued to the current enrollment of {}",
+            rec.name
+        )));
+    }
+    Ok(())
+}
+
+/// The session's first message, which must be a hello, within `HELLO_TIMEOUT`.
+async fn wait_hello(inbound: &mut Streaming<AgentMessage>) -> Result<rekey_proto::v1::Hello, Status> {
+    match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Hello(h)) }))) => Ok(h),
+        Ok(Ok(Some(_))) => Err(Status::invalid_argument("the first message of a session must be a hello")),
+        Ok(Ok(None)) => Err(Status::cancelled("agent closed the session before hello")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Status::deadline_exceeded("no hello within 10s")),
+    }
+}
+
+/// Last-seen bookkeeping: a compare-and-swap that never touches anything else
+/// (a revocation in between stays), not flushed (losing it in a crash is harmless).
+fn touch_last_seen(store: &Store, name: &str) {
+    let now = now_unix();
+    if let Err(e) = store.update_agent(name, false, |rec| {
+        rec.last_seen_unix = now;
+        Ok::<(), std::convert::Infallible>(())
+    }) {
+        tracing::warn!(agent = %name, error = %e, "cannot record last seen");
+    }
+}
+
 /// Reads the agent's messages until it leaves, falls silent, or the session is
 /// cancelled (revocation, replacement, shutdown). Returns why it ended.
 async fn inbound_loop(
     s: &AgentSvc,
     name: &str,
+    serial: &str,
     inbound: &mut Streaming<AgentMessage>,
     tx: &crate::sessions::Outbound,
     cancel: &CancellationToken,
@@ -224,10 +269,7 @@ async fn inbound_loop(
         };
         if last_persist.elapsed() >= LAST_SEEN_PERSIST {
             last_persist = tokio::time::Instant::now();
-            if let Ok(Some(mut rec)) = s.store.get_agent(name) {
-                rec.last_seen_unix = now_unix();
-                let _ = s.store.put_agent_lazy(&rec);
-            }
+            touch_last_seen(&s.store, name);
         }
         match msg.msg {
             Some(agent_message::Msg::Heartbeat(hb)) => {
@@ -237,7 +279,7 @@ async fn inbound_loop(
                 }));
             }
             Some(agent_message::Msg::Renew(r)) => {
-                let reply = renew(s, name, &r.csr_der);
+                let reply = renew(s, name, serial, &r.csr_der);
                 let msg = match reply {
                     Ok(resp) => Ok(CoordinatorMessage { msg: Some(coordinator_message::Msg::Renewed(resp)) }),
                     Err(status) => Err(status),
@@ -261,29 +303,33 @@ async fn inbound_loop(
     }
 }
 
-fn renew(s: &AgentSvc, name: &str, csr: &[u8]) -> Result<RenewResponse, Status> {
-    let mut rec = s
-        .store
-        .get_agent(name)
-        .map_err(internal)?
-        .ok_or_else(|| Status::unauthenticated(format!("unknown agent {name}")))?;
-    if rec.revoked_unix.is_some() {
-        return Err(Status::permission_denied(format!("agent {name} is revoked")));
+/// A new certificate for the session's agent. Signed first (pure), then
+/// recorded by a compare-and-swap that refuses if the agent was revoked — in
+/// the store or in memory — so a revoked session never gets a certificate.
+fn renew(s: &AgentSvc, name: &str, serial: &str, csr: &[u8]) -> Result<RenewResponse, Status> {
+    if s.auth.revoked().contains(serial) {
+        return Err(revoked_status(name));
     }
     let issued =
         s.ca.sign_agent_csr(csr, name, s.config.agent_cert_ttl)
             .map_err(|e| Status::invalid_argument(format!("renewal refused: {e}")))?;
-    rec.cert_serial = issued.serial.clone();
-    rec.cert_not_after_unix = issued.not_after_unix;
-    rec.serials.push(issued.serial.clone());
-    // Keep the serials that can still be valid; older ones have expired anyway.
-    let keep = 8;
-    if rec.serials.len() > keep {
-        let drop = rec.serials.len() - keep;
-        rec.serials.drain(..drop);
-    }
-    // Persisted before the agent can use it.
-    s.store.put_agent(&rec).map_err(internal)?;
+    // Persisted (flushed) before the agent can use it.
+    s.store
+        .update_agent(name, true, |rec| {
+            check_current(rec, serial)?;
+            rec.cert_serial = issued.serial.clone();
+            rec.cert_not_after_unix = issued.not_after_unix;
+            rec.serials.push(issued.serial.clone());
+            // Keep the serials that can still be valid; older ones have expired anyway.
+            let keep = 8;
+            if rec.serials.len() > keep {
+                let drop = rec.serials.len() - keep;
+                rec.serials.drain(..drop);
+            }
+            Ok::<(), Status>(())
+        })
+        .map_err(internal)?
+        .ok_or_else(|| Status::unauthenticated(format!("unknown agent {name}")))??;
     tracing::info!(serial = %issued.serial, not_after = %format_unix(issued.not_after_unix), "certificate renewed");
     Ok(RenewResponse { certificate_pem: issued.cert_pem, not_after_unix: issued.not_after_unix })
 }
