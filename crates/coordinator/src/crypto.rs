@@ -117,6 +117,15 @@ impl Key {
         Ok(SecretBytes::new(buf))
     }
 
+    /// A subkey for `label` (HMAC-SHA256 of the label under this key), for
+    /// MACs that must not reuse the encryption key.
+    pub fn derive(&self, label: &str) -> Zeroizing<[u8; KEY_LEN]> {
+        let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.bytes.as_ref());
+        let mut out = Zeroizing::new([0u8; KEY_LEN]);
+        out.copy_from_slice(ring::hmac::sign(&k, label.as_bytes()).as_ref());
+        out
+    }
+
     /// Seals another key (the DEK) under this one.
     pub fn wrap(&self, label: &str, key: &Key) -> Result<Vec<u8>, CryptoError> {
         self.seal(label, key.bytes.as_ref())
@@ -138,6 +147,11 @@ pub fn load_master_key(file: &Path) -> Result<Key, CryptoError> {
     );
     check_private(file)?;
     Key::from_hex(&text, &file.display().to_string())
+}
+
+/// Whether a master key is provided (environment or an existing file).
+pub fn master_key_configured(file: &Path) -> bool {
+    std::env::var(MASTER_KEY_ENV).is_ok() || file.exists()
 }
 
 /// Creates a new master key file (0600) unless the environment provides one or

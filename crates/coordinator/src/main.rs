@@ -36,6 +36,9 @@ enum Command {
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn main() -> std::process::ExitCode {
+    // Everything rekeyd creates (store, checkpoint, credentials, temp files)
+    // is private to its user, whatever umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     rekey_common::logging::init("info", cli.log_format == "json");
     rekey_common::tls::install_crypto_provider();
@@ -50,33 +53,39 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::from_file(&cli.config)?;
-    let coordinator = Coordinator::init(config).context("initialization failed")?;
-    let init = &coordinator.init;
     match cli.command.unwrap_or(Command::Run) {
+        // Read-only: creates nothing, works while rekeyd runs.
         Command::Fingerprint => {
-            println!("{}", init.ca_fingerprint);
+            println!("{}", rekey_coordinator::server::fingerprint(&config)?);
             Ok(())
         }
         Command::Init => {
-            if init.created_master_key {
-                println!(
-                    "created master key    {}   (keep it safe and apart from the data dir)",
-                    init.master_key_file.display()
-                );
-            }
-            println!("{} CA        {}", if init.created_ca { "created" } else { "existing" }, init.ca_fingerprint);
-            println!(
-                "{} operator  {}   (use: rekey --operator-dir {})",
-                if init.created_operator { "created" } else { "existing" },
-                init.operator_dir.display(),
-                init.operator_dir.display()
-            );
+            let coordinator = Coordinator::init(config).context("initialization failed")?;
+            print_init(&coordinator.init);
             Ok(())
         }
         Command::Run => {
+            let coordinator = Coordinator::init(config).context("initialization failed")?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(serve(coordinator))
         }
+    }
+}
+
+fn print_init(init: &rekey_coordinator::server::InitReport) {
+    if init.created_master_key {
+        println!(
+            "created master key    {}   (keep it safe and apart from the data dir)",
+            init.master_key_file.display()
+        );
+    }
+    println!("{} CA        {}", if init.created_ca { "created" } else { "existing" }, init.ca_fingerprint);
+    if init.created_operator {
+        println!(
+            "created operator  {}   (use: rekey --operator-dir {}; move it to the operator's machine)",
+            init.operator_dir.display(),
+            init.operator_dir.display()
+        );
     }
 }
 

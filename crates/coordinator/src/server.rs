@@ -2,6 +2,7 @@
 //! credential), then serve both gRPC services on one mTLS listener until
 //! shutdown, then drain.
 
+use crate::checkpoint::Checkpointer;
 use crate::config::Config;
 use crate::crypto::{self, CryptoError};
 use crate::engine::campaign::Campaigns;
@@ -54,6 +55,19 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Supervised(#[from] SupervisorError),
+    #[error(
+        "the data dir {data_dir} is initialized but its master key {file} is missing (and REKEYD_MASTER_KEY is not \
+         set): put the original master key back; rekeyd will not create a new one for an initialized data dir"
+    )]
+    MasterKeyMissing { file: PathBuf, data_dir: PathBuf },
+    #[error("refusing to run on the store in {data_dir}")]
+    Checkpoint {
+        data_dir: PathBuf,
+        #[source]
+        source: crate::checkpoint::CheckpointError,
+    },
+    #[error("{data_dir} is not initialized (no {data_dir}/ca.pem): run `rekeyd init` first")]
+    NotInitialized { data_dir: PathBuf },
     #[error(transparent)]
     EngineState(#[from] crate::engine::state::StateError),
     #[error(transparent)]
@@ -90,6 +104,33 @@ fn write_file(path: PathBuf, bytes: &[u8], private: bool) -> Result<(), ServerEr
     r.map_err(|source| ServerError::Write { path, source })
 }
 
+/// Whether this data dir holds a store already (an initialized coordinator).
+pub fn is_initialized(config: &Config) -> bool {
+    config.store_dir().join("db").exists()
+}
+
+/// Creates `dir` (and missing parents) 0700, and tightens it to 0700 if it
+/// exists: the data dir holds the store and, at init, the operator credential.
+fn private_dir(dir: &std::path::Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let write_err = |source| ServerError::Write { path: dir.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(write_err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(write_err)
+}
+
+/// The CA fingerprint agents pin, read from the public `DATA_DIR/ca.pem`:
+/// creates nothing, needs neither the master key nor the store's lock.
+pub fn fingerprint(config: &Config) -> Result<String, ServerError> {
+    let path = config.data_dir.join("ca.pem");
+    let pem = std::fs::read_to_string(&path)
+        .map_err(|_| ServerError::NotInitialized { data_dir: config.data_dir.clone() })?;
+    let der = tls::certs_from_pem(&pem, &path.display().to_string())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ServerError::NotInitialized { data_dir: config.data_dir.clone() })?;
+    Ok(tls::fingerprint(&der))
+}
+
 /// The CLI's config inside the operator dir.
 fn write_operator_endpoint(config: &Config, addr: SocketAddr) -> Result<(), ServerError> {
     let shown = if addr.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), addr.port()) } else { addr };
@@ -103,28 +144,51 @@ impl Coordinator {
     /// Creates what is missing (master key, store, CA, DEK, operator
     /// credential) and opens what exists. Idempotent.
     pub fn init(config: Config) -> Result<Coordinator, ServerError> {
-        let created_master_key = crypto::ensure_master_key(&config.master_key_file)?;
+        let initialized = is_initialized(&config);
+        let created_master_key = if initialized {
+            // Never replace the key of an initialized data dir: a new one
+            // cannot open it, and writing it would only hide the real problem.
+            if !crypto::master_key_configured(&config.master_key_file) {
+                return Err(ServerError::MasterKeyMissing {
+                    file: config.master_key_file.clone(),
+                    data_dir: config.data_dir.clone(),
+                });
+            }
+            false
+        } else {
+            crypto::ensure_master_key(&config.master_key_file)?
+        };
         let master = crypto::load_master_key(&config.master_key_file)?;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| ServerError::Write { path: config.data_dir.clone(), source })?;
+        private_dir(&config.data_dir)?;
         let store = Store::open(&config.store_dir())?;
         let (ca, created_ca) = Ca::load_or_create(&store, &master)?;
+        let checkpoint = Arc::new(Checkpointer::new(&config.data_dir, &master));
         drop(master);
 
+        // The initial operator credential exists only at first init; rekeyd
+        // never mints another one by itself (a moved credential stays moved).
         let op_dir = config.operator_dir();
-        let created_operator = created_ca || !op_dir.join("operator.pem").exists();
+        let created_operator = created_ca;
         if created_operator {
+            private_dir(&op_dir)?;
             let (issued, key_pem) = ca.issue_operator(INITIAL_OPERATOR, config.operator_cert_ttl)?;
             write_file(op_dir.join("operator.key"), key_pem.as_bytes(), true)?;
             write_file(op_dir.join("operator.pem"), issued.cert_pem.as_bytes(), false)?;
             store.put_operator(&issued.serial, INITIAL_OPERATOR)?;
         }
-        write_file(op_dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
-        if !op_dir.join("rekey.toml").exists() {
-            write_operator_endpoint(&config, config.listen)?;
+        write_file(config.data_dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
+        if op_dir.is_dir() {
+            write_file(op_dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
+            if !op_dir.join("rekey.toml").exists() {
+                write_operator_endpoint(&config, config.listen)?;
+            }
         }
         let revoked = RevokedSerials::new(store.revoked_serials()?);
         let engine_state = EngineState::open(&store, ca.dek())?;
+        checkpoint
+            .verify(&engine_state.audit_records()?, store.meta_get(crate::checkpoint::META_KEY)?.is_some())
+            .map_err(|source| ServerError::Checkpoint { data_dir: config.data_dir.clone(), source })?;
+        let engine_state = engine_state.with_checkpoint(checkpoint);
         let sessions = Sessions::new(revoked.clone());
         let config = Arc::new(config);
         let (alerts, webhook) = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
@@ -178,7 +242,10 @@ impl Coordinator {
             .map_err(|source| ServerError::Bind { addr: s.config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: s.config.listen, source })?;
         write_file(s.config.addr_file(), format!("{addr}\n").as_bytes(), false)?;
-        write_operator_endpoint(&s.config, addr)?;
+        // Only where the initial credential still is (an operator may have moved it).
+        if s.config.operator_dir().is_dir() {
+            write_operator_endpoint(&s.config, addr)?;
+        }
 
         let mut tasks = Supervisor::default();
         // The engine resumes rotations before the first agent can say hello.

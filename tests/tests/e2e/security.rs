@@ -88,3 +88,171 @@ fn a_revoke_closes_a_session_still_waiting_for_hello_and_stays_revoked() {
         c.agent("held-1").is_some_and(|a| a["revoked"] == true && a["connected"] == false)
     });
 }
+
+fn rekeyd(c: &Coordinator, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(&rekey_tests::bins().rekeyd)
+        .arg("--config")
+        .arg(&c.config)
+        .args(args)
+        .output()
+        .expect("run rekeyd")
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+fn audit_len(c: &Coordinator) -> usize {
+    c.cli_json(&["audit"]).as_array().map_or(0, Vec::len)
+}
+
+/// Issue item 5: a store that went back in time (sled recovering an older
+/// state, an older copy restored by hand) is refused with what was lost.
+#[test]
+fn a_store_behind_its_checkpoint_is_refused_and_says_what_was_lost() {
+    let dir = tmp();
+    let mut c = Coordinator::start(&dir.path().join("c"), "");
+    c.token("web-1", &[]);
+    c.stop();
+    let store = c.dir.join("data/store");
+    let older = dir.path().join("older-store");
+    copy_dir(&store, &older);
+    c.restart();
+    for h in ["web-2", "web-3", "web-4"] {
+        c.token(h, &[]);
+    }
+    let records = audit_len(&c);
+    c.stop();
+
+    std::fs::remove_dir_all(&store).unwrap();
+    copy_dir(&older, &store);
+    let out = rekeyd(&c, &["run"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("behind its checkpoint") && err.contains("rekeyd restore"), "{err}");
+    assert!(err.contains(&format!("..={records}")), "names the lost records: {err}");
+    assert!(!err.contains("another rekeyd"), "{err}");
+}
+
+/// Issue item 5: one flipped byte in sled's file never yields a silent
+/// rollback: rekeyd either refuses the store or runs on exactly the state it had.
+#[test]
+fn a_flipped_byte_is_refused_or_changes_nothing() {
+    let dir = tmp();
+    let mut c = Coordinator::start(&dir.path().join("c"), "");
+    for h in ["web-1", "web-2", "web-3"] {
+        c.token(h, &[]);
+    }
+    let records = audit_len(&c);
+    c.stop();
+    let db = c.dir.join("data/store/db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&db, bytes).unwrap();
+    let mut child = std::process::Command::new(&rekey_tests::bins().rekeyd)
+        .arg("--config")
+        .arg(&c.config)
+        .arg("run")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr_file = c.dir.join("data/rekeyd.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut exited = None;
+    wait_for("rekeyd to refuse the store or to listen", || {
+        exited = child.try_wait().unwrap();
+        exited.is_some() || addr_file.exists()
+    });
+    match exited {
+        Some(status) => {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(!status.success());
+            assert!(!err.contains("another rekeyd"), "a damaged store is not a held lock: {err}");
+        }
+        None => {
+            // It ran: then on the whole state, not an older one.
+            let now = audit_len(&c);
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(now >= records, "rekeyd ran on an older state: {now} audit records, had {records}");
+        }
+    }
+}
+
+/// Issue items 2 and 6: rekeyd never creates a credential or a master key by
+/// itself on an initialized data dir; `rekeyd fingerprint` creates nothing.
+#[test]
+fn an_initialized_data_dir_gets_no_new_credential_or_master_key() {
+    let dir = tmp();
+    let mut c = Coordinator::start(&dir.path().join("c"), "");
+    let (_, fp) = c.token("web-1", &[]);
+    // Read-only and lock-free: works while rekeyd runs.
+    let out = rekeyd(&c, &["fingerprint"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), fp);
+    // The data dir and the store are private whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&c.dir.join("data")), 0o700);
+    for e in std::fs::read_dir(c.dir.join("data/store")).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(mode(&p) & 0o077, 0, "{} is {:o}", p.display(), mode(&p));
+    }
+    // A second rekeyd on the same data dir is told why it cannot start.
+    let err = stderr(&rekeyd(&c, &["run"]));
+    assert!(err.contains("another rekeyd"), "{err}");
+    c.stop();
+
+    // The operator moved the credential off the host: a restart mints nothing.
+    let moved = dir.path().join("operator-elsewhere");
+    std::fs::rename(c.operator_dir(), &moved).unwrap();
+    c.restart();
+    assert!(!c.operator_dir().exists(), "rekeyd recreated the operator dir");
+    let out = std::process::Command::new(&rekey_tests::bins().cli)
+        .arg("--operator-dir")
+        .arg(&moved)
+        .arg("--coordinator")
+        .arg(c.addr())
+        .args(["agents", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the moved credential still works: {}", stderr(&out));
+    c.stop();
+
+    // A removed master key is refused, and no new one is written.
+    std::fs::remove_file(c.dir.join("master.key")).unwrap();
+    let out = rekeyd(&c, &["run"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("master key") && err.contains("missing"), "{err}");
+    assert!(!c.dir.join("master.key").exists(), "rekeyd wrote a new master key");
+
+    // On an empty dir, fingerprint says to init and creates nothing.
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join("c.toml"), "listen = \"127.0.0.1:1\"\ndata_dir = \"data\"\nmaster_key_file = \"mk\"\n")
+        .unwrap();
+    let out = std::process::Command::new(&rekey_tests::bins().rekeyd)
+        .arg("--config")
+        .arg(fresh.join("c.toml"))
+        .arg("fingerprint")
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && stderr(&out).contains("rekeyd init"), "{}", stderr(&out));
+    assert!(!fresh.join("data").exists() && !fresh.join("mk").exists(), "fingerprint created state");
+}

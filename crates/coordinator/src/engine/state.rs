@@ -58,6 +58,8 @@ pub struct EngineState {
     audit: sled::Tree,
     incidents: sled::Tree,
     dek: Arc<Key>,
+    /// Told the chain's head after every flushed append (none in unit tests).
+    checkpoint: Option<Arc<crate::checkpoint::Checkpointer>>,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StateError {
@@ -78,11 +80,42 @@ impl EngineState {
             audit: db.open_tree("audit")?,
             incidents: db.open_tree("incidents")?,
             dek,
+            checkpoint: None,
+        })
+    }
+
+    /// From now on every flushed append to the audit chain moves the
+    /// checkpoint (verify the store against it first).
+    pub fn with_checkpoint(mut self, cp: Arc<crate::checkpoint::Checkpointer>) -> EngineState {
+        self.checkpoint = Some(cp);
+        self
+    }
+
+    /// The audit chain's head as stored: (sequence, hash).
+    pub fn audit_head(&self) -> Result<(u64, String), StateError> {
+        Ok(match self.audit.get(AUDIT_HEAD)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("audit head", e))?,
+            None => (0, GENESIS.to_string()),
         })
     }
 
     fn flush(&self) -> Result<(), StateError> {
         Ok(self.store.flush()?)
+    }
+
+    /// Flushes, then moves the checkpoint to the chain's new head. A failed
+    /// checkpoint write leaves it behind the store (safe) and is logged.
+    fn flush_audited(&self) -> Result<(), StateError> {
+        self.flush()?;
+        if let Some(cp) = &self.checkpoint {
+            let (seq, hash) = self.audit_head()?;
+            if let Err(e) = cp.record(seq, &hash) {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "checkpoint not written");
+            } else if self.store.meta_get(crate::checkpoint::META_KEY)?.is_none() {
+                self.store.meta_put(crate::checkpoint::META_KEY, b"1")?;
+            }
+        }
+        Ok(())
     }
 
     pub fn get_rotation(&self, id: &str) -> Result<Option<Rotation>, StateError> {
@@ -133,7 +166,7 @@ impl EngineState {
             append_audit(audit_t, now, &audit)?;
             Ok(())
         })?;
-        self.flush()
+        self.flush_audited()
     }
 
     /// Persists a rotation after a transition, with its audit records; when
@@ -166,7 +199,7 @@ impl EngineState {
             append_audit(audit_t, now, &audit)?;
             Ok(())
         })?;
-        self.flush()
+        self.flush_audited()
     }
 
     /// Writes an incident (campaign) and its audit records in one transaction.
@@ -177,7 +210,7 @@ impl EngineState {
             append_audit(audit_t, now, &audit)?;
             Ok(())
         })?;
-        self.flush()
+        self.flush_audited()
     }
 
     pub fn get_incident(&self, id: &str) -> Result<Option<super::incident::Incident>, StateError> {
@@ -198,7 +231,7 @@ impl EngineState {
     /// Appends audit records outside a rotation (e.g. agent revocation).
     pub fn audit(&self, now_ms: i64, entries: Vec<AuditEntry>) -> Result<(), StateError> {
         self.audit.transaction(|t| append_audit(t, now_ms, &entries))?;
-        self.flush()
+        self.flush_audited()
     }
 
     pub fn audit_records(&self) -> Result<Vec<AuditRecord>, StateError> {
