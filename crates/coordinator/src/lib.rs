@@ -10,6 +10,7 @@
 
 pub mod alerts;
 pub mod audit;
+pub mod backup;
 pub mod checkpoint;
 pub mod config;
 pub mod crypto;
