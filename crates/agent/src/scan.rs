@@ -28,6 +28,7 @@
 //! is answered at once with an error.
 
 use crate::config::{AgentConfig, ScanConfig};
+use rekey_common::error::Chain;
 use rekey_proto::v1::{AgentMessage, ScanMatch, ScanRequest, ScanResult, ScanSkip, ScanTarget, agent_message};
 use ring::hmac;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -559,7 +560,7 @@ impl Scans {
                 let matcher = match Matcher::new(&req.salt, &req.targets) {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::warn!(error = %e, "scan refused");
+                        tracing::warn!(error = %Chain(&e), "scan refused");
                         let result = ScanResult { scan_id: req.scan_id, error: e.to_string(), ..Default::default() };
                         return send(out, result).await;
                     }

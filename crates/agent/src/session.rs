@@ -18,13 +18,13 @@
 
 use crate::config::AgentConfig;
 use crate::dispatch::{Command, Dispatcher};
-use crate::enroll::chain;
 use crate::identity::{Identity, IdentityError};
 use crate::outbox::Outbox;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::scan::Scans;
 use rand::Rng;
 use rcgen::{CertificateParams, KeyPair};
+use rekey_common::error::{Chain, chain};
 use rekey_common::time::{format_unix, now_unix};
 use rekey_common::tls;
 use rekey_proto::PROTOCOL_VERSION;
@@ -246,10 +246,10 @@ async fn session(
                 }
             }
             _ = renew_check.tick(), if established && now_unix() >= renew_due => {
-                let key = match KeyPair::generate() { Ok(k) => k, Err(e) => { tracing::error!(error = %e, "cannot generate key"); continue } };
+                let key = match KeyPair::generate() { Ok(k) => k, Err(e) => { tracing::error!(error = %Chain(&e), "cannot generate key"); continue } };
                 let csr = match CertificateParams::default().serialize_request(&key) {
                     Ok(c) => c,
-                    Err(e) => { tracing::error!(error = %e, "cannot build csr"); continue }
+                    Err(e) => { tracing::error!(error = %Chain(&e), "cannot build csr"); continue }
                 };
                 tracing::info!(expires = %format_unix(identity.cert.not_after_unix), "renewing certificate");
                 pending_key = Some(key);

@@ -337,7 +337,7 @@ async fn check_once(
                 Err(format!("exited with {}{}", fmt_status(status), fmt_tail(&output)))
             }
             Err(ActionError::Timeout { after, .. }) => Err(format!("timed out after {}", fmt_duration(after))),
-            Err(e) => Err(format!("failed: {}", crate::enroll::chain(&e))),
+            Err(e) => Err(format!("failed: {}", rekey_common::error::chain(&e))),
         },
     }
 }
@@ -431,7 +431,7 @@ mod tests {
         let e = run_command(&CommandSpec::plain(vec!["/no/such/prog".into()]), &none(), Duration::from_secs(1), &scrub)
             .await
             .unwrap_err();
-        assert!(crate::enroll::chain(&e).starts_with("cannot run /no/such/prog: "), "{e}");
+        assert!(rekey_common::error::chain(&e).starts_with("cannot run /no/such/prog: "), "{e}");
     }
 
     /// A daemon started by the command keeps the pipes open: the command's
