@@ -9,11 +9,13 @@
 //! what it skipped and why, and whether it hit a limit.
 //!
 //! Matching without the value ([`Matcher`], pure): each line is split into
-//! tokens on bytes that cannot be part of a key ([`DELIMITERS`]); for every
-//! target length L, every window of length L of every token at least L long
-//! is fingerprinted and compared in constant time with the targets of that
-//! length. Tokens longer than [`MAX_WINDOWED_TOKEN`] are only compared whole
-//! (a bound on the work per token).
+//! tokens on bytes that cannot be part of a key
+//! ([`DELIMITERS`](rekey_proto::scan::DELIMITERS)); for every target length
+//! L, every window of length L of every token at least L long is
+//! fingerprinted and compared in constant time with the targets of that
+//! length. Tokens longer than [`MAX_NEEDLE`] are only compared whole (a bound
+//! on the work per token). The delimiters and the limits a request must keep
+//! are the protocol's ([`rekey_proto::scan`]).
 //!
 //! Walking ([`scan_files`], blocking I/O) is bounded: directory depth, file
 //! size, number of files, wall-clock time, number of matches reported.
@@ -29,6 +31,7 @@
 
 use crate::config::{AgentConfig, ScanConfig};
 use rekey_common::error::Chain;
+use rekey_proto::scan::{MAX_MATCHES, MAX_NEEDLE, MAX_SKIPPED_LISTED, MAX_TARGETS, SALT_LEN, is_delimiter};
 use rekey_proto::v1::{AgentMessage, ScanMatch, ScanRequest, ScanResult, ScanSkip, ScanTarget, agent_message};
 use ring::hmac;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -42,32 +45,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Bytes that end a token: ASCII whitespace, quotes, backtick and the
-/// punctuation that separates keys from what surrounds them in config
-/// files. Part of the protocol (see `ScanRequest` in agent.proto): the
-/// coordinator never sends a needle containing one of them.
-pub const DELIMITERS: &[u8] = b" \t\r\n\x0b\x0c\"'`=:,;()[]{}<>&|";
-/// Targets per request.
-pub const MAX_TARGETS: usize = 64;
-/// Longest needle; also the longest token whose windows are compared.
-pub const MAX_WINDOWED_TOKEN: usize = 4096;
-/// Matches reported per scan; beyond, the result says `truncated`.
-pub const MAX_MATCHES: usize = 500;
-/// Skipped files listed by path (all are counted by reason).
-pub const MAX_SKIPPED_LISTED: usize = 100;
 /// A NUL byte in this many first bytes marks a file as binary.
 const BINARY_PROBE: usize = 8192;
 /// Lines scanned between two checks of the deadline.
 const LINES_PER_CHECK: usize = 256;
 /// How long the answer may wait for room in the session's outbound channel.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// Salt lengths accepted.
-const SALT_LEN: std::ops::RangeInclusive<usize> = 16..=64;
-
-fn is_delimiter(b: u8) -> bool {
-    DELIMITERS.contains(&b)
-}
-
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ScanError {
     #[error("malformed scan request: {0}")]
@@ -115,11 +98,8 @@ impl Matcher {
         for (i, t) in targets.iter().enumerate() {
             let what = || format!("target {} ({} {} {})", i, t.secret, t.version_id, t.field);
             let len = t.length as usize;
-            if len == 0 || len > MAX_WINDOWED_TOKEN {
-                return Err(ScanError::Malformed(format!(
-                    "{}: length {len}, expected 1 to {MAX_WINDOWED_TOKEN}",
-                    what()
-                )));
+            if len == 0 || len > MAX_NEEDLE {
+                return Err(ScanError::Malformed(format!("{}: length {len}, expected 1 to {MAX_NEEDLE}", what())));
             }
             let fingerprint: [u8; 32] = decode_hex(&t.fingerprint)
                 .and_then(|v| <[u8; 32]>::try_from(v).ok())
@@ -148,7 +128,7 @@ impl Matcher {
                 if token.len() < len {
                     break; // lengths are ascending
                 }
-                if token.len() > MAX_WINDOWED_TOKEN && token.len() != len {
+                if token.len() > MAX_NEEDLE && token.len() != len {
                     continue;
                 }
                 for window in token.windows(len) {
@@ -681,14 +661,14 @@ mod tests {
     fn long_tokens_are_only_compared_whole() {
         let value = vec![b'k'; 40];
         let m = matcher(&[&value]);
-        let mut long = vec![b'x'; MAX_WINDOWED_TOKEN + 1];
+        let mut long = vec![b'x'; MAX_NEEDLE + 1];
         long[100..140].copy_from_slice(&value);
         assert!(m.scan_line(&long).is_empty(), "windows of an over-long token are not searched");
-        let mut ok = vec![b'x'; MAX_WINDOWED_TOKEN];
+        let mut ok = vec![b'x'; MAX_NEEDLE];
         ok[100..140].copy_from_slice(&value);
         assert_eq!(m.scan_line(&ok), vec![0]);
         // A token as long as a target is compared whole whatever its length.
-        let big = vec![b'z'; MAX_WINDOWED_TOKEN];
+        let big = vec![b'z'; MAX_NEEDLE];
         assert_eq!(matcher(&[&big]).scan_line(&big), vec![0]);
     }
 
@@ -716,18 +696,8 @@ mod tests {
         t.length = 0;
         assert!(err(SALT, vec![t]).contains("length 0"));
         let mut t = good;
-        t.length = MAX_WINDOWED_TOKEN as u32 + 1;
+        t.length = MAX_NEEDLE as u32 + 1;
         assert!(err(SALT, vec![t]).contains("expected 1 to 4096"));
-    }
-
-    #[test]
-    fn the_delimiters_are_exactly_the_documented_ones() {
-        for b in b" \t\r\n\"'`=:,;()[]{}<>&|" {
-            assert!(is_delimiter(*b), "{}", *b as char);
-        }
-        for b in b"abzAZ09_-+/.~!@#$%^*?" {
-            assert!(!is_delimiter(*b), "{}", *b as char);
-        }
     }
 
     fn plan(declared: Vec<(PathBuf, &str)>, roots: Vec<PathBuf>) -> Plan {
