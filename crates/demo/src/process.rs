@@ -10,12 +10,15 @@
 //!   a condition, never a fixed sleep;
 //! - [`free_port`] on loopback.
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use std::io::{self, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+/// The signals [`signal_and_wait`] sends (so callers need not depend on nix).
+pub use nix::sys::signal::Signal;
 
 /// The pid in a pidfile, if it holds one.
 pub fn read_pid(path: &Path) -> Option<i32> {
