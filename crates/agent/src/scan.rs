@@ -267,79 +267,27 @@ impl Walk<'_> {
         if self.excluded.iter().any(|x| canonical.starts_with(x)) {
             return self.skip(root, "agent_state", String::new());
         }
-        // Depth first, entries in name order; a stack bounded by depth × fan-out
-        // of what was already listed, and every push is a real directory entry.
-        let mut stack: Vec<(PathBuf, PathBuf, u32)> = vec![(root.to_path_buf(), canonical.clone(), 0)];
-        let root_dev = meta.dev();
+        self.walk(root, &canonical, meta.dev());
+    }
+
+    /// Depth first, entries in name order; a stack bounded by depth × fan-out
+    /// of what was already listed, and every push is a real directory entry.
+    fn walk(&mut self, root: &Path, canonical: &Path, root_dev: u64) {
+        let mut stack: Vec<(PathBuf, PathBuf, u32)> = vec![(root.to_path_buf(), canonical.to_path_buf(), 0)];
         while let Some((shown, real, depth)) = stack.pop() {
             if self.should_stop() {
                 return;
             }
-            let dmeta = match std::fs::metadata(&real) {
-                Ok(m) => m,
-                Err(e) => {
-                    self.skip(&shown, "unreadable", e.to_string());
-                    continue;
-                }
-            };
-            if !self.seen_dirs.insert((dmeta.dev(), dmeta.ino())) {
-                continue;
-            }
-            let mut entries: Vec<(std::ffi::OsString, PathBuf)> = match std::fs::read_dir(&real) {
-                Ok(rd) => rd.filter_map(Result::ok).map(|e| (e.file_name(), e.path())).collect(),
-                Err(e) => {
-                    self.skip(&shown, "unreadable", e.to_string());
-                    continue;
-                }
-            };
-            entries.sort();
+            let Some(entries) = self.list_dir(&shown, &real) else { continue };
             let mut subdirs = Vec::new();
             for (name, entry_real) in entries {
                 if self.should_stop() {
                     return;
                 }
                 let entry_shown = shown.join(&name);
-                let lmeta = match std::fs::symlink_metadata(&entry_real) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        self.skip(&entry_shown, "unreadable", e.to_string());
-                        continue;
-                    }
-                };
-                // A symlink is followed only if it stays inside the root.
-                let (target, meta) = if lmeta.file_type().is_symlink() {
-                    let target = match std::fs::canonicalize(&entry_real) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            self.skip(&entry_shown, "unreadable", format!("broken symlink: {e}"));
-                            continue;
-                        }
-                    };
-                    if !target.starts_with(&canonical) {
-                        self.skip(&entry_shown, "symlink_outside_root", String::new());
-                        continue;
-                    }
-                    match std::fs::metadata(&target) {
-                        Ok(m) => (target, m),
-                        Err(e) => {
-                            self.skip(&entry_shown, "unreadable", e.to_string());
-                            continue;
-                        }
-                    }
-                } else {
-                    (entry_real, lmeta)
-                };
+                let Some((target, meta)) = self.resolve(&entry_shown, entry_real, canonical) else { continue };
                 if meta.is_dir() {
-                    if self.excluded.contains(&target) {
-                        self.skip(&entry_shown, "agent_state", String::new());
-                    } else if meta.dev() != root_dev {
-                        self.skip(&entry_shown, "other_filesystem", String::new());
-                    } else if depth >= self.plan.limits.max_depth {
-                        self.skip(&entry_shown, "too_deep", String::new());
-                        self.hit_limit(format!("max_depth {}", self.plan.limits.max_depth));
-                    } else {
-                        subdirs.push((entry_shown, target, depth + 1));
-                    }
+                    subdirs.extend(self.subdir(entry_shown, target, &meta, root_dev, depth));
                 } else if meta.is_file() {
                     self.file(&entry_shown, &target, &meta);
                 } else {
@@ -349,6 +297,86 @@ impl Walk<'_> {
             // Reverse so the stack pops them in name order.
             stack.extend(subdirs.into_iter().rev());
         }
+    }
+
+    /// A directory's entries in name order; `None` if it was listed already
+    /// (a loop of links) or cannot be read (counted).
+    fn list_dir(&mut self, shown: &Path, real: &Path) -> Option<Vec<(std::ffi::OsString, PathBuf)>> {
+        let meta = match std::fs::metadata(real) {
+            Ok(m) => m,
+            Err(e) => {
+                self.skip(shown, "unreadable", e.to_string());
+                return None;
+            }
+        };
+        if !self.seen_dirs.insert((meta.dev(), meta.ino())) {
+            return None;
+        }
+        let mut entries: Vec<(std::ffi::OsString, PathBuf)> = match std::fs::read_dir(real) {
+            Ok(rd) => rd.filter_map(Result::ok).map(|e| (e.file_name(), e.path())).collect(),
+            Err(e) => {
+                self.skip(shown, "unreadable", e.to_string());
+                return None;
+            }
+        };
+        entries.sort();
+        Some(entries)
+    }
+
+    /// What an entry is: itself, or for a symlink its target — followed only
+    /// if it stays inside the root `canonical`. `None`: skipped (counted).
+    fn resolve(&mut self, shown: &Path, real: PathBuf, canonical: &Path) -> Option<(PathBuf, std::fs::Metadata)> {
+        let lmeta = match std::fs::symlink_metadata(&real) {
+            Ok(m) => m,
+            Err(e) => {
+                self.skip(shown, "unreadable", e.to_string());
+                return None;
+            }
+        };
+        if !lmeta.file_type().is_symlink() {
+            return Some((real, lmeta));
+        }
+        let target = match std::fs::canonicalize(&real) {
+            Ok(t) => t,
+            Err(e) => {
+                self.skip(shown, "unreadable", format!("broken symlink: {e}"));
+                return None;
+            }
+        };
+        if !target.starts_with(canonical) {
+            self.skip(shown, "symlink_outside_root", String::new());
+            return None;
+        }
+        match std::fs::metadata(&target) {
+            Ok(m) => Some((target, m)),
+            Err(e) => {
+                self.skip(shown, "unreadable", e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A directory to descend into, unless it is the agent's state, on
+    /// another file system, or deeper than the limit (each counted).
+    fn subdir(
+        &mut self,
+        shown: PathBuf,
+        target: PathBuf,
+        meta: &std::fs::Metadata,
+        root_dev: u64,
+        depth: u32,
+    ) -> Option<(PathBuf, PathBuf, u32)> {
+        if self.excluded.contains(&target) {
+            self.skip(&shown, "agent_state", String::new());
+        } else if meta.dev() != root_dev {
+            self.skip(&shown, "other_filesystem", String::new());
+        } else if depth >= self.plan.limits.max_depth {
+            self.skip(&shown, "too_deep", String::new());
+            self.hit_limit(format!("max_depth {}", self.plan.limits.max_depth));
+        } else {
+            return Some((shown, target, depth + 1));
+        }
+        None
     }
 
     /// Reads and searches one regular file (`shown` is the path reported,

@@ -214,12 +214,10 @@ impl CommandProvider {
         }
     }
 
-    /// Runs the command of `op` with `request` on stdin.
-    async fn run(&self, op: Op, request: Value, version: Option<&str>) -> Result<Run, ProviderError> {
-        let argv = self
-            .argv(op)
-            .ok_or_else(|| ProviderError::failed(KIND, format!("no {} command is configured", op.as_str())))?;
-        let what = format!("{} command {}", op.as_str(), argv[0]);
+    /// The command for `argv`: no shell, a cleared environment (but `PATH`,
+    /// `HOME`, `LANG`, `TMPDIR`, `pass_env` and `env`), pipes, its own
+    /// process group.
+    fn command(&self, argv: &[String]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .env_clear()
@@ -229,12 +227,9 @@ impl CommandProvider {
             // Its own process group, so a timeout kills what it started too.
             .process_group(0)
             .kill_on_drop(true);
-        for k in ["PATH", "HOME", "LANG", "TMPDIR"] {
-            if let Some(v) = std::env::var_os(k) {
-                cmd.env(k, v);
-            }
-        }
-        for k in &self.config.pass_env {
+        let inherited =
+            ["PATH", "HOME", "LANG", "TMPDIR"].into_iter().chain(self.config.pass_env.iter().map(String::as_str));
+        for k in inherited {
             if let Some(v) = std::env::var_os(k) {
                 cmd.env(k, v);
             }
@@ -243,7 +238,19 @@ impl CommandProvider {
         if let Some(d) = &self.config.working_dir {
             cmd.current_dir(d);
         }
-        let mut child = cmd.spawn().map_err(|e| ProviderError::failed(KIND, format!("{what}: cannot start: {e}")))?;
+        cmd
+    }
+
+    /// Runs the command of `op` with `request` on stdin.
+    async fn run(&self, op: Op, request: Value, version: Option<&str>) -> Result<Run, ProviderError> {
+        let argv = self
+            .argv(op)
+            .ok_or_else(|| ProviderError::failed(KIND, format!("no {} command is configured", op.as_str())))?;
+        let what = format!("{} command {}", op.as_str(), argv[0]);
+        let mut child = self
+            .command(argv)
+            .spawn()
+            .map_err(|e| ProviderError::failed(KIND, format!("{what}: cannot start: {e}")))?;
         let mut stdin = child.stdin.take().expect("piped");
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
