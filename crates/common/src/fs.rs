@@ -44,34 +44,28 @@ pub fn write_atomic_owned(
         Err(e) => return Err(e),
     }
     let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let result = fill_and_rename(&mut f, &tmp, path, content, mode, uid, gid);
+    let result = (|| {
+        f.write_all(content)?;
+        set_owner_then_mode(&f, mode, uid, gid)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(path)
+    })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
 }
 
-fn fill_and_rename(
-    f: &mut File,
-    tmp: &Path,
-    path: &Path,
-    content: &[u8],
-    mode: u32,
-    uid: Option<u32>,
-    gid: Option<u32>,
-) -> io::Result<()> {
-    f.write_all(content)?;
+fn set_owner_then_mode(f: &File, mode: u32, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
     let created = f.metadata()?;
     let uid = uid.filter(|u| *u != created.uid());
     let gid = gid.filter(|g| *g != created.gid());
     if uid.is_some() || gid.is_some() {
         // Owner before mode: chown clears set-id bits.
-        std::os::unix::fs::fchown(&*f, uid, gid)?;
+        std::os::unix::fs::fchown(f, uid, gid)?;
     }
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.sync_all()?;
-    fs::rename(tmp, path)?;
-    sync_dir(path)
+    f.set_permissions(fs::Permissions::from_mode(mode))
 }
 
 /// Removes `path` (and a leftover temp file of it) and makes the removal
