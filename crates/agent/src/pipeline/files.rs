@@ -94,9 +94,8 @@ mod tests {
     use super::*;
     use rekey_common::fs::{remove_durably, write_atomic, write_atomic_owned};
 
-    fn meta(p: &Path) -> (u32, u32, u32) {
-        let m = fs::metadata(p).unwrap();
-        (m.mode() & 0o7777, m.uid(), m.gid())
+    fn meta(p: &Path) -> Meta {
+        read_current(p).unwrap().meta.unwrap()
     }
 
     /// As root: the existing file's mode and owner (uid 65534) survive the
@@ -111,18 +110,17 @@ mod tests {
         if is_root {
             std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
         }
-        let before = read_current(&p).unwrap();
-        let m = before.meta.unwrap();
+        let m = meta(&p);
         write_atomic_owned(&p, b"new", m.mode, Some(m.uid), Some(m.gid)).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"new");
         let after = meta(&p);
-        assert_eq!(after.0, 0o640);
+        assert_eq!(after.mode, 0o640);
         if is_root {
-            assert_eq!((after.1, after.2), (65534, 65534));
+            assert_eq!((after.uid, after.gid), (65534, 65534));
         }
         // A configured mode and owner win.
         write_atomic_owned(&p, b"newer", 0o400, Some(0), Some(0)).unwrap();
-        assert_eq!(meta(&p), (0o400, 0, 0));
+        assert_eq!(meta(&p), Meta { mode: 0o400, uid: 0, gid: 0 });
     }
 
     #[test]
