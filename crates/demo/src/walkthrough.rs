@@ -538,9 +538,11 @@ impl<A: Admin> Demo<A> {
     /// Steps 5 and 6: a rotation that halts on a misconfigured host, then
     /// completes once it is fixed; returns its id.
     async fn failing_rotation(&mut self, new_key: &str) -> Result<String> {
-        let bad = self.hosts[2].name.clone();
+        // The third host (the last with --hosts 2): never the canary.
+        let i = 2.min(self.hosts.len() - 1);
+        let bad = self.hosts[i].name.clone();
         step(5, &format!("rotate again, with {bad} misconfigured (its agent.toml names a file that does not exist)"));
-        self.reconfigure(2, true).await?;
+        self.reconfigure(i, true).await?;
         let r2 = self.start().await?;
         let r2v = follow(&mut self.c, &r2, &["halted", "completed", "monitoring", "aborted"], 0).await?;
         if r2v["state"] != "halted" {
@@ -560,7 +562,7 @@ impl<A: Admin> Demo<A> {
         check_all_healthy(&self.hosts)?;
 
         step(6, &format!("fix {bad} and resume: it gets the new version, then the old key is revoked"));
-        self.reconfigure(2, false).await?;
+        self.reconfigure(i, false).await?;
         self.c.resume(&r2).await?;
         let r2v = follow(&mut self.c, &r2, &["completed", "monitoring", "halted", "aborted"], seen).await?;
         if r2v["state"] != "monitoring" && r2v["state"] != "completed" {
