@@ -3,17 +3,17 @@
 //!
 //! Waits poll a condition with a deadline (never a fixed sleep); every child
 //! process is killed when its fixture drops; logs are printed when a test fails.
+//! Process handling (spawning with a log, signals, waits, free ports) is
+//! [`rekey_demo::process`], shared with `rekey demo`.
 
 pub mod fixtures;
 pub mod scripted;
 
 use anyhow::{Context, Result, anyhow, bail};
-use std::io::Read;
-use std::net::TcpListener;
+use rekey_demo::process::{self, Signal, spawn_logged, wait_until};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 /// Paths of the binaries under test.
 pub struct Bins {
@@ -80,42 +80,17 @@ pub use rekey_common::testing::budget;
 /// Polls `f` until it returns true; panics naming `what` once the test budget
 /// ([`budget`], `REKEY_TEST_BUDGET`) has passed. A wait is on a condition,
 /// never on elapsed time, so the budget only bounds a broken test.
-pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let timeout = budget();
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(20);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(250));
+pub fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    if let Err(e) = wait_until(what, budget(), f) {
+        panic!("{e}");
     }
-    panic!("timed out after {timeout:?} waiting for {what}");
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    process::free_port().expect("free port")
 }
 
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
-    let out = std::fs::File::create(log).expect("create log");
-    let err = out.try_clone().expect("clone log");
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err).env("RUST_LOG", "info").spawn().expect("spawn")
-}
-
-fn kill(child: &mut Child, signal: &str) {
-    let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
-    let _ = child.wait();
-}
-
-pub fn read_log(path: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
-}
+pub use process::read_log;
 
 /// A real `rekeyd` process with its own data dir and master key.
 pub struct Coordinator {
@@ -149,7 +124,8 @@ impl Coordinator {
         let _ = std::fs::remove_file(&addr_file);
         self.starts += 1;
         self.log = self.dir.join(format!("rekeyd.{}.log", self.starts));
-        let child = spawn_logged(Command::new(&bins().rekeyd).arg("--config").arg(&self.config).arg("run"), &self.log);
+        let child = spawn_logged(Command::new(&bins().rekeyd).arg("--config").arg(&self.config).arg("run"), &self.log)
+            .expect("spawn rekeyd");
         self.child = Some(child);
         let log = self.log.clone();
         wait_for("rekeyd to listen", || {
@@ -178,15 +154,13 @@ impl Coordinator {
     /// SIGKILL: no drain, no flush beyond what was already made durable.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            kill(&mut c, "-KILL");
+            process::signal_and_wait(&mut c, Signal::SIGKILL);
         }
     }
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-        c.wait().ok()
+        process::signal_and_wait(&mut self.child.take()?, Signal::SIGTERM)
     }
 
     /// Starts again on the same port and data dir.
@@ -330,30 +304,32 @@ impl Agent {
     pub fn start(&mut self) {
         self.runs += 1;
         self.log = self.dir.join(format!("agent.{}.log", self.runs));
-        self.child =
-            Some(spawn_logged(Command::new(&bins().agent).arg("run").arg("--config").arg(&self.config), &self.log));
+        let mut cmd = Command::new(&bins().agent);
+        cmd.arg("run").arg("--config").arg(&self.config);
+        self.child = Some(spawn_logged(&mut cmd, &self.log).expect("spawn rekey-agent"));
     }
 
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            kill(&mut c, "-KILL");
+            process::signal_and_wait(&mut c, Signal::SIGKILL);
         }
     }
 
     /// Waits for the agent process to exit by itself; returns its status and log.
     pub fn wait_exit(&mut self) -> Result<(ExitStatus, String)> {
-        let timeout = budget();
         let child = self.child.as_mut().ok_or_else(|| anyhow!("agent {} not running", self.name))?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = child.try_wait().context("wait")? {
+        let mut exited = Ok(None);
+        let waited = wait_until(&format!("agent {} to exit", self.name), budget(), || {
+            exited = child.try_wait();
+            !matches!(exited, Ok(None))
+        });
+        let log = read_log(&self.log);
+        match (waited, exited.context("wait")?) {
+            (Ok(()), Some(status)) => {
                 self.child = None;
-                return Ok((st, read_log(&self.log)));
+                Ok((status, log))
             }
-            if Instant::now() > deadline {
-                bail!("agent {} still running after {timeout:?}:\n{}", self.name, read_log(&self.log));
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            _ => bail!("agent {} still running after {:?}:\n{log}", self.name, budget()),
         }
     }
 

@@ -579,6 +579,28 @@ fn validate_file(path: &Path, base: &Path, field: &str, f: RawFile) -> Result<Fi
     if f.path.file_name().is_none() {
         return Err(ConfigError::field(path, format!("{field}.path"), "expected the path of a file"));
     }
+    check_kind_fields(path, field, &f)?;
+    let content = match f.kind {
+        RawFileKind::Template => {
+            let (source, at) = template_source(path, base, field, f.template, f.template_file)?;
+            crate::pipeline::render::check_template(&source)
+                .map_err(|e| ConfigError::field(path, at, format!("invalid template: {e}")))?;
+            FileContent::Template { source }
+        }
+        RawFileKind::Replace => {
+            if let Some(name) = &f.field {
+                check_field_name(path, format!("{field}.field"), name)?;
+            }
+            FileContent::Replace { field: f.field }
+        }
+        RawFileKind::EnvFile => FileContent::EnvFile { keys: env_file_keys(path, field, f.keys)? },
+    };
+    let mode = f.mode.map(|m| file_mode(path, field, &m)).transpose()?;
+    Ok(FileConfig { path: f.path, content, mode, owner: f.owner, group: f.group, field: field.to_string() })
+}
+
+/// Refuses the settings of another kind of file (a `template` on an env-file…).
+fn check_kind_fields(path: &Path, field: &str, f: &RawFile) -> Result<(), ConfigError> {
     use RawFileKind as K;
     if f.kind != K::Template {
         if f.template.is_some() {
@@ -594,82 +616,73 @@ fn validate_file(path: &Path, base: &Path, field: &str, f: RawFile) -> Result<Fi
     if f.kind != K::EnvFile && f.keys.is_some() {
         return Err(only_for(path, format!("{field}.keys"), "env-file"));
     }
-    let content = match f.kind {
-        K::Template => {
-            let (source, at) = match (f.template, f.template_file) {
-                (Some(t), None) => (t, format!("{field}.template")),
-                (None, Some(file)) => {
-                    let file = base.join(file);
-                    let text = std::fs::read_to_string(&file).map_err(|e| {
-                        ConfigError::field(
-                            path,
-                            format!("{field}.template_file"),
-                            format!("cannot read {}: {e}", file.display()),
-                        )
-                    })?;
-                    (text, format!("{field}.template_file"))
-                }
-                (Some(_), Some(_)) => {
-                    return Err(ConfigError::field(
-                        path,
-                        format!("{field}.template"),
-                        "give either template or template_file, not both",
-                    ));
-                }
-                (None, None) => {
-                    return Err(ConfigError::field(
-                        path,
-                        format!("{field}.template"),
-                        "required with kind = \"template\" (or template_file)",
-                    ));
-                }
-            };
-            crate::pipeline::render::check_template(&source)
-                .map_err(|e| ConfigError::field(path, at, format!("invalid template: {e}")))?;
-            FileContent::Template { source }
-        }
-        K::Replace => {
-            if let Some(name) = &f.field {
-                check_field_name(path, format!("{field}.field"), name)?;
-            }
-            FileContent::Replace { field: f.field }
-        }
-        K::EnvFile => {
-            let keys = f.keys.ok_or_else(|| required(path, format!("{field}.keys"), "env-file"))?;
-            if keys.is_empty() {
-                return Err(ConfigError::field(
-                    path,
-                    format!("{field}.keys"),
-                    "expected at least one KEY = \"field\" entry",
-                ));
-            }
-            for (k, v) in &keys {
-                if !is_env_name(k) {
-                    return Err(ConfigError::field(
-                        path,
-                        format!("{field}.keys.{k}"),
-                        format!("{k:?} is not a valid env-file key (letters, digits, '_', not starting with a digit)"),
-                    ));
-                }
-                check_field_name(path, format!("{field}.keys.{k}"), v)?;
-            }
-            FileContent::EnvFile { keys }
-        }
-    };
-    let mode = f
-        .mode
-        .map(|m| {
-            let digits = m.strip_prefix("0o").unwrap_or(&m);
-            u32::from_str_radix(digits, 8).ok().filter(|v| *v <= 0o7777 && !digits.is_empty()).ok_or_else(|| {
+    Ok(())
+}
+
+/// A template's text (inline, or read from `template_file` relative to the
+/// config's directory) and the field to name in its errors.
+fn template_source(
+    path: &Path,
+    base: &Path,
+    field: &str,
+    template: Option<String>,
+    template_file: Option<PathBuf>,
+) -> Result<(String, String), ConfigError> {
+    match (template, template_file) {
+        (Some(t), None) => Ok((t, format!("{field}.template"))),
+        (None, Some(file)) => {
+            let file = base.join(file);
+            let text = std::fs::read_to_string(&file).map_err(|e| {
                 ConfigError::field(
                     path,
-                    format!("{field}.mode"),
-                    format!("expected an octal mode like \"0640\", got {m:?}"),
+                    format!("{field}.template_file"),
+                    format!("cannot read {}: {e}", file.display()),
                 )
-            })
-        })
-        .transpose()?;
-    Ok(FileConfig { path: f.path, content, mode, owner: f.owner, group: f.group, field: field.to_string() })
+            })?;
+            Ok((text, format!("{field}.template_file")))
+        }
+        (Some(_), Some(_)) => Err(ConfigError::field(
+            path,
+            format!("{field}.template"),
+            "give either template or template_file, not both",
+        )),
+        (None, None) => Err(ConfigError::field(
+            path,
+            format!("{field}.template"),
+            "required with kind = \"template\" (or template_file)",
+        )),
+    }
+}
+
+/// An env-file's `KEY = "field"` map: at least one entry, valid names.
+fn env_file_keys(
+    path: &Path,
+    field: &str,
+    keys: Option<BTreeMap<String, String>>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let keys = keys.ok_or_else(|| required(path, format!("{field}.keys"), "env-file"))?;
+    if keys.is_empty() {
+        return Err(ConfigError::field(path, format!("{field}.keys"), "expected at least one KEY = \"field\" entry"));
+    }
+    for (k, v) in &keys {
+        if !is_env_name(k) {
+            return Err(ConfigError::field(
+                path,
+                format!("{field}.keys.{k}"),
+                format!("{k:?} is not a valid env-file key (letters, digits, '_', not starting with a digit)"),
+            ));
+        }
+        check_field_name(path, format!("{field}.keys.{k}"), v)?;
+    }
+    Ok(keys)
+}
+
+/// An octal mode, `"0640"` or `"0o640"`.
+fn file_mode(path: &Path, field: &str, m: &str) -> Result<u32, ConfigError> {
+    let digits = m.strip_prefix("0o").unwrap_or(m);
+    u32::from_str_radix(digits, 8).ok().filter(|v| *v <= 0o7777 && !digits.is_empty()).ok_or_else(|| {
+        ConfigError::field(path, format!("{field}.mode"), format!("expected an octal mode like \"0640\", got {m:?}"))
+    })
 }
 
 fn validate_command(

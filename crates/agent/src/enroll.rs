@@ -3,6 +3,7 @@
 
 use crate::identity::{Enrollment, Identity, IdentityError};
 use rcgen::{CertificateParams, KeyPair};
+use rekey_common::error::chain;
 use rekey_common::tls;
 use rekey_proto::PROTOCOL_VERSION;
 use rekey_proto::v1::EnrollRequest;
@@ -38,21 +39,6 @@ pub struct EnrollOptions<'a> {
     pub ca_fingerprint: &'a str,
     pub state_dir: &'a Path,
     pub force: bool,
-}
-
-/// Full error chain on one line (tonic/hyper hide the TLS cause in sources).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 pub async fn enroll(opts: EnrollOptions<'_>) -> Result<Enrollment, EnrollError> {

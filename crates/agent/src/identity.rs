@@ -10,7 +10,6 @@ use rekey_common::tls::{self, Identity as CertIdentity};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,20 +63,12 @@ fn read(path: &Path) -> Result<String, IdentityError> {
     })
 }
 
-/// Atomic replace: temp file in the same directory, fsync, rename, fsync dir.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Atomic replace ([`rekey_common::fs::write_atomic`]), creating the state
+/// dir on first use.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
     let err = |source| IdentityError::Write { path: path.to_path_buf(), source };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-    Ok(())
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(err)?;
+    rekey_common::fs::write_atomic(path, bytes, mode).map_err(err)
 }
 
 impl Identity {

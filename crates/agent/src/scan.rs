@@ -9,11 +9,13 @@
 //! what it skipped and why, and whether it hit a limit.
 //!
 //! Matching without the value ([`Matcher`], pure): each line is split into
-//! tokens on bytes that cannot be part of a key ([`DELIMITERS`]); for every
-//! target length L, every window of length L of every token at least L long
-//! is fingerprinted and compared in constant time with the targets of that
-//! length. Tokens longer than [`MAX_WINDOWED_TOKEN`] are only compared whole
-//! (a bound on the work per token).
+//! tokens on bytes that cannot be part of a key
+//! ([`DELIMITERS`](rekey_proto::scan::DELIMITERS)); for every target length
+//! L, every window of length L of every token at least L long is
+//! fingerprinted and compared in constant time with the targets of that
+//! length. Tokens longer than [`MAX_NEEDLE`] are only compared whole (a bound
+//! on the work per token). The delimiters and the limits a request must keep
+//! are the protocol's ([`rekey_proto::scan`]).
 //!
 //! Walking ([`scan_files`], blocking I/O) is bounded: directory depth, file
 //! size, number of files, wall-clock time, number of matches reported.
@@ -28,6 +30,8 @@
 //! is answered at once with an error.
 
 use crate::config::{AgentConfig, ScanConfig};
+use rekey_common::error::Chain;
+use rekey_proto::scan::{MAX_MATCHES, MAX_NEEDLE, MAX_SKIPPED_LISTED, MAX_TARGETS, SALT_LEN, is_delimiter};
 use rekey_proto::v1::{AgentMessage, ScanMatch, ScanRequest, ScanResult, ScanSkip, ScanTarget, agent_message};
 use ring::hmac;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -41,32 +45,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// Bytes that end a token: ASCII whitespace, quotes, backtick and the
-/// punctuation that separates keys from what surrounds them in config
-/// files. Part of the protocol (see `ScanRequest` in agent.proto): the
-/// coordinator never sends a needle containing one of them.
-pub const DELIMITERS: &[u8] = b" \t\r\n\x0b\x0c\"'`=:,;()[]{}<>&|";
-/// Targets per request.
-pub const MAX_TARGETS: usize = 64;
-/// Longest needle; also the longest token whose windows are compared.
-pub const MAX_WINDOWED_TOKEN: usize = 4096;
-/// Matches reported per scan; beyond, the result says `truncated`.
-pub const MAX_MATCHES: usize = 500;
-/// Skipped files listed by path (all are counted by reason).
-pub const MAX_SKIPPED_LISTED: usize = 100;
 /// A NUL byte in this many first bytes marks a file as binary.
 const BINARY_PROBE: usize = 8192;
 /// Lines scanned between two checks of the deadline.
 const LINES_PER_CHECK: usize = 256;
 /// How long the answer may wait for room in the session's outbound channel.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// Salt lengths accepted.
-const SALT_LEN: std::ops::RangeInclusive<usize> = 16..=64;
-
-fn is_delimiter(b: u8) -> bool {
-    DELIMITERS.contains(&b)
-}
-
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ScanError {
     #[error("malformed scan request: {0}")]
@@ -114,11 +98,8 @@ impl Matcher {
         for (i, t) in targets.iter().enumerate() {
             let what = || format!("target {} ({} {} {})", i, t.secret, t.version_id, t.field);
             let len = t.length as usize;
-            if len == 0 || len > MAX_WINDOWED_TOKEN {
-                return Err(ScanError::Malformed(format!(
-                    "{}: length {len}, expected 1 to {MAX_WINDOWED_TOKEN}",
-                    what()
-                )));
+            if len == 0 || len > MAX_NEEDLE {
+                return Err(ScanError::Malformed(format!("{}: length {len}, expected 1 to {MAX_NEEDLE}", what())));
             }
             let fingerprint: [u8; 32] = decode_hex(&t.fingerprint)
                 .and_then(|v| <[u8; 32]>::try_from(v).ok())
@@ -147,7 +128,7 @@ impl Matcher {
                 if token.len() < len {
                     break; // lengths are ascending
                 }
-                if token.len() > MAX_WINDOWED_TOKEN && token.len() != len {
+                if token.len() > MAX_NEEDLE && token.len() != len {
                     continue;
                 }
                 for window in token.windows(len) {
@@ -286,79 +267,27 @@ impl Walk<'_> {
         if self.excluded.iter().any(|x| canonical.starts_with(x)) {
             return self.skip(root, "agent_state", String::new());
         }
-        // Depth first, entries in name order; a stack bounded by depth × fan-out
-        // of what was already listed, and every push is a real directory entry.
-        let mut stack: Vec<(PathBuf, PathBuf, u32)> = vec![(root.to_path_buf(), canonical.clone(), 0)];
-        let root_dev = meta.dev();
+        self.walk(root, &canonical, meta.dev());
+    }
+
+    /// Depth first, entries in name order; a stack bounded by depth × fan-out
+    /// of what was already listed, and every push is a real directory entry.
+    fn walk(&mut self, root: &Path, canonical: &Path, root_dev: u64) {
+        let mut stack: Vec<(PathBuf, PathBuf, u32)> = vec![(root.to_path_buf(), canonical.to_path_buf(), 0)];
         while let Some((shown, real, depth)) = stack.pop() {
             if self.should_stop() {
                 return;
             }
-            let dmeta = match std::fs::metadata(&real) {
-                Ok(m) => m,
-                Err(e) => {
-                    self.skip(&shown, "unreadable", e.to_string());
-                    continue;
-                }
-            };
-            if !self.seen_dirs.insert((dmeta.dev(), dmeta.ino())) {
-                continue;
-            }
-            let mut entries: Vec<(std::ffi::OsString, PathBuf)> = match std::fs::read_dir(&real) {
-                Ok(rd) => rd.filter_map(Result::ok).map(|e| (e.file_name(), e.path())).collect(),
-                Err(e) => {
-                    self.skip(&shown, "unreadable", e.to_string());
-                    continue;
-                }
-            };
-            entries.sort();
+            let Some(entries) = self.list_dir(&shown, &real) else { continue };
             let mut subdirs = Vec::new();
             for (name, entry_real) in entries {
                 if self.should_stop() {
                     return;
                 }
                 let entry_shown = shown.join(&name);
-                let lmeta = match std::fs::symlink_metadata(&entry_real) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        self.skip(&entry_shown, "unreadable", e.to_string());
-                        continue;
-                    }
-                };
-                // A symlink is followed only if it stays inside the root.
-                let (target, meta) = if lmeta.file_type().is_symlink() {
-                    let target = match std::fs::canonicalize(&entry_real) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            self.skip(&entry_shown, "unreadable", format!("broken symlink: {e}"));
-                            continue;
-                        }
-                    };
-                    if !target.starts_with(&canonical) {
-                        self.skip(&entry_shown, "symlink_outside_root", String::new());
-                        continue;
-                    }
-                    match std::fs::metadata(&target) {
-                        Ok(m) => (target, m),
-                        Err(e) => {
-                            self.skip(&entry_shown, "unreadable", e.to_string());
-                            continue;
-                        }
-                    }
-                } else {
-                    (entry_real, lmeta)
-                };
+                let Some((target, meta)) = self.resolve(&entry_shown, entry_real, canonical) else { continue };
                 if meta.is_dir() {
-                    if self.excluded.contains(&target) {
-                        self.skip(&entry_shown, "agent_state", String::new());
-                    } else if meta.dev() != root_dev {
-                        self.skip(&entry_shown, "other_filesystem", String::new());
-                    } else if depth >= self.plan.limits.max_depth {
-                        self.skip(&entry_shown, "too_deep", String::new());
-                        self.hit_limit(format!("max_depth {}", self.plan.limits.max_depth));
-                    } else {
-                        subdirs.push((entry_shown, target, depth + 1));
-                    }
+                    subdirs.extend(self.subdir(entry_shown, target, &meta, root_dev, depth));
                 } else if meta.is_file() {
                     self.file(&entry_shown, &target, &meta);
                 } else {
@@ -368,6 +297,86 @@ impl Walk<'_> {
             // Reverse so the stack pops them in name order.
             stack.extend(subdirs.into_iter().rev());
         }
+    }
+
+    /// A directory's entries in name order; `None` if it was listed already
+    /// (a loop of links) or cannot be read (counted).
+    fn list_dir(&mut self, shown: &Path, real: &Path) -> Option<Vec<(std::ffi::OsString, PathBuf)>> {
+        let meta = match std::fs::metadata(real) {
+            Ok(m) => m,
+            Err(e) => {
+                self.skip(shown, "unreadable", e.to_string());
+                return None;
+            }
+        };
+        if !self.seen_dirs.insert((meta.dev(), meta.ino())) {
+            return None;
+        }
+        let mut entries: Vec<(std::ffi::OsString, PathBuf)> = match std::fs::read_dir(real) {
+            Ok(rd) => rd.filter_map(Result::ok).map(|e| (e.file_name(), e.path())).collect(),
+            Err(e) => {
+                self.skip(shown, "unreadable", e.to_string());
+                return None;
+            }
+        };
+        entries.sort();
+        Some(entries)
+    }
+
+    /// What an entry is: itself, or for a symlink its target — followed only
+    /// if it stays inside the root `canonical`. `None`: skipped (counted).
+    fn resolve(&mut self, shown: &Path, real: PathBuf, canonical: &Path) -> Option<(PathBuf, std::fs::Metadata)> {
+        let lmeta = match std::fs::symlink_metadata(&real) {
+            Ok(m) => m,
+            Err(e) => {
+                self.skip(shown, "unreadable", e.to_string());
+                return None;
+            }
+        };
+        if !lmeta.file_type().is_symlink() {
+            return Some((real, lmeta));
+        }
+        let target = match std::fs::canonicalize(&real) {
+            Ok(t) => t,
+            Err(e) => {
+                self.skip(shown, "unreadable", format!("broken symlink: {e}"));
+                return None;
+            }
+        };
+        if !target.starts_with(canonical) {
+            self.skip(shown, "symlink_outside_root", String::new());
+            return None;
+        }
+        match std::fs::metadata(&target) {
+            Ok(m) => Some((target, m)),
+            Err(e) => {
+                self.skip(shown, "unreadable", e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A directory to descend into, unless it is the agent's state, on
+    /// another file system, or deeper than the limit (each counted).
+    fn subdir(
+        &mut self,
+        shown: PathBuf,
+        target: PathBuf,
+        meta: &std::fs::Metadata,
+        root_dev: u64,
+        depth: u32,
+    ) -> Option<(PathBuf, PathBuf, u32)> {
+        if self.excluded.contains(&target) {
+            self.skip(&shown, "agent_state", String::new());
+        } else if meta.dev() != root_dev {
+            self.skip(&shown, "other_filesystem", String::new());
+        } else if depth >= self.plan.limits.max_depth {
+            self.skip(&shown, "too_deep", String::new());
+            self.hit_limit(format!("max_depth {}", self.plan.limits.max_depth));
+        } else {
+            return Some((shown, target, depth + 1));
+        }
+        None
     }
 
     /// Reads and searches one regular file (`shown` is the path reported,
@@ -559,7 +568,7 @@ impl Scans {
                 let matcher = match Matcher::new(&req.salt, &req.targets) {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::warn!(error = %e, "scan refused");
+                        tracing::warn!(error = %Chain(&e), "scan refused");
                         let result = ScanResult { scan_id: req.scan_id, error: e.to_string(), ..Default::default() };
                         return send(out, result).await;
                     }
@@ -680,14 +689,14 @@ mod tests {
     fn long_tokens_are_only_compared_whole() {
         let value = vec![b'k'; 40];
         let m = matcher(&[&value]);
-        let mut long = vec![b'x'; MAX_WINDOWED_TOKEN + 1];
+        let mut long = vec![b'x'; MAX_NEEDLE + 1];
         long[100..140].copy_from_slice(&value);
         assert!(m.scan_line(&long).is_empty(), "windows of an over-long token are not searched");
-        let mut ok = vec![b'x'; MAX_WINDOWED_TOKEN];
+        let mut ok = vec![b'x'; MAX_NEEDLE];
         ok[100..140].copy_from_slice(&value);
         assert_eq!(m.scan_line(&ok), vec![0]);
         // A token as long as a target is compared whole whatever its length.
-        let big = vec![b'z'; MAX_WINDOWED_TOKEN];
+        let big = vec![b'z'; MAX_NEEDLE];
         assert_eq!(matcher(&[&big]).scan_line(&big), vec![0]);
     }
 
@@ -715,18 +724,8 @@ mod tests {
         t.length = 0;
         assert!(err(SALT, vec![t]).contains("length 0"));
         let mut t = good;
-        t.length = MAX_WINDOWED_TOKEN as u32 + 1;
+        t.length = MAX_NEEDLE as u32 + 1;
         assert!(err(SALT, vec![t]).contains("expected 1 to 4096"));
-    }
-
-    #[test]
-    fn the_delimiters_are_exactly_the_documented_ones() {
-        for b in b" \t\r\n\"'`=:,;()[]{}<>&|" {
-            assert!(is_delimiter(*b), "{}", *b as char);
-        }
-        for b in b"abzAZ09_-+/.~!@#$%^*?" {
-            assert!(!is_delimiter(*b), "{}", *b as char);
-        }
     }
 
     fn plan(declared: Vec<(PathBuf, &str)>, roots: Vec<PathBuf>) -> Plan {

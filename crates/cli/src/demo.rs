@@ -1,624 +1,73 @@
-//! `rekey demo`: the whole product on one machine, for real, in a minute.
-//!
-//! In a temporary directory it starts a real `rekeyd` (its own CA and
-//! store), the demo SaaS API, N real `rekey-agent`s enrolled over mTLS, each
-//! managing a real `rekey-demo-service` that authenticates to the API with a
-//! key; then it rotates that key twice with live progress — once cleanly,
-//! once with a misconfigured host that fails, rolls back and halts the
-//! rollout until the demo fixes it — and prints the incident report. Every
-//! process it started is stopped at the end (unless `--keep`).
+//! `rekey demo`: the whole product on one machine. The story lives in
+//! [`rekey_demo::walkthrough`]; the CLI lends it the admin client every
+//! other verb uses, so the demo connects, names protocol versions and words
+//! errors exactly as `rekey` does.
 
 use crate::{Client, connect_to};
-use anyhow::{Context, Result, anyhow, bail};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use anyhow::Result;
+use rekey_demo::walkthrough::Admin;
 use rekey_proto::v1::{
     Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest, ListAgentsRequest,
     StartRotationRequest,
 };
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-const SECRET: &str = "demo-api-key";
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct DemoArgs {
-    /// How many hosts (agents with a demo service each).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(2..=50))]
-    pub hosts: u16,
-    /// Leave everything running afterwards, to explore with `rekey` commands.
-    #[arg(long)]
-    pub keep: bool,
-    /// Work in this directory instead of a temporary one.
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-}
-
-struct Bins {
-    rekeyd: PathBuf,
-    agent: PathBuf,
-    api: PathBuf,
-    service: PathBuf,
-}
-
-/// The sibling binaries; when run through cargo and one is missing, build them.
-fn bins() -> Result<Bins> {
-    let exe = std::env::current_exe().context("cannot locate the rekey binary")?;
-    let dir = exe.parent().ok_or_else(|| anyhow!("rekey binary has no directory"))?.to_path_buf();
-    let b = Bins {
-        rekeyd: dir.join("rekeyd"),
-        agent: dir.join("rekey-agent"),
-        api: dir.join("rekey-demo-api"),
-        service: dir.join("rekey-demo-service"),
-    };
-    let missing = [&b.rekeyd, &b.agent, &b.api, &b.service].iter().any(|p| !p.exists());
-    if missing {
-        // Run through `cargo run`, or from a cargo target dir: build the rest.
-        let in_target = dir.components().any(|c| c.as_os_str() == "target");
-        let cargo = std::env::var("CARGO").ok().or_else(|| in_target.then(|| "cargo".to_string()));
-        let Some(cargo) = cargo else {
-            bail!(
-                "the demo needs rekeyd, rekey-agent, rekey-demo-api and rekey-demo-service next to {}: \
-                 build them with `cargo build --release --workspace`",
-                exe.display()
-            );
-        };
-        eprintln!("building rekeyd, rekey-agent and the demo binaries (first run only)…");
-        let mut cmd = Command::new(cargo);
-        if let Some(root) = dir.ancestors().find(|d| d.join("Cargo.toml").exists()) {
-            cmd.current_dir(root);
-        }
-        cmd.args(["build", "--quiet", "-p", "rekey-coordinator", "-p", "rekey-agent", "-p", "rekey-demo", "--bins"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().context("cannot run cargo build")?;
-        if !st.success() {
-            bail!("building the demo binaries failed");
-        }
-    }
-    Ok(b)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("timed out after {}s waiting for {what}", timeout.as_secs())
-}
-
-/// Everything the demo started; stopped on drop unless kept.
-struct World {
-    dir: PathBuf,
-    _tmp: Option<tempfile::TempDir>,
-    children: Vec<(String, Child)>,
-    service_pidfiles: Vec<PathBuf>,
-    keep: bool,
-}
-
-impl World {
-    fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .env("RUST_LOG", "info")
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        self.children.push((name.to_string(), child));
-        Ok(())
-    }
-
-    fn kill(&mut self, name: &str) {
-        if let Some(pos) = self.children.iter().position(|(n, _)| n == name) {
-            let (_, mut c) = self.children.remove(pos);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        if self.keep {
-            return;
-        }
-        for (_, c) in self.children.iter_mut().rev() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for p in &self.service_pidfiles {
-            if let Some(pid) = std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
-                let _ = Command::new("kill").arg(pid.to_string()).status();
-            }
-        }
-    }
-}
-
-/// A plain HTTP/1.1 request to the demo API on loopback (no TLS there).
-fn http(addr: &str, method: &str, path: &str, bearer: &str, body: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("cannot reach the demo API at {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((status, body))
-}
-
-struct Host {
-    name: String,
-    dir: PathBuf,
-    port: u16,
-}
-
-fn service_cmd(b: &Bins, h: &Host, api: &str) -> Vec<String> {
-    let d = h.dir.display();
-    vec![
-        b.service.display().to_string(),
-        "--detach".into(),
-        "--replace".into(),
-        "--pidfile".into(),
-        format!("{d}/service.pid"),
-        "--credentials".into(),
-        format!("{d}/service.env"),
-        "--api".into(),
-        format!("http://{api}"),
-        "--listen".into(),
-        format!("127.0.0.1:{}", h.port),
-        "--log".into(),
-        format!("{d}/service.log"),
-    ]
-}
-
-/// The host's agent.toml; `broken` points it at a credentials file that does
-/// not exist (a typo an operator could make), so its apply fails.
-fn agent_toml(b: &Bins, h: &Host, api: &str, broken: bool) -> String {
-    let d = h.dir.display();
-    let creds = if broken { format!("{d}/servce.env") } else { format!("{d}/service.env") };
-    let cmd = service_cmd(b, h, api).iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
-    format!(
-        r#"# rekey-agent config for {name} (written by `rekey demo`)
-state_dir = "state"
-[reconnect]
-initial_backoff = "200ms"
-max_backoff = "2s"
-
-[[secret]]
-name = "{SECRET}"
-  [[secret.file]]
-  path = "{creds}"
-  kind = "env-file"
-  keys = {{ DEMO_API_KEY = "value" }}
-  [secret.restart]
-  kind = "command"
-  command = [{cmd}]
-  timeout = "20s"
-  [secret.health]
-  kind = "http"
-  url = "http://127.0.0.1:{port}/health"
-  retries = 10
-  interval = "300ms"
-  timeout = "2s"
-"#,
-        name = h.name,
-        port = h.port,
-    )
-}
-
-fn coordinator_toml(port: u16, api: &str, admin_token_file: &Path) -> String {
-    format!(
-        r#"# rekeyd config (written by `rekey demo`)
-listen = "127.0.0.1:{port}"
-data_dir = "data"
-master_key_file = "master.key"
-
-[[secret]]
-name = "{SECRET}"
-description = "API key the demo services use to call the demo SaaS API"
-selector = {{ env = "demo" }}
-{provider}
-[secret.rollout]
-canary = 1
-waves = ["50%", "100%"]
-failure_budget = 0
-host_deadline = "60s"
-jitter = "1s"
-[secret.revocation]
-deactivate = true
-grace = "3s"
-delete = true
-# After deletion, watch the old key for use (72 h by default; short for the demo).
-monitor = "1h"
-check_every = "5s"
-"#,
-        provider = provider_toml(api, admin_token_file),
-    )
-}
-
-async fn get_rotation(c: &mut Client, id: &str) -> Result<Value> {
-    let req = c.request(GetRotationRequest { id: id.to_string() });
-    c.json(c.inner.clone().get_rotation(req).await)
-}
-
-/// Follows a rotation with a progress bar per wave until it settles in one
-/// of `until`; prints each timeline event as it happens.
-async fn follow(c: &mut Client, id: &str, until: &[&str], seen_before: usize) -> Result<Value> {
-    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
-    let style = ProgressStyle::with_template("  {prefix:>7} [{bar:24.green/white}] {pos}/{len} {msg}")
-        .expect("static template")
-        .progress_chars("=> ");
-    let mut bars: Vec<ProgressBar> = Vec::new();
-    let mut seen_timeline = seen_before;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let r = get_rotation(c, id).await?;
-        let waves = r["waves"].as_array().cloned().unwrap_or_default();
-        if bars.is_empty() && !waves.is_empty() {
-            let canary = r["policy"]["canary"].as_u64().unwrap_or(0) > 0;
-            for (i, w) in waves.iter().enumerate() {
-                let pb = multi.add(ProgressBar::new(w.as_array().map(Vec::len).unwrap_or(0) as u64));
-                pb.set_style(style.clone());
-                pb.set_prefix(if i == 0 && canary { "canary".to_string() } else { format!("wave {i}") });
-                bars.push(pb);
-            }
-        }
-        let timeline = r["timeline"].as_array().cloned().unwrap_or_default();
-        for e in timeline.iter().skip(seen_timeline) {
-            // stdout, so the story is there without a terminal too.
-            multi.suspend(|| {
-                println!("   {:<13} {}", e["state"].as_str().unwrap_or(""), e["note"].as_str().unwrap_or(""))
-            });
-        }
-        seen_timeline = timeline.len();
-        let hosts = r["hosts"].as_object().cloned().unwrap_or_default();
-        for (i, pb) in bars.iter().enumerate() {
-            let mut done = 0;
-            let mut parts = Vec::new();
-            for w in waves.get(i).and_then(Value::as_array).into_iter().flatten() {
-                let name = w.as_str().unwrap_or_default();
-                let st = hosts.get(name).and_then(|h| h["state"].as_str()).unwrap_or("?");
-                if matches!(st, "healthy" | "failed" | "rolled_back" | "unreachable" | "excluded") {
-                    done += 1;
-                }
-                parts.push(format!("{name}:{st}"));
-            }
-            pb.set_position(done);
-            pb.set_message(parts.join(" "));
-        }
-        let state = r["state"].as_str().unwrap_or_default().to_string();
-        if until.contains(&state.as_str()) {
-            for pb in &bars {
-                pb.finish();
-            }
-            return Ok(r);
-        }
-        if Instant::now() > deadline {
-            bail!("rotation {id} did not reach {until:?} within 3 minutes (it is {state})");
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-}
-
-fn health(port: u16) -> Option<u16> {
-    http(&format!("127.0.0.1:{port}"), "GET", "/health", "", "").ok().map(|(s, _)| s)
-}
-
-fn key_of(h: &Host) -> Result<String> {
-    let text = std::fs::read_to_string(h.dir.join("service.env"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("DEMO_API_KEY="))
-        .map(|v| v.trim().trim_matches('"').to_string())
-        .ok_or_else(|| anyhow!("{}: no DEMO_API_KEY", h.dir.join("service.env").display()))
-}
-
-fn step(n: u32, text: &str) {
-    println!("\n== {n}. {text}");
-}
+pub use rekey_demo::walkthrough::DemoArgs;
 
 pub async fn run(args: DemoArgs) -> Result<()> {
-    let b = bins()?;
-    let (dir, tmp) = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            (d.canonicalize()?, None)
-        }
-        None => {
-            let t = tempfile::Builder::new().prefix("rekey-demo-").tempdir()?;
-            (t.path().to_path_buf(), Some(t))
-        }
-    };
-    let keep = args.keep;
-    let mut w = World {
-        dir: dir.clone(),
-        _tmp: if keep { None } else { tmp },
-        children: Vec::new(),
-        service_pidfiles: Vec::new(),
-        keep,
-    };
-    if keep {
-        // The temp dir must outlive this process.
-        std::mem::forget(w._tmp.take());
-    }
-    println!("rekey demo — everything runs on this machine, in {}", dir.display());
+    rekey_demo::walkthrough::run::<Client>(args).await
+}
 
-    step(1, "the demo SaaS API (stands in for a provider's key dashboard)");
-    let admin_token = format!("adm_{}", hex_token());
-    let admin_file = dir.join("api-admin.token");
-    write_private(&admin_file, &admin_token)?;
-    let addr_file = dir.join("api.addr");
-    w.spawn(
-        "demo-api",
-        Command::new(&b.api)
-            .args(["--listen", "127.0.0.1:0", "--addr-file"])
-            .arg(&addr_file)
-            .arg("--admin-token-file")
-            .arg(&admin_file)
-            .arg("--state")
-            .arg(dir.join("api-state.json")),
-    )?;
-    wait("the demo API", Duration::from_secs(15), || addr_file.exists())?;
-    let api = std::fs::read_to_string(&addr_file)?.trim().to_string();
-    let (st, body) = http(&api, "POST", "/v1/keys", &admin_token, r#"{"name":"demo-services"}"#)?;
-    if st != 201 {
-        bail!("the demo API refused to create the first key: HTTP {st}");
+impl Admin for Client {
+    async fn connect(operator_dir: &Path, addr: String) -> Result<Self> {
+        connect_to(operator_dir, Some(addr)).await
     }
-    let first: Value = serde_json::from_str(&body)?;
-    let first_id = first["id"].as_str().unwrap_or_default().to_string();
-    let first_secret = first["secret"].as_str().unwrap_or_default().to_string();
-    println!("   listening on {api}; issued key {first_id} (deployed by hand, before rekey — the key to rotate)");
 
-    step(2, "rekeyd, the coordinator: its own CA, encrypted store, audit chain");
-    let port = free_port()?;
-    let cfg = dir.join("coordinator.toml");
-    std::fs::write(&cfg, coordinator_toml(port, &api, &admin_file))?;
-    let out = Command::new(&b.rekeyd).arg("--config").arg(&cfg).arg("init").output()?;
-    if !out.status.success() {
-        bail!("rekeyd init failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    async fn create_token(
+        &mut self,
+        host: &str,
+        labels: &[(&str, &str)],
+        ttl_seconds: u64,
+    ) -> Result<(String, String)> {
+        let req = self.request(CreateTokenRequest {
+            host: host.to_string(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ttl_seconds,
+        });
+        let r = self.inner.clone().create_token(req).await.map_err(|s| self.explain(s))?.into_inner();
+        Ok((r.token, r.ca_fingerprint))
     }
-    w.spawn("rekeyd", Command::new(&b.rekeyd).arg("--config").arg(&cfg).arg("run"))?;
-    let coord = format!("127.0.0.1:{port}");
-    let op_dir = dir.join("data/operator");
-    wait("rekeyd", Duration::from_secs(15), || dir.join("data/rekeyd.addr").exists())?;
-    let mut c = connect_to(&op_dir, Some(coord.clone())).await?;
-    println!("   listening on {coord}; operator credential in {}", op_dir.display());
 
-    step(3, &format!("{} hosts: a demo service using the key, and an enrolled rekey-agent each", args.hosts));
-    let mut hosts = Vec::new();
-    for i in 1..=args.hosts {
-        let h = Host { name: format!("host-{i}"), dir: dir.join(format!("host-{i}")), port: free_port()? };
-        std::fs::create_dir_all(&h.dir)?;
-        write_private(
-            &h.dir.join("service.env"),
-            &format!("# demo service credentials\nDEMO_API_KEY={first_secret}\n"),
-        )?;
-        let cmd = service_cmd(&b, &h, &api);
-        let st = Command::new(&cmd[0]).args(&cmd[1..]).stdin(Stdio::null()).output()?;
-        if !st.status.success() {
-            bail!("demo service of {} did not start (see {}/service.log)", h.name, h.dir.display());
-        }
-        w.service_pidfiles.push(h.dir.join("service.pid"));
-        let tok = c
-            .inner
-            .clone()
-            .create_token(c.request(CreateTokenRequest {
-                host: h.name.clone(),
-                labels: [("env".to_string(), "demo".to_string())].into(),
-                ttl_seconds: 600,
-            }))
-            .await
-            .map_err(|s| c.explain(s))?
-            .into_inner();
-        let out = Command::new(&b.agent)
-            .args(["enroll", "--coordinator", &coord, "--token", &tok.token, "--ca-fingerprint", &tok.ca_fingerprint])
-            .arg("--state-dir")
-            .arg(h.dir.join("state"))
-            .output()?;
-        if !out.status.success() {
-            bail!("enrolling {} failed: {}", h.name, String::from_utf8_lossy(&out.stderr).trim());
-        }
-        std::fs::write(h.dir.join("agent.toml"), agent_toml(&b, &h, &api, false))?;
-        w.spawn(
-            &format!("agent-{}", h.name),
-            Command::new(&b.agent).arg("run").arg("--config").arg(h.dir.join("agent.toml")),
-        )?;
-        println!(
-            "   {}: service on 127.0.0.1:{} (health {}), agent enrolled over mTLS",
-            h.name,
-            h.port,
-            health(h.port).unwrap_or(0)
-        );
-        hosts.push(h);
+    async fn connected_agents(&mut self) -> Result<usize> {
+        let r =
+            self.inner.clone().list_agents(self.request(ListAgentsRequest {})).await.map_err(|s| self.explain(s))?;
+        Ok(r.into_inner().agents.iter().filter(|a| a.connected).count())
     }
-    wait_connected(&mut c, hosts.len()).await?;
-    println!("   all {} agents connected", hosts.len());
 
-    step(4, "rotate the API key: canary → waves → every service healthy → deactivate → grace → delete");
-    let r1 = start(&mut c).await?;
-    let r1v = follow(&mut c, &r1, &["completed", "monitoring", "halted", "aborted"], 0).await?;
-    if r1v["state"] != "monitoring" && r1v["state"] != "completed" {
-        bail!("the first rotation ended {}: {}", r1v["state"], r1v["halt_reason"]);
+    async fn start_rotation(&mut self, secret: &str) -> Result<Value> {
+        let req = self.request(StartRotationRequest { secret: secret.into() });
+        self.json(self.inner.clone().start_rotation(req).await)
     }
-    let new_key = key_of(&hosts[0])?;
-    let (old_status, _) = http(&api, "GET", "/v1/whoami", &first_secret, "")?;
-    let (new_status, _) = http(&api, "GET", "/v1/whoami", &new_key, "")?;
-    println!("   old key {first_id}: demo API answers {old_status} (revoked); new key: {new_status}");
-    if old_status != 401 || new_status != 200 {
-        bail!("expected the old key refused (401) and the new one accepted (200), got {old_status} and {new_status}");
-    }
-    check_all_healthy(&hosts)?;
 
-    let bad = &hosts[2];
-    step(
-        5,
-        &format!("rotate again, with {} misconfigured (its agent.toml names a file that does not exist)", bad.name),
-    );
-    std::fs::write(bad.dir.join("agent.toml"), agent_toml(&b, bad, &api, true))?;
-    restart_agent(&mut w, &b, bad)?;
-    wait_connected(&mut c, hosts.len()).await?;
-    let r2 = start(&mut c).await?;
-    let r2v = follow(&mut c, &r2, &["halted", "completed", "monitoring", "aborted"], 0).await?;
-    if r2v["state"] != "halted" {
-        bail!("expected the rollout to halt on {}, it is {}", bad.name, r2v["state"]);
+    async fn rotation(&mut self, id: &str) -> Result<Value> {
+        let req = self.request(GetRotationRequest { id: id.to_string() });
+        self.json(self.inner.clone().get_rotation(req).await)
     }
-    let seen = r2v["timeline"].as_array().map(Vec::len).unwrap_or(0);
-    println!(
-        "   {} failed and rolled back by itself ({}); the rollout halted before revoking anything",
-        bad.name,
-        r2v["hosts"][&bad.name]["state"].as_str().unwrap_or("?")
-    );
-    // The canary already runs the new key; the others still use the old one.
-    let (st, _) = http(&api, "GET", "/v1/whoami", &new_key, "")?;
-    println!("   the old key is still valid ({st}); every service is healthy:");
-    if st != 200 {
-        bail!("the old key must still be valid while the rollout is halted, the API answers {st}");
-    }
-    check_all_healthy(&hosts)?;
 
-    step(6, &format!("fix {} and resume: it gets the new version, then the old key is revoked", bad.name));
-    std::fs::write(bad.dir.join("agent.toml"), agent_toml(&b, bad, &api, false))?;
-    restart_agent(&mut w, &b, bad)?;
-    wait_connected(&mut c, hosts.len()).await?;
-    c.inner
-        .clone()
-        .control_rotation(c.request(ControlRotationRequest {
-            id: r2.clone(),
+    async fn resume(&mut self, id: &str) -> Result<()> {
+        let req = self.request(ControlRotationRequest {
+            id: id.to_string(),
             action: Control::Resume as i32,
             host: String::new(),
             reason: String::new(),
-        }))
-        .await
-        .map_err(|s| c.explain(s))?;
-    let r2v = follow(&mut c, &r2, &["completed", "monitoring", "halted", "aborted"], seen).await?;
-    if r2v["state"] != "monitoring" && r2v["state"] != "completed" {
-        bail!("the second rotation ended {}: {}", r2v["state"], r2v["halt_reason"]);
-    }
-    let (st, _) = http(&api, "GET", "/v1/whoami", &new_key, "")?;
-    println!("   the previous key is now refused ({st}); every service runs on the new one:");
-    check_all_healthy(&hosts)?;
-    if st != 401 {
-        bail!("the previous key should be revoked, the API answers {st}");
+        });
+        self.inner.clone().control_rotation(req).await.map_err(|s| self.explain(s))?;
+        Ok(())
     }
 
-    step(7, "the incident report (Markdown; `--format json` for machines)");
-    let report = c
-        .inner
-        .clone()
-        .get_report(c.request(GetReportRequest { id: r2.clone(), format: "md".into() }))
-        .await
-        .map_err(|s| c.explain(s))?
-        .into_inner()
-        .content;
-    println!("\n{report}");
-
-    println!("== where to look next");
-    let op = op_dir.display();
-    println!("   rekey --operator-dir {op} agents");
-    println!("   rekey --operator-dir {op} rotate list");
-    println!("   rekey --operator-dir {op} rotate status {r2}");
-    println!("   rekey --operator-dir {op} report {r1}");
-    println!("   rekey --operator-dir {op} audit verify");
-    println!("   logs and configs: {}", dir.display());
-    if keep {
-        let pids: Vec<String> = w.children.iter().map(|(_, c)| c.id().to_string()).collect();
-        println!(
-            "\nleft running (--keep). Stop everything with:\n   kill {} $(cat {}/host-*/service.pid)",
-            pids.join(" "),
-            dir.display()
-        );
-    } else {
-        println!("\nstopping every process the demo started and removing {}", dir.display());
+    async fn report(&mut self, id: &str, format: &str) -> Result<String> {
+        let req = self.request(GetReportRequest { id: id.to_string(), format: format.into() });
+        Ok(self.inner.clone().get_report(req).await.map_err(|s| self.explain(s))?.into_inner().content)
     }
-    Ok(())
-}
-
-fn hex_token() -> String {
-    use rand::Rng;
-    let mut b = [0u8; 16];
-    rand::rng().fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
-}
-
-fn restart_agent(w: &mut World, b: &Bins, h: &Host) -> Result<()> {
-    let name = format!("agent-{}", h.name);
-    w.kill(&name);
-    w.spawn(&name, Command::new(&b.agent).arg("run").arg("--config").arg(h.dir.join("agent.toml")))
-}
-
-async fn wait_connected(c: &mut Client, n: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let agents = c.inner.clone().list_agents(c.request(ListAgentsRequest {})).await.map_err(|s| c.explain(s))?;
-        if agents.into_inner().agents.iter().filter(|a| a.connected).count() >= n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the agents did not all connect within 30s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn start(c: &mut Client) -> Result<String> {
-    let v = c.json(c.inner.clone().start_rotation(c.request(StartRotationRequest { secret: SECRET.into() })).await)?;
-    let id = v["id"].as_str().unwrap_or_default().to_string();
-    println!("   rotation {id} started");
-    Ok(id)
-}
-
-fn check_all_healthy(hosts: &[Host]) -> Result<()> {
-    let mut line = BTreeMap::new();
-    for h in hosts {
-        let st = health(h.port).unwrap_or(0);
-        line.insert(h.name.clone(), st);
-    }
-    println!("   {}", line.iter().map(|(n, s)| format!("{n}: {s}")).collect::<Vec<_>>().join("  "));
-    if let Some((n, s)) = line.iter().find(|(_, s)| **s != 200) {
-        bail!("{n}'s service is not healthy (HTTP {s})");
-    }
-    Ok(())
-}
-
-/// The demo API's key endpoints, as an `http` provider.
-fn provider_toml(api: &str, admin_token_file: &Path) -> String {
-    format!(
-        r#"[secret.provider]
-kind = "http"
-base_url = "http://{api}"
-token_file = "{token}"
-timeout = "5s"
-create = {{ url = "/v1/keys", body = {{ name = "demo-services {{rotation_id}}" }}, id_pointer = "/id", fields = {{ value = "/secret" }} }}
-delete = {{ url = "/v1/keys/{{id}}" }}
-deactivate = {{ url = "/v1/keys/{{id}}/deactivate" }}
-reactivate = {{ url = "/v1/keys/{{id}}/activate" }}
-list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at" }}
-"#,
-        token = admin_token_file.display()
-    )
 }

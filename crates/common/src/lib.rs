@@ -4,12 +4,16 @@
 //!   enrollment, the tonic connector, and peer identities read from certificates.
 //! - [`secret`]: the type that holds secret bytes (redacted `Debug`, zeroized on drop).
 //! - [`config`]: TOML loading whose errors name the file and the field.
+//! - [`error`]: an error and its causes on one line, for logs and messages.
+//! - [`fs`]: atomic file replacement (temp file 0600, fsync, rename, fsync of the directory).
 //! - [`time`] and [`logging`]: small helpers every binary uses the same way.
 //! - [`testing`]: the one wait budget the crates' and e2e tests derive deadlines from.
 //!
 //! Owns no tasks and no channels.
 
 pub mod config;
+pub mod error;
+pub mod fs;
 pub mod logging;
 pub mod secret;
 pub mod testing;

@@ -11,6 +11,7 @@
 //!   only if it contains a CA with exactly that fingerprint and the leaf
 //!   verifies against it. Nothing is sent before that check passes.
 
+use crate::error::Chain;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -327,7 +328,7 @@ pub fn tls_incoming(
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        tracing::warn!(error = %Chain(&e), "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -341,7 +342,7 @@ pub fn tls_incoming(
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "tls handshake refused"),
+                    Ok(Err(e)) => tracing::info!(%peer, error = %Chain(&e), "tls handshake refused"),
                     Err(_) => tracing::info!(%peer, "tls handshake timed out"),
                 }
             });

@@ -97,8 +97,9 @@ impl Keys {
     fn save(&self) {
         let Some(p) = &self.path else { return };
         let json = serde_json::to_vec_pretty(&self.data).expect("serializable");
-        if let Err(e) = crate::process::write_atomic(p, &json) {
-            tracing::error!(path = %p.display(), error = %e, "cannot save the key state");
+        // Digests only, no secret: readable like the rest of the demo's files.
+        if let Err(e) = rekey_common::fs::write_atomic(p, &json, 0o644) {
+            tracing::error!(path = %p.display(), error = %rekey_common::error::Chain(&e), "cannot save the key state");
         }
     }
 

@@ -4,6 +4,7 @@
 //! ring (HMAC-SHA256, SHA-256), following the published SigV4 algorithm.
 
 use http_body_util::BodyExt;
+use rekey_common::error::chain;
 use rekey_common::secret::SecretBytes;
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ pub async fn get_caller_identity(
         .map_err(|_| format!("cannot connect to {auth} within 3s"))?
         .map_err(|e| format!("cannot connect to {auth}: {e}"))?;
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| chain(&e))?;
     let conn = tokio::spawn(conn);
     let date = amz_date(rekey_common::time::now_unix());
     let mut authz =
@@ -75,12 +76,12 @@ pub async fn get_caller_identity(
         let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
             .await
             .map_err(|_| "no answer from sts within 5s".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| chain(&e))?;
         let status = resp.status().as_u16();
         let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| chain(e.as_ref()))?
             .to_bytes();
         let body = String::from_utf8_lossy(&body);
         let code = body

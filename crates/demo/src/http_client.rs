@@ -2,6 +2,7 @@
 //! the demo service's calls to the demo API.
 
 use http_body_util::BodyExt;
+use rekey_common::error::chain;
 use std::time::Duration;
 
 /// A parsed `http://host:port[/prefix]` base URL.
@@ -46,7 +47,7 @@ async fn get_inner(base: &BaseUrl, path: &str, bearer: Option<&[u8]>) -> Result<
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", base.authority))?;
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| chain(&e))?;
     let conn = tokio::spawn(conn);
     let mut req = http::Request::get(format!("{}{path}", base.prefix)).header(http::header::HOST, &base.authority);
     if let Some(token) = bearer {
@@ -59,12 +60,12 @@ async fn get_inner(base: &BaseUrl, path: &str, bearer: Option<&[u8]>) -> Result<
     }
     let req = req.body(http_body_util::Empty::<hyper::body::Bytes>::new()).map_err(|e| e.to_string())?;
     let result = async {
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| chain(&e))?;
         let status = resp.status().as_u16();
         let body = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| chain(e.as_ref()))?
             .to_bytes()
             .to_vec();
         Ok((status, body))

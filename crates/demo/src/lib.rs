@@ -37,10 +37,20 @@
 //!     the restart command where a rollback must revive the service.
 //!
 //! The library holds what the binaries share: the API's state and routes,
-//! the credentials parser, a minimal HTTP/1 client and pidfile helpers.
+//! the credentials parser, a minimal HTTP/1 client. Beyond them:
+//!
+//! - [`walkthrough`]: `rekey demo`, the whole product on one machine (the
+//!   CLI's `demo` verb calls it with its admin client);
+//! - [`process`]: pidfiles, and the process handling everything that runs
+//!   the real binaries shares — the demo, the e2e fixtures (`tests/`):
+//!   spawning with a log, signalling, waiting on a condition with a
+//!   deadline, free ports.
+//!
+//! Links no cloud SDK and no gRPC stack, so the CLI may depend on it.
 
 pub mod api;
 pub mod aws;
 pub mod credentials;
 pub mod http_client;
 pub mod process;
+pub mod walkthrough;

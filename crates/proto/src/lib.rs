@@ -3,7 +3,8 @@
 //! build time from `proto/rekey/v1/` with protox — no system `protoc`.
 //!
 //! Owns no tasks. The only hand-written code is the redacting `Debug` of
-//! [`v1::SecretField`], the one message that carries secret bytes.
+//! [`v1::SecretField`], the one message that carries secret bytes, and the
+//! rules of a scope scan both sides apply ([`scan`]).
 
 /// Version of the agent protocol. Bumped on any incompatible change; a peer
 /// speaking another version is refused with both numbers in the error.
@@ -11,6 +12,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// gRPC metadata key carrying the client's protocol version on admin calls.
 pub const PROTOCOL_HEADER: &str = "rekey-protocol-version";
+
+pub mod scan;
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -25,7 +25,7 @@
 //! `endpoint_url` points it at another endpoint (moto in tests).
 
 use crate::credential::{Source, check_file};
-use crate::journal::{Attempt, Created, Journal};
+use crate::journal::{Created, External, Journal, create_once};
 use crate::{
     CreateRequest, FieldError, LastUsed, NewVersion, Provider, ProviderError, ProviderState, VersionInfo, VersionStatus,
 };
@@ -308,10 +308,6 @@ impl AwsIam {
         Ok(AwsIam { config, state, client: OnceCell::new() })
     }
 
-    fn journal(&self) -> Journal<'_> {
-        Journal { provider: KIND, state: &*self.state }
-    }
-
     /// The IAM client, built on first use (loading the default chain is async).
     async fn client(&self) -> Result<&Client, ProviderError> {
         self.client
@@ -460,66 +456,48 @@ impl AwsIam {
     }
 }
 
+/// IAM lists every key, so nothing an interrupted `CreateAccessKey` made can
+/// hide; before creating, room is made under the two-keys limit.
 #[async_trait]
-impl Provider for AwsIam {
-    fn kind(&self) -> &'static str {
-        KIND
+impl External for AwsIam {
+    const NOUN: &'static str = "access key";
+
+    fn journal(&self) -> Journal<'_> {
+        Journal { provider: KIND, state: &*self.state }
     }
 
-    async fn current(&self) -> Result<Option<VersionInfo>, ProviderError> {
-        let active: Vec<VersionInfo> =
-            self.keys().await?.into_iter().filter(|k| k.status == VersionStatus::Active).collect();
-        Ok(if active.len() == 1 { active.into_iter().next() } else { None })
+    async fn versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError> {
+        self.keys().await.map(Some)
     }
 
-    async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError> {
-        let user = self.config.user_name.clone();
-        let journal = self.journal();
-        journal.forget_others(&req.rotation_id)?;
-        let mut notes = Vec::new();
-        let mut keys = self.keys().await?;
-        if let Some(a) = journal.load(&req.rotation_id)? {
-            notes = a.notes.clone();
-            if let Some(c) = &a.created {
-                if keys.iter().any(|k| k.id == c.id) {
-                    return Ok(NewVersion { id: c.id.clone(), fields: c.fields(), notes });
-                }
-                notes.push(format!(
-                    "access key {} created by an earlier attempt of this rotation no longer exists; creating another",
-                    c.id
-                ));
-            } else {
-                // The interrupted CreateAccessKey may have succeeded: its secret is lost.
-                let orphans: Vec<String> =
-                    keys.iter().filter(|k| !a.existing.contains(&k.id)).map(|k| k.id.clone()).collect();
-                for id in orphans {
-                    self.delete_key(&id).await?;
-                    tracing::warn!(%user, key = %id, "deleted access key orphaned by an interrupted create");
-                    notes.push(format!(
-                        "deleted access key {id} of user {user}: created by an interrupted attempt of this rotation, its secret was never recorded"
-                    ));
-                }
-                keys.retain(|k| a.existing.contains(&k.id));
-            }
-        }
+    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
+        self.delete_key(id).await
+    }
+
+    fn orphan_name(&self, id: &str) -> String {
+        format!("access key {id} of user {}", self.config.user_name)
+    }
+
+    async fn before_create(
+        &self,
+        req: &CreateRequest,
+        current: Option<Vec<VersionInfo>>,
+    ) -> Result<(Vec<String>, Vec<String>), ProviderError> {
+        let mut keys = current.unwrap_or_default();
         let room = self.make_room(&keys, req.previous_version.as_deref()).await?;
         if !room.is_empty() {
-            notes.extend(room);
             keys = self.keys().await?;
         }
-        let mut attempt = Attempt {
-            rotation_id: req.rotation_id.clone(),
-            existing: keys.iter().map(|k| k.id.clone()).collect(),
-            planned: None,
-            notes: notes.clone(),
-            created: None,
-        };
-        journal.save(&attempt)?;
+        Ok((keys.into_iter().map(|k| k.id).collect(), room))
+    }
+
+    async fn create_new(&self, _req: &CreateRequest, _replay: bool) -> Result<(Created, Vec<String>), ProviderError> {
+        let user = &self.config.user_name;
         let out = self
             .client()
             .await?
             .create_access_key()
-            .user_name(&user)
+            .user_name(user)
             .send()
             .await
             .map_err(|e| aws_error(&format!("CreateAccessKey for user {user}"), e))?;
@@ -534,10 +512,25 @@ impl Provider for AwsIam {
             ],
             created_unix: key.create_date().map(|d| d.secs()),
         };
-        attempt.created = Some(created.clone());
-        journal.save(&attempt)?;
         tracing::info!(%user, key = %created.id, "access key created");
-        Ok(NewVersion { id: created.id.clone(), fields: created.fields(), notes })
+        Ok((created, vec![]))
+    }
+}
+
+#[async_trait]
+impl Provider for AwsIam {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn current(&self) -> Result<Option<VersionInfo>, ProviderError> {
+        let active: Vec<VersionInfo> =
+            self.keys().await?.into_iter().filter(|k| k.status == VersionStatus::Active).collect();
+        Ok(if active.len() == 1 { active.into_iter().next() } else { None })
+    }
+
+    async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError> {
+        create_once(self, req).await
     }
 
     async fn deactivate(&self, version: &str) -> Result<(), ProviderError> {

@@ -23,7 +23,7 @@
 //! (when `list` is configured), and `create` runs again with `"replay": true`
 //! so the command can clean up what only it can see.
 
-use crate::journal::{Attempt, Created, Journal};
+use crate::journal::{Created, External, Journal, create_once};
 use crate::util::{excerpt, redact};
 use crate::{
     CreateRequest, FieldError, LastUsed, NewVersion, Provider, ProviderError, ProviderState, VersionInfo, VersionStatus,
@@ -203,10 +203,6 @@ impl CommandProvider {
         Ok(CommandProvider { config, timeout, state })
     }
 
-    fn journal(&self) -> Journal<'_> {
-        Journal { provider: KIND, state: &*self.state }
-    }
-
     fn argv(&self, op: Op) -> Option<&Vec<String>> {
         match op {
             Op::Create => Some(&self.config.create),
@@ -218,12 +214,10 @@ impl CommandProvider {
         }
     }
 
-    /// Runs the command of `op` with `request` on stdin.
-    async fn run(&self, op: Op, request: Value, version: Option<&str>) -> Result<Run, ProviderError> {
-        let argv = self
-            .argv(op)
-            .ok_or_else(|| ProviderError::failed(KIND, format!("no {} command is configured", op.as_str())))?;
-        let what = format!("{} command {}", op.as_str(), argv[0]);
+    /// The command for `argv`: no shell, a cleared environment (but `PATH`,
+    /// `HOME`, `LANG`, `TMPDIR`, `pass_env` and `env`), pipes, its own
+    /// process group.
+    fn command(&self, argv: &[String]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .env_clear()
@@ -233,12 +227,9 @@ impl CommandProvider {
             // Its own process group, so a timeout kills what it started too.
             .process_group(0)
             .kill_on_drop(true);
-        for k in ["PATH", "HOME", "LANG", "TMPDIR"] {
-            if let Some(v) = std::env::var_os(k) {
-                cmd.env(k, v);
-            }
-        }
-        for k in &self.config.pass_env {
+        let inherited =
+            ["PATH", "HOME", "LANG", "TMPDIR"].into_iter().chain(self.config.pass_env.iter().map(String::as_str));
+        for k in inherited {
             if let Some(v) = std::env::var_os(k) {
                 cmd.env(k, v);
             }
@@ -247,7 +238,19 @@ impl CommandProvider {
         if let Some(d) = &self.config.working_dir {
             cmd.current_dir(d);
         }
-        let mut child = cmd.spawn().map_err(|e| ProviderError::failed(KIND, format!("{what}: cannot start: {e}")))?;
+        cmd
+    }
+
+    /// Runs the command of `op` with `request` on stdin.
+    async fn run(&self, op: Op, request: Value, version: Option<&str>) -> Result<Run, ProviderError> {
+        let argv = self
+            .argv(op)
+            .ok_or_else(|| ProviderError::failed(KIND, format!("no {} command is configured", op.as_str())))?;
+        let what = format!("{} command {}", op.as_str(), argv[0]);
+        let mut child = self
+            .command(argv)
+            .spawn()
+            .map_err(|e| ProviderError::failed(KIND, format!("{what}: cannot start: {e}")))?;
         let mut stdin = child.stdin.take().expect("piped");
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
@@ -401,6 +404,34 @@ fn parse_created(what: &str, stdout: &[u8]) -> Result<(Created, Vec<String>), Pr
     ))
 }
 
+/// `create` runs with `"replay": true` after an interrupted attempt, so the
+/// command can clean up what only it can see (without a `list` command,
+/// rekey sees nothing).
+#[async_trait]
+impl External for CommandProvider {
+    const NOUN: &'static str = "version";
+
+    fn journal(&self) -> Journal<'_> {
+        Journal { provider: KIND, state: &*self.state }
+    }
+
+    async fn versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError> {
+        self.list_versions().await
+    }
+
+    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
+        match self.by_id(Op::Delete, id).await {
+            Ok(()) | Err(ProviderError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create_new(&self, req: &CreateRequest, replay: bool) -> Result<(Created, Vec<String>), ProviderError> {
+        let run = self.run(Op::Create, self.request(Op::Create, Some(req), None, replay), None).await?;
+        parse_created(&format!("create command {}", self.config.create[0]), &run.stdout)
+    }
+}
+
 #[async_trait]
 impl Provider for CommandProvider {
     fn kind(&self) -> &'static str {
@@ -414,58 +445,7 @@ impl Provider for CommandProvider {
     }
 
     async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError> {
-        let journal = self.journal();
-        journal.forget_others(&req.rotation_id)?;
-        let mut notes = Vec::new();
-        let mut replay = false;
-        let listed = self.list_versions().await?;
-        if let Some(a) = journal.load(&req.rotation_id)? {
-            notes = a.notes.clone();
-            if let Some(c) = &a.created {
-                let gone = listed.as_ref().is_some_and(|l| !l.iter().any(|v| v.id == c.id));
-                if !gone {
-                    return Ok(NewVersion { id: c.id.clone(), fields: c.fields(), notes });
-                }
-                notes.push(format!(
-                    "version {} created by an earlier attempt of this rotation no longer exists; creating another",
-                    c.id
-                ));
-            } else {
-                replay = true;
-                if let Some(l) = &listed {
-                    for v in l.iter().filter(|v| !a.existing.contains(&v.id)) {
-                        match self.by_id(Op::Delete, &v.id).await {
-                            Ok(()) | Err(ProviderError::NotFound { .. }) => {}
-                            Err(e) => return Err(e),
-                        }
-                        tracing::warn!(version = %v.id, "deleted version orphaned by an interrupted create");
-                        notes.push(format!(
-                            "deleted version {}: created by an interrupted attempt of this rotation, its secret was never recorded",
-                            v.id
-                        ));
-                    }
-                }
-            }
-        }
-        let existing = match self.list_versions().await? {
-            Some(l) => l.into_iter().map(|v| v.id).collect(),
-            None => vec![],
-        };
-        let mut attempt = Attempt {
-            rotation_id: req.rotation_id.clone(),
-            existing,
-            planned: None,
-            notes: notes.clone(),
-            created: None,
-        };
-        journal.save(&attempt)?;
-        let run = self.run(Op::Create, self.request(Op::Create, Some(req), None, replay), None).await?;
-        let (created, more) = parse_created(&format!("create command {}", self.config.create[0]), &run.stdout)?;
-        notes.extend(more);
-        attempt.notes = notes.clone();
-        attempt.created = Some(created.clone());
-        journal.save(&attempt)?;
-        Ok(NewVersion { id: created.id.clone(), fields: created.fields(), notes })
+        create_once(self, req).await
     }
 
     async fn deactivate(&self, version: &str) -> Result<(), ProviderError> {

@@ -19,7 +19,7 @@
 //! the auth token and every value the provider knows are redacted.
 
 use crate::credential::Source;
-use crate::journal::{Attempt, Created, Journal};
+use crate::journal::{Created, External, Journal, create_once};
 use crate::util::{excerpt, fill, redact};
 use crate::{
     CreateRequest, FieldError, LastUsed, NewVersion, Provider, ProviderError, ProviderState, VersionInfo, VersionStatus,
@@ -330,10 +330,6 @@ impl HttpProvider {
         Ok(HttpProvider { config, token, client, state })
     }
 
-    fn journal(&self) -> Journal<'_> {
-        Journal { provider: KIND, state: &*self.state }
-    }
-
     fn url(&self, template: &str, vars: &[(&str, &str)]) -> String {
         let encoded: Vec<(&str, String)> = vars.iter().map(|(k, v)| (*k, encode_segment(v))).collect();
         let refs: Vec<(&str, &str)> = encoded.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -482,80 +478,35 @@ impl HttpProvider {
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    excerpt(&s, 300)
+    excerpt(&rekey_common::error::chain(e), 300)
 }
 
 #[async_trait]
-impl Provider for HttpProvider {
-    fn kind(&self) -> &'static str {
-        KIND
+impl External for HttpProvider {
+    const NOUN: &'static str = "key";
+
+    fn journal(&self) -> Journal<'_> {
+        Journal { provider: KIND, state: &*self.state }
     }
 
-    async fn current(&self) -> Result<Option<VersionInfo>, ProviderError> {
-        let Some(items) = self.list_items().await? else { return Ok(None) };
-        let active: Vec<VersionInfo> =
-            items.into_iter().map(|(v, _)| v).filter(|v| v.status == VersionStatus::Active).collect();
-        Ok(if active.len() == 1 { active.into_iter().next() } else { None })
+    async fn versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError> {
+        Ok(self.list_items().await?.map(|items| items.into_iter().map(|(v, _)| v).collect()))
     }
 
-    async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError> {
-        let journal = self.journal();
-        journal.forget_others(&req.rotation_id)?;
-        let mut notes = Vec::new();
-        let listed = self.list_items().await?;
-        if let Some(a) = journal.load(&req.rotation_id)? {
-            notes = a.notes.clone();
-            if let Some(c) = &a.created {
-                let gone = listed.as_ref().is_some_and(|l| !l.iter().any(|(v, _)| v.id == c.id));
-                if !gone {
-                    return Ok(NewVersion { id: c.id.clone(), fields: c.fields(), notes });
-                }
-                notes.push(format!(
-                    "key {} created by an earlier attempt of this rotation no longer exists; creating another",
-                    c.id
-                ));
-            } else {
-                match &listed {
-                    Some(items) => {
-                        for (v, _) in items.iter().filter(|(v, _)| !a.existing.contains(&v.id)) {
-                            self.delete_id(&v.id).await?;
-                            tracing::warn!(key = %v.id, "deleted key orphaned by an interrupted create");
-                            notes.push(format!(
-                                "deleted key {}: created by an interrupted attempt of this rotation, its secret was never recorded",
-                                v.id
-                            ));
-                        }
-                    }
-                    None => notes.push(
-                        "an interrupted attempt of this rotation may have left a key at the API that rekey cannot see (no list request configured); check the API's keys"
-                            .into(),
-                    ),
-                }
-            }
-        }
-        let existing = match self.list_items().await? {
-            Some(items) => items.into_iter().map(|(v, _)| v.id).collect(),
-            None => vec![],
-        };
-        let mut attempt = Attempt {
-            rotation_id: req.rotation_id.clone(),
-            existing,
-            planned: None,
-            notes: notes.clone(),
-            created: None,
-        };
-        journal.save(&attempt)?;
+    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
+        self.delete_id(id).await
+    }
 
+    fn unlisted_orphan_note(&self) -> Option<String> {
+        Some(
+            "an interrupted attempt of this rotation may have left a key at the API that rekey cannot see (no list request configured); check the API's keys"
+                .into(),
+        )
+    }
+
+    /// The create request; the response is read for the id and fields and
+    /// never echoed (it holds the new secret).
+    async fn create_new(&self, req: &CreateRequest, _replay: bool) -> Result<(Created, Vec<String>), ProviderError> {
         let prev = req.previous_version.clone().unwrap_or_default();
         let vars = [
             ("secret", req.secret.as_str()),
@@ -603,11 +554,26 @@ impl Provider for HttpProvider {
                 }
             }
         }
-        let created = Created { id: id.clone(), fields, created_unix: None };
-        attempt.created = Some(created.clone());
-        journal.save(&attempt)?;
         tracing::info!(key = %id, "key created");
-        Ok(NewVersion { id, fields: created.fields(), notes })
+        Ok((Created { id, fields, created_unix: None }, vec![]))
+    }
+}
+
+#[async_trait]
+impl Provider for HttpProvider {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn current(&self) -> Result<Option<VersionInfo>, ProviderError> {
+        let Some(items) = self.list_items().await? else { return Ok(None) };
+        let active: Vec<VersionInfo> =
+            items.into_iter().map(|(v, _)| v).filter(|v| v.status == VersionStatus::Active).collect();
+        Ok(if active.len() == 1 { active.into_iter().next() } else { None })
+    }
+
+    async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError> {
+        create_once(self, req).await
     }
 
     async fn deactivate(&self, version: &str) -> Result<(), ProviderError> {

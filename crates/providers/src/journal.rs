@@ -11,8 +11,14 @@
 //! intent: then the external call may or may not have happened and its answer
 //! is lost, so the provider finds what appeared since the intent and deletes
 //! it (its secret is unrecoverable) before creating again.
+//!
+//! [`create_once`] is that procedure, written once for every provider whose
+//! versions live at an external API and can be listed ([`External`]: `command`,
+//! `http`, `aws-iam`). It is what keeps "no second new key after a crash"
+//! true; `vault` writes a value it chose itself and replays it instead.
 
-use crate::{Fields, ProviderError, ProviderState};
+use crate::{CreateRequest, Fields, NewVersion, ProviderError, ProviderState, VersionInfo};
+use async_trait::async_trait;
 use rekey_common::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +139,119 @@ impl Journal<'_> {
     }
 }
 
+/// A provider whose versions are made by an external call (an API, a
+/// command) and can usually be listed: what [`create_once`] needs from it.
+#[async_trait]
+pub trait External: Sync {
+    /// What a version is called in notes and logs ("key", "access key").
+    const NOUN: &'static str;
+
+    fn journal(&self) -> Journal<'_>;
+
+    /// The versions that exist now; `None` when the provider cannot list them.
+    async fn versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError>;
+
+    /// Deletes a version an interrupted attempt created; one already gone is fine.
+    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError>;
+
+    /// The external call: the new version and notes about it. `replay`: an
+    /// earlier attempt of this rotation was interrupted before its answer was
+    /// recorded (what could be listed of it is deleted already).
+    async fn create_new(&self, req: &CreateRequest, replay: bool) -> Result<(Created, Vec<String>), ProviderError>;
+
+    /// The versions to record as existing before the external call, and notes
+    /// on what was done to make room. `current`: the list taken before the
+    /// replay check, without the orphans deleted since. By default the
+    /// provider lists again.
+    async fn before_create(
+        &self,
+        req: &CreateRequest,
+        current: Option<Vec<VersionInfo>>,
+    ) -> Result<(Vec<String>, Vec<String>), ProviderError> {
+        let _ = (req, current);
+        Ok((ids(self.versions().await?.unwrap_or_default()), vec![]))
+    }
+
+    /// How an orphan is named in the note saying it was deleted.
+    fn orphan_name(&self, id: &str) -> String {
+        format!("{} {id}", Self::NOUN)
+    }
+
+    /// The note for a replay when the provider cannot list what an
+    /// interrupted attempt may have left.
+    fn unlisted_orphan_note(&self) -> Option<String> {
+        None
+    }
+}
+
+fn ids(versions: Vec<VersionInfo>) -> Vec<String> {
+    versions.into_iter().map(|v| v.id).collect()
+}
+
+/// `create`, idempotent per rotation id across crashes: the version already
+/// recorded for `req.rotation_id` if it still exists; otherwise (after
+/// deleting what an interrupted attempt left) intent recorded, external call,
+/// result recorded.
+pub async fn create_once<P: External>(p: &P, req: &CreateRequest) -> Result<NewVersion, ProviderError> {
+    let journal = p.journal();
+    journal.forget_others(&req.rotation_id)?;
+    let mut notes = Vec::new();
+    let mut replay = false;
+    let mut listed = p.versions().await?;
+    if let Some(a) = journal.load(&req.rotation_id)? {
+        notes = a.notes.clone();
+        if let Some(c) = &a.created {
+            let gone = listed.as_ref().is_some_and(|l| !l.iter().any(|v| v.id == c.id));
+            if !gone {
+                return Ok(NewVersion { id: c.id.clone(), fields: c.fields(), notes });
+            }
+            notes.push(format!(
+                "{} {} created by an earlier attempt of this rotation no longer exists; creating another",
+                P::NOUN,
+                c.id
+            ));
+        } else {
+            replay = true;
+            delete_orphans(p, &a, listed.as_mut(), &mut notes).await?;
+        }
+    }
+    let (existing, room) = p.before_create(req, listed).await?;
+    notes.extend(room);
+    let mut attempt =
+        Attempt { rotation_id: req.rotation_id.clone(), existing, planned: None, notes: notes.clone(), created: None };
+    journal.save(&attempt)?;
+    let (created, more) = p.create_new(req, replay).await?;
+    notes.extend(more);
+    attempt.notes = notes.clone();
+    attempt.created = Some(created.clone());
+    journal.save(&attempt)?;
+    Ok(NewVersion { id: created.id.clone(), fields: created.fields(), notes })
+}
+
+/// Deletes every listed version the interrupted attempt `a` did not see
+/// before its call (its secret was never recorded), and drops it from `listed`.
+async fn delete_orphans<P: External>(
+    p: &P,
+    a: &Attempt,
+    listed: Option<&mut Vec<VersionInfo>>,
+    notes: &mut Vec<String>,
+) -> Result<(), ProviderError> {
+    let Some(listed) = listed else {
+        notes.extend(p.unlisted_orphan_note());
+        return Ok(());
+    };
+    for v in listed.iter().filter(|v| !a.existing.contains(&v.id)) {
+        p.delete_orphan(&v.id).await?;
+        let name = p.orphan_name(&v.id);
+        tracing::warn!("deleted {name} orphaned by an interrupted create");
+        notes.push(format!(
+            "deleted {name}: created by an interrupted attempt of this rotation, its secret was never recorded"
+        ));
+    }
+    listed.retain(|v| a.existing.contains(&v.id));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +279,124 @@ mod tests {
         assert_eq!(j.known_values(), vec!["v".to_string()]);
         j.forget_version("k1").unwrap();
         assert!(j.load("rot-1").unwrap().is_none());
+    }
+
+    /// An external API in memory: `lose_answer` makes the next create
+    /// succeed at the API but fail before its answer is recorded.
+    struct Api {
+        state: Mem,
+        keys: std::sync::Mutex<Vec<VersionInfo>>,
+        listable: bool,
+        lose_answer: std::sync::atomic::AtomicBool,
+        replays: std::sync::Mutex<Vec<bool>>,
+    }
+
+    impl Api {
+        fn new(listable: bool) -> Api {
+            Api {
+                state: Mem::default(),
+                keys: Default::default(),
+                listable,
+                lose_answer: false.into(),
+                replays: Default::default(),
+            }
+        }
+        fn ids(&self) -> Vec<String> {
+            self.keys.lock().unwrap().iter().map(|v| v.id.clone()).collect()
+        }
+    }
+
+    #[async_trait]
+    impl External for Api {
+        const NOUN: &'static str = "key";
+        fn journal(&self) -> Journal<'_> {
+            Journal { provider: "t", state: &self.state }
+        }
+        async fn versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError> {
+            Ok(self.listable.then(|| self.keys.lock().unwrap().clone()))
+        }
+        async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
+            self.keys.lock().unwrap().retain(|v| v.id != id);
+            Ok(())
+        }
+        fn unlisted_orphan_note(&self) -> Option<String> {
+            Some("cannot see".into())
+        }
+        async fn create_new(&self, _: &CreateRequest, replay: bool) -> Result<(Created, Vec<String>), ProviderError> {
+            let mut replays = self.replays.lock().unwrap();
+            replays.push(replay);
+            let id = format!("k{}", replays.len());
+            let mut keys = self.keys.lock().unwrap();
+            keys.push(VersionInfo { id: id.clone(), status: crate::VersionStatus::Active, created_unix: None });
+            if self.lose_answer.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(ProviderError::State { provider: "t", message: "crashed".into() });
+            }
+            Ok((
+                Created {
+                    id: id.clone(),
+                    fields: vec![("value".into(), format!("secret-of-{id}"))],
+                    created_unix: None,
+                },
+                vec![],
+            ))
+        }
+    }
+
+    fn req(rotation: &str) -> CreateRequest {
+        CreateRequest { secret: "s".into(), rotation_id: rotation.into(), previous_version: None }
+    }
+
+    #[tokio::test]
+    async fn a_recorded_version_is_returned_again_and_nothing_is_created() {
+        let api = Api::new(true);
+        let v = create_once(&api, &req("rot-1")).await.unwrap();
+        let again = create_once(&api, &req("rot-1")).await.unwrap();
+        assert_eq!((again.id.as_str(), again.fields["value"].expose()), (v.id.as_str(), &b"secret-of-k1"[..]));
+        assert_eq!(api.ids(), ["k1"]);
+        assert_eq!(*api.replays.lock().unwrap(), [false]);
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_is_replayed_without_a_second_new_version() {
+        let api = Api::new(true);
+        create_once(&api, &req("rot-0")).await.unwrap();
+        api.lose_answer.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(create_once(&api, &req("rot-1")).await.is_err());
+        assert_eq!(api.ids(), ["k1", "k2"], "the lost call created a key");
+        let v = create_once(&api, &req("rot-1")).await.unwrap();
+        assert_eq!(api.ids(), ["k1", "k3"], "the orphan is gone, one new key");
+        assert_eq!(v.id, "k3");
+        assert_eq!(
+            v.notes,
+            ["deleted key k2: created by an interrupted attempt of this rotation, its secret was never recorded"]
+        );
+        assert_eq!(*api.replays.lock().unwrap(), [false, false, true]);
+        // The record names what existed before the call that succeeded.
+        assert_eq!(api.journal().load("rot-1").unwrap().unwrap().existing, ["k1"]);
+    }
+
+    #[tokio::test]
+    async fn a_recorded_version_deleted_since_is_made_again_and_said_so() {
+        let api = Api::new(true);
+        create_once(&api, &req("rot-1")).await.unwrap();
+        api.keys.lock().unwrap().clear();
+        let v = create_once(&api, &req("rot-1")).await.unwrap();
+        assert_eq!(v.id, "k2");
+        assert_eq!(
+            v.notes,
+            ["key k1 created by an earlier attempt of this rotation no longer exists; creating another"]
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_list_the_recorded_version_is_trusted_and_a_replay_is_noted() {
+        let api = Api::new(false);
+        let v = create_once(&api, &req("rot-1")).await.unwrap();
+        assert_eq!(create_once(&api, &req("rot-1")).await.unwrap().id, v.id);
+        api.lose_answer.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(create_once(&api, &req("rot-2")).await.is_err());
+        let v2 = create_once(&api, &req("rot-2")).await.unwrap();
+        assert_eq!(v2.notes, ["cannot see"]);
+        assert_eq!(*api.replays.lock().unwrap(), [false, false, true]);
     }
 }

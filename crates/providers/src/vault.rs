@@ -318,13 +318,7 @@ fn vault_error(who: &'static str, op: &str, e: ClientError) -> ProviderError {
         }
         ClientError::RestClientError { source } => {
             // The source chain names the cause (connection refused, timeout) and never a value.
-            let mut msg = source.to_string();
-            let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(&source);
-            while let Some(s) = cur {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                cur = s.source();
-            }
+            let msg = rekey_common::error::chain(&source);
             ProviderError::transient(who, format!("{op}: cannot reach vault: {}", excerpt(&msg, 400)))
         }
         other => ProviderError::failed(who, format!("{op}: {other}")),

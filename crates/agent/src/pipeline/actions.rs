@@ -12,6 +12,7 @@ use crate::config::{CommandSpec, HealthCheck, HealthConfig, HttpUrl, RestartActi
 use http_body_util::BodyExt;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use rekey_common::error::chain;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -276,7 +277,7 @@ async fn http_get(url: &HttpUrl) -> Result<(u16, Vec<u8>), String> {
         .map_err(|e| format!("failed: cannot connect to {}:{}: {e}", url.host, url.port))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
-        .map_err(|e| format!("failed: {e}"))?;
+        .map_err(|e| format!("failed: {}", chain(&e)))?;
     let conn = tokio::spawn(conn);
     let _abort = AbortOnDrop(conn);
     let req = http::Request::get(url.path.as_str())
@@ -284,7 +285,7 @@ async fn http_get(url: &HttpUrl) -> Result<(u16, Vec<u8>), String> {
         .header(http::header::USER_AGENT, concat!("rekey-agent/", env!("CARGO_PKG_VERSION")))
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())
         .map_err(|e| format!("failed: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("failed: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("failed: {}", chain(&e)))?;
     let status = resp.status().as_u16();
     let body = http_body_util::Limited::new(resp.into_body(), BODY_CAP)
         .collect()
@@ -337,7 +338,7 @@ async fn check_once(
                 Err(format!("exited with {}{}", fmt_status(status), fmt_tail(&output)))
             }
             Err(ActionError::Timeout { after, .. }) => Err(format!("timed out after {}", fmt_duration(after))),
-            Err(e) => Err(format!("failed: {}", crate::enroll::chain(&e))),
+            Err(e) => Err(format!("failed: {}", chain(&e))),
         },
     }
 }
@@ -431,7 +432,7 @@ mod tests {
         let e = run_command(&CommandSpec::plain(vec!["/no/such/prog".into()]), &none(), Duration::from_secs(1), &scrub)
             .await
             .unwrap_err();
-        assert!(crate::enroll::chain(&e).starts_with("cannot run /no/such/prog: "), "{e}");
+        assert!(chain(&e).starts_with("cannot run /no/such/prog: "), "{e}");
     }
 
     /// A daemon started by the command keeps the pipes open: the command's

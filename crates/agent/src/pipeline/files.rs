@@ -1,17 +1,14 @@
-//! File system steps of an apply: reading a declared file, replacing it
-//! atomically with its mode and owner, removing it durably, private dirs.
-//!
-//! An atomic write is: a fresh temp file beside the target (created 0600, so
-//! the new value is never readable by others, even briefly), the content,
-//! owner then mode set on the open file, fsync, rename over the target, fsync
-//! of the directory. A crash leaves either the old or the new file, never a
-//! mix; a leftover temp file is removed by the next write.
+//! File system steps of an apply: reading a declared file, private dirs,
+//! owners by name. Replacing a file (atomically, with its mode and owner)
+//! and removing it durably are [`rekey_common::fs`]'s `write_atomic_owned`
+//! and `remove_durably`: a temp file created 0600 beside the target, owner
+//! then mode, fsync, rename, fsync of the directory.
 
 use crate::config::IdSpec;
 use rekey_common::secret::SecretBytes;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// What a declared file looked like before the apply.
@@ -28,13 +25,6 @@ pub struct Meta {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-}
-
-/// The temp file an atomic write of `path` uses (one per target, so a
-/// leftover is found and removed).
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
-    path.with_file_name(format!(".{name}.rekey-tmp"))
 }
 
 /// Reads a declared file. A symlink is followed: the file it points to is
@@ -67,52 +57,6 @@ pub fn read_current(path: &Path) -> io::Result<Current> {
         meta: Some(Meta { mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid() }),
         content: Some(SecretBytes::new(buf)),
     })
-}
-
-/// Replaces `path` atomically with `content`, `mode`, and the given owner and
-/// group (`None`: whatever a new file gets, i.e. the agent's).
-pub fn write_atomic(path: &Path, content: &[u8], mode: u32, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let tmp = tmp_path(path);
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    // create_new: O_EXCL, so a planted symlink at the temp path is refused.
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let result = (|| {
-        f.write_all(content)?;
-        // Only what differs from a new file's: an unprivileged agent may
-        // "keep" its own ownership but not give files away.
-        let created = f.metadata()?;
-        let uid = uid.filter(|u| *u != created.uid());
-        let gid = gid.filter(|g| *g != created.gid());
-        if uid.is_some() || gid.is_some() {
-            // Owner before mode: chown clears set-id bits.
-            std::os::unix::fs::fchown(&f, uid, gid)?;
-        }
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Removes `path` (and its temp file) and makes the removal durable. A
-/// missing file is not an error.
-pub fn remove_durably(path: &Path) -> io::Result<()> {
-    let _ = fs::remove_file(tmp_path(path));
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
 }
 
 /// Creates `dir` (and parents) with mode 0700.
@@ -148,21 +92,10 @@ pub fn resolve_group(spec: &IdSpec) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rekey_common::fs::{remove_durably, write_atomic, write_atomic_owned};
 
-    fn meta(p: &Path) -> (u32, u32, u32) {
-        let m = fs::metadata(p).unwrap();
-        (m.mode() & 0o7777, m.uid(), m.gid())
-    }
-
-    #[test]
-    fn new_file_is_0600_and_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("secret.env");
-        write_atomic(&p, b"K=v\n", 0o600, None, None).unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"K=v\n");
-        assert_eq!(meta(&p).0, 0o600);
-        assert!(!tmp_path(&p).exists());
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    fn meta(p: &Path) -> Meta {
+        read_current(p).unwrap().meta.unwrap()
     }
 
     /// As root: the existing file's mode and owner (uid 65534) survive the
@@ -177,30 +110,17 @@ mod tests {
         if is_root {
             std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
         }
-        let before = read_current(&p).unwrap();
-        let m = before.meta.unwrap();
-        write_atomic(&p, b"new", m.mode, Some(m.uid), Some(m.gid)).unwrap();
+        let m = meta(&p);
+        write_atomic_owned(&p, b"new", m.mode, Some(m.uid), Some(m.gid)).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"new");
         let after = meta(&p);
-        assert_eq!(after.0, 0o640);
+        assert_eq!(after.mode, 0o640);
         if is_root {
-            assert_eq!((after.1, after.2), (65534, 65534));
+            assert_eq!((after.uid, after.gid), (65534, 65534));
         }
         // A configured mode and owner win.
-        write_atomic(&p, b"newer", 0o400, Some(0), Some(0)).unwrap();
-        assert_eq!(meta(&p), (0o400, 0, 0));
-    }
-
-    #[test]
-    fn a_stale_temp_file_or_planted_symlink_is_replaced_not_followed() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        let elsewhere = dir.path().join("elsewhere");
-        fs::write(&elsewhere, b"keep").unwrap();
-        std::os::unix::fs::symlink(&elsewhere, tmp_path(&p)).unwrap();
-        write_atomic(&p, b"v", 0o600, None, None).unwrap();
-        assert_eq!(fs::read(&elsewhere).unwrap(), b"keep");
-        assert_eq!(fs::read(&p).unwrap(), b"v");
+        write_atomic_owned(&p, b"newer", 0o400, Some(0), Some(0)).unwrap();
+        assert_eq!(meta(&p), Meta { mode: 0o400, uid: 0, gid: 0 });
     }
 
     #[test]
@@ -212,7 +132,7 @@ mod tests {
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let cur = read_current(&link).unwrap();
         assert_eq!(cur.target, fs::canonicalize(&real).unwrap());
-        write_atomic(&cur.target, b"new", 0o600, None, None).unwrap();
+        write_atomic(&cur.target, b"new", 0o600).unwrap();
         assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert_eq!(fs::read(&link).unwrap(), b"new");
     }

@@ -16,6 +16,7 @@
 //! content of the declared files, kept private until purged).
 
 use super::files::{self, Meta};
+use rekey_common::fs;
 use rekey_common::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -179,7 +180,7 @@ fn damaged(path: &Path, e: impl std::fmt::Display) -> io::Error {
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let json = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    files::write_atomic(path, &json, 0o600, None, None)
+    fs::write_atomic(path, &json, 0o600)
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> io::Result<Option<T>> {
@@ -216,7 +217,7 @@ impl Store {
     }
 
     pub fn remove_journal(&self, secret: &str) -> io::Result<()> {
-        files::remove_durably(&self.journal_path(secret))
+        fs::remove_durably(&self.journal_path(secret))
     }
 
     /// Every journal left behind, with the path of each that cannot be read.
@@ -251,7 +252,7 @@ impl Store {
         files::private_dir(&dir)?;
         for (rec, content) in meta.files.iter().zip(contents) {
             if let (Some(b), Some(c)) = (&rec.backup, content) {
-                files::write_atomic(&dir.join(b), c.expose(), 0o600, None, None)?;
+                fs::write_atomic(&dir.join(b), c.expose(), 0o600)?;
             }
         }
         write_json(&dir.join("meta.json"), meta)
@@ -311,7 +312,7 @@ impl Store {
         let mut k = vec![0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut k);
         let k = SecretBytes::new(k);
-        files::write_atomic(&path, k.expose(), 0o600, None, None)?;
+        fs::write_atomic(&path, k.expose(), 0o600)?;
         Ok(k)
     }
 }

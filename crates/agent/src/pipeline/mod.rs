@@ -28,7 +28,6 @@ pub mod journal;
 pub mod render;
 
 use crate::config::{AgentConfig, SecretConfig};
-use crate::enroll::chain;
 use crate::outbox::Outbox;
 use actions::{ActionError, CommandValues, HealthFailure};
 use journal::{
@@ -36,6 +35,8 @@ use journal::{
     Store,
 };
 use rand::Rng;
+use rekey_common::error::{Chain, chain};
+use rekey_common::fs;
 use rekey_common::secret::SecretBytes;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1::{AppliedVersion, Delivery, Purge, Rollback, Stage, StageReport};
@@ -491,7 +492,7 @@ impl Pipeline {
         for (i, p) in prepared.iter().enumerate() {
             j.files[i].step = FileStep::Writing;
             self.journal(j)?;
-            files::write_atomic(&p.target, p.new.expose(), p.mode, p.uid, p.gid)
+            fs::write_atomic_owned(&p.target, p.new.expose(), p.mode, p.uid, p.gid)
                 .map_err(|source| StepError::Write { path: p.target.clone(), source })?;
             tracing::debug!(secret = %j.secret, path = %p.target.display(), mode = format!("{:o}", p.mode), "file written");
         }
@@ -553,11 +554,11 @@ impl Pipeline {
             if j.backup_dir.as_deref() != Some(set.as_str())
                 && let Err(e) = store.remove_backup_set(&j.secret, &set)
             {
-                tracing::warn!(secret = %j.secret, set = %set, error = %e, "cannot remove a superseded backup");
+                tracing::warn!(secret = %j.secret, set = %set, error = %Chain(&e), "cannot remove a superseded backup");
             }
         }
         if let Err(e) = store.remove_journal(&j.secret) {
-            tracing::warn!(secret = %j.secret, error = %e, "cannot remove the journal of a completed apply");
+            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot remove the journal of a completed apply");
         }
         Ok(())
     }
@@ -576,12 +577,12 @@ impl Pipeline {
         let store = &self.inner.store;
         j.stage = JournalStage::RollingBack;
         if let Err(e) = self.journal(j) {
-            tracing::warn!(secret = %j.secret, error = %chain(&e), "cannot record the rollback; rolling back anyway");
+            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot record the rollback; rolling back anyway");
         }
         let mut changed = j.restarted;
         for rec in j.files.iter().rev() {
             if rec.step == FileStep::Pending {
-                let _ = std::fs::remove_file(files::tmp_path(&rec.path));
+                let _ = std::fs::remove_file(fs::tmp_path(&rec.path));
                 continue;
             }
             changed = true;
@@ -591,10 +592,10 @@ impl Pipeline {
         if let Some(b) = &j.backup_dir
             && let Err(e) = store.remove_backup_set(&j.secret, b)
         {
-            tracing::warn!(secret = %j.secret, error = %e, "cannot remove a used backup");
+            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot remove a used backup");
         }
         if let Err(e) = store.remove_journal(&j.secret) {
-            tracing::warn!(secret = %j.secret, error = %e, "cannot remove the journal of a rollback");
+            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot remove the journal of a rollback");
         }
         let Some(secret) = secret else {
             if changed {
@@ -618,11 +619,12 @@ impl Pipeline {
         match (&rec.before, &rec.backup, backup_dir) {
             (Some(meta), Some(b), Some(dir)) => {
                 let content = self.inner.store.read_backup(secret, dir, b).map_err(err)?;
-                files::write_atomic(&rec.path, content.expose(), meta.mode, Some(meta.uid), Some(meta.gid)).map_err(err)
+                fs::write_atomic_owned(&rec.path, content.expose(), meta.mode, Some(meta.uid), Some(meta.gid))
+                    .map_err(err)
             }
             (Some(_), _, _) => Err(err(io::Error::new(io::ErrorKind::NotFound, "its backup is missing"))),
             // It did not exist before the apply.
-            (None, _, _) => files::remove_durably(&rec.path).map_err(err),
+            (None, _, _) => fs::remove_durably(&rec.path).map_err(err),
         }
     }
 
@@ -654,7 +656,7 @@ impl Pipeline {
         let journals = match store.journals() {
             Ok(j) => j,
             Err(e) => {
-                tracing::error!(dir = %store.dir().display(), error = %e, "cannot list the apply journals");
+                tracing::error!(dir = %store.dir().display(), error = %Chain(&e), "cannot list the apply journals");
                 return made;
             }
         };
@@ -663,7 +665,7 @@ impl Pipeline {
                 Ok(j) => j,
                 Err((path, e)) => {
                     tracing::error!(
-                        path = %path.display(), error = %e,
+                        path = %path.display(), error = %Chain(&e),
                         "cannot read an apply journal; the files it names may need a manual check; moved aside"
                     );
                     let _ = std::fs::rename(&path, path.with_extension("damaged"));
@@ -734,7 +736,7 @@ impl Pipeline {
         if let Err(e) = self.update_applied(|s| {
             s.secrets.remove(secret);
         }) {
-            tracing::error!(%secret, error = %chain(&e), "cannot update the applied state");
+            tracing::error!(%secret, error = %Chain(&e), "cannot update the applied state");
         }
     }
 
@@ -766,7 +768,7 @@ impl Pipeline {
             }
         });
         if let Err(e) = result {
-            tracing::error!(%secret, error = %chain(&e), "cannot update the applied state");
+            tracing::error!(%secret, error = %Chain(&e), "cannot update the applied state");
         }
     }
 
@@ -884,11 +886,13 @@ impl Pipeline {
             match store.backup_meta(&p.secret, &set) {
                 Ok(Some(m)) if m.holds_version == p.version_id => match store.remove_backup_set(&p.secret, &set) {
                     Ok(()) => removed.push(set),
-                    Err(e) => tracing::error!(secret = %p.secret, set = %set, error = %e, "cannot remove a backup"),
+                    Err(e) => {
+                        tracing::error!(secret = %p.secret, set = %set, error = %Chain(&e), "cannot remove a backup")
+                    }
                 },
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(secret = %p.secret, set = %set, error = %e, "cannot read a backup's meta.json")
+                    tracing::warn!(secret = %p.secret, set = %set, error = %Chain(&e), "cannot read a backup's meta.json")
                 }
             }
         }
@@ -901,7 +905,7 @@ impl Pipeline {
                 }
             });
             if let Err(e) = result {
-                tracing::error!(secret = %p.secret, error = %chain(&e), "cannot update the applied state");
+                tracing::error!(secret = %p.secret, error = %Chain(&e), "cannot update the applied state");
             }
         }
         tracing::info!(secret = %p.secret, version = %p.version_id, removed = removed.len(), "purged the backups holding this version");

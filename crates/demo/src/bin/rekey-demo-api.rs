@@ -61,7 +61,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::net::TcpListener::bind(&cli.listen).await.with_context(|| format!("cannot listen on {}", cli.listen))?;
     let addr = listener.local_addr()?;
     if let Some(f) = &cli.addr_file {
-        rekey_demo::process::write_atomic(f, addr.to_string().as_bytes())
+        rekey_common::fs::write_atomic(f, addr.to_string().as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", f.display()))?;
     }
     tracing::info!(%addr, state = ?cli.state, "demo api listening");

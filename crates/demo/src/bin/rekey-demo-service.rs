@@ -219,11 +219,11 @@ async fn serve(cli: Cli, svc: Arc<Service>) -> anyhow::Result<()> {
     let listener = bind(&cli.listen).await?;
     let addr = listener.local_addr()?;
     if let Some(f) = &cli.addr_file {
-        process::write_atomic(f, addr.to_string().as_bytes())
+        rekey_common::fs::write_atomic(f, addr.to_string().as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", f.display()))?;
     }
     if let Some(p) = &cli.pidfile {
-        process::write_atomic(p, format!("{}\n", std::process::id()).as_bytes())
+        rekey_common::fs::write_atomic(p, format!("{}\n", std::process::id()).as_bytes(), 0o644)
             .with_context(|| format!("cannot write pidfile {}", p.display()))?;
     }
     tracing::info!(%addr, credentials = %cli.credentials.display(), "demo service listening");
