@@ -10,6 +10,7 @@
 
 pub use crate::engine::machine::{AlertKind, Severity};
 use crate::store::Store;
+use rekey_common::error::Chain;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,7 +178,7 @@ impl WebhookSender {
                     tracing::error!(alert = a.seq, url = %hook.url, error = %e, "alert webhook delivery failed");
                 }
                 if let Err(e) = alerts.put(&a) {
-                    tracing::error!(alert = a.seq, error = %e, "cannot record the webhook outcome");
+                    tracing::error!(alert = a.seq, error = %Chain(&e), "cannot record the webhook outcome");
                 }
             });
         }

@@ -53,6 +53,14 @@ pub enum BackupError {
     },
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error("{data_dir} is not initialized: nothing to back up")]
+    NotInitialized { data_dir: PathBuf },
+    #[error(
+        "rekeyd is running on this data dir (its store is locked): use `rekey backup --out FILE` for an online backup, or stop rekeyd to restore"
+    )]
+    Running,
+    #[error("cannot open the store: {0}")]
+    Open(String),
 }
 
 /// What a backup file says about itself (readable without the master key).
@@ -78,6 +86,47 @@ struct FileFormat {
 #[derive(Serialize, Deserialize)]
 struct Payload {
     trees: Vec<(String, Vec<(String, String)>)>,
+}
+
+/// `rekeyd backup`: a sealed backup of a stopped coordinator's store. While
+/// rekeyd runs, the store is locked: `rekey backup` asks the running one.
+pub fn backup_offline(config: &crate::config::Config, out: &Path) -> Result<Summary, BackupError> {
+    if !crate::server::is_initialized(config) {
+        return Err(BackupError::NotInitialized { data_dir: config.data_dir.clone() });
+    }
+    let master = crate::crypto::load_master_key(&config.master_key_file)?;
+    let store = Store::open(&config.store_dir()).map_err(|e| match e {
+        StoreError::Locked { .. } => BackupError::Running,
+        other => BackupError::Store(other),
+    })?;
+    let (ca, _) = crate::pki::Ca::load_or_create(&store, &master).map_err(|e| BackupError::Open(e.to_string()))?;
+    let state = EngineState::open(&store, ca.dek())?;
+    let (summary, bytes) = export(&store, &state, &master)?;
+    write(out, &bytes)?;
+    Ok(summary)
+}
+
+/// `rekeyd restore`: the backup into this config's data dir (rekeyd stopped).
+pub fn restore_offline(config: &crate::config::Config, file: &Path, force: bool) -> Result<Summary, BackupError> {
+    if !crate::crypto::master_key_configured(&config.master_key_file) {
+        return Err(BackupError::Open(format!(
+            "no master key at {} (and REKEYD_MASTER_KEY unset): a backup opens only with the master key it was sealed under",
+            config.master_key_file.display()
+        )));
+    }
+    let master = crate::crypto::load_master_key(&config.master_key_file)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| BackupError::Write { path: config.data_dir.clone(), source })?;
+    if config.store_dir().exists() {
+        // Fails with a clear message while a rekeyd holds it.
+        Store::open(&config.store_dir())
+            .map_err(|e| match e {
+                StoreError::Locked { .. } => BackupError::Running,
+                other => BackupError::Store(other),
+            })?
+            .close()?;
+    }
+    restore(file, &config.data_dir, &master, force)
 }
 
 /// A sealed backup of `store` (safe to call while rekeyd serves).

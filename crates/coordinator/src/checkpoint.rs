@@ -10,9 +10,9 @@
 //! the coordinator back (a completed rotation re-delivered, a revocation
 //! forgotten).
 //!
-//! The checkpoint is written only after the store is flushed, so it is never
-//! ahead of durable state; a crash between the two leaves it behind, which is
-//! safe. A missing checkpoint file is refused once the store says one was
+//! The checkpoint is written (atomically) only after the store is flushed, so
+//! it is never ahead of durable state; a crash between the two leaves it
+//! behind, which is safe. A missing checkpoint file is refused once the store says one was
 //! written (the `checkpointed` meta key).
 
 use crate::audit::{AuditRecord, GENESIS};
@@ -124,7 +124,7 @@ impl Checkpointer {
         let body = Body { seq, hash: hash.to_string(), written_ms: rekey_common::time::now_unix_ms() };
         let file = FileFormat { version: 1, mac: self.mac(&body), body };
         let text = serde_json::to_vec_pretty(&file).expect("json");
-        write_replace(&self.path, &text)
+        rekey_common::fs::write_atomic(&self.path, &text, 0o600)
             .map_err(|source| CheckpointError::Write { path: self.path.clone(), source })?;
         *last = seq;
         Ok(())
@@ -171,19 +171,6 @@ impl Checkpointer {
         *self.last.lock().expect("checkpoint lock") = cp.seq;
         Ok(())
     }
-}
-
-/// Temp file beside the target, fsync, rename over it. The directory is not
-/// fsynced: losing the rename in a crash leaves the older checkpoint, which is
-/// behind the store — the safe direction.
-fn write_replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

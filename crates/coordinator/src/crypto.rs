@@ -178,18 +178,13 @@ fn check_private(file: &Path) -> Result<(), CryptoError> {
     Ok(())
 }
 
-/// Writes a new file readable only by its owner (created 0600, never widened).
+/// Writes a file readable only by its owner: created 0600 beside the target,
+/// fsynced, renamed over it, directory fsynced ([`rekey_common::fs::write_atomic`]).
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    rekey_common::fs::write_atomic(path, bytes, 0o600)
 }
 
 #[cfg(test)]

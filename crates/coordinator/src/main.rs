@@ -28,8 +28,22 @@ enum Command {
     Init,
     /// Serve (the default). Initializes first if needed.
     Run,
-    /// Print the CA fingerprint agents pin at enrollment.
+    /// Print the CA fingerprint agents pin at enrollment (read-only).
     Fingerprint,
+    /// Write a sealed backup of a stopped coordinator's store (while rekeyd
+    /// runs, use `rekey backup --out FILE`).
+    Backup {
+        /// The backup file to write (0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into this config's data dir (rekeyd stopped; the data
+    /// dir must have no store unless --force moves it aside).
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Bound on the graceful drain after a shutdown signal.
@@ -57,6 +71,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Read-only: creates nothing, works while rekeyd runs.
         Command::Fingerprint => {
             println!("{}", rekey_coordinator::server::fingerprint(&config)?);
+            Ok(())
+        }
+        Command::Backup { out } => {
+            let b = rekey_coordinator::backup::backup_offline(&config, &out)?;
+            println!("backup written to {} (audit record {}, sealed with the master key)", out.display(), b.audit_seq);
+            Ok(())
+        }
+        Command::Restore { file, force } => {
+            let b = rekey_coordinator::backup::restore_offline(&config, &file, force)?;
+            println!(
+                "restored {} into {} (audit record {}, taken {}); anything done after that point is not in this store: \
+                 re-check revocations and enrollments made since",
+                file.display(),
+                config.data_dir.display(),
+                b.audit_seq,
+                rekey_common::time::format_unix(b.created_ms / 1000)
+            );
             Ok(())
         }
         Command::Init => {

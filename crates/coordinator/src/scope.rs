@@ -38,19 +38,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// Scans in flight at once.
 pub const MAX_IN_FLIGHT: usize = 8;
-/// Bytes that end a token on the agent's side (agent.proto, `ScanRequest`):
-/// a needle must contain none of them.
-const DELIMITERS: &[u8] = b" \t\r\n\x0b\x0c\"'`=:,;()[]{}<>&|";
 /// A value with delimiters is searched by its longest run without any, if
 /// at least this long (shorter runs would match too much by chance).
 pub const MIN_PARTIAL_NEEDLE: usize = 12;
-/// The agents compare windows of tokens up to this length.
-pub const MAX_NEEDLE: usize = 4096;
-/// Targets per request (the agents refuse more).
-pub const MAX_TARGETS: usize = 64;
-/// Matches and skipped files kept per host (the agents bound theirs too).
-const MAX_MATCHES_PER_HOST: usize = 500;
-const MAX_SKIPPED_PER_HOST: usize = 100;
+/// The rules both sides apply (token delimiters, bounds), defined once.
+use rekey_proto::scan::{
+    DELIMITERS, MAX_MATCHES as MAX_MATCHES_PER_HOST, MAX_NEEDLE, MAX_SKIPPED_LISTED as MAX_SKIPPED_PER_HOST,
+    MAX_TARGETS,
+};
 
 /// The part a version plays for the secret at the time of the scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -99,7 +99,10 @@ fn write_file(path: PathBuf, bytes: &[u8], private: bool) -> Result<(), ServerEr
     let r = if private {
         crypto::write_private(&path, bytes)
     } else {
-        path.parent().map(std::fs::create_dir_all).transpose().and_then(|_| std::fs::write(&path, bytes))
+        path.parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| rekey_common::fs::write_atomic(&path, bytes, 0o644))
     };
     r.map_err(|source| ServerError::Write { path, source })
 }

@@ -70,7 +70,7 @@ impl Supervisor {
         let fut = task(stop);
         self.names.push((name, phase));
         self.tasks.spawn(
-            async move { (name, phase, fut.await.map_err(|e| chain(&e))) }
+            async move { (name, phase, fut.await.map_err(|e| rekey_common::error::chain(&e))) }
                 .instrument(tracing::info_span!("task", name)),
         );
     }
@@ -124,17 +124,6 @@ impl Supervisor {
             }
         }
     }
-}
-
-// TODO(merge): rekey_common's error-chain helper replaces this.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s = format!("{s}: {c}");
-        cur = c.source();
-    }
-    s
 }
 
 fn join_error(e: tokio::task::JoinError) -> String {

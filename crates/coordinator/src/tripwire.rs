@@ -10,6 +10,7 @@ use crate::alerts::{AlertKind, Alerts, Severity};
 use crate::engine::machine::Rotation;
 use crate::engine::state::EngineState;
 use crate::scope::{self, ConsumerMap, Query, Scanner};
+use rekey_common::error::Chain;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +60,7 @@ impl Tripwire {
             });
             let entry = crate::audit::AuditEntry::new("rekeyd", "alert.leftover_found", details.clone());
             if let Err(e) = self.state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
-                tracing::error!(error = %e, "cannot audit a leftover alert");
+                tracing::error!(error = %Chain(&e), "cannot audit a leftover alert");
             }
             let raised = self.alerts.raise(
                 AlertKind::LeftoverFound,
@@ -70,7 +71,7 @@ impl Tripwire {
                 details,
             );
             if let Err(e) = raised {
-                tracing::error!(error = %e, "cannot record a leftover alert");
+                tracing::error!(error = %Chain(&e), "cannot record a leftover alert");
             }
         }
     }
@@ -89,7 +90,7 @@ async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
         let rotations = match tripwire.state.list_rotations() {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "tripwire cannot list rotations");
+                tracing::error!(error = %Chain(&e), "tripwire cannot list rotations");
                 continue;
             }
         };
@@ -102,14 +103,14 @@ async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
             let query = match Query::new(rot.secret.clone(), "old", rot.id.clone(), SCAN_TIMEOUT_SECONDS) {
                 Ok(q) => q,
                 Err(e) => {
-                    tracing::warn!(rotation = %rot.id, error = %e, "tripwire scan not possible");
+                    tracing::warn!(rotation = %rot.id, error = %Chain(&e), "tripwire scan not possible");
                     continue;
                 }
             };
             let map = match tripwire.scanner.run(&query).await {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::info!(rotation = %rot.id, error = %e, "tripwire scan skipped");
+                    tracing::info!(rotation = %rot.id, error = %Chain(&e), "tripwire scan skipped");
                     continue;
                 }
             };
@@ -118,7 +119,7 @@ async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
             summary["purpose"] = serde_json::json!("tripwire");
             let entry = crate::audit::AuditEntry::new("rekeyd", "scope.result", summary);
             if let Err(e) = tripwire.state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
-                tracing::error!(error = %e, "cannot audit a tripwire scan");
+                tracing::error!(error = %Chain(&e), "cannot audit a tripwire scan");
             }
             tripwire.alert_leftovers(rot, &map, &mut alerted);
         }

@@ -256,3 +256,59 @@ fn an_initialized_data_dir_gets_no_new_credential_or_master_key() {
     assert!(!out.status.success() && stderr(&out).contains("rekeyd init"), "{}", stderr(&out));
     assert!(!fresh.join("data").exists() && !fresh.join("mk").exists(), "fingerprint created state");
 }
+
+/// Issue item 5: `rekeyd backup` / `rekeyd restore` round trip; the backup is
+/// sealed, opens only with the master key, and restores only into an empty
+/// data dir (or with --force).
+#[test]
+fn a_sealed_backup_restores_the_coordinator_and_nothing_else() {
+    let dir = tmp();
+    let mut c = Coordinator::start(&dir.path().join("c"), "");
+    let a = Agent::new(dir.path(), "kept-1", &[]);
+    a.enroll_ok(&c, &[]);
+    // A running coordinator's store is locked: the offline command says what to use.
+    let backup = dir.path().join("rekey.backup");
+    let err = stderr(&rekeyd(&c, &["backup", "--out", backup.to_str().unwrap()]));
+    assert!(err.contains("rekey backup"), "{err}");
+    c.stop();
+    let out = rekeyd(&c, &["backup", "--out", backup.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&backup).unwrap();
+    assert!(!text.contains("kept-1") && !text.contains("PRIVATE KEY"), "the backup is not sealed");
+
+    // Later changes, then the store is lost.
+    c.restart();
+    let b = Agent::new(dir.path(), "later-1", &[]);
+    b.enroll_ok(&c, &[]);
+    c.stop();
+    // Not over an existing store without --force.
+    let out = rekeyd(&c, &["restore", backup.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("--force"), "{}", stderr(&out));
+    std::fs::remove_dir_all(c.dir.join("data/store")).unwrap();
+    std::fs::remove_file(c.dir.join("data/checkpoint.json")).unwrap();
+    // Another master key cannot open it, and writes nothing.
+    let wrong = dir.path().join("wrong.toml");
+    let cfg = std::fs::read_to_string(&c.config).unwrap().replace("master.key", "wrong.key");
+    std::fs::write(&wrong, cfg).unwrap();
+    let key = dir.path().join("c/wrong.key");
+    std::fs::write(&key, format!("{}\n", "cd".repeat(32))).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = std::process::Command::new(&rekey_tests::bins().rekeyd)
+        .arg("--config")
+        .arg(&wrong)
+        .args(["restore", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!c.dir.join("data/store").exists(), "a failed restore wrote a store");
+
+    let out = rekeyd(&c, &["restore", backup.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.restart();
+    assert!(c.agent("kept-1").is_some(), "the backed-up enrollment is back");
+    assert!(c.agent("later-1").is_none(), "nothing after the backup");
+    let v = c.cli_json(&["audit", "verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+}

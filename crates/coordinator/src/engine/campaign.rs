@@ -14,6 +14,7 @@ use super::machine::RotationState;
 use super::state::{EngineState, StateError};
 use crate::audit::AuditEntry;
 use crate::config::Config;
+use rekey_common::error::Chain;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,7 +142,7 @@ impl Campaigns {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), std::convert::Infallible> {
         loop {
             if let Err(e) = self.reconcile().await {
-                tracing::error!(error = %e, "campaign reconcile failed");
+                tracing::error!(error = %Chain(&e), "campaign reconcile failed");
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

@@ -16,6 +16,7 @@ use crate::audit::AuditEntry;
 use crate::config::Config;
 use crate::store::Store;
 use rand::Rng;
+use rekey_common::error::Chain;
 use rekey_common::secret::fingerprint_fields;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1;
@@ -254,7 +255,7 @@ impl Engine {
                     && rot.timeline.iter().any(|t| t.state == RotationState::Deleting)
                     && let Err(e) = self.state.remove_version(&rot.secret, old)
                 {
-                    tracing::error!(rotation = %rot.id, error = %e, "cannot forget the old value");
+                    tracing::error!(rotation = %rot.id, error = %Chain(&e), "cannot forget the old value");
                 }
                 continue;
             }
@@ -280,7 +281,7 @@ impl Engine {
                     let ids: Vec<String> = self.active.keys().cloned().collect();
                     for id in ids {
                         if let Err(e) = self.apply(&id, Event::Tick, "rekeyd") {
-                            tracing::error!(rotation = %id, error = %e, "tick failed");
+                            tracing::error!(rotation = %id, error = %Chain(&e), "tick failed");
                         }
                     }
                 }
@@ -313,7 +314,7 @@ impl Engine {
                 if self.active.contains_key(&id)
                     && let Err(e) = self.apply(&id, event, "rekeyd")
                 {
-                    tracing::error!(rotation = %id, error = %e, "provider result not applied");
+                    tracing::error!(rotation = %id, error = %Chain(&e), "provider result not applied");
                 }
             }
             Command::Agent(AgentEvent::Connected { host, applied }) => {
@@ -327,7 +328,7 @@ impl Engine {
                         .map(|a| (a.version_id.clone(), a.fingerprint.clone()));
                     let actor = format!("agent/{host}");
                     if let Err(e) = self.apply(&id, Event::Connected { host: host.clone(), applied: a }, &actor) {
-                        tracing::error!(rotation = %id, error = %e, "agent hello not applied");
+                        tracing::error!(rotation = %id, error = %Chain(&e), "agent hello not applied");
                     }
                 }
             }
@@ -347,7 +348,7 @@ impl Engine {
                             error: report.error,
                         };
                         if let Err(e) = self.apply(&id, ev, &format!("agent/{host}")) {
-                            tracing::error!(rotation = %id, error = %e, "report not applied");
+                            tracing::error!(rotation = %id, error = %Chain(&e), "report not applied");
                         }
                     }
                     _ => tracing::debug!(agent = %host, rotation = %id, "report for an inactive rotation ignored"),
@@ -430,7 +431,7 @@ impl Engine {
             {
                 // Monitoring is over: forget the revoked value.
                 if let Err(e) = self.state.remove_version(&after.secret, old) {
-                    tracing::error!(rotation = %id, error = %e, "cannot forget the old value");
+                    tracing::error!(rotation = %id, error = %Chain(&e), "cannot forget the old value");
                 }
             }
             if after.state.is_terminal() {
@@ -450,7 +451,7 @@ impl Engine {
         let Some(rot) = self.active.get(id).cloned() else { return };
         for ev in self.run_actions_for(&rot, actions) {
             if let Err(e) = self.apply(id, ev, actor) {
-                tracing::error!(rotation = %id, error = %e, "follow-up not applied");
+                tracing::error!(rotation = %id, error = %Chain(&e), "follow-up not applied");
             }
         }
     }
@@ -474,7 +475,7 @@ impl Engine {
                 Action::Rollback { host } => {
                     let version = rot.new_version.as_deref().unwrap_or_default();
                     if let Err(e) = self.link.rollback(&host, &rot.id, &rot.secret, version) {
-                        tracing::info!(rotation = %rot.id, %host, error = %e, "rollback not sent; retried when the agent reconnects");
+                        tracing::info!(rotation = %rot.id, %host, error = %Chain(&e), "rollback not sent; retried when the agent reconnects");
                     }
                 }
                 Action::ReactivateOld => self.spawn_provider(rot, ProviderOp::ReactivateOld),
@@ -490,17 +491,17 @@ impl Engine {
                         serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "severity": severity, "message": message }),
                     );
                     if let Err(e) = self.state.audit(now_unix_ms(), vec![entry]) {
-                        tracing::error!(rotation = %rot.id, error = %e, "cannot audit an alert");
+                        tracing::error!(rotation = %rot.id, error = %Chain(&e), "cannot audit an alert");
                     }
                     if let Err(e) = self.alerts.raise(kind, severity, &rot.secret, Some(&rot.id), message, details) {
-                        tracing::error!(rotation = %rot.id, error = %e, "cannot record an alert");
+                        tracing::error!(rotation = %rot.id, error = %Chain(&e), "cannot record an alert");
                     }
                 }
                 Action::PurgeOld => {
                     if let Some(old) = &rot.old_version {
                         for host in rot.hosts.keys() {
                             if let Err(e) = self.link.purge(host, &rot.secret, old) {
-                                tracing::info!(rotation = %rot.id, %host, error = %e, "purge not sent");
+                                tracing::info!(rotation = %rot.id, %host, error = %Chain(&e), "purge not sent");
                             }
                         }
                     }
@@ -616,7 +617,7 @@ where
     loop {
         match f().await {
             Err(e) if e.retryable() && attempt < PROVIDER_ATTEMPTS => {
-                tracing::warn!(error = %e, attempt, "retryable provider error");
+                tracing::warn!(error = %Chain(&e), attempt, "retryable provider error");
                 tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt))).await;
                 attempt += 1;
             }

@@ -10,6 +10,7 @@ use super::machine::Rotation;
 use crate::audit::{AuditEntry, AuditRecord, GENESIS};
 use crate::crypto::Key;
 use crate::store::{Store, StoreError};
+use rekey_common::error::Chain;
 use rekey_common::secret::SecretBytes;
 use rekey_providers::{Fields, ProviderState};
 use serde::{Deserialize, Serialize};
@@ -110,7 +111,7 @@ impl EngineState {
         if let Some(cp) = &self.checkpoint {
             let (seq, hash) = self.audit_head()?;
             if let Err(e) = cp.record(seq, &hash) {
-                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "checkpoint not written");
+                tracing::error!(error = %Chain(&e), "checkpoint not written");
             } else if self.store.meta_get(crate::checkpoint::META_KEY)?.is_none() {
                 self.store.meta_put(crate::checkpoint::META_KEY, b"1")?;
             }

@@ -7,6 +7,7 @@ use crate::pki::Ca;
 use crate::scope::Scans;
 use crate::sessions::{SessionHandle, Sessions};
 use crate::store::{AgentRecord, Redeem, Store};
+use rekey_common::error::Chain;
 use rekey_common::time::{format_unix, now_unix};
 use rekey_common::tls::Role;
 use rekey_proto::PROTOCOL_VERSION;
@@ -241,7 +242,7 @@ fn touch_last_seen(store: &Store, name: &str) {
         rec.last_seen_unix = now;
         Ok::<(), std::convert::Infallible>(())
     }) {
-        tracing::warn!(agent = %name, error = %e, "cannot record last seen");
+        tracing::warn!(agent = %name, error = %Chain(&e), "cannot record last seen");
     }
 }
 

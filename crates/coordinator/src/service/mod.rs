@@ -12,6 +12,7 @@ use crate::engine::state::EngineState;
 use crate::pki::Ca;
 use crate::sessions::{RevokedSerials, Sessions};
 use crate::store::{Store, StoreError};
+use rekey_common::error::Chain;
 use rekey_common::tls::{self, Identity, Role};
 use std::sync::Arc;
 
@@ -89,11 +90,11 @@ pub(crate) fn audit(shared: &Shared, actor: &str, action: &str, details: serde_j
 pub(crate) fn audit_to(state: &EngineState, actor: &str, action: &str, details: serde_json::Value) {
     let entry = crate::audit::AuditEntry::new(actor, action, details);
     if let Err(e) = state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
-        tracing::error!(error = %e, action, "audit append failed");
+        tracing::error!(error = %Chain(&e), action, "audit append failed");
     }
 }
 
 pub(crate) fn internal(e: StoreError) -> tonic::Status {
-    tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store failure");
-    tonic::Status::internal(format!("coordinator store failure: {e}"))
+    tracing::error!(error = %Chain(&e), "store failure");
+    tonic::Status::internal(format!("coordinator store failure: {}", Chain(&e)))
 }
