@@ -310,17 +310,116 @@ pub async fn connect(addr: &str, tls: Arc<ClientConfig>) -> Result<Channel, toni
     endpoint.connect_with_connector(connector).await
 }
 
+/// Bounds on what a client can hold before it has proven anything. Only
+/// `Enroll` accepts a client without a certificate, and it is one short call:
+/// such connections are few and brief, or they are an attack on descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptLimits {
+    /// TLS handshakes in progress at once; beyond, new connections are closed.
+    pub max_handshakes: usize,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
+    /// Open connections without a client certificate; beyond, closed at once.
+    pub max_unauthenticated: usize,
+    /// A connection without a client certificate is closed after this long,
+    /// whatever it is doing (an enrollment takes well under a second).
+    pub unauthenticated_lifetime: Duration,
+}
+
+impl Default for AcceptLimits {
+    fn default() -> Self {
+        AcceptLimits {
+            max_handshakes: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_unauthenticated: 256,
+            unauthenticated_lifetime: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An accepted TLS connection. A connection without a client certificate
+/// holds one of the limited unauthenticated slots and ends at its deadline.
+pub struct ServerStream {
+    inner: TlsStream<TcpStream>,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl ServerStream {
+    /// Whether the deadline passed: then every read and write fails.
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready())
+    }
+}
+
+fn lifetime_over() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "unauthenticated connection lifetime over")
+}
+
+impl tokio::io::AsyncRead for ServerStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(lifetime_over()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ServerStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(lifetime_over()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for ServerStream {
+    // The TLS stream's own: tonic finds the peer certificates in it.
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow
 /// or hostile client cannot stall the accept loop), yielding established TLS
-/// streams for `tonic::transport::Server::serve_with_incoming`. The returned
-/// receiver is bounded: under a reconnect storm handshakes wait, memory doesn't grow.
+/// streams for `tonic::transport::Server::serve_with_incoming`, within
+/// `limits`. The returned receiver is bounded: under a reconnect storm
+/// handshakes wait, memory doesn't grow.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    limits: AcceptLimits,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (tx, rx) = mpsc::channel::<Result<TlsStream<TcpStream>, std::io::Error>>(256);
+) -> ReceiverStream<Result<ServerStream, std::io::Error>> {
+    let (tx, rx) = mpsc::channel::<Result<ServerStream, std::io::Error>>(256);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
+    let unauthenticated = Arc::new(tokio::sync::Semaphore::new(limits.max_unauthenticated));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -334,17 +433,32 @@ pub fn tls_incoming(
                     }
                 },
             };
+            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, max = limits.max_handshakes, "too many handshakes in progress: connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
+            let (acceptor, tx, unauthenticated) = (acceptor.clone(), tx.clone(), unauthenticated.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %Chain(&e), "tls handshake refused"),
-                    Err(_) => tracing::info!(%peer, "tls handshake timed out"),
-                }
+                let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return tracing::info!(%peer, error = %Chain(&e), "tls handshake refused"),
+                    Err(_) => return tracing::info!(%peer, "tls handshake timed out"),
+                };
+                drop(handshake);
+                let (deadline, slot) = if stream.get_ref().1.peer_certificates().is_some() {
+                    (None, None)
+                } else {
+                    let Ok(slot) = unauthenticated.try_acquire_owned() else {
+                        return tracing::warn!(
+                            %peer,
+                            max = limits.max_unauthenticated,
+                            "too many connections without a client certificate: connection closed"
+                        );
+                    };
+                    (Some(Box::pin(tokio::time::sleep(limits.unauthenticated_lifetime))), Some(slot))
+                };
+                let _ = tx.send(Ok(ServerStream { inner: stream, deadline, _slot: slot })).await;
             });
         }
     });
@@ -358,4 +472,106 @@ pub fn request_identity<T>(req: &tonic::Request<T>) -> Result<Identity, tonic::S
         .ok_or_else(|| tonic::Status::unauthenticated("this call requires a client certificate issued by rekeyd"))?;
     let leaf = certs.first().ok_or_else(|| tonic::Status::unauthenticated("no client certificate presented"))?;
     identity_of(leaf).map_err(|e| tonic::Status::unauthenticated(format!("unusable client certificate: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A CA and a server certificate for `rekeyd` signed by it.
+    fn server() -> (Arc<ServerConfig>, Vec<CertificateDer<'static>>) {
+        install_crypto_provider();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![COORDINATOR_NAME.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let ca_der = ca_cert.der().clone();
+        let cfg = server_config(
+            std::slice::from_ref(&ca_der),
+            vec![cert.der().clone(), ca_der.clone()],
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        (cfg, vec![ca_der])
+    }
+
+    /// A TLS client without a certificate that completes the handshake and
+    /// then sends nothing (no HTTP/2 preface).
+    async fn idle_client(
+        addr: std::net::SocketAddr,
+        ca: &[CertificateDer<'static>],
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots_from(ca).unwrap())
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from(COORDINATOR_NAME).unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap()
+    }
+
+    /// True once the server side closed (EOF or error) within `within`.
+    async fn closed_within(c: &mut tokio_rustls::client::TlsStream<TcpStream>, within: Duration) -> bool {
+        let mut b = [0u8; 16];
+        matches!(tokio::time::timeout(within, c.read(&mut b)).await, Ok(Ok(0) | Err(_)))
+    }
+
+    #[tokio::test]
+    async fn connections_without_a_certificate_are_few_and_short_lived() {
+        let (cfg, ca) = server();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = AcceptLimits {
+            max_unauthenticated: 2,
+            unauthenticated_lifetime: Duration::from_millis(800),
+            ..AcceptLimits::default()
+        };
+        let stop = CancellationToken::new();
+        let mut incoming = tls_incoming(listener, cfg, limits, stop.clone());
+        // The server side: hold every accepted stream and read from it, as
+        // hyper does while it waits for the preface.
+        let server = tokio::spawn(async move {
+            use tokio_stream::StreamExt;
+            let mut readers = Vec::new();
+            while let Some(Ok(mut s)) = incoming.next().await {
+                readers.push(tokio::spawn(async move {
+                    let mut b = [0u8; 16];
+                    let r = s.read(&mut b).await;
+                    let _ = s.shutdown().await;
+                    r.is_err()
+                }));
+            }
+            readers
+        });
+        let mut a = idle_client(addr, &ca).await;
+        let mut b = idle_client(addr, &ca).await;
+        // A third, over the limit, is closed at once.
+        let mut c = idle_client(addr, &ca).await;
+        assert!(
+            closed_within(&mut c, Duration::from_secs(5)).await,
+            "the third unauthenticated connection stayed open"
+        );
+        // The first two are still open before their lifetime…
+        assert!(!closed_within(&mut a, Duration::from_millis(200)).await);
+        // …and closed after it, although they never sent anything.
+        assert!(
+            closed_within(&mut a, Duration::from_secs(5)).await,
+            "an idle unauthenticated connection outlived its lifetime"
+        );
+        assert!(closed_within(&mut b, Duration::from_secs(5)).await);
+        // Their slots are free again.
+        let mut d = idle_client(addr, &ca).await;
+        assert!(!closed_within(&mut d, Duration::from_millis(200)).await, "a slot was not released");
+        stop.cancel();
+        drop(server);
+    }
 }

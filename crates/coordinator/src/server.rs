@@ -273,7 +273,7 @@ impl Coordinator {
         let admin_svc = AdminSvc { shared: s.clone() };
         let sessions = s.sessions.clone();
         tasks.spawn("grpc", Phase::Front, move |stop| {
-            let incoming = tls::tls_incoming(listener, tls_config, stop.clone());
+            let incoming = tls::tls_incoming(listener, tls_config, tls::AcceptLimits::default(), stop.clone());
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(tls::KEEPALIVE_INTERVAL))
                 .http2_keepalive_timeout(Some(tls::KEEPALIVE_TIMEOUT))
