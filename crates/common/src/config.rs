@@ -50,6 +50,25 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
 }
 
 /// toml's messages carry a multi-line source excerpt; keep the first meaningful line.
+/// What a secret name may be, on both sides (catalog and agent config): one or
+/// more `/`-separated segments of ASCII letters, digits, `-`, `_` and `.`,
+/// none empty, `.` or `..`, at most 200 bytes. Names end up in paths (agent
+/// state, Vault mounts) and URLs, so nothing may climb out of them.
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    let expected =
+        "expected segments of letters, digits, '-', '_', '.' separated by '/' (no empty, '.' or '..' segment)";
+    let segment_ok = |seg: &str| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if name.is_empty() || name.len() > 200 || !name.split('/').all(segment_ok) {
+        return Err(format!("invalid secret name {name:?}: {expected}"));
+    }
+    Ok(())
+}
+
 fn one_line(msg: &str) -> String {
     let mut parts =
         msg.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('|') && !l.starts_with("-->"));
@@ -91,5 +110,15 @@ mod tests {
 
         let e = parse_toml::<Sample>(p, "listen = [").unwrap_err().to_string();
         assert!(e.starts_with("/etc/rekey/x.toml:"), "{e}");
+    }
+
+    #[test]
+    fn secret_names_cannot_climb_out_of_a_path() {
+        for ok in ["api-key", "vendor/api_key.v2", "a", "x.y"] {
+            assert!(check_secret_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "../../x", "a/../b", "/abs", "a//b", "a/", ".", "a b", "x\u{e9}", &"x".repeat(201)] {
+            assert!(check_secret_name(bad).is_err(), "{bad}");
+        }
     }
 }

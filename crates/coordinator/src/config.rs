@@ -295,6 +295,10 @@ master_key_file = "/etc/rekey/master.key"
         let bad = text.replace("length = 40", "length = 2");
         let e = Config::from_str(p, &bad).unwrap_err().to_string();
         assert!(e.contains("provider.length"), "{e}");
+        // A name that would climb out of a path (agent state, Vault) is refused.
+        let bad = text.replace("name = \"api-key\"", "name = \"../../x\"");
+        let e = Config::from_str(p, &bad).unwrap_err().to_string();
+        assert!(e.contains("secret[0].name") && e.contains("invalid secret name \"../../x\""), "{e}");
         let bad = text.replace("kind = \"random\"", "kind = \"magic\"");
         let e = Config::from_str(p, &bad).unwrap_err().to_string();
         assert!(e.contains("api-key") && e.contains("magic"), "{e}");

@@ -205,14 +205,8 @@ pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpe
     let base = path.parent().unwrap_or(Path::new("."));
     for (i, mut s) in raw.into_iter().enumerate() {
         let at = |f: &str| format!("secret[{i}] ({:?}).{f}", s.name);
-        if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
-        {
-            return Err(ConfigError::field(
-                path,
-                format!("secret[{i}].name"),
-                format!("invalid secret name {:?}: expected letters, digits, '-', '_', '.', '/'", s.name),
-            ));
-        }
+        rekey_common::config::check_secret_name(&s.name)
+            .map_err(|m| ConfigError::field(path, format!("secret[{i}].name"), m))?;
         if !seen.insert(s.name.clone()) {
             return Err(ConfigError::field(path, at("name"), "this secret is declared twice"));
         }
