@@ -196,7 +196,7 @@ fn secret_and_version_views() {
             SecretView {
                 name: "db-password".into(),
                 description: String::new(),
-                provider: "postgres".into(),
+                provider: "command".into(),
                 selector: BTreeMap::new(),
                 current_version: None,
                 active_rotation: None,

@@ -45,7 +45,8 @@ pub struct AuditVerifyView {
 pub struct AlertView {
     pub seq: u64,
     pub at_ms: i64,
-    /// e.g. `old_version_used`, `leftover_found`, `revocation_held`.
+    /// e.g. `old_version_used`, `old_version_used_during_grace`,
+    /// `old_version_used_after_revocation`, `leftover_found`.
     pub kind: String,
     /// `warning` or `critical`.
     pub severity: String,
