@@ -174,7 +174,7 @@ pub fn print_alerts(alerts: &[AlertView]) {
         t.row([
             a.seq.to_string(),
             at_ms(a.at_ms),
-            cell(&a.severity),
+            a.severity.to_string(),
             cell(&a.secret),
             opt(a.rotation.as_deref()),
             cell(&a.delivery),

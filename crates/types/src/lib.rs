@@ -7,8 +7,8 @@
 //!
 //! Views are versioned by module: [`v1`] is the current (and only) version.
 //! A breaking change — a field renamed, removed or retyped, an enum value
-//! renamed — means a `v2` module and a bump of the protocol version
-//! (`rekey_proto::PROTOCOL_VERSION`); adding a field is not breaking.
+//! added, removed or renamed — means a `v2` module and a bump of the protocol
+//! version (`rekey_proto::PROTOCOL_VERSION`); adding a field is not breaking.
 //!
 //! Plain data with serde: no I/O, no tasks, no dependency on the coordinator
 //! or on tonic.

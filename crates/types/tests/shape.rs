@@ -301,8 +301,8 @@ fn audit_and_alert_views() {
         &vec![AlertView {
             seq: 1,
             at_ms: T0,
-            kind: "old_version_used".into(),
-            severity: "critical".into(),
+            kind: AlertKind::OldVersionUsedDuringGrace,
+            severity: Severity::Critical,
             secret: "api-key".into(),
             rotation: Some("rot-3f9a1c".into()),
             message: "the old version v-old of api-key was used during grace".into(),
@@ -482,6 +482,10 @@ fn enum_spellings_are_the_documented_ones() {
     for s in HostState::ALL {
         assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
     }
+    assert_eq!(
+        all(AlertKind::ALL.iter().map(|s| s.to_string()).collect()),
+        "old_version_used old_version_used_during_grace old_version_used_after_revocation leftover_found"
+    );
     let waiting: IncidentSecretState = serde_json::from_str("\"waiting\"").unwrap();
     assert_eq!(waiting, IncidentSecretState::Campaign(CampaignState::Waiting));
     assert!(serde_json::from_str::<RotationState>("\"RollingOut\"").is_err());

@@ -3,7 +3,7 @@
 //! SIGKILL in the middle of an apply.
 
 use rekey_tests::{Agent, Coordinator, wait_for};
-use rekey_types::v1::{AlertView, HostState, RotationState, RotationView};
+use rekey_types::v1::{AlertKind, AlertView, HostState, RotationState, RotationView};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -387,9 +387,9 @@ fn a_leftover_copy_of_the_revoked_value_raises_an_alert_while_monitoring() {
     let mut alerts: Vec<AlertView> = Vec::new();
     wait_for("leftover alert", || {
         alerts = c.alerts();
-        alerts.iter().any(|x| x.kind == "leftover_found")
+        alerts.iter().any(|x| x.kind == AlertKind::LeftoverFound)
     });
-    let a0 = alerts.iter().find(|x| x.kind == "leftover_found").unwrap().clone();
+    let a0 = alerts.iter().find(|x| x.kind == AlertKind::LeftoverFound).unwrap().clone();
     assert_eq!(a0.details["host"], "host-1");
     assert!(a0.details["path"].as_str().unwrap().ends_with("extra/old-notes.txt"), "{a0:?}");
     assert_eq!(a0.details["line"], 2);
@@ -397,7 +397,7 @@ fn a_leftover_copy_of_the_revoked_value_raises_an_alert_while_monitoring() {
     // Reported once, not at every scan.
     std::thread::sleep(Duration::from_secs(5));
     let all = c.alerts();
-    let n = all.iter().filter(|x| x.kind == "leftover_found").count();
+    let n = all.iter().filter(|x| x.kind == AlertKind::LeftoverFound).count();
     assert_eq!(n, 1, "{all:#?}");
     assert!(!c.logs().contains(&v1) && !c.cli_ok(&["alerts"]).contains(&v1), "the value leaked");
     // The rotation's report shows where the old value was found after it.

@@ -1037,7 +1037,7 @@ fn use_of_the_deactivated_key_alerts_the_webhook_and_reactivates_it() {
     assert!(v["alert"]["message"].as_str().unwrap().contains(&old_id));
     assert!(!body.contains(&old_secret));
     let alerts = f.c.alerts();
-    assert_eq!(alerts[0].kind, "old_version_used_during_grace");
+    assert_eq!(alerts[0].kind, v1::AlertKind::OldVersionUsedDuringGrace);
     wait_for("delivery recorded", || f.c.alerts()[0].delivery == "delivered");
     let report = f.c.cli_ok(&["report", &id]);
     assert!(report.contains("## Revocation evidence") && report.contains("after it was deactivated"), "{report}");
@@ -1074,7 +1074,7 @@ fn revocation_is_held_when_the_old_key_is_used_after_every_host_switched() {
         "old key must stay active"
     );
     let alerts = f.c.alerts();
-    assert_eq!(alerts[0].kind, "old_version_used");
+    assert_eq!(alerts[0].kind, v1::AlertKind::OldVersionUsed);
     assert_eq!(alerts[0].delivery, "not_configured");
     let status = f.c.cli_ok(&["rotate", "status", &id]);
     assert!(status.contains("revocation evidence") && status.contains("revocation held"), "{status}");

@@ -6,7 +6,7 @@
 //! anyone could test guesses of the secret offline; only the coordinator and
 //! the secret's consumers may hold it.
 
-use crate::alerts::Alert;
+use crate::alerts::{Alert, AlertKind, Severity};
 use crate::audit::{AuditRecord, Verification};
 use crate::engine::campaign::Incident;
 use crate::engine::catalog::SecretSpec;
@@ -291,8 +291,16 @@ impl From<&Alert> for view::AlertView {
         view::AlertView {
             seq: a.seq,
             at_ms: a.at_ms,
-            kind: a.kind.as_str().to_string(),
-            severity: a.severity.as_str().to_string(),
+            kind: match a.kind {
+                AlertKind::OldVersionUsed => view::AlertKind::OldVersionUsed,
+                AlertKind::OldVersionUsedDuringGrace => view::AlertKind::OldVersionUsedDuringGrace,
+                AlertKind::OldVersionUsedAfterRevocation => view::AlertKind::OldVersionUsedAfterRevocation,
+                AlertKind::LeftoverFound => view::AlertKind::LeftoverFound,
+            },
+            severity: match a.severity {
+                Severity::Warning => view::Severity::Warning,
+                Severity::Critical => view::Severity::Critical,
+            },
             secret: a.secret.clone(),
             rotation: a.rotation.clone(),
             message: a.message.clone(),
@@ -730,8 +738,8 @@ mod tests {
         let alert = Alert {
             seq: 1,
             at_ms: 2,
-            kind: crate::alerts::AlertKind::OldVersionUsed,
-            severity: crate::alerts::Severity::Critical,
+            kind: AlertKind::OldVersionUsed,
+            severity: Severity::Critical,
             secret: "api-key".into(),
             rotation: None,
             message: "used".into(),

@@ -1,5 +1,6 @@
 //! The audit chain and alerts (`rekey audit`, `rekey audit verify`, `rekey alerts`).
 
+use super::string_enum;
 use serde::{Deserialize, Serialize};
 
 /// One record of the hash-chained audit log: `rekey audit -o json` is a list of these, oldest first.
@@ -40,16 +41,35 @@ pub struct AuditVerifyView {
     pub first_broken: Option<BrokenLink>,
 }
 
+string_enum! {
+    /// What an alert is about.
+    pub enum AlertKind {
+        /// The old version was used after every target host had switched: revocation is held.
+        OldVersionUsed = "old_version_used",
+        /// The deactivated old version was used during the grace window.
+        OldVersionUsedDuringGrace = "old_version_used_during_grace",
+        /// The deleted old version was used while monitoring.
+        OldVersionUsedAfterRevocation = "old_version_used_after_revocation",
+        /// A copy of a revoked value is still on a host (tripwire scan).
+        LeftoverFound = "leftover_found",
+    }
+}
+
+string_enum! {
+    /// How urgent an alert is.
+    pub enum Severity {
+        Warning = "warning",
+        Critical = "critical",
+    }
+}
+
 /// Something an operator must look at now: `rekey alerts -o json` is a list of these, newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertView {
     pub seq: u64,
     pub at_ms: i64,
-    /// e.g. `old_version_used`, `old_version_used_during_grace`,
-    /// `old_version_used_after_revocation`, `leftover_found`.
-    pub kind: String,
-    /// `warning` or `critical`.
-    pub severity: String,
+    pub kind: AlertKind,
+    pub severity: Severity,
     pub secret: String,
     pub rotation: Option<String>,
     pub message: String,

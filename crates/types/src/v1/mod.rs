@@ -3,8 +3,9 @@
 //! shape is documented in `docs/views.md` and pinned by `tests/shape.rs`.
 //!
 //! Compatibility within [`VIEWS_VERSION`] 1: fields may be added; none is
-//! renamed, removed or retyped, and no enum value changes its spelling. A
-//! breaking change means a `v2` module and a protocol version bump
+//! renamed, removed or retyped, and no enum value is added, removed or
+//! respelled (readers match them exhaustively). A breaking change means a
+//! `v2` module and a protocol version bump
 //! (`rekey_proto::PROTOCOL_VERSION`), so a CLI and a coordinator that disagree
 //! refuse each other instead of misreading each other.
 //!
@@ -20,7 +21,7 @@ mod scope;
 mod secret;
 
 pub use agent::{AgentRevokedView, AgentView, JoinTokenView};
-pub use audit::{AlertView, AuditRecordView, AuditVerifyView, BrokenLink};
+pub use audit::{AlertKind, AlertView, AuditRecordView, AuditVerifyView, BrokenLink, Severity};
 pub use incident::{CampaignState, IncidentSecretState, IncidentSecretView, IncidentState, IncidentView};
 pub use rotation::{
     Amount, EvidenceView, ExclusionView, GraceUse, HostState, HostView, PolicyView, RotationState, RotationSummary,
