@@ -116,7 +116,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn audit_len(c: &Coordinator) -> usize {
-    c.cli_json(&["audit"]).as_array().map_or(0, Vec::len)
+    c.audit().len()
 }
 
 /// Issue item 5: a store that went back in time (sled recovering an older
