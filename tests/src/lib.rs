@@ -5,12 +5,20 @@
 //! process is killed when its fixture drops; logs are printed when a test fails.
 //! Process handling (spawning with a log, signals, waits, free ports) is
 //! [`rekey_demo::process`], shared with `rekey demo`.
+//! What the CLI prints with `-o json` is read back as the `rekey_types::v1`
+//! views ([`Coordinator::rotation`], [`Coordinator::agents`], ...), so a test
+//! reads typed fields and a renamed field fails to compile.
 
 pub mod fixtures;
 pub mod scripted;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rekey_demo::process::{self, Signal, spawn_logged, wait_until};
+use rekey_types::v1::{
+    AgentView, AlertView, AuditRecordView, IncidentView, JoinTokenView, RotationSummary, RotationView, ScopeView,
+    SecretView, VersionView,
+};
+use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::OnceLock;
@@ -197,30 +205,91 @@ impl Coordinator {
         String::from_utf8(out.stdout).expect("utf8")
     }
 
+    /// Runs the CLI with `-o json`, requires success, returns its output untyped.
+    /// Prefer [`Coordinator::cli_view`] and the typed accessors below.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        self.cli_view(args)
+    }
+
+    /// Runs the CLI with `-o json`, requires success, and reads its output as
+    /// the view `T` (a `rekey_types::v1` type): what an operator's tooling reads.
+    pub fn cli_view<T: DeserializeOwned>(&self, args: &[&str]) -> T {
         let mut a = args.to_vec();
         a.extend(["-o", "json"]);
-        serde_json::from_str(&self.cli_ok(&a)).expect("json output")
+        let out = self.cli_ok(&a);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("rekey {args:?} -o json is not a {}: {e}\n{out}", std::any::type_name::<T>()))
     }
 
     /// `rekey token create`; returns (token, ca fingerprint).
     pub fn token(&self, host: &str, extra: &[&str]) -> (String, String) {
         let mut args = vec!["token", "create", "--host", host];
         args.extend(extra);
-        let v = self.cli_json(&args);
-        (v["token"].as_str().unwrap().to_string(), v["ca_fingerprint"].as_str().unwrap().to_string())
+        let v: JoinTokenView = self.cli_view(&args);
+        (v.token, v.ca_fingerprint)
     }
 
-    pub fn agents(&self) -> Vec<serde_json::Value> {
-        self.cli_json(&["agents"]).as_array().cloned().unwrap_or_default()
+    /// `rekey agents`.
+    pub fn agents(&self) -> Vec<AgentView> {
+        self.cli_view(&["agents"])
     }
 
-    pub fn agent(&self, name: &str) -> Option<serde_json::Value> {
-        self.agents().into_iter().find(|a| a["name"] == name)
+    pub fn agent(&self, name: &str) -> Option<AgentView> {
+        self.agents().into_iter().find(|a| a.name == name)
     }
 
     pub fn is_connected(&self, name: &str) -> bool {
-        self.agent(name).is_some_and(|a| a["connected"] == true)
+        self.agent(name).is_some_and(|a| a.connected)
+    }
+
+    /// `rekey rotate status ID`.
+    pub fn rotation(&self, id: &str) -> RotationView {
+        self.cli_view(&["rotate", "status", id])
+    }
+
+    /// `rekey rotate list [--secret SECRET]`, newest first.
+    pub fn rotations(&self, secret: Option<&str>) -> Vec<RotationSummary> {
+        match secret {
+            Some(s) => self.cli_view(&["rotate", "list", "--secret", s]),
+            None => self.cli_view(&["rotate", "list"]),
+        }
+    }
+
+    /// `rekey secrets`.
+    pub fn secrets(&self) -> Vec<SecretView> {
+        self.cli_view(&["secrets"])
+    }
+
+    /// `rekey secrets`, the one named `name`.
+    pub fn secret(&self, name: &str) -> SecretView {
+        self.secrets().into_iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no secret {name} in the catalog"))
+    }
+
+    /// `rekey versions SECRET`, oldest first.
+    pub fn versions(&self, secret: &str) -> Vec<VersionView> {
+        self.cli_view(&["versions", secret])
+    }
+
+    /// `rekey audit`, oldest first.
+    pub fn audit(&self) -> Vec<AuditRecordView> {
+        self.cli_view(&["audit"])
+    }
+
+    /// `rekey alerts`, newest first.
+    pub fn alerts(&self) -> Vec<AlertView> {
+        self.cli_view(&["alerts"])
+    }
+
+    /// `rekey incident status ID`.
+    pub fn incident(&self, id: &str) -> IncidentView {
+        self.cli_view(&["incident", "status", id])
+    }
+
+    /// `rekey scope SECRET ARGS...`.
+    pub fn scope(&self, secret: &str, args: &[&str]) -> ScopeView {
+        let mut a = vec!["scope", secret];
+        a.extend(args);
+        self.cli_view(&a)
     }
 }
 
@@ -382,7 +451,7 @@ impl TestCluster {
     pub fn wait_all_connected(&self) {
         wait_for("all agents connected", || {
             let list = self.coordinator.agents();
-            self.agents.iter().all(|a| list.iter().any(|x| x["name"] == a.name.as_str() && x["connected"] == true))
+            self.agents.iter().all(|a| list.iter().any(|x| x.name == a.name && x.connected))
         });
     }
 }

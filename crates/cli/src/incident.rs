@@ -1,13 +1,13 @@
 //! `rekey incident ...`: campaigns that rotate every secret matching a
 //! pattern as one incident, with one status.
 
-use crate::rotate::s;
+use crate::rotate::{cell, opt};
 use crate::table::Table;
 use crate::{Client, Output, output};
 use anyhow::Result;
 use rekey_common::time::{format_relative, now_unix};
 use rekey_proto::v1::{GetIncidentRequest, ListIncidentsRequest, OpenIncidentRequest};
-use serde_json::Value;
+use rekey_types::v1::IncidentView;
 
 #[derive(clap::Subcommand)]
 pub enum IncidentCmd {
@@ -30,48 +30,38 @@ pub enum IncidentCmd {
     Close { id: String },
 }
 
-fn print_incident(v: &Value) {
-    println!("incident   {} ({})", s(&v["id"]), s(&v["name"]));
-    println!("state      {}", s(&v["state"]));
-    println!("secrets    {} ({} at a time)", s(&v["pattern"]), s(&v["concurrency"]));
-    println!(
-        "opened     {} by {}",
-        v["opened_ms"].as_i64().map(|m| format_relative(m / 1000, now_unix())).unwrap_or_default(),
-        s(&v["opened_by"])
-    );
+fn print_incident(v: &IncidentView) {
+    println!("incident   {} ({})", cell(&v.id), cell(&v.name));
+    println!("state      {}", v.state);
+    println!("secrets    {} ({} at a time)", cell(&v.pattern), v.concurrency);
+    println!("opened     {} by {}", format_relative(v.opened_ms / 1000, now_unix()), cell(&v.opened_by));
     println!();
     let mut t = Table::new(["SECRET", "ROTATION", "STATE", "HOSTS", "NOTE"]);
-    if let Some(secrets) = v["secrets"].as_object() {
-        for (name, p) in secrets {
-            let hosts = match (&p["healthy"], &p["hosts"]) {
-                (Value::Number(h), Value::Number(n)) => format!("{h}/{n} healthy"),
-                _ => "-".into(),
-            };
-            let note = p["error"].as_str().or(p["waiting_on"].as_str()).unwrap_or("").to_string();
-            t.row([name.clone(), s(&p["rotation"]), s(&p["state"]), hosts, note]);
-        }
+    for (name, p) in &v.secrets {
+        let hosts = match (p.healthy, p.hosts) {
+            (Some(h), Some(n)) => format!("{h}/{n} healthy"),
+            _ => "-".into(),
+        };
+        let note = p.error.as_deref().or(p.waiting_on.as_deref()).unwrap_or("").to_string();
+        t.row([name.clone(), opt(p.rotation.as_deref()), p.state.to_string(), hosts, note]);
     }
     print!("{t}");
 }
 
-fn print_list(v: &Value) {
-    let items = v.as_array().cloned().unwrap_or_default();
+fn print_list(items: &[IncidentView]) {
     if items.is_empty() {
         println!("no incidents: open one with `rekey incident open NAME --secrets PATTERN`");
         return;
     }
     let mut t = Table::new(["ID", "NAME", "STATE", "SECRETS", "OPENED"]);
     for x in items {
-        let summary = x["summary"]
-            .as_object()
-            .map(|m| m.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", "))
-            .unwrap_or_default();
+        let summary = x.summary.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ");
         t.row([
-            s(&x["id"]),
-            s(&x["name"]),
-            s(&x["state"]),
+            cell(&x.id),
+            cell(&x.name),
+            x.state.to_string(),
             summary,
-            x["opened_ms"].as_i64().map(|m| format_relative(m / 1000, now_unix())).unwrap_or_default(),
+            format_relative(x.opened_ms / 1000, now_unix()),
         ]);
     }
     print!("{t}");
@@ -85,33 +75,30 @@ pub async fn run(client: &mut Client, out: Output, cmd: &IncidentCmd) -> Result<
                 secrets: secrets.clone(),
                 concurrency: *concurrency,
             });
-            let v = client.json(client.inner.clone().open_incident(req).await)?;
-            match out {
-                Output::Json => output(out, &v, |_| {}),
-                Output::Table => {
-                    let n = v["secrets"].as_object().map(|m| m.len()).unwrap_or(0);
-                    println!("{}", s(&v["id"]));
-                    eprintln!(
-                        "incident opened: {n} secrets, {concurrency} at a time; follow it with `rekey incident status {}`",
-                        s(&v["id"])
-                    );
-                }
-            }
+            let v: IncidentView = client.view(client.inner.clone().open_incident(req).await)?;
+            output(out, &v, |v| {
+                println!("{}", cell(&v.id));
+                eprintln!(
+                    "incident opened: {} secrets, {concurrency} at a time; follow it with `rekey incident status {}`",
+                    v.secrets.len(),
+                    cell(&v.id)
+                );
+            });
         }
         IncidentCmd::Status { id } => {
-            let v = client
-                .json(client.inner.clone().get_incident(client.request(GetIncidentRequest { id: id.clone() })).await)?;
+            let req = client.request(GetIncidentRequest { id: id.clone() });
+            let v: IncidentView = client.view(client.inner.clone().get_incident(req).await)?;
             output(out, &v, print_incident);
         }
         IncidentCmd::List => {
-            let v = client.json(client.inner.clone().list_incidents(client.request(ListIncidentsRequest {})).await)?;
-            output(out, &v, print_list);
+            let req = client.request(ListIncidentsRequest {});
+            let v: Vec<IncidentView> = client.view(client.inner.clone().list_incidents(req).await)?;
+            output(out, &v, |v| print_list(v));
         }
         IncidentCmd::Close { id } => {
-            let v = client.json(
-                client.inner.clone().close_incident(client.request(GetIncidentRequest { id: id.clone() })).await,
-            )?;
-            output(out, &v, |v| println!("incident {} closed", s(&v["id"])));
+            let req = client.request(GetIncidentRequest { id: id.clone() });
+            let v: IncidentView = client.view(client.inner.clone().close_incident(req).await)?;
+            output(out, &v, |v| println!("incident {} closed", cell(&v.id)));
         }
     }
     Ok(())

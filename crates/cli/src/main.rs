@@ -1,6 +1,8 @@
 //! `rekey`, the operator CLI: talks to rekeyd's admin API with an operator
 //! certificate. Human tables by default, `-o json` on every listing; an error
-//! is one line on stderr and a non-zero exit.
+//! is one line on stderr and a non-zero exit. Every answer is read into a
+//! `rekey_types::v1` view; tables are printed from its typed fields and
+//! `-o json` prints the view itself (docs/views.md).
 
 mod demo;
 mod incident;
@@ -19,7 +21,12 @@ use rekey_proto::v1::{
     RevokeAgentRequest, StartRotationRequest, VerifyAuditRequest,
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
-use serde::Deserialize;
+use rekey_types::v1::{
+    AgentRevokedView, AgentView, AlertView, AuditRecordView, AuditVerifyView, JoinTokenView, RotationState,
+    RotationSummary, RotationView, SecretView, VersionView,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use table::Table;
@@ -176,13 +183,24 @@ impl Client {
         r
     }
 
-    /// The JSON document of a read-model call, or one clear error line.
+    /// The JSON document of a read-model call, untyped, or one clear error line.
+    /// Prefer [`Client::view`].
     fn json(
         &self,
         r: Result<tonic::Response<rekey_proto::v1::JsonResponse>, tonic::Status>,
     ) -> Result<serde_json::Value> {
+        self.view(r)
+    }
+
+    /// The view a read-model call answers, or one clear error line.
+    pub(crate) fn view<T: DeserializeOwned>(
+        &self,
+        r: Result<tonic::Response<rekey_proto::v1::JsonResponse>, tonic::Status>,
+    ) -> Result<T> {
         let r = r.map_err(|s| self.explain(s))?;
-        serde_json::from_str(&r.into_inner().json).context("the coordinator sent malformed json")
+        serde_json::from_str(&r.into_inner().json).context(
+            "the coordinator sent a document this rekey cannot read (are the CLI and rekeyd the same version?)",
+        )
     }
 
     /// One clear line for a failed call.
@@ -247,8 +265,8 @@ pub(crate) async fn connect_to(dir: &Path, coordinator: Option<String>) -> Resul
     Ok(Client { inner: AdminServiceClient::new(channel), addr })
 }
 
-fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+fn print_json<T: Serialize + ?Sized>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("views serialize to json"));
 }
 
 fn labels_text(labels: &BTreeMap<String, String>) -> String {
@@ -264,144 +282,164 @@ async fn run(cli: Cli) -> Result<()> {
         return demo::run(args.clone()).await;
     }
     let mut client = connect(&cli).await?;
+    let out = cli.output;
     match &cli.command {
         Command::Token(TokenCmd::Create { host, labels, ttl }) => {
-            let req = client.request(CreateTokenRequest {
-                host: host.clone(),
-                labels: labels.iter().cloned().collect(),
-                ttl_seconds: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
-            });
-            let r = client.inner.create_token(req).await.map_err(|s| client.explain(s))?.into_inner();
-            if cli.output == Output::Json {
-                print_json(&serde_json::json!({
-                    "host": host, "token": r.token, "ca_fingerprint": r.ca_fingerprint,
-                    "expires": format_unix(r.expires_unix), "coordinator": client.addr,
-                }));
-            } else {
-                println!("join token:      {}", r.token);
-                println!("ca fingerprint:  {}", r.ca_fingerprint);
-                println!("host:            {host}");
-                println!("expires:         {} (single use)", format_unix(r.expires_unix));
-                println!();
-                println!("on {host}, run:");
-                println!(
-                    "  rekey-agent enroll --coordinator {} --token {} --ca-fingerprint {} --state-dir /var/lib/rekey-agent",
-                    client.addr, r.token, r.ca_fingerprint
-                );
-            }
+            token_create(&client, out, host, labels, *ttl).await?
         }
-        Command::Agents => {
-            let r =
-                client.inner.list_agents(client.request(ListAgentsRequest {})).await.map_err(|s| client.explain(s))?;
-            let agents = r.into_inner().agents;
-            let now = now_unix();
-            if cli.output == Output::Json {
-                let v: Vec<_> = agents
-                    .iter()
-                    .map(|a| {
-                        serde_json::json!({
-                            "name": a.name,
-                            "labels": a.labels.iter().collect::<BTreeMap<_, _>>(),
-                            "connected": a.connected,
-                            "revoked": a.revoked,
-                            "last_seen": format_unix(a.last_seen_unix),
-                            "agent_version": a.agent_version,
-                            "cert_serial": a.cert_serial,
-                            "cert_expires": format_unix(a.cert_not_after_unix),
-                            "enrolled": format_unix(a.enrolled_unix),
-                            "secrets": a.secrets,
-                        })
-                    })
-                    .collect();
-                print_json(&serde_json::Value::Array(v));
-            } else {
-                let mut t = Table::new(["NAME", "STATUS", "LABELS", "VERSION", "CERT EXPIRES", "SECRETS"]);
-                for a in &agents {
-                    let status = if a.revoked {
-                        "revoked".to_string()
-                    } else if a.connected {
-                        "connected".to_string()
-                    } else {
-                        format!("seen {}", format_relative(a.last_seen_unix, now))
-                    };
-                    let labels: BTreeMap<String, String> = a.labels.clone().into_iter().collect();
-                    t.row([
-                        a.name.clone(),
-                        status,
-                        labels_text(&labels),
-                        if a.agent_version.is_empty() { "-".into() } else { a.agent_version.clone() },
-                        format_relative(a.cert_not_after_unix, now),
-                        if a.secrets.is_empty() { "-".into() } else { a.secrets.join(",") },
-                    ]);
-                }
-                if agents.is_empty() {
-                    println!("no agents enrolled yet: create a join token with `rekey token create --host NAME`");
-                } else {
-                    print!("{t}");
-                }
-            }
-        }
+        Command::Agents => agents(&client, out).await?,
         Command::Agent(AgentCmd::Revoke { name }) => {
-            let r = client
-                .inner
-                .revoke_agent(client.request(RevokeAgentRequest { name: name.clone() }))
-                .await
-                .map_err(|s| client.explain(s))?
-                .into_inner();
-            if cli.output == Output::Json {
-                print_json(&serde_json::json!({"revoked": name, "session_closed": r.was_connected}));
-            } else {
-                println!("revoked agent {name}{}", if r.was_connected { "; its live session was closed" } else { "" });
-            }
+            let req = client.request(RevokeAgentRequest { name: name.clone() });
+            let r = client.inner.clone().revoke_agent(req).await.map_err(|s| client.explain(s))?.into_inner();
+            let v = AgentRevokedView { revoked: name.clone(), session_closed: r.was_connected };
+            output(out, &v, |v| {
+                println!(
+                    "revoked agent {}{}",
+                    v.revoked,
+                    if v.session_closed { "; its live session was closed" } else { "" }
+                )
+            });
         }
         Command::Demo(_) => unreachable!("handled before connecting"),
         Command::Secrets => {
-            let v = client.json(client.inner.clone().list_secrets(client.request(ListSecretsRequest {})).await)?;
-            output(cli.output, &v, rotate::print_secrets);
+            let v: Vec<SecretView> =
+                client.view(client.inner.clone().list_secrets(client.request(ListSecretsRequest {})).await)?;
+            output(out, &v, |v| rotate::print_secrets(v));
         }
         Command::Versions { secret } => {
             let req = client.request(ListVersionsRequest { secret: secret.clone() });
-            let v = client.json(client.inner.clone().list_versions(req).await)?;
-            output(cli.output, &v, rotate::print_versions);
+            let v: Vec<VersionView> = client.view(client.inner.clone().list_versions(req).await)?;
+            output(out, &v, |v| rotate::print_versions(v));
         }
-        Command::Rotate(cmd) => return rotate_cmd(&mut client, cli.output, cmd).await,
+        Command::Rotate(cmd) => return rotate_cmd(&mut client, out, cmd).await,
         Command::Report { id, format } => {
             let req = client.request(GetReportRequest { id: id.clone(), format: format.clone() });
             let r = client.inner.clone().get_report(req).await.map_err(|s| client.explain(s))?;
             print!("{}", r.into_inner().content);
         }
-        Command::Scope(args) => scope::run(&client, cli.output, args).await?,
-        Command::Incident(cmd) => incident::run(&mut client, cli.output, cmd).await?,
+        Command::Scope(args) => scope::run(&client, out, args).await?,
+        Command::Incident(cmd) => incident::run(&mut client, out, cmd).await?,
         Command::Alerts => {
-            let v = client.json(client.inner.clone().list_alerts(client.request(ListAlertsRequest {})).await)?;
-            output(cli.output, &v, rotate::print_alerts);
+            let v: Vec<AlertView> =
+                client.view(client.inner.clone().list_alerts(client.request(ListAlertsRequest {})).await)?;
+            output(out, &v, |v| rotate::print_alerts(v));
         }
         Command::Audit { command: None, limit } => {
-            let v = client.json(
-                client.inner.clone().list_audit(client.request(ListAuditRequest { limit: limit.unwrap_or(0) })).await,
-            )?;
-            output(cli.output, &v, rotate::print_audit);
+            let req = client.request(ListAuditRequest { limit: limit.unwrap_or(0) });
+            let v: Vec<AuditRecordView> = client.view(client.inner.clone().list_audit(req).await)?;
+            output(out, &v, |v| rotate::print_audit(v));
         }
-        Command::Audit { command: Some(AuditCmd::Verify), .. } => {
-            let v = client.json(client.inner.clone().verify_audit(client.request(VerifyAuditRequest {})).await)?;
-            if cli.output == Output::Json {
-                print_json(&v);
-            } else if v["ok"] == true {
-                println!("audit chain intact: {} records, head {}", v["records"], v["head"].as_str().unwrap_or(""));
-            }
-            if v["ok"] != true {
-                bail!(
-                    "audit chain broken at record {}: {}",
-                    v["first_broken"]["seq"],
-                    v["first_broken"]["problem"].as_str().unwrap_or("")
-                );
-            }
-        }
+        Command::Audit { command: Some(AuditCmd::Verify), .. } => audit_verify(&client, out).await?,
     }
     Ok(())
 }
 
-pub(crate) fn output(format: Output, v: &serde_json::Value, table: impl Fn(&serde_json::Value)) {
+/// `rekey token create`: the token, and the command to run on the host.
+async fn token_create(
+    client: &Client,
+    out: Output,
+    host: &str,
+    labels: &[(String, String)],
+    ttl: Option<std::time::Duration>,
+) -> Result<()> {
+    let req = client.request(CreateTokenRequest {
+        host: host.to_string(),
+        labels: labels.iter().cloned().collect(),
+        ttl_seconds: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
+    });
+    let r = client.inner.clone().create_token(req).await.map_err(|s| client.explain(s))?.into_inner();
+    let v = JoinTokenView {
+        host: host.to_string(),
+        token: r.token,
+        ca_fingerprint: r.ca_fingerprint,
+        expires: format_unix(r.expires_unix),
+        coordinator: client.addr.clone(),
+    };
+    output(out, &v, |v| {
+        println!("join token:      {}", v.token);
+        println!("ca fingerprint:  {}", v.ca_fingerprint);
+        println!("host:            {host}");
+        println!("expires:         {} (single use)", v.expires);
+        println!();
+        println!("on {host}, run:");
+        println!(
+            "  rekey-agent enroll --coordinator {} --token {} --ca-fingerprint {} --state-dir /var/lib/rekey-agent",
+            v.coordinator, v.token, v.ca_fingerprint
+        );
+    });
+    Ok(())
+}
+
+/// `rekey agents`: the registry, by name.
+async fn agents(client: &Client, out: Output) -> Result<()> {
+    let r =
+        client.inner.clone().list_agents(client.request(ListAgentsRequest {})).await.map_err(|s| client.explain(s))?;
+    let agents = r.into_inner().agents;
+    if out == Output::Json {
+        let v: Vec<AgentView> = agents
+            .iter()
+            .map(|a| AgentView {
+                name: a.name.clone(),
+                labels: a.labels.clone().into_iter().collect(),
+                connected: a.connected,
+                revoked: a.revoked,
+                last_seen: format_unix(a.last_seen_unix),
+                agent_version: a.agent_version.clone(),
+                cert_serial: a.cert_serial.clone(),
+                cert_expires: format_unix(a.cert_not_after_unix),
+                enrolled: format_unix(a.enrolled_unix),
+                secrets: a.secrets.clone(),
+            })
+            .collect();
+        print_json(&v);
+        return Ok(());
+    }
+    if agents.is_empty() {
+        println!("no agents enrolled yet: create a join token with `rekey token create --host NAME`");
+        return Ok(());
+    }
+    let now = now_unix();
+    let mut t = Table::new(["NAME", "STATUS", "LABELS", "VERSION", "CERT EXPIRES", "SECRETS"]);
+    for a in &agents {
+        let status = if a.revoked {
+            "revoked".to_string()
+        } else if a.connected {
+            "connected".to_string()
+        } else {
+            format!("seen {}", format_relative(a.last_seen_unix, now))
+        };
+        let labels: BTreeMap<String, String> = a.labels.clone().into_iter().collect();
+        t.row([
+            a.name.clone(),
+            status,
+            labels_text(&labels),
+            if a.agent_version.is_empty() { "-".into() } else { a.agent_version.clone() },
+            format_relative(a.cert_not_after_unix, now),
+            if a.secrets.is_empty() { "-".into() } else { a.secrets.join(",") },
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}
+
+/// `rekey audit verify`: exits non-zero when a link does not hold.
+async fn audit_verify(client: &Client, out: Output) -> Result<()> {
+    let v: AuditVerifyView =
+        client.view(client.inner.clone().verify_audit(client.request(VerifyAuditRequest {})).await)?;
+    if out == Output::Json {
+        print_json(&v);
+    } else if v.ok {
+        println!("audit chain intact: {} records, head {}", v.records, v.head);
+    }
+    if !v.ok {
+        let (seq, problem) = v.first_broken.map(|b| (b.seq.to_string(), b.problem)).unwrap_or_default();
+        bail!("audit chain broken at record {seq}: {problem}");
+    }
+    Ok(())
+}
+
+/// Prints a view as JSON (`-o json`) or with its table printer.
+pub(crate) fn output<T: Serialize + ?Sized>(format: Output, v: &T, table: impl Fn(&T)) {
     match format {
         Output::Json => print_json(v),
         Output::Table => table(v),
@@ -417,34 +455,26 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
     };
     match cmd {
         RotateCmd::Start { secret, wait } => {
-            let v = client.json(
-                client
-                    .inner
-                    .clone()
-                    .start_rotation(client.request(StartRotationRequest { secret: secret.clone() }))
-                    .await,
-            )?;
-            let id = v["id"].as_str().unwrap_or_default().to_string();
+            let req = client.request(StartRotationRequest { secret: secret.clone() });
+            let v: RotationView = client.view(client.inner.clone().start_rotation(req).await)?;
             if *wait {
                 if out == Output::Table {
-                    println!("rotation {id} started");
+                    println!("rotation {} started", v.id);
                 }
-                return watch(client, out, &id).await;
+                return watch(client, out, &v.id).await;
             }
-            match out {
-                Output::Json => print_json(&v),
-                Output::Table => println!("{id}"),
-            }
+            output(out, &v, |v| println!("{}", v.id));
         }
         RotateCmd::Status { id } => {
-            let v = client
-                .json(client.inner.clone().get_rotation(client.request(GetRotationRequest { id: id.clone() })).await)?;
+            let v: RotationView = client
+                .view(client.inner.clone().get_rotation(client.request(GetRotationRequest { id: id.clone() })).await)?;
             output(out, &v, rotate::print_rotation);
         }
         RotateCmd::List { secret } => {
             let req = ListRotationsRequest { secret: secret.clone().unwrap_or_default() };
-            let v = client.json(client.inner.clone().list_rotations(client.request(req)).await)?;
-            output(out, &v, rotate::print_rotation_list);
+            let v: Vec<RotationSummary> =
+                client.view(client.inner.clone().list_rotations(client.request(req)).await)?;
+            output(out, &v, |v| rotate::print_rotation_list(v));
         }
         RotateCmd::Pause { id } | RotateCmd::Resume { id } | RotateCmd::Abort { id } => {
             let (action, verb) = match cmd {
@@ -452,21 +482,16 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
                 RotateCmd::Resume { .. } => (Control::Resume, "resumed"),
                 _ => (Control::Abort, "aborting"),
             };
-            let v = client.json(client.inner.clone().control_rotation(client.request(control(id, action))).await)?;
-            match out {
-                Output::Json => print_json(&v),
-                Output::Table => println!("{id} {verb}: {}", rotate::summary(&v)),
-            }
+            let req = client.request(control(id, action));
+            let v: RotationView = client.view(client.inner.clone().control_rotation(req).await)?;
+            output(out, &v, |v| println!("{id} {verb}: {}", rotate::summary(v)));
         }
         RotateCmd::Exclude { id, host, reason } => {
             let mut req = control(id, Control::Exclude);
             req.host = host.clone();
             req.reason = reason.clone();
-            let v = client.json(client.inner.clone().control_rotation(client.request(req)).await)?;
-            match out {
-                Output::Json => print_json(&v),
-                Output::Table => println!("{host} excluded from {id}: {}", rotate::summary(&v)),
-            }
+            let v: RotationView = client.view(client.inner.clone().control_rotation(client.request(req)).await)?;
+            output(out, &v, |v| println!("{host} excluded from {id}: {}", rotate::summary(v)));
         }
         RotateCmd::Watch { id } => return watch(client, out, id).await,
     }
@@ -478,32 +503,26 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
 async fn watch(client: &mut Client, out: Output, id: &str) -> Result<()> {
     let mut last = String::new();
     loop {
-        let v = client
-            .json(client.inner.clone().get_rotation(client.request(GetRotationRequest { id: id.to_string() })).await)?;
+        let req = client.request(GetRotationRequest { id: id.to_string() });
+        let v: RotationView = client.view(client.inner.clone().get_rotation(req).await)?;
         let line = rotate::summary(&v);
         if line != last && out == Output::Table {
             println!("{line}");
             last = line;
         }
-        match v["state"].as_str().unwrap_or_default() {
-            "completed" | "monitoring" => {
+        match v.state {
+            RotationState::Completed | RotationState::Monitoring => {
                 if out == Output::Json {
                     print_json(&v);
                 }
                 return Ok(());
             }
-            "halted" | "aborted" => {
+            RotationState::Halted | RotationState::Aborted => {
                 if out == Output::Json {
                     print_json(&v);
                 }
-                bail!(
-                    "rotation {id} {}: {}",
-                    v["state"].as_str().unwrap_or_default(),
-                    v["halt_reason"]
-                        .as_str()
-                        .or(v["timeline"].as_array().and_then(|t| t.last()).and_then(|e| e["note"].as_str()))
-                        .unwrap_or("")
-                );
+                let why = v.halt_reason.as_deref().or(v.timeline.last().map(|e| e.note.as_str())).unwrap_or("");
+                bail!("rotation {id} {}: {why}", v.state);
             }
             _ => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
         }

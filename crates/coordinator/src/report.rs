@@ -29,8 +29,39 @@ pub fn records_of<'a>(audit: &'a [AuditRecord], rotation: &str) -> Vec<&'a Audit
 
 /// The report as a JSON document.
 pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) -> Value {
-    let hosts: Vec<Value> = rot
-        .hosts
+    let mine = records_of(audit, &rot.id);
+    json!({
+        "kind": "rotation",
+        "id": rot.id,
+        "secret": rot.secret,
+        "outcome": rot.state.as_str(),
+        "started_by": rot.started_by,
+        "started": ts(rot.created_ms),
+        "finished": if rot.state.is_terminal() { Some(ts(rot.updated_ms)) } else { None },
+        "duration": dur(rot.updated_ms - rot.created_ms),
+        "old_version": rot.old_version,
+        "new_version": rot.new_version,
+        "expected_fingerprint": rot.expected_fingerprint,
+        "policy": rot.policy,
+        "waves": rot.waves,
+        "timeline": rot.timeline.iter().map(|t| json!({"at": ts(t.at_ms), "state": t.state.as_str(), "note": t.note})).collect::<Vec<_>>(),
+        "hosts": hosts_json(rot),
+        "failures": failures_json(&mine),
+        "rolled_back": rolled_back(&mine),
+        "exclusions": rot.hosts.iter().filter_map(|(n, h)| h.exclusion.as_ref().map(|e| json!({"host": n, "by": e.by, "reason": e.reason}))).collect::<Vec<_>>(),
+        "operator_actions": operator_actions_json(&mine),
+        "scope": scans_json(rot, audit),
+        "revocation_evidence": rot.evidence.iter().map(|e| json!({
+            "at": ts(e.at_ms), "phase": e.phase.as_str(), "usage": e.usage, "error": e.error, "verdict": e.verdict,
+        })).collect::<Vec<_>>(),
+        "alerts": mine.iter().filter(|r| r.action.starts_with("alert.")).map(|r| json!({"at": ts(r.at_ms), "details": r.details})).collect::<Vec<_>>(),
+        "audit_chain_head": chain_head,
+    })
+}
+
+/// Every host: its outcome, when it got and confirmed the new version, its history.
+fn hosts_json(rot: &Rotation) -> Vec<Value> {
+    rot.hosts
         .iter()
         .map(|(name, h)| {
             let at = |s: HostState| h.history.iter().find(|(st, _)| *st == s).map(|(_, t)| ts(*t));
@@ -47,12 +78,14 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
                 "history": h.history.iter().map(|(s, t)| json!([s.as_str(), ts(*t)])).collect::<Vec<_>>(),
             })
         })
-        .collect();
-    let mine = records_of(audit, &rot.id);
-    // Scope scans of this secret (operators' and the tripwire's): the consumer
-    // map before the rotation (up to a day earlier) and after it.
+        .collect()
+}
+
+/// Scope scans of this secret (operators' and the tripwire's): the consumer
+/// map before the rotation (up to a day earlier) and after it.
+fn scans_json(rot: &Rotation, audit: &[AuditRecord]) -> Vec<Value> {
     let end = if rot.state.is_terminal() { rot.updated_ms } else { i64::MAX };
-    let scans: Vec<Value> = audit
+    audit
         .iter()
         .filter(|r| r.action == "scope.result" && r.details["secret"] == rot.secret.as_str())
         .filter(|r| r.at_ms >= rot.created_ms - 86_400_000 && r.at_ms <= end)
@@ -69,10 +102,13 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
                 "not_answering": r.details["not_answering"],
             })
         })
-        .collect();
-    // Every failure any host reported, even if a later retry succeeded.
+        .collect()
+}
+
+/// Every failure any host reported, even if a later retry succeeded.
+fn failures_json(mine: &[&AuditRecord]) -> Vec<Value> {
     let mut failures: Vec<Value> = Vec::new();
-    for r in &mine {
+    for r in mine {
         if r.action == "host.state"
             && matches!(r.details["to"].as_str(), Some("failed" | "unreachable"))
             && let Some(err) = r.details["error"].as_str()
@@ -83,14 +119,19 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
             }
         }
     }
-    let rolled_back: Vec<String> = mine
-        .iter()
+    failures
+}
+
+fn rolled_back(mine: &[&AuditRecord]) -> Vec<String> {
+    mine.iter()
         .filter(|r| r.action == "host.state" && r.details["to"] == "rolled_back")
         .filter_map(|r| r.details["host"].as_str().map(str::to_string))
-        .collect();
-    // What operators did (their commands), not every transition they caused.
-    let operator_actions: Vec<Value> = mine
-        .iter()
+        .collect()
+}
+
+/// What operators did (their commands), not every transition they caused.
+fn operator_actions_json(mine: &[&AuditRecord]) -> Vec<Value> {
+    mine.iter()
         .filter(|r| r.actor.starts_with("operator/"))
         .filter(|r| {
             r.action == "rotation.start"
@@ -98,51 +139,50 @@ pub fn rotation_json(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) ->
                 || r.details["note"].as_str().is_some_and(|n| n.contains(&format!("by {}", r.actor)))
         })
         .map(|r| json!({"seq": r.seq, "at": ts(r.at_ms), "actor": r.actor, "action": r.action, "details": r.details}))
-        .collect();
-    json!({
-        "kind": "rotation",
-        "id": rot.id,
-        "secret": rot.secret,
-        "outcome": rot.state.as_str(),
-        "started_by": rot.started_by,
-        "started": ts(rot.created_ms),
-        "finished": if rot.state.is_terminal() { Some(ts(rot.updated_ms)) } else { None },
-        "duration": dur(rot.updated_ms - rot.created_ms),
-        "old_version": rot.old_version,
-        "new_version": rot.new_version,
-        "expected_fingerprint": rot.expected_fingerprint,
-        "policy": rot.policy,
-        "waves": rot.waves,
-        "timeline": rot.timeline.iter().map(|t| json!({"at": ts(t.at_ms), "state": t.state.as_str(), "note": t.note})).collect::<Vec<_>>(),
-        "hosts": hosts,
-        "failures": failures,
-        "rolled_back": rolled_back,
-        "exclusions": rot.hosts.iter().filter_map(|(n, h)| h.exclusion.as_ref().map(|e| json!({"host": n, "by": e.by, "reason": e.reason}))).collect::<Vec<_>>(),
-        "operator_actions": operator_actions,
-        "scope": scans,
-        "revocation_evidence": rot.evidence.iter().map(|e| json!({
-            "at": ts(e.at_ms), "phase": e.phase.as_str(), "usage": e.usage, "error": e.error, "verdict": e.verdict,
-        })).collect::<Vec<_>>(),
-        "alerts": mine.iter().filter(|r| r.action.starts_with("alert.")).map(|r| json!({"at": ts(r.at_ms), "details": r.details})).collect::<Vec<_>>(),
-        "audit_chain_head": chain_head,
-    })
+        .collect()
 }
 
-/// The report as Markdown, for humans and incident tickets.
-pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) -> String {
-    let j = rotation_json(rot, audit, chain_head);
-    let s = |v: &Value| match v {
+/// A JSON value of the report as Markdown text: `-` for null.
+fn text(v: &Value) -> String {
+    match v {
         Value::Null => "-".to_string(),
         Value::String(x) => x.clone(),
         other => other.to_string(),
-    };
+    }
+}
+
+/// The items of a JSON array of the report (none if it is not one).
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// The report as Markdown, for humans and incident tickets: the sections of
+/// the JSON report, in the same order.
+pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str) -> String {
+    let j = rotation_json(rot, audit, chain_head);
     let mut out = String::new();
+    summary_md(&mut out, rot, &j);
+    timeline_md(&mut out, rot);
+    hosts_md(&mut out, &j);
+    failures_md(&mut out, &j);
+    exclusions_md(&mut out, &j);
+    scope_md(&mut out, &j);
+    evidence_md(&mut out, rot);
+    operator_actions_md(&mut out, &j);
+    out.push_str(&format!(
+        "\n---\nBuilt from the audit chain at head `{chain_head}` (`rekey audit verify` checks it). \
+         This report contains version ids and keyed fingerprints, never secret values.\n"
+    ));
+    out
+}
+
+fn summary_md(out: &mut String, rot: &Rotation, j: &Value) {
     out.push_str(&format!("# Rotation report: `{}` ({})\n\n", rot.secret, rot.id));
     out.push_str("| | |\n|---|---|\n");
     out.push_str(&format!("| outcome | **{}** |\n", rot.state.as_str()));
-    out.push_str(&format!("| started | {} by `{}` |\n", s(&j["started"]), rot.started_by));
-    out.push_str(&format!("| finished | {} |\n", s(&j["finished"])));
-    out.push_str(&format!("| duration | {} |\n", s(&j["duration"])));
+    out.push_str(&format!("| started | {} by `{}` |\n", text(&j["started"]), rot.started_by));
+    out.push_str(&format!("| finished | {} |\n", text(&j["finished"])));
+    out.push_str(&format!("| duration | {} |\n", text(&j["duration"])));
     out.push_str(&format!(
         "| versions | `{}` → `{}` |\n",
         rot.old_version.as_deref().unwrap_or("(none)"),
@@ -153,75 +193,91 @@ pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str
         "| new version fingerprint | `{}` |\n\n",
         rot.expected_fingerprint.as_deref().unwrap_or("-")
     ));
+}
 
+fn timeline_md(out: &mut String, rot: &Rotation) {
     out.push_str("## Timeline\n\n| time | state | event |\n|---|---|---|\n");
     for t in &rot.timeline {
         out.push_str(&format!("| {} | {} | {} |\n", ts(t.at_ms), t.state.as_str(), t.note.replace('|', "\\|")));
     }
+}
+
+fn hosts_md(out: &mut String, j: &Value) {
     out.push_str("\n## Hosts\n\n| host | wave | outcome | delivered | confirmed | fingerprint | note |\n|---|---|---|---|---|---|---|\n");
-    for h in j["hosts"].as_array().into_iter().flatten() {
+    for h in items(&j["hosts"]) {
         let note = match (&h["excluded"], &h["error"]) {
-            (Value::Object(e), _) => format!("excluded by {}: {}", s(&e["by"]), s(&e["reason"])),
+            (Value::Object(e), _) => format!("excluded by {}: {}", text(&e["by"]), text(&e["reason"])),
             (_, Value::String(e)) => e.clone(),
             _ => String::new(),
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | `{}` | {} |\n",
-            s(&h["host"]),
-            s(&h["wave"]),
-            s(&h["outcome"]),
-            s(&h["delivered"]),
-            s(&h["healthy"]),
-            s(&h["fingerprint"]),
+            text(&h["host"]),
+            text(&h["wave"]),
+            text(&h["outcome"]),
+            text(&h["delivered"]),
+            text(&h["healthy"]),
+            text(&h["fingerprint"]),
             note.replace('|', "\\|")
         ));
     }
-    let failures = j["failures"].as_array().cloned().unwrap_or_default();
+}
+
+fn failures_md(out: &mut String, j: &Value) {
+    let failures = items(&j["failures"]);
     out.push_str("\n## Failures and rollbacks\n\n");
     if failures.is_empty() {
         out.push_str("None.\n");
     }
     for f in failures {
-        out.push_str(&format!("- {} **{}** {}: {}\n", s(&f["at"]), s(&f["host"]), s(&f["state"]), s(&f["error"])));
+        out.push_str(&format!(
+            "- {} **{}** {}: {}\n",
+            text(&f["at"]),
+            text(&f["host"]),
+            text(&f["state"]),
+            text(&f["error"])
+        ));
     }
-    let rolled: Vec<String> = j["rolled_back"].as_array().into_iter().flatten().map(s).collect();
+    let rolled: Vec<String> = items(&j["rolled_back"]).iter().map(text).collect();
     if !rolled.is_empty() {
         out.push_str(&format!("- rolled back to the old version by their agents: {}\n", rolled.join(", ")));
     }
-    let exclusions = j["exclusions"].as_array().cloned().unwrap_or_default();
+}
+
+fn exclusions_md(out: &mut String, j: &Value) {
+    let exclusions = items(&j["exclusions"]);
     out.push_str("\n## Exclusions\n\n");
     if exclusions.is_empty() {
         out.push_str("None: every target host confirmed the new version.\n");
     }
     for e in exclusions {
-        out.push_str(&format!("- **{}** excluded by `{}`: {}\n", s(&e["host"]), s(&e["by"]), s(&e["reason"])));
+        out.push_str(&format!("- **{}** excluded by `{}`: {}\n", text(&e["host"]), text(&e["by"]), text(&e["reason"])));
     }
+}
+
+fn scope_md(out: &mut String, j: &Value) {
     out.push_str("\n## Scope (where the secret was found)\n\n");
-    let scans = j["scope"].as_array().cloned().unwrap_or_default();
+    let scans = items(&j["scope"]);
     if scans.is_empty() {
         out.push_str("No scope scan of this secret around this rotation (`rekey scope SECRET` maps it).\n");
     }
     for sc in scans {
         let places = |k: &str| {
-            sc[k]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|o| format!("{}:{} line {}", s(&o["host"]), s(&o["path"]), s(&o["line"])))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
+            items(&sc[k])
+                .iter()
+                .map(|o| format!("{}:{} line {}", text(&o["host"]), text(&o["path"]), text(&o["line"])))
+                .collect::<Vec<_>>()
         };
         let hosts = sc["hosts_with_value"]
             .as_array()
-            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(", "))
+            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(", "))
             .unwrap_or_default();
         out.push_str(&format!(
             "- {} ({}, by `{}`): {} occurrences on {}",
-            s(&sc["at"]),
-            s(&sc["when"]),
-            s(&sc["by"]),
-            s(&sc["occurrences"]),
+            text(&sc["at"]),
+            text(&sc["when"]),
+            text(&sc["by"]),
+            text(&sc["occurrences"]),
             if hosts.is_empty() { "no host".to_string() } else { hosts }
         ));
         let (u, l) = (places("undeclared"), places("leftovers"));
@@ -233,6 +289,9 @@ pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str
         }
         out.push('\n');
     }
+}
+
+fn evidence_md(out: &mut String, rot: &Rotation) {
     out.push_str("\n## Revocation evidence\n\n");
     if rot.evidence.is_empty() {
         out.push_str("No usage checks (the provider reports no usage data, evidence was not required, or nothing was revoked).\n");
@@ -240,16 +299,14 @@ pub fn rotation_markdown(rot: &Rotation, audit: &[AuditRecord], chain_head: &str
     for e in &rot.evidence {
         out.push_str(&format!("- {} ({}): {}\n", ts(e.at_ms), e.phase.as_str(), e.verdict));
     }
+}
+
+fn operator_actions_md(out: &mut String, j: &Value) {
     out.push_str("\n## Operator actions\n\n");
-    for a in j["operator_actions"].as_array().into_iter().flatten() {
-        let what = a["details"]["note"].as_str().map(str::to_string).unwrap_or_else(|| s(&a["action"]));
-        out.push_str(&format!("- {} `{}`: {} (audit #{})\n", s(&a["at"]), s(&a["actor"]), what, s(&a["seq"])));
+    for a in items(&j["operator_actions"]) {
+        let what = a["details"]["note"].as_str().map(str::to_string).unwrap_or_else(|| text(&a["action"]));
+        out.push_str(&format!("- {} `{}`: {} (audit #{})\n", text(&a["at"]), text(&a["actor"]), what, text(&a["seq"])));
     }
-    out.push_str(&format!(
-        "\n---\nBuilt from the audit chain at head `{chain_head}` (`rekey audit verify` checks it). \
-         This report contains version ids and keyed fingerprints, never secret values.\n"
-    ));
-    out
 }
 
 /// A campaign's report as JSON: the incident and every rotation's report.

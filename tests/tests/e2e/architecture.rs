@@ -32,3 +32,15 @@ fn no_aws_lc_anywhere() {
         assert!(!t.lines().any(|l| l.starts_with("aws-lc")), "{p} pulls in aws-lc:\n{t}");
     }
 }
+
+/// Architecture Invariant: the views (`rekey-types`) are plain data: serde
+/// only, no tonic, no coordinator, so anything may read them.
+#[test]
+fn the_views_crate_is_plain_data() {
+    let t = tree("rekey-types");
+    assert!(t.lines().next().is_some_and(|l| l.starts_with("rekey-types")), "cargo tree output looks wrong:\n{t}");
+    for forbidden in ["tonic", "prost", "rekey-", "sled", "tokio"] {
+        let hits: Vec<&str> = t.lines().skip(1).filter(|l| l.starts_with(forbidden)).collect();
+        assert!(hits.is_empty(), "rekey-types depends on {forbidden}: {hits:?}");
+    }
+}

@@ -3,6 +3,10 @@
 
 use rekey_tests::scripted::{Behavior, ScriptedAgent};
 use rekey_tests::{Coordinator, wait_for};
+use rekey_types::v1::{
+    AuditRecordView, HostState, IncidentSecretState, IncidentState, IncidentView, RotationState, RotationView,
+    VersionStatus, VersionView,
+};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -49,41 +53,42 @@ fn fleet(n: usize, grace: &str) -> Fleet {
     Fleet { _tmp: tmp, c, agents }
 }
 
-fn rotation(c: &Coordinator, id: &str) -> Value {
-    c.cli_json(&["rotate", "status", id])
+fn rotation(c: &Coordinator, id: &str) -> RotationView {
+    c.rotation(id)
 }
 
 fn start(c: &Coordinator, secret: &str) -> String {
     c.cli_ok(&["rotate", "start", secret]).trim().to_string()
 }
 
-fn wait_state(c: &Coordinator, id: &str, states: &[&str]) -> Value {
-    let mut last = Value::Null;
+fn wait_state(c: &Coordinator, id: &str, states: &[RotationState]) -> RotationView {
+    let mut last = None;
     wait_for(&format!("rotation {id} to reach {states:?}"), || {
-        last = rotation(c, id);
-        states.contains(&last["state"].as_str().unwrap_or(""))
+        let r = rotation(c, id);
+        let reached = states.contains(&r.state);
+        last = Some(r);
+        reached
     });
-    last
+    last.expect("polled")
 }
 
-fn versions(c: &Coordinator, secret: &str) -> Vec<Value> {
-    c.cli_json(&["versions", secret]).as_array().cloned().unwrap()
+fn versions(c: &Coordinator, secret: &str) -> Vec<VersionView> {
+    c.versions(secret)
 }
 
 /// Index of the first audit record matching `f`.
-fn audit_index(audit: &[Value], f: impl Fn(&Value) -> bool) -> Option<usize> {
+fn audit_index(audit: &[AuditRecordView], f: impl Fn(&AuditRecordView) -> bool) -> Option<usize> {
     audit.iter().position(f)
 }
 
 /// The old version is never deactivated before every host confirmed: in the
 /// audit chain, the last `healthy` comes before `rotation.deactivating`.
 fn assert_revocation_after_confirmation(c: &Coordinator, id: &str) {
-    let audit = c.cli_json(&["audit"]).as_array().cloned().unwrap();
-    let of = |r: &Value| r["details"]["rotation"] == id;
-    let deact = audit_index(&audit, |r| of(r) && r["action"] == "rotation.deactivating")
+    let audit = c.audit();
+    let of = |r: &AuditRecordView| r.details["rotation"] == id;
+    let deact = audit_index(&audit, |r| of(r) && r.action == "rotation.deactivating")
         .unwrap_or_else(|| panic!("no deactivation recorded for {id}"));
-    let last_healthy =
-        audit.iter().rposition(|r| of(r) && r["action"] == "host.state" && r["details"]["to"] == "healthy");
+    let last_healthy = audit.iter().rposition(|r| of(r) && r.action == "host.state" && r.details["to"] == "healthy");
     assert!(last_healthy.is_some_and(|h| h < deact), "deactivated before the last confirmation");
 }
 
@@ -93,39 +98,44 @@ fn a_rotation_goes_canary_waves_verified_deactivate_grace_delete_completed() {
     // First rotation: establishes the first version (nothing to revoke yet).
     let out = f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
     assert!(out.contains("[completed]"), "{out}");
-    let v1 = f.c.cli_json(&["secrets"])[0]["current_version"].as_str().unwrap().to_string();
+    let v1 = f.c.secrets()[0].current_version.clone().unwrap();
     assert!(f.agents.iter().all(|a| a.applied(SECRET).unwrap().0 == v1));
 
     // Second rotation: the full lifecycle with revocation.
     let id = start(&f.c, SECRET);
-    let r = wait_state(&f.c, &id, &["completed", "halted"]);
-    assert_eq!(r["state"], "completed", "{r:#}");
-    let v2 = r["new_version"].as_str().unwrap();
-    assert_eq!(r["old_version"], v1.as_str());
-    let states: Vec<&str> = r["timeline"].as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap()).collect();
-    let order = ["planned", "generating", "rolling_out", "verified", "deactivating", "grace", "deleting", "completed"];
+    let r = wait_state(&f.c, &id, &[RotationState::Completed, RotationState::Halted]);
+    assert_eq!(r.state, RotationState::Completed, "{r:#?}");
+    let v2 = r.new_version.as_deref().unwrap();
+    assert_eq!(r.old_version.as_deref(), Some(v1.as_str()));
+    let states: Vec<RotationState> = r.timeline.iter().map(|t| t.state).collect();
+    use RotationState::*;
+    let order = [Planned, Generating, RollingOut, Verified, Deactivating, Grace, Deleting, Completed];
     let mut pos = 0;
     for s in order {
         pos += states[pos..].iter().position(|x| *x == s).unwrap_or_else(|| panic!("{s} missing from {states:?}"));
     }
     // Every host confirmed the new version with the expected fingerprint.
-    let expected = r["expected_fingerprint"].as_str().unwrap();
-    for (name, h) in r["hosts"].as_object().unwrap() {
-        assert_eq!(h["state"], "healthy", "{name}");
-        assert_eq!(h["fingerprint"], expected, "{name}");
+    let expected = r.expected_fingerprint.as_deref().unwrap();
+    for (name, h) in &r.hosts {
+        assert_eq!(h.state, HostState::Healthy, "{name}");
+        assert_eq!(h.fingerprint.as_deref(), Some(expected), "{name}");
     }
     // Canary first: host-1 was healthy before any other host got the delivery.
-    let hist = |h: &str, st: &str| -> i64 {
-        r["hosts"][h]["history"].as_array().unwrap().iter().find(|e| e[0] == st).unwrap()[1].as_i64().unwrap()
-    };
+    let hist = |h: &str, st: HostState| -> i64 { r.hosts[h].first_at(st).unwrap() };
     for other in ["host-2", "host-3", "host-4", "host-5"] {
-        assert!(hist("host-1", "healthy") <= hist(other, "delivered"), "{other} delivered before the canary confirmed");
+        assert!(
+            hist("host-1", HostState::Healthy) <= hist(other, HostState::Delivered),
+            "{other} delivered before the canary confirmed"
+        );
     }
-    assert!(hist("host-3", "healthy") <= hist("host-4", "delivered"), "wave 2 started before wave 1 finished");
+    assert!(
+        hist("host-3", HostState::Healthy) <= hist("host-4", HostState::Delivered),
+        "wave 2 started before wave 1 finished"
+    );
     // The provider holds the new version only; agents were told to purge the old one.
     let vs = versions(&f.c, SECRET);
     assert_eq!(vs.len(), 1, "{vs:?}");
-    assert_eq!((vs[0]["id"].as_str().unwrap(), vs[0]["status"].as_str().unwrap()), (v2, "active"));
+    assert_eq!((vs[0].id.as_str(), vs[0].status), (v2, VersionStatus::Active));
     wait_for("purges", || f.agents.iter().all(|a| a.purges().contains(&(SECRET.into(), v1.clone()))));
     assert_revocation_after_confirmation(&f.c, &id);
     assert!(f.c.cli_ok(&["audit", "verify"]).contains("audit chain intact"));
@@ -154,15 +164,15 @@ fn a_failing_host_halts_the_rollout_and_abort_restores_everyone() {
     assert!(!out.status.success(), "a halted rotation must not exit 0");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("halted") && err.contains("host-3") && err.contains("returned 503"), "{err}");
-    let id = f.c.cli_json(&["rotate", "list"])[0]["id"].as_str().unwrap().to_string();
+    let id = f.c.rotations(None)[0].id.clone();
     let r = rotation(&f.c, &id);
-    assert_eq!(r["state"], "halted");
-    assert_eq!(r["hosts"]["host-3"]["state"], "rolled_back");
-    assert!(r["hosts"]["host-3"]["error"].as_str().unwrap().contains("503"));
-    assert_eq!(r["hosts"]["host-4"]["state"], "pending", "the next wave must not start");
+    assert_eq!(r.state, RotationState::Halted);
+    assert_eq!(r.hosts["host-3"].state, HostState::RolledBack);
+    assert!(r.hosts["host-3"].error.as_deref().unwrap().contains("503"));
+    assert_eq!(r.hosts["host-4"].state, HostState::Pending, "the next wave must not start");
     // The old version is untouched at the provider and still what host-3 runs.
     let vs = versions(&f.c, SECRET);
-    assert!(vs.iter().any(|v| v["id"] == v1.0.as_str() && v["status"] == "active"), "{vs:?}");
+    assert!(vs.iter().any(|v| v.id == v1.0 && v.status == VersionStatus::Active), "{vs:?}");
     assert_eq!(f.agents[2].applied(SECRET).unwrap(), v1);
     // Status for humans shows the failure.
     let status = f.c.cli_ok(&["rotate", "status", &id]);
@@ -172,8 +182,8 @@ fn a_failing_host_halts_the_rollout_and_abort_restores_everyone() {
     let out = f.c.cli(&["rotate", "pause", &id]);
     assert!(!out.status.success());
     f.c.cli_ok(&["rotate", "abort", &id]);
-    let r = wait_state(&f.c, &id, &["aborted"]);
-    assert_eq!(r["state"], "aborted");
+    let r = wait_state(&f.c, &id, &[RotationState::Aborted]);
+    assert_eq!(r.state, RotationState::Aborted);
     for a in &f.agents {
         assert_eq!(a.applied(SECRET).unwrap(), v1, "{} is not back on the old version", a.name);
     }
@@ -182,8 +192,8 @@ fn a_failing_host_halts_the_rollout_and_abort_restores_everyone() {
     // The new version is gone at the provider; the old one is current.
     let vs = versions(&f.c, SECRET);
     assert_eq!(vs.len(), 1, "{vs:?}");
-    assert_eq!(vs[0]["id"], v1.0.as_str());
-    assert_eq!(f.c.cli_json(&["secrets"])[0]["current_version"], v1.0.as_str());
+    assert_eq!(vs[0].id, v1.0);
+    assert_eq!(f.c.secrets()[0].current_version.as_deref(), Some(v1.0.as_str()));
 }
 
 #[test]
@@ -196,34 +206,34 @@ fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audit
     let id = start(&f.c, SECRET);
     wait_for("host-2 unreachable, the others healthy", || {
         let r = rotation(&f.c, &id);
-        r["hosts"]["host-2"]["state"] == "unreachable" && r["hosts"]["host-3"]["state"] == "healthy"
+        r.hosts["host-2"].state == HostState::Unreachable && r.hosts["host-3"].state == HostState::Healthy
     });
     std::thread::sleep(Duration::from_secs(2));
     let r = rotation(&f.c, &id);
-    assert_eq!(r["state"], "rolling_out", "must wait, neither halt nor revoke");
-    assert!(r["waiting_on"].as_str().unwrap().contains("host-2"));
-    assert!(versions(&f.c, SECRET).iter().any(|v| v["id"] == v1.as_str() && v["status"] == "active"));
+    assert_eq!(r.state, RotationState::RollingOut, "must wait, neither halt nor revoke");
+    assert!(r.waiting_on.as_deref().unwrap().contains("host-2"));
+    assert!(versions(&f.c, SECRET).iter().any(|v| v.id == v1 && v.status == VersionStatus::Active));
     // It comes back: it gets the delivery, and the rotation completes.
     f.agents[1].start();
-    let r = wait_state(&f.c, &id, &["completed"]);
-    assert_eq!(r["hosts"]["host-2"]["state"], "healthy");
+    let r = wait_state(&f.c, &id, &[RotationState::Completed]);
+    assert_eq!(r.hosts["host-2"].state, HostState::Healthy);
     assert_revocation_after_confirmation(&f.c, &id);
 
     // Next rotation: host-3 is gone for good; the operator excludes it.
     f.agents[2].stop();
     wait_for("host-3 gone", || !f.c.is_connected("host-3"));
     let id = start(&f.c, SECRET);
-    wait_for("host-3 unreachable", || rotation(&f.c, &id)["hosts"]["host-3"]["state"] == "unreachable");
+    wait_for("host-3 unreachable", || rotation(&f.c, &id).hosts["host-3"].state == HostState::Unreachable);
     let out = f.c.cli(&["rotate", "exclude", &id, "host-3", "--reason", ""]);
     assert!(!out.status.success(), "an exclusion needs a reason");
     f.c.cli_ok(&["rotate", "exclude", &id, "host-3", "--reason", "host decommissioned (INC-42)"]);
-    let r = wait_state(&f.c, &id, &["completed"]);
-    assert_eq!(r["hosts"]["host-3"]["exclusion"]["reason"], "host decommissioned (INC-42)");
-    let audit = f.c.cli_json(&["audit"]).as_array().cloned().unwrap();
-    assert!(audit.iter().any(|a| a["actor"] == "operator/admin"
-        && a["details"]["host"] == "host-3"
-        && a["details"]["to"] == "excluded"
-        && a["details"]["reason"] == "host decommissioned (INC-42)"));
+    let r = wait_state(&f.c, &id, &[RotationState::Completed]);
+    assert_eq!(r.hosts["host-3"].exclusion.as_ref().unwrap().reason, "host decommissioned (INC-42)");
+    let audit = f.c.audit();
+    assert!(audit.iter().any(|a| a.actor == "operator/admin"
+        && a.details["host"] == "host-3"
+        && a.details["to"] == "excluded"
+        && a.details["reason"] == "host decommissioned (INC-42)"));
 }
 
 #[test]
@@ -237,18 +247,18 @@ fn one_rotation_per_secret_and_different_secrets_run_concurrently() {
     assert!(err.contains("already being rotated") && err.contains(&a), "{err}");
     let b = start(&f.c, "db-password");
     assert_ne!(a, b);
-    wait_state(&f.c, &b, &["completed"]);
-    wait_state(&f.c, &a, &["grace"]);
+    wait_state(&f.c, &b, &[RotationState::Completed]);
+    wait_state(&f.c, &a, &[RotationState::Grace]);
     // Unknown secrets and rotations are clear errors.
     let out = f.c.cli(&["rotate", "start", "nope"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown secret \"nope\""));
     let out = f.c.cli(&["rotate", "status", "rot-nope"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no rotation \"rot-nope\""));
     // The catalog lists consumers and the active rotation.
-    let secrets = f.c.cli_json(&["secrets"]);
-    assert_eq!(secrets[0]["name"], SECRET);
-    assert_eq!(secrets[0]["consumers"], serde_json::json!(["host-1", "host-2"]));
-    assert_eq!(secrets[0]["active_rotation"], a.as_str());
+    let secrets = f.c.secrets();
+    assert_eq!(secrets[0].name, SECRET);
+    assert_eq!(secrets[0].consumers, ["host-1", "host-2"]);
+    assert_eq!(secrets[0].active_rotation.as_deref(), Some(a.as_str()));
     assert!(f.c.cli_ok(&["secrets"]).contains("host-1,host-2"));
 }
 
@@ -262,7 +272,7 @@ fn a_secret_without_consumers_is_refused() {
     wait_for("connected", || c.is_connected("other"));
     let out = c.cli(&["rotate", "start", SECRET]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no agent consumes secret"), "{out:?}");
-    assert!(c.cli_json(&["rotate", "list"]).as_array().unwrap().is_empty());
+    assert!(c.rotations(None).is_empty());
 }
 
 /// SIGKILL of rekeyd after generating, mid-wave, after verification and
@@ -280,31 +290,31 @@ fn sigkill_of_rekeyd_at_any_point_loses_nothing() {
         let id = start(&f.c, SECRET);
         match point {
             "after-generating" => {
-                wait_for("new version", || rotation(&f.c, &id)["new_version"].is_string());
+                wait_for("new version", || rotation(&f.c, &id).new_version.is_some());
             }
             "mid-wave" => {
-                wait_for("host-3 stuck", || rotation(&f.c, &id)["hosts"]["host-3"]["state"] == "delivered");
+                wait_for("host-3 stuck", || rotation(&f.c, &id).hosts["host-3"].state == HostState::Delivered);
             }
             "after-verification" | "during-grace" => {
-                wait_state(&f.c, &id, &["grace"]);
+                wait_state(&f.c, &id, &[RotationState::Grace]);
             }
             _ => unreachable!(),
         }
         let before = rotation(&f.c, &id);
-        let new_version = before["new_version"].clone();
+        let new_version = before.new_version.clone().expect("a new version before the kill");
         f.c.kill();
         if point == "mid-wave" {
             f.agents[2].set_behavior(SECRET, Behavior::Succeed);
         }
         f.c.restart();
-        let r = wait_state(&f.c, &id, &["completed"]);
-        assert_eq!(r["new_version"], new_version, "{point}: a second new version was created");
+        let r = wait_state(&f.c, &id, &[RotationState::Completed]);
+        assert_eq!(r.new_version.as_deref(), Some(new_version.as_str()), "{point}: a second new version was created");
         let vs = versions(&f.c, SECRET);
         assert_eq!(vs.len(), 1, "{point}: provider holds {vs:?}");
-        assert_eq!(vs[0]["id"], new_version, "{point}");
-        assert_ne!(vs[0]["id"], v_old.as_str());
+        assert_eq!(vs[0].id, new_version, "{point}");
+        assert_ne!(vs[0].id, v_old);
         for a in &f.agents {
-            assert_eq!(a.applied(SECRET).unwrap().0, new_version.as_str().unwrap(), "{point}: {}", a.name);
+            assert_eq!(a.applied(SECRET).unwrap().0, new_version, "{point}: {}", a.name);
         }
         assert_revocation_after_confirmation(&f.c, &id);
         // Confirmations survived the crash: no host was asked twice to apply
@@ -364,26 +374,27 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
         .trim()
         .to_string();
     assert!(id.starts_with("inc-"), "{id}");
-    let mut status = Value::Null;
+    let mut status = None;
     wait_for("campaign done", || {
-        status = c.cli_json(&["incident", "status", &id]);
-        status["state"] == "done"
+        let s = c.incident(&id);
+        let done = s.state == IncidentState::Done;
+        status = Some(s);
+        done
     });
-    let s = status["secrets"].as_object().unwrap();
+    let status = status.expect("polled");
+    let s = &status.secrets;
     assert_eq!(s.keys().collect::<Vec<_>>(), vec!["vendor-a", "vendor-b", "vendor-c"]);
     for (name, p) in s {
-        assert_eq!(p["state"], "completed", "{name}: {p}");
-        assert_eq!(p["healthy"], 3, "{name}");
+        assert_eq!(p.state, IncidentSecretState::Rotation(RotationState::Completed), "{name}: {p:?}");
+        assert_eq!(p.healthy, Some(3), "{name}");
     }
     // Bounded concurrency: never more than 2 rotations rolling out at once.
-    let rotations: Vec<Value> =
-        s.values().map(|p| c.cli_json(&["rotate", "status", p["rotation"].as_str().unwrap()])).collect();
+    let rotations: Vec<RotationView> = s.values().map(|p| c.rotation(p.rotation.as_deref().unwrap())).collect();
     let spans: Vec<(i64, i64)> = rotations
         .iter()
         .map(|r| {
-            let t = r["timeline"].as_array().unwrap();
-            let at = |st: &str| t.iter().find(|e| e["state"] == st).unwrap()["at_ms"].as_i64().unwrap();
-            (at("planned"), at("verified"))
+            let at = |st: RotationState| r.timeline.iter().find(|e| e.state == st).unwrap().at_ms;
+            (at(RotationState::Planned), at(RotationState::Verified))
         })
         .collect();
     // At the moment each rollout started, how many were in their rollout phase
@@ -394,7 +405,7 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
         assert!(active <= 2, "rollout {i} started while {} others were rolling out: {spans:?}", active - 1);
     }
     // The unmatched secret was left alone.
-    assert!(c.cli_json(&["rotate", "list", "--secret", "unrelated"]).as_array().unwrap().is_empty());
+    assert!(c.rotations(Some("unrelated")).is_empty());
     // One Markdown report: every secret and every host.
     let report = c.cli_ok(&["report", &id]);
     assert!(report.starts_with("# Incident report: vendor breach"), "{report}");
@@ -409,8 +420,8 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
             assert!(!report.contains(&*String::from_utf8_lossy(&v)), "a secret value is in the report");
         }
     }
-    let closed = c.cli_json(&["incident", "close", &id]);
-    assert_eq!(closed["state"], "closed");
+    let closed: IncidentView = c.cli_view(&["incident", "close", &id]);
+    assert_eq!(closed.state, IncidentState::Closed);
     let list = c.cli_ok(&["incident", "list"]);
     assert!(list.contains("vendor breach") && list.contains("closed"), "{list}");
 }

@@ -26,13 +26,13 @@ fn two_agents_enroll_connect_and_are_listed() {
     let agents = c.coordinator.agents();
     assert_eq!(agents.len(), 2);
     for (i, a) in agents.iter().enumerate() {
-        assert_eq!(a["name"], format!("host-{}", i + 1));
-        assert_eq!(a["connected"], true);
-        assert_eq!(a["revoked"], false);
-        assert_eq!(a["labels"]["env"], "test");
-        assert_eq!(a["agent_version"], env!("CARGO_PKG_VERSION"));
-        assert_eq!(a["secrets"], serde_json::json!(["api-key", "db-password"]));
-        assert!(a["cert_expires"].as_str().unwrap().starts_with("20"), "{a}");
+        assert_eq!(a.name, format!("host-{}", i + 1));
+        assert!(a.connected);
+        assert!(!a.revoked);
+        assert_eq!(a.labels["env"], "test");
+        assert_eq!(a.agent_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(a.secrets, ["api-key", "db-password"]);
+        assert!(a.cert_expires.starts_with("20"), "{a:?}");
     }
     // The private key stays on the host, readable by its owner only.
     let id = c.agents[0].state_dir().join("identity.pem");
@@ -192,8 +192,8 @@ fn a_revoked_agent_is_cut_off_and_stays_out() {
     assert!(!status.success());
     assert!(log.contains("was revoked"), "{log}");
     let a = c.coordinator.agent("host-1").unwrap();
-    assert_eq!(a["revoked"], true);
-    assert_eq!(a["connected"], false);
+    assert!(a.revoked);
+    assert!(!a.connected);
     // Restarted, it is refused on its first call and stops again.
     c.agents[0].start();
     let (status, log) = c.agents[0].wait_exit().unwrap();
@@ -233,7 +233,7 @@ fn agents_and_tokens_survive_a_coordinator_crash_and_agents_reconnect() {
     c.wait_all_connected();
     let agents = c.coordinator.agents();
     assert_eq!(agents.len(), 2);
-    assert!(agents.iter().all(|a| a["secrets"] == serde_json::json!(["api-key"])));
+    assert!(agents.iter().all(|a| a.secrets == ["api-key"]));
     // The token issued before the crash still works after it.
     let late = Agent::new(c.tmp.path(), "late-host", &[]);
     let out = late.enroll(&c.coordinator.addr(), &spare_token, &fp);
@@ -251,8 +251,8 @@ fn agents_and_tokens_survive_a_coordinator_crash_and_agents_reconnect() {
 fn certificates_renew_on_the_stream_and_expired_ones_stop_the_agent() {
     // 6s certificates: renewal at ~2/3 of the lifetime.
     let c = TestCluster::with_config(1, &[], "[pki]\nagent_cert_ttl = \"6s\"\n");
-    let first = c.coordinator.agent("host-1").unwrap()["cert_serial"].clone();
-    wait_for("certificate renewal", || c.coordinator.agent("host-1").unwrap()["cert_serial"] != first);
+    let first = c.coordinator.agent("host-1").unwrap().cert_serial;
+    wait_for("certificate renewal", || c.coordinator.agent("host-1").unwrap().cert_serial != first);
     // Past the first certificate's lifetime the agent is still connected.
     std::thread::sleep(Duration::from_secs(3));
     assert!(c.coordinator.is_connected("host-1"));

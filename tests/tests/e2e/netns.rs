@@ -5,7 +5,8 @@
 //! says it was skipped and why.
 
 use rekey_tests::{bins, free_port, read_log, wait_for};
-use serde_json::Value;
+use rekey_types::v1::{AgentView, HostState, JoinTokenView, RotationState, RotationView, VersionStatus, VersionView};
+use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,6 +26,11 @@ impl Drop for Net {
         let _ = Command::new("ip").args(["netns", "del", &self.c]).status();
         let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
     }
+}
+
+/// The CLI's `-o json` output as its view.
+fn view<T: DeserializeOwned>(json: String) -> T {
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("not a {}: {e}\n{json}", std::any::type_name::<T>()))
 }
 
 fn ip(args: &[&str]) {
@@ -98,7 +104,7 @@ fn a_host_cut_off_blocks_revocation_until_its_link_comes_back() {
             .unwrap(),
     );
     wait_for("rekeyd", || dir.join("data/rekeyd.addr").exists());
-    let cli = |args: &[&str]| -> Value {
+    let cli = |args: &[&str]| -> String {
         let out = in_ns(&net.c, &b.cli)
             .arg("--operator-dir")
             .arg(dir.join("data/operator"))
@@ -108,15 +114,15 @@ fn a_host_cut_off_blocks_revocation_until_its_link_comes_back() {
             .output()
             .unwrap();
         assert!(out.status.success(), "rekey {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
+        String::from_utf8(out.stdout).unwrap()
     };
     // Two agents: "near" shares the coordinator's namespace, "far" is across the veth.
     for (name, ns) in [("near", net.c.clone()), ("far", net.a.clone())] {
-        let t = cli(&["token", "create", "--host", name]);
+        let t: JoinTokenView = view(cli(&["token", "create", "--host", name]));
         let state = dir.join(format!("{name}-state"));
         let out = in_ns(&ns, &b.agent)
-            .args(["enroll", "--coordinator", &coord, "--token", t["token"].as_str().unwrap()])
-            .args(["--ca-fingerprint", t["ca_fingerprint"].as_str().unwrap()])
+            .args(["enroll", "--coordinator", &coord, "--token", &t.token])
+            .args(["--ca-fingerprint", &t.ca_fingerprint])
             .arg("--state-dir")
             .arg(&state)
             .output()
@@ -144,14 +150,13 @@ fn a_host_cut_off_blocks_revocation_until_its_link_comes_back() {
                 .unwrap(),
         );
     }
-    let connected =
-        |name: &str| cli(&["agents"]).as_array().unwrap().iter().any(|a| a["name"] == name && a["connected"] == true);
+    let connected = |name: &str| view::<Vec<AgentView>>(cli(&["agents"])).iter().any(|a| a.name == name && a.connected);
     wait_for("both agents connected", || connected("near") && connected("far"));
-    let start = || cli(&["rotate", "start", "net-token"])["id"].as_str().unwrap().to_string();
-    let status = |id: &str| cli(&["rotate", "status", id]);
+    let start = || view::<RotationView>(cli(&["rotate", "start", "net-token"])).id;
+    let status = |id: &str| -> RotationView { view(cli(&["rotate", "status", id])) };
     let first = start();
-    wait_for("first version everywhere", || status(&first)["state"] == "completed");
-    let v1 = status(&first)["new_version"].as_str().unwrap().to_string();
+    wait_for("first version everywhere", || status(&first).state == RotationState::Completed);
+    let v1 = status(&first).new_version.unwrap();
 
     // Cut the far host's cable.
     ip(&["-n", &net.a, "link", "set", &va, "down"]);
@@ -159,25 +164,27 @@ fn a_host_cut_off_blocks_revocation_until_its_link_comes_back() {
     let id = start();
     wait_for("far unreachable, near healthy", || {
         let r = status(&id);
-        r["hosts"]["far"]["state"] == "unreachable" && r["hosts"]["near"]["state"] == "healthy"
+        r.hosts["far"].state == HostState::Unreachable && r.hosts["near"].state == HostState::Healthy
     });
     std::thread::sleep(Duration::from_secs(3));
     let r = status(&id);
-    assert_eq!(r["state"], "rolling_out", "an unreachable host must block revocation: {r:#}");
-    assert!(r["waiting_on"].as_str().unwrap().contains("far"), "{r:#}");
-    let versions = cli(&["versions", "net-token"]);
+    assert_eq!(r.state, RotationState::RollingOut, "an unreachable host must block revocation: {r:#?}");
+    assert!(r.waiting_on.as_deref().unwrap().contains("far"), "{r:#?}");
+    let versions: Vec<VersionView> = view(cli(&["versions", "net-token"]));
     assert!(
-        versions.as_array().unwrap().iter().any(|v| v["id"] == v1.as_str() && v["status"] == "active"),
-        "the old version must stay active while a host is cut off: {versions:#}"
+        versions.iter().any(|v| v.id == v1 && v.status == VersionStatus::Active),
+        "the old version must stay active while a host is cut off: {versions:#?}"
     );
 
     // Plug it back in: the agent reconnects, gets the version, revocation follows.
     ip(&["-n", &net.a, "link", "set", &va, "up"]);
-    let mut last = Value::Null;
+    let mut last = None;
     wait_for("the rotation completes once the host is back", || {
-        last = status(&id);
-        last["state"] == "completed"
+        let r = status(&id);
+        let done = r.state == RotationState::Completed;
+        last = Some(r);
+        done
     });
-    assert_eq!(last["hosts"]["far"]["state"], "healthy");
+    assert_eq!(last.expect("polled").hosts["far"].state, HostState::Healthy);
     assert!(read_log(&dir.join("far.log")).contains("session established"));
 }

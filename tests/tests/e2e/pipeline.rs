@@ -3,6 +3,7 @@
 //! SIGKILL in the middle of an apply.
 
 use rekey_tests::{Agent, Coordinator, wait_for};
+use rekey_types::v1::{AlertKind, AlertView, HostState, RotationState, RotationView};
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
@@ -55,17 +56,19 @@ name = "{SECRET}"
     )
 }
 
-fn rotation(c: &Coordinator, id: &str) -> Value {
-    c.cli_json(&["rotate", "status", id])
+fn rotation(c: &Coordinator, id: &str) -> RotationView {
+    c.rotation(id)
 }
 
-fn wait_state(c: &Coordinator, id: &str, states: &[&str]) -> Value {
-    let mut last = Value::Null;
+fn wait_state(c: &Coordinator, id: &str, states: &[RotationState]) -> RotationView {
+    let mut last = None;
     wait_for(&format!("{id} in {states:?}"), || {
-        last = rotation(c, id);
-        states.contains(&last["state"].as_str().unwrap_or(""))
+        let r = rotation(c, id);
+        let reached = states.contains(&r.state);
+        last = Some(r);
+        reached
     });
-    last
+    last.expect("polled")
 }
 
 #[test]
@@ -104,17 +107,17 @@ fn an_agent_killed_mid_apply_rolls_back_on_restart_and_reports_the_truth() {
         std::fs::remove_file(&block).unwrap();
         a.start();
         // Recovery restores the old file byte for byte and tells the truth.
-        let r = wait_state(&c, &id, &["halted"]);
+        let r = wait_state(&c, &id, &[RotationState::Halted]);
         assert_eq!(std::fs::read(&conf).unwrap(), before, "{step}: old content not restored");
-        let h = &r["hosts"]["host-1"];
-        assert_eq!(h["state"], "rolled_back", "{step}: {r:#}");
-        let err = h["error"].as_str().unwrap();
+        let h = &r.hosts["host-1"];
+        assert_eq!(h.state, HostState::RolledBack, "{step}: {r:#?}");
+        let err = h.error.as_deref().unwrap();
         assert!(err.contains("interrupted") && err.contains("rolled back"), "{step}: {err}");
-        assert_eq!(r["hosts"]["host-2"]["state"], "healthy");
+        assert_eq!(r.hosts["host-2"].state, HostState::Healthy);
         // The old version is still current at the provider; resume finishes the job.
         c.cli_ok(&["rotate", "resume", &id]);
-        let r = wait_state(&c, &id, &["completed"]);
-        assert_eq!(r["hosts"]["host-1"]["state"], "healthy");
+        let r = wait_state(&c, &id, &[RotationState::Completed]);
+        assert_eq!(r.hosts["host-1"].state, HostState::Healthy);
         let now = std::fs::read_to_string(&conf).unwrap();
         assert_ne!(now.as_bytes(), before.as_slice());
         // The value is in the managed file, and nowhere in the agent's logs or journal.
@@ -133,11 +136,11 @@ fn an_agent_killed_mid_apply_rolls_back_on_restart_and_reports_the_truth() {
 
     // Killed after it confirmed: its restart changes nothing, its hello says what it runs.
     let id = c.cli_ok(&["rotate", "start", SECRET]).trim().to_string();
-    wait_for("host-1 healthy", || rotation(&c, &id)["hosts"]["host-1"]["state"] == "healthy");
+    wait_for("host-1 healthy", || rotation(&c, &id).hosts["host-1"].state == HostState::Healthy);
     agents[0].kill();
     agents[0].start();
-    let r = wait_state(&c, &id, &["completed"]);
-    assert_eq!(r["hosts"]["host-1"]["state"], "healthy");
+    let r = wait_state(&c, &id, &[RotationState::Completed]);
+    assert_eq!(r.hosts["host-1"].state, HostState::Healthy);
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -334,7 +337,7 @@ grace = "1s"
     assert!(!c.logs().contains(&new_secret) && !c.logs().contains(&first_secret), "a key leaked into rekeyd's log");
 
     // host-2's service only passes its health check on the key it has now.
-    let current_id = c.cli_json(&["secrets"])[0]["current_version"].as_str().unwrap().to_string();
+    let current_id = c.secrets()[0].current_version.clone().unwrap();
     let (a2, dir2, port2) = &mut hosts[1];
     std::fs::write(&a2.config, service_agent_config(dir2, &api, *port2, Some(&current_id))).unwrap();
     a2.kill();
@@ -343,11 +346,11 @@ grace = "1s"
     let before = std::fs::read(dir2.join("service.env")).unwrap();
     let out = c.cli(&["rotate", "start", "saas-key", "--wait"]);
     assert!(!out.status.success());
-    let id = c.cli_json(&["rotate", "list"])[0]["id"].as_str().unwrap().to_string();
+    let id = c.rotations(None)[0].id.clone();
     let r = rotation(&c, &id);
-    assert_eq!(r["state"], "halted", "{r:#}");
-    assert_eq!(r["hosts"]["host-2"]["state"], "rolled_back");
-    let err = r["hosts"]["host-2"]["error"].as_str().unwrap();
+    assert_eq!(r.state, RotationState::Halted, "{r:#?}");
+    assert_eq!(r.hosts["host-2"].state, HostState::RolledBack);
+    let err = r.hosts["host-2"].error.as_deref().unwrap();
     assert!(err.contains("health check") && err.contains(&format!("127.0.0.1:{port2}/health")), "{err}");
     assert_eq!(std::fs::read(dir2.join("service.env")).unwrap(), before, "host-2's file is not byte-identical");
     assert_eq!(http(&format!("127.0.0.1:{port2}"), "GET", "/health", "", "").0, 200, "host-2's service is not healthy");
@@ -381,24 +384,24 @@ fn a_leftover_copy_of_the_revoked_value_raises_an_alert_while_monitoring() {
     // The next rotation revokes it and keeps watching.
     let out = c.cli(&["rotate", "start", SECRET, "--wait"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut alerts = Value::Null;
+    let mut alerts: Vec<AlertView> = Vec::new();
     wait_for("leftover alert", || {
-        alerts = c.cli_json(&["alerts"]);
-        alerts.as_array().is_some_and(|a| a.iter().any(|x| x["kind"] == "leftover_found"))
+        alerts = c.alerts();
+        alerts.iter().any(|x| x.kind == AlertKind::LeftoverFound)
     });
-    let a0 = alerts.as_array().unwrap().iter().find(|x| x["kind"] == "leftover_found").unwrap().clone();
-    assert_eq!(a0["details"]["host"], "host-1");
-    assert!(a0["details"]["path"].as_str().unwrap().ends_with("extra/old-notes.txt"), "{a0}");
-    assert_eq!(a0["details"]["line"], 2);
-    assert_eq!(a0["details"]["declared"], false);
+    let a0 = alerts.iter().find(|x| x.kind == AlertKind::LeftoverFound).unwrap().clone();
+    assert_eq!(a0.details["host"], "host-1");
+    assert!(a0.details["path"].as_str().unwrap().ends_with("extra/old-notes.txt"), "{a0:?}");
+    assert_eq!(a0.details["line"], 2);
+    assert_eq!(a0.details["declared"], false);
     // Reported once, not at every scan.
     std::thread::sleep(Duration::from_secs(5));
-    let all = c.cli_json(&["alerts"]);
-    let n = all.as_array().unwrap().iter().filter(|x| x["kind"] == "leftover_found").count();
-    assert_eq!(n, 1, "{all:#}");
+    let all = c.alerts();
+    let n = all.iter().filter(|x| x.kind == AlertKind::LeftoverFound).count();
+    assert_eq!(n, 1, "{all:#?}");
     assert!(!c.logs().contains(&v1) && !c.cli_ok(&["alerts"]).contains(&v1), "the value leaked");
     // The rotation's report shows where the old value was found after it.
-    let id = a0["rotation"].as_str().unwrap();
+    let id = a0.rotation.as_deref().unwrap();
     let report = c.cli_ok(&["report", id]);
     assert!(
         report.contains("## Scope")

@@ -8,6 +8,7 @@ use rekey_providers::{CreateRequest, Provider, ProviderConfig, ProviderError, Pr
 use rekey_tests::fixtures::{DemoApi, Moto, OpenBao, random_suffix, write_secret_file};
 use rekey_tests::scripted::ScriptedAgent;
 use rekey_tests::{Coordinator, wait_for};
+use rekey_types::v1::{self, AuditRecordView, HostState, RotationState, RotationView, VersionView};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,42 +39,44 @@ fn start(c: &Coordinator, secret: &str) -> String {
     c.cli_ok(&["rotate", "start", secret]).trim().to_string()
 }
 
-fn wait_state(c: &Coordinator, id: &str, states: &[&str]) -> Value {
-    let mut last = Value::Null;
+fn wait_state(c: &Coordinator, id: &str, states: &[RotationState]) -> RotationView {
+    let mut last = None;
     wait_for(&format!("rotation {id} to reach {states:?}"), || {
-        last = c.cli_json(&["rotate", "status", id]);
-        states.contains(&last["state"].as_str().unwrap_or(""))
+        let r = c.rotation(id);
+        let reached = states.contains(&r.state);
+        last = Some(r);
+        reached
     });
-    last
+    last.expect("polled")
 }
 
 /// Starts a rotation and waits until it completes or halts.
-fn rotate(c: &Coordinator, secret: &str) -> Value {
+fn rotate(c: &Coordinator, secret: &str) -> RotationView {
     let id = start(c, secret);
-    wait_state(c, &id, &["completed", "halted", "aborted"])
+    wait_state(c, &id, &[RotationState::Completed, RotationState::Halted, RotationState::Aborted])
 }
 
-fn states(r: &Value) -> Vec<String> {
-    r["timeline"].as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap().to_string()).collect()
+fn states(r: &RotationView) -> Vec<RotationState> {
+    r.timeline.iter().map(|t| t.state).collect()
 }
 
-fn versions(c: &Coordinator, secret: &str) -> Vec<Value> {
-    c.cli_json(&["versions", secret]).as_array().cloned().unwrap()
+fn versions(c: &Coordinator, secret: &str) -> Vec<VersionView> {
+    c.versions(secret)
 }
 
-fn audit(c: &Coordinator) -> Vec<Value> {
-    c.cli_json(&["audit"]).as_array().cloned().unwrap()
+fn audit(c: &Coordinator) -> Vec<AuditRecordView> {
+    c.audit()
 }
 
 /// Every host healthy on the rotation's new version, with the expected fingerprint.
-fn assert_all_healthy(r: &Value, agents: &[ScriptedAgent], secret: &str) {
-    let expected = r["expected_fingerprint"].as_str().unwrap();
-    for (name, h) in r["hosts"].as_object().unwrap() {
-        assert_eq!(h["state"], "healthy", "{name}: {r:#}");
-        assert_eq!(h["fingerprint"], expected, "{name}");
+fn assert_all_healthy(r: &RotationView, agents: &[ScriptedAgent], secret: &str) {
+    let expected = r.expected_fingerprint.as_deref().unwrap();
+    for (name, h) in &r.hosts {
+        assert_eq!(h.state, HostState::Healthy, "{name}: {r:#?}");
+        assert_eq!(h.fingerprint.as_deref(), Some(expected), "{name}");
     }
     for a in agents {
-        assert_eq!(a.applied(secret).unwrap().0, r["new_version"].as_str().unwrap(), "{}", a.name);
+        assert_eq!(a.applied(secret).unwrap().0, r.new_version.as_deref().unwrap(), "{}", a.name);
     }
 }
 
@@ -91,10 +94,9 @@ fn assert_no_secret_leaked(c: &Coordinator, agents: &[ScriptedAgent], public: &[
     haystack.push_str(&c.cli_ok(&["audit"]));
     haystack.push_str(&c.cli_ok(&["audit", "-o", "json"]));
     haystack.push_str(&c.cli_ok(&["rotate", "list", "-o", "json"]));
-    for r in c.cli_json(&["rotate", "list"]).as_array().unwrap() {
-        let id = r["id"].as_str().unwrap();
-        haystack.push_str(&c.cli_ok(&["rotate", "status", id]));
-        haystack.push_str(&c.cli_ok(&["rotate", "status", id, "-o", "json"]));
+    for r in c.rotations(None) {
+        haystack.push_str(&c.cli_ok(&["rotate", "status", &r.id]));
+        haystack.push_str(&c.cli_ok(&["rotate", "status", &r.id, "-o", "json"]));
     }
     let mut secrets: Vec<String> = agents
         .iter()
@@ -316,17 +318,16 @@ fn aws_iam_rotation_moves_every_host_to_a_new_key_and_revokes_the_old_one() {
     let f = fleet(3, &["aws-app"], |_| w.catalog("aws-app"));
 
     let r = rotate(&f.c, "aws-app");
-    assert_eq!(r["state"], "completed", "{r:#}");
-    assert_eq!(r["old_version"], old_id.as_str(), "the key in use is found at IAM");
-    let new_id = r["new_version"].as_str().unwrap().to_string();
+    assert_eq!(r.state, RotationState::Completed, "{r:#?}");
+    assert_eq!(r.old_version.as_deref(), Some(old_id.as_str()), "the key in use is found at IAM");
+    let new_id = r.new_version.clone().unwrap();
     assert_ne!(new_id, old_id);
     assert_all_healthy(&r, &f.agents, "aws-app");
     // Revocation in order: deactivate, grace, delete.
     let st = states(&r);
-    let pos = |s: &str| st.iter().position(|x| x == s).unwrap_or_else(|| panic!("{s} missing from {st:?}"));
-    assert!(
-        pos("verified") < pos("deactivating") && pos("deactivating") < pos("grace") && pos("grace") < pos("deleting")
-    );
+    let pos = |s: RotationState| st.iter().position(|x| *x == s).unwrap_or_else(|| panic!("{s} missing from {st:?}"));
+    use RotationState::{Deactivating, Deleting, Grace, Verified};
+    assert!(pos(Verified) < pos(Deactivating) && pos(Deactivating) < pos(Grace) && pos(Grace) < pos(Deleting));
     // IAM holds the new key only; the old one is refused, the new one accepted.
     assert_eq!(w.keys_now(), vec![(new_id.clone(), true)]);
     let fields = delivered_fields(&f.agents[0], &new_id);
@@ -335,7 +336,7 @@ fn aws_iam_rotation_moves_every_host_to_a_new_key_and_revokes_the_old_one() {
     assert_eq!(w.get_user_with(&new_id, &new_secret), Ok(()));
     let vs = versions(&f.c, "aws-app");
     assert_eq!(vs.len(), 1, "{vs:?}");
-    assert_eq!((vs[0]["id"].as_str().unwrap(), vs[0]["status"].as_str().unwrap()), (new_id.as_str(), "active"));
+    assert_eq!((vs[0].id.as_str(), vs[0].status), (new_id.as_str(), v1::VersionStatus::Active));
     assert_no_secret_leaked(&f.c, &f.agents, &[&old_id, &new_id], &[&old_secret]);
 }
 
@@ -346,14 +347,14 @@ fn aws_iam_deletes_a_stale_inactive_key_first_and_audits_it() {
     let (stale, current) = (w.keys[0].0.clone(), w.keys[1].0.clone());
     let f = fleet(2, &["aws-app"], |_| w.catalog("aws-app"));
     let r = rotate(&f.c, "aws-app");
-    assert_eq!(r["state"], "completed", "{r:#}");
-    assert_eq!(r["old_version"], current.as_str());
-    let new_id = r["new_version"].as_str().unwrap().to_string();
+    assert_eq!(r.state, RotationState::Completed, "{r:#?}");
+    assert_eq!(r.old_version.as_deref(), Some(current.as_str()));
+    let new_id = r.new_version.clone().unwrap();
     assert_eq!(w.keys_now(), vec![(new_id.clone(), true)]);
     let notes: Vec<String> = audit(&f.c)
         .iter()
-        .filter(|a| a["action"] == "provider.note")
-        .map(|a| a["details"]["note"].as_str().unwrap().to_string())
+        .filter(|a| a.action == "provider.note")
+        .map(|a| a.details["note"].as_str().unwrap().to_string())
         .collect();
     assert!(
         notes.iter().any(|n| n.contains(&format!("deleted stale inactive access key {stale}"))),
@@ -370,10 +371,10 @@ fn aws_iam_refuses_two_active_keys_naming_both_and_changes_nothing() {
     let f = fleet(1, &["aws-app"], |_| w.catalog("aws-app"));
     let out = f.c.cli(&["rotate", "start", "aws-app", "--wait"]);
     assert!(!out.status.success(), "a refused rotation must not exit 0");
-    let id = f.c.cli_json(&["rotate", "list"])[0]["id"].as_str().unwrap().to_string();
-    let r = f.c.cli_json(&["rotate", "status", &id]);
-    assert_eq!(r["state"], "halted", "{r:#}");
-    let reason = r["halt_reason"].as_str().unwrap();
+    let id = f.c.rotations(None)[0].id.clone();
+    let r = f.c.rotation(&id);
+    assert_eq!(r.state, RotationState::Halted, "{r:#?}");
+    let reason = r.halt_reason.as_deref().unwrap();
     assert!(
         reason.contains(&w.keys[0].0) && reason.contains(&w.keys[1].0) && reason.contains("two active access keys"),
         "{reason}"
@@ -465,8 +466,8 @@ sinks = [{{ kind = "vault", address = "{addr}", path = "rekey-{sfx}/{{secret}}",
     let mut previous = String::new();
     for round in 1..=2 {
         let r = rotate(&f.c, "db");
-        assert_eq!(r["state"], "completed", "round {round}: {r:#}");
-        let version = r["new_version"].as_str().unwrap();
+        assert_eq!(r.state, RotationState::Completed, "round {round}: {r:#?}");
+        let version = r.new_version.as_deref().unwrap();
         let (status, kv) = bao.api("GET", &format!("secret/data/rekey-{sfx}/db"), None);
         assert_eq!(status, 200, "{kv}");
         // Deliveries carry the new value and the previous one: the sink holds the new.
@@ -477,20 +478,20 @@ sinks = [{{ kind = "vault", address = "{addr}", path = "rekey-{sfx}/{{secret}}",
         previous = held;
         assert_eq!(kv["data"]["metadata"]["version"], round, "one KV version per rotation");
         let custom = &kv["data"]["metadata"]["custom_metadata"];
-        assert_eq!(custom["rekey_rotation_id"], r["id"]);
+        assert_eq!(custom["rekey_rotation_id"], r.id.as_str());
         assert_eq!(custom["rekey_version"], version);
         assert_eq!(custom["rekey_secret"], "db");
         assert!(custom["rekey_written_at"].as_str().unwrap().ends_with('Z'));
     }
-    let writes = audit(&f.c).into_iter().filter(|a| a["action"] == "sink.write").count();
+    let writes = audit(&f.c).into_iter().filter(|a| a.action == "sink.write").count();
     assert_eq!(writes, 2, "every sink write is audited");
 
     let r = rotate(&f.c, "db-bad");
-    assert_eq!(r["state"], "halted", "{r:#}");
-    let reason = r["halt_reason"].as_str().unwrap();
+    assert_eq!(r.state, RotationState::Halted, "{r:#?}");
+    let reason = r.halt_reason.as_deref().unwrap();
     assert!(reason.contains(&format!("sink vault secret/rekey-{sfx}/db-bad")) && reason.contains("403"), "{reason}");
     assert!(
-        f.agents.iter().all(|a| a.deliveries().iter().all(|(rot, _)| rot != r["id"].as_str().unwrap())),
+        f.agents.iter().all(|a| a.deliveries().iter().all(|(rot, _)| *rot != r.id)),
         "nothing delivered when the sink failed"
     );
     assert_no_secret_leaked(&f.c, &f.agents, &[], &[]);
@@ -520,22 +521,22 @@ check_every = "1s"
         )
     });
     let r = rotate(&f.c, "api");
-    assert_eq!(r["state"], "completed", "{r:#}");
-    assert_eq!(r["old_version"], "kv-1", "the current KV version is found");
-    assert_eq!(r["new_version"], "kv-2");
+    assert_eq!(r.state, RotationState::Completed, "{r:#?}");
+    assert_eq!(r.old_version.as_deref(), Some("kv-1"), "the current KV version is found");
+    assert_eq!(r.new_version.as_deref(), Some("kv-2"));
     assert_all_healthy(&r, &f.agents, "api");
     let value =
         f.agents[0].values_seen().into_iter().map(|v| String::from_utf8(v).unwrap()).find(|v| v.starts_with("vk_"));
     let (_, kv) = bao.api("GET", &format!("secret/data/{path}"), None);
     assert_eq!(kv["data"]["data"]["value"].as_str(), value.as_deref());
-    assert_eq!(kv["data"]["metadata"]["custom_metadata"]["rekey_rotation_id"], r["id"]);
+    assert_eq!(kv["data"]["metadata"]["custom_metadata"]["rekey_rotation_id"], r.id.as_str());
     // The old version was soft-deleted (deactivated), then destroyed.
     let (_, meta) = bao.api("GET", &format!("secret/metadata/{path}"), None);
     assert_eq!(meta["data"]["versions"]["1"]["destroyed"], true, "{meta:#}");
     assert_eq!(meta["data"]["versions"]["2"]["deletion_time"], "");
     let vs = versions(&f.c, "api");
     assert_eq!(vs.len(), 1, "{vs:?}");
-    assert_eq!((vs[0]["id"].as_str().unwrap(), vs[0]["status"].as_str().unwrap()), ("kv-2", "active"));
+    assert_eq!((vs[0].id.as_str(), vs[0].status), ("kv-2", v1::VersionStatus::Active));
     assert_no_secret_leaked(&f.c, &f.agents, &[], &["initial-value-1"]);
 }
 
@@ -606,10 +607,10 @@ fn the_http_provider_rotates_demo_api_keys() {
         )
     });
     let r = rotate(&f.c, "saas");
-    assert_eq!(r["state"], "completed", "{r:#}");
-    assert_eq!(r["old_version"], old_id.as_str());
+    assert_eq!(r.state, RotationState::Completed, "{r:#?}");
+    assert_eq!(r.old_version.as_deref(), Some(old_id.as_str()));
     assert_all_healthy(&r, &f.agents, "saas");
-    let new_id = r["new_version"].as_str().unwrap().to_string();
+    let new_id = r.new_version.clone().unwrap();
     let new_secret = f.agents[0]
         .values_seen()
         .into_iter()
@@ -726,9 +727,9 @@ delete = {{ url = "/v1/keys/{{id}}" }}
     let reasons: Vec<String> = ids
         .iter()
         .map(|id| {
-            let r = wait_state(&f.c, id, &["halted", "completed"]);
-            assert_eq!(r["state"], "halted", "{r:#}");
-            r["halt_reason"].as_str().unwrap().to_string()
+            let r = wait_state(&f.c, id, &[RotationState::Halted, RotationState::Completed]);
+            assert_eq!(r.state, RotationState::Halted, "{r:#?}");
+            r.halt_reason.unwrap()
         })
         .collect();
     let expect = [
@@ -819,32 +820,32 @@ check_every = "1s"
     });
     let db = f.tmp.path().join("db");
     let r1 = rotate(&f.c, "cmd");
-    assert_eq!(r1["state"], "completed", "{r1:#}");
+    assert_eq!(r1.state, RotationState::Completed, "{r1:#?}");
     let r2 = rotate(&f.c, "cmd");
-    assert_eq!(r2["state"], "completed", "{r2:#}");
-    assert_eq!(r2["old_version"], r1["new_version"]);
+    assert_eq!(r2.state, RotationState::Completed, "{r2:#?}");
+    assert_eq!(r2.old_version, r1.new_version);
     assert_all_healthy(&r2, &f.agents, "cmd");
-    let v2 = r2["new_version"].as_str().unwrap();
+    let v2 = r2.new_version.as_deref().unwrap();
     let vs = versions(&f.c, "cmd");
     assert_eq!(vs.len(), 1, "{vs:?}");
-    assert_eq!(vs[0]["id"], v2);
+    assert_eq!(vs[0].id, v2);
 
     // The command fails and prints the current key on stderr: halted, redacted.
     std::fs::write(db.join("fail"), "").unwrap();
     let r3 = rotate(&f.c, "cmd");
-    assert_eq!(r3["state"], "halted", "{r3:#}");
-    let reason = r3["halt_reason"].as_str().unwrap();
+    assert_eq!(r3.state, RotationState::Halted, "{r3:#?}");
+    let reason = r3.halt_reason.as_deref().unwrap();
     assert!(reason.contains("create command") && reason.contains("exited with status 1"), "{reason}");
     assert!(reason.contains("quota exceeded; current keys: active <redacted>"), "{reason}");
-    f.c.cli_ok(&["rotate", "abort", r3["id"].as_str().unwrap()]);
-    wait_state(&f.c, r3["id"].as_str().unwrap(), &["aborted"]);
+    f.c.cli_ok(&["rotate", "abort", &r3.id]);
+    wait_state(&f.c, &r3.id, &[RotationState::Aborted]);
 
     // A command that hangs is killed at its deadline.
     std::fs::remove_file(db.join("fail")).unwrap();
     std::fs::write(db.join("hang"), "").unwrap();
     let r4 = rotate(&f.c, "cmd");
-    assert_eq!(r4["state"], "halted", "{r4:#}");
-    assert!(r4["halt_reason"].as_str().unwrap().contains("did not finish within 1s and was killed"), "{r4:#}");
+    assert_eq!(r4.state, RotationState::Halted, "{r4:#?}");
+    assert!(r4.halt_reason.as_deref().unwrap().contains("did not finish within 1s and was killed"), "{r4:#?}");
     assert_no_secret_leaked(&f.c, &f.agents, &[], &[]);
 }
 
@@ -1009,18 +1010,18 @@ fn use_of_the_deactivated_key_alerts_the_webhook_and_reactivates_it() {
             + &format!("\n[alerts]\nwebhook_url = \"{}\"\nwebhook_secret_file = \"{}\"\n", h.url, key_file.display())
     });
     let id = start(&f.c, "aws-app");
-    wait_state(&f.c, &id, &["grace"]);
+    wait_state(&f.c, &id, &[RotationState::Grace]);
     assert_eq!(w.keys_now().iter().find(|(k, _)| *k == old_id).map(|(_, a)| *a), Some(false), "old key deactivated");
     // Evidence before deactivation: the provider was asked and saw no use after the switch.
-    let r = f.c.cli_json(&["rotate", "status", &id]);
-    let ev = r["evidence"].as_array().unwrap();
-    assert!(ev.iter().any(|e| e["phase"] == "verified" && e["verdict"].as_str().unwrap().contains("ok")), "{ev:?}");
+    let r = f.c.rotation(&id);
+    let ev = &r.evidence;
+    assert!(ev.iter().any(|e| e.phase == RotationState::Verified && e.verdict.contains("ok")), "{ev:?}");
 
     // Someone still uses the old key (a forgotten host, or the attacker).
     std::thread::sleep(Duration::from_millis(1100));
     let _ = w.get_user_with(&old_id, &old_secret);
-    let r = wait_state(&f.c, &id, &["halted"]);
-    assert!(r["halt_reason"].as_str().unwrap().contains("reactivated"), "{r:#}");
+    let r = wait_state(&f.c, &id, &[RotationState::Halted]);
+    assert!(r.halt_reason.as_deref().unwrap().contains("reactivated"), "{r:#?}");
     assert_eq!(w.keys_now().iter().find(|(k, _)| *k == old_id).map(|(_, a)| *a), Some(true), "old key active again");
     // Everyone is still on the new key; abort makes no sense any more, resume re-checks.
     assert!(!f.c.cli(&["rotate", "abort", &id]).status.success());
@@ -1035,9 +1036,9 @@ fn use_of_the_deactivated_key_alerts_the_webhook_and_reactivates_it() {
     assert_eq!(v["alert"]["severity"], "critical");
     assert!(v["alert"]["message"].as_str().unwrap().contains(&old_id));
     assert!(!body.contains(&old_secret));
-    let alerts = f.c.cli_json(&["alerts"]);
-    assert_eq!(alerts[0]["kind"], "old_version_used_during_grace");
-    wait_for("delivery recorded", || f.c.cli_json(&["alerts"])[0]["delivery"] == "delivered");
+    let alerts = f.c.alerts();
+    assert_eq!(alerts[0].kind, v1::AlertKind::OldVersionUsedDuringGrace);
+    wait_for("delivery recorded", || f.c.alerts()[0].delivery == "delivered");
     let report = f.c.cli_ok(&["report", &id]);
     assert!(report.contains("## Revocation evidence") && report.contains("after it was deactivated"), "{report}");
     for a in &f.agents {
@@ -1060,21 +1061,21 @@ fn revocation_is_held_when_the_old_key_is_used_after_every_host_switched() {
     let (old_id, old_secret) = w.keys[0].clone();
     let f = fleet(2, &["aws-app"], |_| w.catalog("aws-app").replace("check_every = \"1s\"", "check_every = \"4s\""));
     let id = start(&f.c, "aws-app");
-    wait_state(&f.c, &id, &["verified"]);
+    wait_state(&f.c, &id, &[RotationState::Verified]);
     std::thread::sleep(Duration::from_millis(1500));
     let _ = w.get_user_with(&old_id, &old_secret); // the forgotten consumer
-    let r = wait_state(&f.c, &id, &["halted", "deactivating", "grace"]);
-    assert_eq!(r["state"], "halted", "revocation went ahead despite the use: {r:#}");
-    let reason = r["halt_reason"].as_str().unwrap();
+    let r = wait_state(&f.c, &id, &[RotationState::Halted, RotationState::Deactivating, RotationState::Grace]);
+    assert_eq!(r.state, RotationState::Halted, "revocation went ahead despite the use: {r:#?}");
+    let reason = r.halt_reason.as_deref().unwrap();
     assert!(reason.contains(&old_id) && reason.contains("rekey scope"), "{reason}");
     assert_eq!(
         w.keys_now().iter().find(|(k, _)| *k == old_id).map(|(_, a)| *a),
         Some(true),
         "old key must stay active"
     );
-    let alerts = f.c.cli_json(&["alerts"]);
-    assert_eq!(alerts[0]["kind"], "old_version_used");
-    assert_eq!(alerts[0]["delivery"], "not_configured");
+    let alerts = f.c.alerts();
+    assert_eq!(alerts[0].kind, v1::AlertKind::OldVersionUsed);
+    assert_eq!(alerts[0].delivery, "not_configured");
     let status = f.c.cli_ok(&["rotate", "status", &id]);
     assert!(status.contains("revocation evidence") && status.contains("revocation held"), "{status}");
 }

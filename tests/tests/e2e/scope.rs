@@ -6,7 +6,9 @@
 //! log or the CLI's output.
 
 use rekey_tests::{Agent, Coordinator, wait_for};
-use serde_json::Value;
+use rekey_types::v1::{
+    AuditRecordView, RotationState, RotationView, ScanStatus, ScopeFileView, ScopeHostView, ScopeView, VersionRole,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -68,22 +70,17 @@ fn value_in(conf: &Path) -> String {
     text.lines().find_map(|l| l.strip_prefix("token = ")).expect("token line").to_string()
 }
 
-fn host<'a>(map: &'a Value, name: &str) -> &'a Value {
-    map["hosts"].as_array().unwrap().iter().find(|h| h["host"] == name).unwrap_or_else(|| panic!("{name}: {map:#}"))
+fn host<'a>(map: &'a ScopeView, name: &str) -> &'a ScopeHostView {
+    map.hosts.iter().find(|h| h.host == name).unwrap_or_else(|| panic!("{name}: {map:#?}"))
 }
 
-fn file<'a>(h: &'a Value, path: &Path) -> &'a Value {
+fn file<'a>(h: &'a ScopeHostView, path: &Path) -> &'a ScopeFileView {
     let p = path.display().to_string();
-    h["files"].as_array().unwrap().iter().find(|f| f["path"] == p.as_str()).unwrap_or_else(|| panic!("{p}: {h:#}"))
+    h.files.iter().find(|f| f.path == p).unwrap_or_else(|| panic!("{p}: {h:#?}"))
 }
 
-fn lines(f: &Value) -> Vec<(u64, String)> {
-    f["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| (l["line"].as_u64().unwrap(), l["role"].as_str().unwrap().to_string()))
-        .collect()
+fn lines(f: &ScopeFileView) -> Vec<(u32, VersionRole)> {
+    f.lines.iter().map(|l| (l.line, l.role)).collect()
 }
 
 /// The pid of a running agent, from its command line (the fixture keeps its child private).
@@ -161,53 +158,49 @@ fn scope_maps_declared_and_undeclared_copies_and_silent_hosts() {
     let stopped = pid_of(&consumers[2]);
     signal(stopped, "-STOP");
 
-    let map = c.cli_json(&["scope", SECRET, "--timeout", "4s"]);
+    let map = c.scope(SECRET, &["--timeout", "4s"]);
     signal(stopped, "-CONT");
 
-    assert_eq!(map["secret"], SECRET);
-    assert_eq!(map["filter"], "all");
-    let scan_id = map["scan_id"].as_str().unwrap().to_string();
-    assert!(scan_id.starts_with("scan-"), "{map:#}");
+    assert_eq!(map.secret, SECRET);
+    assert_eq!(map.filter, "all");
+    let scan_id = map.scan_id.clone();
+    assert!(scan_id.starts_with("scan-"), "{map:#?}");
     // host-1: its declared file and the undeclared copy, with path and line.
     let h1 = host(&map, "host-1");
-    assert_eq!(h1["status"], "answered", "{h1:#}");
+    assert_eq!(h1.status, ScanStatus::Answered, "{h1:#?}");
     let declared = file(h1, &dir(&consumers[0]).join(format!("{SECRET}.conf")));
-    assert_eq!(declared["declared"], true);
-    assert_eq!(lines(declared), vec![(2, "current".to_string())]);
+    assert!(declared.declared);
+    assert_eq!(lines(declared), vec![(2, VersionRole::Current)]);
     let undeclared = file(h1, &copy);
-    assert_eq!(undeclared["declared"], false);
-    assert_eq!(lines(undeclared), vec![(3, "current".to_string())]);
+    assert!(!undeclared.declared);
+    assert_eq!(lines(undeclared), vec![(3, VersionRole::Current)]);
     // host-2: declared and found; binary and oversized files skipped and counted.
     let h2 = host(&map, "host-2");
-    assert_eq!(h2["files"].as_array().unwrap().len(), 1, "{h2:#}");
-    assert_eq!(file(h2, &dir(&consumers[1]).join(format!("{SECRET}.conf")))["declared"], true);
-    assert_eq!(h2["skipped"]["binary"], 1, "{h2:#}");
-    assert_eq!(h2["skipped"]["too_large"], 1, "{h2:#}");
-    assert_eq!(h2["declared_not_found"], false);
+    assert_eq!(h2.files.len(), 1, "{h2:#?}");
+    assert!(file(h2, &dir(&consumers[1]).join(format!("{SECRET}.conf"))).declared);
+    assert_eq!(h2.skipped.get("binary"), Some(&1), "{h2:#?}");
+    assert_eq!(h2.skipped.get("too_large"), Some(&1), "{h2:#?}");
+    assert!(!h2.declared_not_found);
     // host-3: asked, silent.
     let h3 = host(&map, "host-3");
-    assert_eq!(h3["status"], "not_answering", "{h3:#}");
-    assert_eq!(h3["connected"], true);
-    assert!(h3["error"].as_str().unwrap().contains("no answer within 4s"), "{h3:#}");
+    assert_eq!(h3.status, ScanStatus::NotAnswering, "{h3:#?}");
+    assert!(h3.connected);
+    assert!(h3.error.as_deref().unwrap().contains("no answer within 4s"), "{h3:#?}");
     // batch: does not consume the secret, holds a copy anyway.
     let b = host(&map, "batch");
-    assert_eq!((b["status"].as_str(), b["declares_secret"].as_bool()), (Some("answered"), Some(false)), "{b:#}");
-    assert_eq!(lines(file(b, &notes)), vec![(2, "current".to_string())]);
-    assert_eq!(file(b, &notes)["declared"], false);
+    assert_eq!((b.status, b.declares_secret), (ScanStatus::Answered, false), "{b:#?}");
+    assert_eq!(lines(file(b, &notes)), vec![(2, VersionRole::Current)]);
+    assert!(!file(b, &notes).declared);
     // idle: enrolled, not connected.
     let i = host(&map, "idle");
-    assert_eq!((i["status"].as_str(), i["connected"].as_bool()), (Some("not_answering"), Some(false)), "{i:#}");
-    let s = &map["summary"];
-    assert_eq!(s["hosts_asked"], 4, "{s:#}");
-    assert_eq!(s["answered"], 3, "{s:#}");
-    assert_eq!(s["undeclared"], 2, "{s:#}");
-    assert_eq!(s["not_answering"], serde_json::json!(["host-3", "idle"]));
-    let mut undeclared_places: Vec<(String, String, u64)> = map["undeclared"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| (o["host"].as_str().unwrap().into(), o["path"].as_str().unwrap().into(), o["line"].as_u64().unwrap()))
-        .collect();
+    assert_eq!((i.status, i.connected), (ScanStatus::NotAnswering, false), "{i:#?}");
+    let s = &map.summary;
+    assert_eq!(s.hosts_asked, 4, "{s:#?}");
+    assert_eq!(s.answered, 3, "{s:#?}");
+    assert_eq!(s.undeclared, 2, "{s:#?}");
+    assert_eq!(s.not_answering, ["host-3", "idle"]);
+    let mut undeclared_places: Vec<(String, String, u32)> =
+        map.undeclared.iter().map(|o| (o.host.clone(), o.path.clone(), o.line)).collect();
     undeclared_places.sort();
     assert_eq!(
         undeclared_places,
@@ -222,17 +215,15 @@ fn scope_maps_declared_and_undeclared_copies_and_silent_hosts() {
 
     // The scan is audited (who, what, where asked), without values.
     let audit = c.cli_ok(&["audit", "-o", "json"]);
-    let records: Value = serde_json::from_str(&audit).unwrap();
+    let records: Vec<AuditRecordView> = serde_json::from_str(&audit).unwrap();
     let scan = records
-        .as_array()
-        .unwrap()
         .iter()
-        .find(|r| r["action"] == "scope.scan" && r["details"]["scan"] == scan_id.as_str())
-        .unwrap_or_else(|| panic!("no scope.scan audit record: {records:#}"));
-    assert!(scan["actor"].as_str().unwrap().contains("operator"), "{scan:#}");
-    assert_eq!(scan["details"]["secret"], SECRET);
-    assert_eq!(scan["details"]["hosts_asked"], serde_json::json!(["batch", "host-1", "host-2", "host-3"]));
-    assert!(records.as_array().unwrap().iter().any(|r| r["action"] == "scope.result"));
+        .find(|r| r.action == "scope.scan" && r.details["scan"] == scan_id.as_str())
+        .unwrap_or_else(|| panic!("no scope.scan audit record: {records:#?}"));
+    assert!(scan.actor.contains("operator"), "{scan:#?}");
+    assert_eq!(scan.details["secret"], SECRET);
+    assert_eq!(scan.details["hosts_asked"], serde_json::json!(["batch", "host-1", "host-2", "host-3"]));
+    assert!(records.iter().any(|r| r.action == "scope.result"));
 
     // The value is nowhere but in the files: logs, audit, CLI output, agents' state.
     let mut texts = vec![
@@ -274,8 +265,8 @@ fn leftover_scans_find_old_copies_and_say_when_the_old_value_is_gone() {
     let rotate = |secret: &str| {
         let out = c.cli(&["rotate", "start", secret, "--wait", "-o", "json"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["id"].as_str().unwrap().to_string()
+        let v: RotationView = serde_json::from_slice(&out.stdout).unwrap();
+        v.id
     };
     let conf = a.dir.join(format!("{KEPT}.conf"));
     rotate(KEPT);
@@ -288,28 +279,29 @@ fn leftover_scans_find_old_copies_and_say_when_the_old_value_is_gone() {
     assert_ne!(old, new);
 
     for args in [vec!["scope", KEPT, "--version", "old"], vec!["scope", KEPT, "--rotation", second.as_str()]] {
-        let map = c.cli_json(&args);
-        assert_eq!(map["leftover_scan"], true, "{map:#}");
-        assert_eq!(map["rotation"], second.as_str());
-        let leftovers = map["leftovers"].as_array().unwrap();
-        assert_eq!(leftovers.len(), 1, "{map:#}");
-        assert_eq!(leftovers[0]["path"], copy.display().to_string());
-        assert_eq!((leftovers[0]["line"].as_u64(), leftovers[0]["role"].as_str()), (Some(1), Some("old")));
-        assert_eq!(leftovers[0]["declared"], false);
+        let map: ScopeView = c.cli_view(&args);
+        assert!(map.leftover_scan, "{map:#?}");
+        assert_eq!(map.rotation.as_deref(), Some(second.as_str()));
+        let leftovers = &map.leftovers;
+        assert_eq!(leftovers.len(), 1, "{map:#?}");
+        assert_eq!(leftovers[0].path, copy.display().to_string());
+        assert_eq!((leftovers[0].line, leftovers[0].role), (1, VersionRole::Old));
+        assert!(!leftovers[0].declared);
         // The managed file holds the new value only: not a leftover, and a clean
         // consumer is not reported as missing the secret.
-        assert_eq!(map["summary"]["declared_not_found"], serde_json::json!([]));
+        assert!(map.summary.declared_not_found.is_empty());
         let table = c.cli_ok(&args);
         assert!(table.starts_with("leftovers of kept-token"), "{table}");
         assert!(table.contains("LEFTOVER (UNDECLARED)"), "{table}");
-        assert_nowhere(&old, "old", &[("the leftover json", map.to_string()), ("the leftover table", table)]);
+        let json = serde_json::to_string(&map).unwrap();
+        assert_nowhere(&old, "old", &[("the leftover json", json), ("the leftover table", table)]);
     }
     // Without a filter: the new value where it belongs, the old one where it lingers.
-    let map = c.cli_json(&["scope", KEPT]);
+    let map = c.scope(KEPT, &[]);
     let h = host(&map, "web-1");
-    assert_eq!(lines(file(h, &conf)), vec![(2, "current".to_string())]);
-    assert_eq!(lines(file(h, &copy)), vec![(1, "old".to_string())]);
-    assert_eq!(map["summary"]["leftovers"], 1);
+    assert_eq!(lines(file(h, &conf)), vec![(2, VersionRole::Current)]);
+    assert_eq!(lines(file(h, &copy)), vec![(1, VersionRole::Old)]);
+    assert_eq!(map.summary.leftovers, 1);
 
     // Revoked at the provider: the old value is held through monitoring, so
     // leftovers can still be found then; forgotten once the rotation completes.
@@ -319,17 +311,14 @@ fn leftover_scans_find_old_copies_and_say_when_the_old_value_is_gone() {
     let stale = a.dir.join("scan/stale.env");
     std::fs::write(&stale, format!("# old copy\nW={revoked}\n")).unwrap();
     let id = c.cli_ok(&["rotate", "start", WATCHED]).trim().to_string();
-    let state = |id: &str| c.cli_json(&["rotate", "status", id])["state"].as_str().unwrap_or_default().to_string();
-    wait_for("the rotation to monitor", || state(&id) == "monitoring");
-    let map = c.cli_json(&["scope", WATCHED, "--version", "old"]);
-    assert_eq!(map["rotation"], id.as_str(), "{map:#}");
-    let leftovers = map["leftovers"].as_array().unwrap();
-    assert_eq!(leftovers.len(), 1, "{map:#}");
-    assert_eq!(
-        (leftovers[0]["path"].as_str(), leftovers[0]["line"].as_u64()),
-        (Some(&*stale.display().to_string()), Some(2))
-    );
-    wait_for("the rotation to complete", || state(&id) == "completed");
+    let state = |id: &str| c.rotation(id).state;
+    wait_for("the rotation to monitor", || state(&id) == RotationState::Monitoring);
+    let map = c.scope(WATCHED, &["--version", "old"]);
+    assert_eq!(map.rotation.as_deref(), Some(id.as_str()), "{map:#?}");
+    let leftovers = &map.leftovers;
+    assert_eq!(leftovers.len(), 1, "{map:#?}");
+    assert_eq!((leftovers[0].path.as_str(), leftovers[0].line), (&*stale.display().to_string(), 2));
+    wait_for("the rotation to complete", || state(&id) == RotationState::Completed);
     let e = err(&["scope", WATCHED, "--version", "old"]);
     assert!(
         e.contains(&format!(
@@ -338,10 +327,10 @@ fn leftover_scans_find_old_copies_and_say_when_the_old_value_is_gone() {
         "{e}"
     );
     // The unfiltered scan still runs, and says what it could not look for.
-    let map = c.cli_json(&["scope", WATCHED]);
-    assert_eq!(map["not_searched"][0]["role"], "old", "{map:#}");
-    assert!(map["not_searched"][0]["reason"].as_str().unwrap().contains("forgotten at revocation"));
-    assert_eq!(map["summary"]["leftovers"], 0);
+    let map = c.scope(WATCHED, &[]);
+    assert_eq!(map.not_searched[0].role, VersionRole::Old, "{map:#?}");
+    assert!(map.not_searched[0].reason.contains("forgotten at revocation"));
+    assert_eq!(map.summary.leftovers, 0);
     assert_nowhere(&revoked, "revoked", &[("the coordinator log", c.logs()), ("the agent log", a.logs())]);
     assert_nowhere(&new, "new", &[("the coordinator log", c.logs()), ("the agent log", a.logs())]);
     assert_nowhere(&old, "old", &[("the coordinator log", c.logs()), ("the agent log", a.logs())]);

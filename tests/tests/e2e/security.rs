@@ -77,7 +77,7 @@ fn a_revoke_closes_a_session_still_waiting_for_hello_and_stays_revoked() {
     // The hello arriving late changes nothing.
     let _ = rt.block_on(tx.send(hello()));
     let agent = c.agent("held-1").unwrap();
-    assert_eq!((agent["revoked"].as_bool(), agent["connected"].as_bool()), (Some(true), Some(false)), "{agent}");
+    assert_eq!((agent.revoked, agent.connected), (true, false), "{agent:?}");
 
     // A fresh session with the revoked certificate is refused too, hello or not.
     let (tx, call) = rt.block_on(session_holding_hello(&c.addr(), &a.state_dir()));
@@ -85,7 +85,7 @@ fn a_revoke_closes_a_session_still_waiting_for_hello_and_stays_revoked() {
     let status = rt.block_on(async { tokio::time::timeout(budget(), call).await.unwrap().unwrap().unwrap_err() });
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     wait_for("the registry to show held-1 revoked and offline", || {
-        c.agent("held-1").is_some_and(|a| a["revoked"] == true && a["connected"] == false)
+        c.agent("held-1").is_some_and(|a| a.revoked && !a.connected)
     });
 }
 
@@ -116,7 +116,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn audit_len(c: &Coordinator) -> usize {
-    c.cli_json(&["audit"]).as_array().map_or(0, Vec::len)
+    c.audit().len()
 }
 
 /// Issue item 5: a store that went back in time (sled recovering an older

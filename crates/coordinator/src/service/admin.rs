@@ -1,10 +1,17 @@
 //! `rekey.v1.AdminService`: the operator API. Every call requires an operator
-//! certificate issued by this coordinator; agents are refused.
+//! certificate issued by this coordinator; agents are refused. Read models
+//! travel as `JsonResponse`s holding exactly one `rekey_types::v1` view (or a
+//! list of them), built by [`views`].
+
+// Declared here so that `service/mod.rs` stays as it is while it is being
+// restructured; it belongs beside `admin` and `agent` there.
+#[path = "views.rs"]
+pub(crate) mod views;
 
 use super::{Shared, internal};
 use crate::engine::campaign::{CampaignError, Incident};
-use crate::engine::driver::{EngineError, consumers, waiting_on};
-use crate::engine::machine::{Event, HostState, Rotation};
+use crate::engine::driver::{EngineError, consumers};
+use crate::engine::machine::{Event, Rotation};
 use crate::scope::{self, ScopeError};
 use crate::store::TokenRecord;
 use rekey_common::time::now_unix;
@@ -18,7 +25,11 @@ use rekey_proto::v1::{
     ScopeRequest, StartRotationRequest, VerifyAuditRequest, coordinator_message,
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
+use rekey_types::v1::{
+    AlertView, AuditRecordView, AuditVerifyView, IncidentView, RotationSummary, RotationView, ScopeView,
+};
 use ring::rand::{SecureRandom, SystemRandom};
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
@@ -181,20 +192,9 @@ impl AdminService for AdminSvc {
                 Some(id) => s.engine.state().get_rotation(id).map_err(|e| Status::internal(one_line(&e)))?,
                 None => None,
             };
-            out.push(serde_json::json!({
-                "name": spec.name,
-                "description": spec.description,
-                "provider": spec.provider.kind(),
-                "selector": spec.selector,
-                "current_version": rec.current_version,
-                "active_rotation": rec.active_rotation,
-                "last_rotation": last.as_ref().map(|r| serde_json::json!({
-                    "id": r.id, "state": r.state.as_str(), "started_ms": r.created_ms, "updated_ms": r.updated_ms,
-                })),
-                "consumers": consumers,
-            }));
+            out.push(views::secret(spec, &rec, last.as_ref(), consumers));
         }
-        Ok(json(serde_json::Value::Array(out)))
+        Ok(json(&out))
     }
 
     async fn start_rotation(&self, req: Request<StartRotationRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -207,7 +207,7 @@ impl AdminService for AdminSvc {
         operator(&self.shared, &req)?;
         let id = req.into_inner().id;
         match self.shared.engine.state().get_rotation(&id) {
-            Ok(Some(r)) => Ok(json(rotation_view(&r))),
+            Ok(Some(r)) => Ok(json(&RotationView::from(&r))),
             Ok(None) => Err(engine_status(EngineError::UnknownRotation(id))),
             Err(e) => Err(Status::internal(one_line(&e))),
         }
@@ -219,20 +219,7 @@ impl AdminService for AdminSvc {
         let mut all = self.shared.engine.state().list_rotations().map_err(|e| Status::internal(one_line(&e)))?;
         all.retain(|r| filter.is_empty() || r.secret == filter);
         all.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
-        let v: Vec<serde_json::Value> = all
-            .iter()
-            .map(|r| {
-                let healthy = r.hosts.values().filter(|h| h.state == HostState::Healthy).count();
-                serde_json::json!({
-                    "id": r.id, "secret": r.secret, "state": r.state.as_str(), "paused": r.paused,
-                    "started_by": r.started_by, "created_ms": r.created_ms, "updated_ms": r.updated_ms,
-                    "hosts": r.hosts.len(), "healthy": healthy,
-                    "wave": r.current_wave, "waves": r.waves.len(),
-                    "waiting_on": waiting_on(r),
-                })
-            })
-            .collect();
-        Ok(json(serde_json::Value::Array(v)))
+        Ok(json(&all.iter().map(RotationSummary::from).collect::<Vec<_>>()))
     }
 
     async fn control_rotation(&self, req: Request<ControlRotationRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -266,16 +253,8 @@ impl AdminService for AdminSvc {
         let mut versions = p.list().await.map_err(|e| Status::unavailable(format!("provider of {secret}: {e}")))?;
         versions.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
         let rec = self.shared.engine.state().get_secret(&secret).map_err(|e| Status::internal(one_line(&e)))?;
-        let v: Vec<serde_json::Value> = versions
-            .iter()
-            .map(|x| {
-                serde_json::json!({
-                    "id": x.id, "status": x.status, "created_unix": x.created_unix,
-                    "current": rec.current_version.as_deref() == Some(x.id.as_str()),
-                })
-            })
-            .collect();
-        Ok(json(serde_json::Value::Array(v)))
+        let current = rec.current_version.as_deref();
+        Ok(json(&versions.iter().map(|v| views::version(v, current)).collect::<Vec<_>>()))
     }
 
     async fn get_report(&self, req: Request<GetReportRequest>) -> Result<Response<ReportResponse>, Status> {
@@ -325,7 +304,7 @@ impl AdminService for AdminSvc {
         operator(&self.shared, &req)?;
         let mut all = self.shared.alerts.list().map_err(|e| Status::internal(e.to_string()))?;
         all.reverse(); // newest first
-        Ok(json(serde_json::to_value(all).expect("json")))
+        Ok(json(&all.iter().map(AlertView::from).collect::<Vec<_>>()))
     }
 
     async fn open_incident(&self, req: Request<OpenIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -333,13 +312,13 @@ impl AdminService for AdminSvc {
         let r = req.into_inner();
         let concurrency = if r.concurrency == 0 { 1 } else { r.concurrency as usize };
         let inc = self.shared.campaigns.open(&r.name, &r.secrets, concurrency, &who).map_err(campaign_status)?;
-        Ok(json(incident_view(&self.shared, &inc)?))
+        Ok(json(&incident_view(&self.shared, &inc)?))
     }
 
     async fn get_incident(&self, req: Request<GetIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
         operator(&self.shared, &req)?;
         let inc = self.shared.campaigns.get(&req.into_inner().id).map_err(campaign_status)?;
-        Ok(json(incident_view(&self.shared, &inc)?))
+        Ok(json(&incident_view(&self.shared, &inc)?))
     }
 
     async fn list_incidents(&self, req: Request<ListIncidentsRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -347,13 +326,13 @@ impl AdminService for AdminSvc {
         let mut all = self.shared.campaigns.list().map_err(campaign_status)?;
         all.sort_by_key(|i| std::cmp::Reverse(i.opened_ms));
         let v = all.iter().map(|i| incident_view(&self.shared, i)).collect::<Result<Vec<_>, _>>()?;
-        Ok(json(serde_json::Value::Array(v)))
+        Ok(json(&v))
     }
 
     async fn close_incident(&self, req: Request<GetIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
         let who = operator(&self.shared, &req)?.to_string();
         let inc = self.shared.campaigns.close(&req.into_inner().id, &who).map_err(campaign_status)?;
-        Ok(json(incident_view(&self.shared, &inc)?))
+        Ok(json(&incident_view(&self.shared, &inc)?))
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -363,7 +342,7 @@ impl AdminService for AdminSvc {
         if limit > 0 && records.len() > limit {
             records.drain(..records.len() - limit);
         }
-        Ok(json(serde_json::to_value(records).expect("json")))
+        Ok(json(&records.iter().map(AuditRecordView::from).collect::<Vec<_>>()))
     }
 
     async fn scope(&self, req: Request<ScopeRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -386,19 +365,13 @@ impl AdminService for AdminSvc {
         tracing::info!(operator = %who, scan = %scan.id, secret = %query.secret, hosts = scan.hosts_asked.len(), "scope scan started");
         let map = scan.run(&s.scanner).await.map_err(scope_status)?;
         super::audit(s, &who, "scope.result", scope::audit_summary(&map));
-        Ok(json(serde_json::to_value(&map).expect("json")))
+        Ok(json(&ScopeView::from(&map)))
     }
 
     async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<JsonResponse>, Status> {
         operator(&self.shared, &req)?;
         let records = self.shared.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
-        let v = crate::audit::verify(&records);
-        Ok(json(serde_json::json!({
-            "ok": v.first_broken.is_none(),
-            "records": v.records,
-            "head": v.head,
-            "first_broken": v.first_broken.as_ref().map(|(seq, why)| serde_json::json!({"seq": seq, "problem": why})),
-        })))
+        Ok(json(&AuditVerifyView::from(&crate::audit::verify(&records))))
     }
 }
 
@@ -414,38 +387,9 @@ fn campaign_status(e: CampaignError) -> Status {
 }
 
 /// An incident with the live state of each of its rotations.
-fn incident_view(shared: &super::Shared, inc: &Incident) -> Result<serde_json::Value, Status> {
+fn incident_view(shared: &super::Shared, inc: &Incident) -> Result<IncidentView, Status> {
     let state = shared.engine.state();
-    let mut v = serde_json::to_value(inc).expect("json");
-    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
-    for (name, p) in &inc.secrets {
-        let rot = match &p.rotation {
-            Some(id) => state.get_rotation(id).map_err(|e| Status::internal(one_line(&e)))?,
-            None => None,
-        };
-        let outcome = match (&rot, &p.error) {
-            (Some(r), _) => r.state.as_str().to_string(),
-            (None, Some(_)) => "not_started".to_string(),
-            (None, None) => "waiting".to_string(),
-        };
-        *counts.entry(outcome.clone()).or_default() += 1;
-        v["secrets"][name]["state"] = serde_json::json!(outcome);
-        if let Some(r) = rot {
-            v["secrets"][name]["hosts"] = serde_json::json!(r.hosts.len());
-            v["secrets"][name]["healthy"] =
-                serde_json::json!(r.hosts.values().filter(|h| h.state == HostState::Healthy).count());
-            v["secrets"][name]["waiting_on"] = serde_json::json!(waiting_on(&r));
-        }
-    }
-    v["summary"] = serde_json::json!(counts);
-    v["state"] = serde_json::json!(if !inc.is_open() {
-        "closed"
-    } else if counts.iter().all(|(k, _)| matches!(k.as_str(), "completed" | "monitoring" | "not_started" | "aborted")) {
-        "done"
-    } else {
-        "running"
-    });
-    Ok(v)
+    views::incident(inc, |id| state.get_rotation(id)).map_err(|e| Status::internal(one_line(&e)))
 }
 
 fn engine_status(e: EngineError) -> Status {
@@ -489,23 +433,14 @@ fn one_line(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn json(v: serde_json::Value) -> Response<JsonResponse> {
-    Response::new(JsonResponse { json: v.to_string() })
-}
-
-/// The rotation as the CLI shows it: the stored model plus what it waits on.
-pub(crate) fn rotation_view(r: &Rotation) -> serde_json::Value {
-    let mut v = serde_json::to_value(r).expect("json");
-    v["waiting_on"] = serde_json::json!(waiting_on(r));
-    v["blocking_hosts"] =
-        serde_json::json!(r.blocking_hosts().into_iter().map(|(h, s)| (h, s.as_str())).collect::<Vec<_>>());
-    v["failure_budget_hosts"] = serde_json::json!(r.failure_budget());
-    v
+/// A view (or a list of views) as the JSON document of a `JsonResponse`.
+fn json<V: Serialize + ?Sized>(view: &V) -> Response<JsonResponse> {
+    Response::new(JsonResponse { json: serde_json::to_string(view).expect("views serialize to json") })
 }
 
 impl AdminSvc {
     fn rotation_json(&self, r: Result<Rotation, EngineError>) -> Result<Response<JsonResponse>, Status> {
-        r.map(|r| json(rotation_view(&r))).map_err(engine_status)
+        r.map(|r| json(&RotationView::from(&r))).map_err(engine_status)
     }
 }
 

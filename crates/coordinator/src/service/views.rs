@@ -1,0 +1,751 @@
+//! The one place where the engine's types become the admin API's views
+//! (`rekey_types::v1`). The admin service serializes exactly these views;
+//! nothing else decides what a read model looks like on the wire.
+//!
+//! Not exposed: the rotation's fingerprint key. With it and a fingerprint,
+//! anyone could test guesses of the secret offline; only the coordinator and
+//! the secret's consumers may hold it.
+
+use crate::alerts::{Alert, AlertKind, Severity};
+use crate::audit::{AuditRecord, Verification};
+use crate::engine::campaign::Incident;
+use crate::engine::catalog::SecretSpec;
+use crate::engine::driver::waiting_on;
+use crate::engine::machine::{self, Rotation};
+use crate::engine::plan;
+use crate::engine::state::SecretRecord;
+use crate::scope;
+use rekey_providers::{VersionInfo, VersionStatus};
+use rekey_types::v1 as view;
+
+impl From<machine::RotationState> for view::RotationState {
+    fn from(s: machine::RotationState) -> Self {
+        use machine::RotationState as S;
+        match s {
+            S::Planned => Self::Planned,
+            S::Generating => Self::Generating,
+            S::RollingOut => Self::RollingOut,
+            S::Halted => Self::Halted,
+            S::Verified => Self::Verified,
+            S::Deactivating => Self::Deactivating,
+            S::Grace => Self::Grace,
+            S::Deleting => Self::Deleting,
+            S::Monitoring => Self::Monitoring,
+            S::Completed => Self::Completed,
+            S::Aborting => Self::Aborting,
+            S::Aborted => Self::Aborted,
+        }
+    }
+}
+
+impl From<machine::HostState> for view::HostState {
+    fn from(s: machine::HostState) -> Self {
+        use machine::HostState as S;
+        match s {
+            S::Pending => Self::Pending,
+            S::Delivered => Self::Delivered,
+            S::Applied => Self::Applied,
+            S::Restarted => Self::Restarted,
+            S::Healthy => Self::Healthy,
+            S::Failed => Self::Failed,
+            S::RolledBack => Self::RolledBack,
+            S::Unreachable => Self::Unreachable,
+            S::Excluded => Self::Excluded,
+        }
+    }
+}
+
+impl From<plan::Amount> for view::Amount {
+    fn from(a: plan::Amount) -> Self {
+        match a {
+            plan::Amount::Count(n) => Self::Count(n),
+            plan::Amount::Percent(p) => Self::Percent(p),
+        }
+    }
+}
+
+impl From<machine::Usage> for view::Usage {
+    fn from(u: machine::Usage) -> Self {
+        match u {
+            machine::Usage::Unknown => Self::Unknown,
+            machine::Usage::Never => Self::Never,
+            machine::Usage::At(t) => Self::At(t),
+        }
+    }
+}
+
+impl From<&machine::Policy> for view::PolicyView {
+    fn from(p: &machine::Policy) -> Self {
+        view::PolicyView {
+            canary: p.canary,
+            waves: p.waves.iter().copied().map(Into::into).collect(),
+            failure_budget: p.failure_budget.into(),
+            host_deadline_ms: p.host_deadline_ms,
+            jitter_ms: p.jitter_ms,
+            deactivate: p.deactivate,
+            grace_ms: p.grace_ms,
+            delete: p.delete,
+            monitor_ms: p.monitor_ms,
+            require_evidence: p.require_evidence,
+            usage_granularity_ms: p.usage_granularity_ms,
+            grace_use: match p.grace_use {
+                machine::GraceUse::Reactivate => view::GraceUse::Reactivate,
+                machine::GraceUse::Proceed => view::GraceUse::Proceed,
+            },
+            check_every_ms: p.check_every_ms,
+        }
+    }
+}
+
+impl From<&machine::HostStatus> for view::HostView {
+    fn from(h: &machine::HostStatus) -> Self {
+        view::HostView {
+            state: h.state.into(),
+            wave: h.wave,
+            delivered_ms: h.delivered_ms,
+            updated_ms: h.updated_ms,
+            fingerprint: h.fingerprint.clone(),
+            error: h.error.clone(),
+            exclusion: h.exclusion.as_ref().map(|e| view::ExclusionView {
+                by: e.by.clone(),
+                reason: e.reason.clone(),
+                at_ms: e.at_ms,
+            }),
+            rollback_pending: h.rollback_pending,
+            redeliver_at_ms: h.redeliver_at_ms,
+            history: h.history.iter().map(|(s, t)| ((*s).into(), *t)).collect(),
+        }
+    }
+}
+
+impl From<&machine::EvidenceEntry> for view::EvidenceView {
+    fn from(e: &machine::EvidenceEntry) -> Self {
+        view::EvidenceView {
+            at_ms: e.at_ms,
+            phase: e.phase.into(),
+            usage: e.usage.map(Into::into),
+            error: e.error.clone(),
+            verdict: e.verdict.clone(),
+        }
+    }
+}
+
+/// A rotation with every host's state and what it waits on.
+impl From<&Rotation> for view::RotationView {
+    fn from(r: &Rotation) -> Self {
+        view::RotationView {
+            id: r.id.clone(),
+            secret: r.secret.clone(),
+            state: r.state.into(),
+            paused: r.paused,
+            started_by: r.started_by.clone(),
+            created_ms: r.created_ms,
+            updated_ms: r.updated_ms,
+            policy: (&r.policy).into(),
+            old_version: r.old_version.clone(),
+            new_version: r.new_version.clone(),
+            expected_fingerprint: r.expected_fingerprint.clone(),
+            waves: r.waves.clone(),
+            current_wave: r.current_wave,
+            hosts: r.hosts.iter().map(|(n, h)| (n.clone(), h.into())).collect(),
+            halt_reason: r.halt_reason.clone(),
+            halted_from: r.halted_from.map(Into::into),
+            phase_until_ms: r.phase_until_ms,
+            delete_new_issued: r.delete_new_issued,
+            timeline: r
+                .timeline
+                .iter()
+                .map(|t| view::TimelineEntryView { at_ms: t.at_ms, state: t.state.into(), note: t.note.clone() })
+                .collect(),
+            evidence: r.evidence.iter().map(Into::into).collect(),
+            evidence_ok: r.evidence_ok,
+            usage_check_pending: r.usage_check_pending,
+            next_check_ms: r.next_check_ms,
+            deactivated_ms: r.deactivated_ms,
+            reactivating: r.reactivating,
+            alerted_use_ms: r.alerted_use_ms,
+            waiting_on: waiting_on(r),
+            blocking_hosts: r.blocking_hosts().into_iter().map(|(h, s)| (h, s.into())).collect(),
+            failure_budget_hosts: r.failure_budget(),
+        }
+    }
+}
+
+fn healthy(r: &Rotation) -> usize {
+    r.hosts.values().filter(|h| h.state == machine::HostState::Healthy).count()
+}
+
+/// A row of the rotation list.
+impl From<&Rotation> for view::RotationSummary {
+    fn from(r: &Rotation) -> Self {
+        view::RotationSummary {
+            id: r.id.clone(),
+            secret: r.secret.clone(),
+            state: r.state.into(),
+            paused: r.paused,
+            started_by: r.started_by.clone(),
+            created_ms: r.created_ms,
+            updated_ms: r.updated_ms,
+            hosts: r.hosts.len(),
+            healthy: healthy(r),
+            wave: r.current_wave,
+            waves: r.waves.len(),
+            waiting_on: waiting_on(r),
+        }
+    }
+}
+
+/// A catalog entry with its record, its last rotation and its consumers.
+pub(crate) fn secret(
+    spec: &SecretSpec,
+    rec: &SecretRecord,
+    last: Option<&Rotation>,
+    consumers: Vec<String>,
+) -> view::SecretView {
+    view::SecretView {
+        name: spec.name.clone(),
+        description: spec.description.clone(),
+        provider: spec.provider.kind().to_string(),
+        selector: spec.selector.clone(),
+        current_version: rec.current_version.clone(),
+        active_rotation: rec.active_rotation.clone(),
+        last_rotation: last.map(|r| view::LastRotationView {
+            id: r.id.clone(),
+            state: r.state.into(),
+            started_ms: r.created_ms,
+            updated_ms: r.updated_ms,
+        }),
+        consumers,
+    }
+}
+
+/// A provider's version, marked if it is the catalog's current one.
+pub(crate) fn version(v: &VersionInfo, current: Option<&str>) -> view::VersionView {
+    view::VersionView {
+        id: v.id.clone(),
+        status: match v.status {
+            VersionStatus::Active => view::VersionStatus::Active,
+            VersionStatus::Inactive => view::VersionStatus::Inactive,
+        },
+        created_unix: v.created_unix,
+        current: current == Some(v.id.as_str()),
+    }
+}
+
+/// An incident with the live state of each of its rotations; `rotation`
+/// looks a rotation up by id.
+pub(crate) fn incident<E>(
+    inc: &Incident,
+    mut rotation: impl FnMut(&str) -> Result<Option<Rotation>, E>,
+) -> Result<view::IncidentView, E> {
+    let mut secrets = std::collections::BTreeMap::new();
+    let mut summary: std::collections::BTreeMap<String, usize> = Default::default();
+    for (name, p) in &inc.secrets {
+        let rot = match &p.rotation {
+            Some(id) => rotation(id)?,
+            None => None,
+        };
+        let state = match (&rot, &p.error) {
+            (Some(r), _) => view::IncidentSecretState::Rotation(r.state.into()),
+            (None, Some(_)) => view::IncidentSecretState::Campaign(view::CampaignState::NotStarted),
+            (None, None) => view::IncidentSecretState::Campaign(view::CampaignState::Waiting),
+        };
+        *summary.entry(state.as_str().to_string()).or_default() += 1;
+        secrets.insert(
+            name.clone(),
+            view::IncidentSecretView {
+                rotation: p.rotation.clone(),
+                error: p.error.clone(),
+                state,
+                hosts: rot.as_ref().map(|r| r.hosts.len()),
+                healthy: rot.as_ref().map(healthy),
+                waiting_on: rot.as_ref().and_then(waiting_on),
+            },
+        );
+    }
+    let done = |s: &str| matches!(s, "completed" | "monitoring" | "not_started" | "aborted");
+    let state = if !inc.is_open() {
+        view::IncidentState::Closed
+    } else if summary.keys().all(|k| done(k)) {
+        view::IncidentState::Done
+    } else {
+        view::IncidentState::Running
+    };
+    Ok(view::IncidentView {
+        id: inc.id.clone(),
+        name: inc.name.clone(),
+        pattern: inc.pattern.clone(),
+        concurrency: inc.concurrency,
+        opened_by: inc.opened_by.clone(),
+        opened_ms: inc.opened_ms,
+        closed_by: inc.closed_by.clone(),
+        closed_ms: inc.closed_ms,
+        secrets,
+        summary,
+        state,
+    })
+}
+
+impl From<&Alert> for view::AlertView {
+    fn from(a: &Alert) -> Self {
+        view::AlertView {
+            seq: a.seq,
+            at_ms: a.at_ms,
+            kind: match a.kind {
+                AlertKind::OldVersionUsed => view::AlertKind::OldVersionUsed,
+                AlertKind::OldVersionUsedDuringGrace => view::AlertKind::OldVersionUsedDuringGrace,
+                AlertKind::OldVersionUsedAfterRevocation => view::AlertKind::OldVersionUsedAfterRevocation,
+                AlertKind::LeftoverFound => view::AlertKind::LeftoverFound,
+            },
+            severity: match a.severity {
+                Severity::Warning => view::Severity::Warning,
+                Severity::Critical => view::Severity::Critical,
+            },
+            secret: a.secret.clone(),
+            rotation: a.rotation.clone(),
+            message: a.message.clone(),
+            details: a.details.clone(),
+            delivery: a.delivery.clone(),
+        }
+    }
+}
+
+impl From<&AuditRecord> for view::AuditRecordView {
+    fn from(r: &AuditRecord) -> Self {
+        view::AuditRecordView {
+            seq: r.seq,
+            at_ms: r.at_ms,
+            actor: r.actor.clone(),
+            action: r.action.clone(),
+            details: r.details.clone(),
+            prev_hash: r.prev_hash.clone(),
+            hash: r.hash.clone(),
+        }
+    }
+}
+
+impl From<&Verification> for view::AuditVerifyView {
+    fn from(v: &Verification) -> Self {
+        view::AuditVerifyView {
+            ok: v.first_broken.is_none(),
+            records: v.records,
+            head: v.head.clone(),
+            first_broken: v
+                .first_broken
+                .as_ref()
+                .map(|(seq, why)| view::BrokenLink { seq: *seq, problem: why.clone() }),
+        }
+    }
+}
+
+impl From<scope::Role> for view::VersionRole {
+    fn from(r: scope::Role) -> Self {
+        match r {
+            scope::Role::Current => Self::Current,
+            scope::Role::New => Self::New,
+            scope::Role::Old => Self::Old,
+        }
+    }
+}
+
+impl From<&scope::Occurrence> for view::OccurrenceView {
+    fn from(o: &scope::Occurrence) -> Self {
+        view::OccurrenceView {
+            host: o.host.clone(),
+            path: o.path.clone(),
+            line: o.line,
+            version: o.version.clone(),
+            role: o.role.into(),
+            field: o.field.clone(),
+            declared: o.declared,
+            partial: o.partial,
+        }
+    }
+}
+
+impl From<&scope::HostScope> for view::ScopeHostView {
+    fn from(h: &scope::HostScope) -> Self {
+        view::ScopeHostView {
+            host: h.host.clone(),
+            labels: h.labels.clone(),
+            connected: h.connected,
+            status: match h.status {
+                scope::HostStatus::Answered => view::ScanStatus::Answered,
+                scope::HostStatus::Error => view::ScanStatus::Error,
+                scope::HostStatus::NotAnswering => view::ScanStatus::NotAnswering,
+            },
+            error: h.error.clone(),
+            declares_secret: h.declares_secret,
+            selected: h.selected,
+            declared_not_found: h.declared_not_found,
+            files: h.files.iter().map(file).collect(),
+            files_scanned: h.files_scanned,
+            bytes_scanned: h.bytes_scanned,
+            skipped: h.skipped.clone(),
+            skipped_files: h
+                .skipped_files
+                .iter()
+                .map(|s| view::SkippedFileView {
+                    path: s.path.clone(),
+                    reason: s.reason.clone(),
+                    detail: s.detail.clone(),
+                })
+                .collect(),
+            truncated: h.truncated,
+            limit: h.limit.clone(),
+            elapsed_ms: h.elapsed_ms,
+        }
+    }
+}
+
+fn file(f: &scope::FileScope) -> view::ScopeFileView {
+    view::ScopeFileView {
+        path: f.path.clone(),
+        declared: f.declared,
+        versions: f
+            .versions
+            .iter()
+            .map(|v| view::ScopeFileVersion { version: v.version.clone(), role: v.role.into() })
+            .collect(),
+        lines: f
+            .lines
+            .iter()
+            .map(|l| view::ScopeFileLine {
+                line: l.line,
+                version: l.version.clone(),
+                role: l.role.into(),
+                field: l.field.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The consumer map of a scope scan.
+impl From<&scope::ConsumerMap> for view::ScopeView {
+    fn from(m: &scope::ConsumerMap) -> Self {
+        let s = &m.summary;
+        view::ScopeView {
+            scan_id: m.scan_id.clone(),
+            secret: m.secret.clone(),
+            filter: m.filter.clone(),
+            rotation: m.rotation.clone(),
+            leftover_scan: m.leftover_scan,
+            started_ms: m.started_ms,
+            elapsed_ms: m.elapsed_ms,
+            timeout_seconds: m.timeout_seconds,
+            searched: m
+                .searched
+                .iter()
+                .map(|x| view::SearchedView {
+                    version: x.version.clone(),
+                    role: x.role.into(),
+                    field: x.field.clone(),
+                    partial: x.partial,
+                })
+                .collect(),
+            not_searched: m
+                .not_searched
+                .iter()
+                .map(|x| view::NotSearchedView {
+                    version: x.version.clone(),
+                    role: x.role.into(),
+                    field: x.field.clone(),
+                    reason: x.reason.clone(),
+                })
+                .collect(),
+            hosts: m.hosts.iter().map(Into::into).collect(),
+            undeclared: m.undeclared.iter().map(Into::into).collect(),
+            leftovers: m.leftovers.iter().map(Into::into).collect(),
+            summary: view::ScopeSummary {
+                hosts_asked: s.hosts_asked,
+                answered: s.answered,
+                not_answering: s.not_answering.clone(),
+                errors: s.errors.clone(),
+                hosts_with_value: s.hosts_with_value.clone(),
+                occurrences: s.occurrences,
+                undeclared: s.undeclared,
+                leftovers: s.leftovers,
+                declared_not_found: s.declared_not_found.clone(),
+                truncated: s.truncated.clone(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The views keep the JSON the admin API answered before they existed:
+    //! each test builds the document the old untyped code built and compares.
+
+    use super::*;
+    use crate::engine::campaign::SecretProgress;
+    use crate::engine::machine::{Event, Exclusion, Stage};
+    use serde_json::{Value, json};
+
+    fn rotation() -> Rotation {
+        let policy = machine::Policy {
+            waves: vec![plan::Amount::Percent(50), plan::Amount::Percent(100)],
+            failure_budget: plan::Amount::Percent(40),
+            ..machine::Policy::default()
+        };
+        let waves = vec![vec!["h1".into()], vec!["h2".into(), "h3".into()], vec!["h4".into()]];
+        let mut r = Rotation::new(
+            "rot-1".into(),
+            "api-key".into(),
+            "operator/admin".into(),
+            policy,
+            Some("v1".into()),
+            waves,
+            "00ff".into(),
+            10,
+        );
+        let report = |host: &str, stage, fingerprint: &str, error: &str| Event::Report {
+            host: host.into(),
+            version: "v2".into(),
+            stage,
+            fingerprint: fingerprint.into(),
+            error: error.into(),
+        };
+        let events = vec![
+            Event::Begin,
+            Event::Generated { version: "v2".into(), fingerprint: "hmac-sha256:new".into() },
+            report("h1", Stage::Delivered, "", ""),
+            report("h1", Stage::Healthy, "hmac-sha256:new", ""),
+            report("h2", Stage::Delivered, "", ""),
+            report("h2", Stage::Failed, "", "health check returned 503"),
+            report("h2", Stage::RolledBack, "", ""),
+            Event::Exclude { host: "h3".into(), by: "operator/admin".into(), reason: "decommissioned".into() },
+        ];
+        for (i, e) in events.into_iter().enumerate() {
+            let _ = machine::handle(&mut r, e, 20 + i as i64);
+        }
+        // Fields no short event sequence reaches, so that every one is compared.
+        r.evidence.push(machine::EvidenceEntry {
+            at_ms: 40,
+            phase: machine::RotationState::RollingOut,
+            usage: Some(machine::Usage::At(5)),
+            error: None,
+            verdict: "used before the switch".into(),
+        });
+        r.next_check_ms = Some(99);
+        r.hosts.get_mut("h4").unwrap().exclusion =
+            Some(Exclusion { by: "operator/bob".into(), reason: "gone".into(), at_ms: 50 });
+        r
+    }
+
+    #[test]
+    fn a_rotation_view_is_the_stored_rotation_without_its_fingerprint_key() {
+        let r = rotation();
+        let states: Vec<_> = r.hosts.values().map(|h| h.state.as_str()).collect();
+        assert_eq!(states, ["healthy", "rolled_back", "excluded", "delivered"], "a rotation with every kind of host");
+        // What `admin::rotation_view` answered before the views.
+        let mut old = serde_json::to_value(&r).unwrap();
+        old["waiting_on"] = json!(waiting_on(&r));
+        old["blocking_hosts"] = json!(r.blocking_hosts().into_iter().map(|(h, s)| (h, s.as_str())).collect::<Vec<_>>());
+        old["failure_budget_hosts"] = json!(r.failure_budget());
+        let key = old.as_object_mut().unwrap().remove("fingerprint_key");
+        assert_eq!(key, Some(json!("00ff")));
+
+        let new = serde_json::to_value(view::RotationView::from(&r)).unwrap();
+        assert_eq!(new, old);
+        assert!(!serde_json::to_string(&view::RotationView::from(&r)).unwrap().contains("00ff"));
+    }
+
+    #[test]
+    fn a_rotation_summary_is_the_old_list_row() {
+        let r = rotation();
+        let old = json!({
+            "id": r.id, "secret": r.secret, "state": r.state.as_str(), "paused": r.paused,
+            "started_by": r.started_by, "created_ms": r.created_ms, "updated_ms": r.updated_ms,
+            "hosts": r.hosts.len(), "healthy": 1,
+            "wave": r.current_wave, "waves": r.waves.len(),
+            "waiting_on": waiting_on(&r),
+        });
+        assert_eq!(serde_json::to_value(view::RotationSummary::from(&r)).unwrap(), old);
+    }
+
+    #[test]
+    fn an_incident_view_has_each_secret_s_live_state() {
+        let r = rotation();
+        let progress = |rotation: Option<&str>, error: Option<&str>| SecretProgress {
+            rotation: rotation.map(str::to_string),
+            error: error.map(str::to_string),
+        };
+        let mut inc = Incident {
+            id: "inc-abc123".into(),
+            name: "breach".into(),
+            pattern: "*".into(),
+            concurrency: 2,
+            opened_by: "operator/admin".into(),
+            opened_ms: 5,
+            closed_by: None,
+            closed_ms: None,
+            secrets: [
+                ("a".to_string(), progress(Some("rot-1"), None)),
+                ("b".to_string(), progress(None, Some("no agent consumes secret \"b\""))),
+                ("c".to_string(), progress(None, None)),
+            ]
+            .into(),
+        };
+        let lookup = |id: &str| -> Result<Option<Rotation>, ()> { Ok((id == "rot-1").then(|| r.clone())) };
+        let v = serde_json::to_value(incident(&inc, lookup).unwrap()).unwrap();
+        let state = r.state.as_str();
+        assert_eq!(
+            v,
+            json!({
+                "id": "inc-abc123", "name": "breach", "pattern": "*", "concurrency": 2,
+                "opened_by": "operator/admin", "opened_ms": 5, "closed_by": null, "closed_ms": null,
+                "secrets": {
+                    "a": {"rotation": "rot-1", "error": null, "state": state,
+                          "hosts": 4, "healthy": 1, "waiting_on": waiting_on(&r)},
+                    "b": {"rotation": null, "error": "no agent consumes secret \"b\"", "state": "not_started",
+                          "hosts": null, "healthy": null, "waiting_on": null},
+                    "c": {"rotation": null, "error": null, "state": "waiting",
+                          "hosts": null, "healthy": null, "waiting_on": null},
+                },
+                "summary": {state: 1, "not_started": 1, "waiting": 1},
+                "state": "running",
+            })
+        );
+        inc.secrets.remove("c");
+        inc.secrets.remove("a");
+        assert_eq!(incident(&inc, lookup).unwrap().state, view::IncidentState::Done);
+        inc.closed_ms = Some(9);
+        assert_eq!(incident(&inc, lookup).unwrap().state, view::IncidentState::Closed);
+    }
+
+    #[test]
+    fn a_scope_view_is_the_consumer_map() {
+        let occurrence = |declared| scope::Occurrence {
+            host: "h1".into(),
+            path: "/etc/app/env".into(),
+            line: 3,
+            version: "v1".into(),
+            role: scope::Role::Old,
+            field: "value".into(),
+            declared,
+            partial: true,
+        };
+        let host = |status, skipped: &str| scope::HostScope {
+            host: "h1".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            connected: true,
+            status,
+            error: Some("no answer within 20s".into()),
+            declares_secret: true,
+            selected: false,
+            declared_not_found: true,
+            files: vec![scope::FileScope {
+                path: "/etc/app/env".into(),
+                declared: true,
+                versions: vec![scope::FileVersion { version: "v1".into(), role: scope::Role::Current }],
+                lines: vec![scope::Line {
+                    line: 3,
+                    version: "v1".into(),
+                    role: scope::Role::New,
+                    field: "value".into(),
+                }],
+            }],
+            files_scanned: 4,
+            bytes_scanned: 400,
+            skipped: [("binary".to_string(), 1)].into(),
+            skipped_files: vec![scope::Skipped {
+                path: "/bin/x".into(),
+                reason: "binary".into(),
+                detail: skipped.into(),
+            }],
+            truncated: true,
+            limit: Some("500 matches".into()),
+            elapsed_ms: Some(7),
+        };
+        let map = scope::ConsumerMap {
+            scan_id: "scan-1".into(),
+            secret: "api-key".into(),
+            filter: "all".into(),
+            rotation: Some("rot-1".into()),
+            leftover_scan: false,
+            started_ms: 1,
+            elapsed_ms: 2,
+            timeout_seconds: 20,
+            searched: vec![scope::Searched {
+                version: "v1".into(),
+                role: scope::Role::Current,
+                field: "value".into(),
+                partial: false,
+            }],
+            not_searched: vec![scope::NotSearched {
+                version: "v0".into(),
+                role: scope::Role::Old,
+                field: Some("value".into()),
+                reason: "empty value".into(),
+            }],
+            hosts: vec![
+                host(scope::HostStatus::Answered, ""),
+                host(scope::HostStatus::Error, "x"),
+                host(scope::HostStatus::NotAnswering, ""),
+            ],
+            undeclared: vec![occurrence(false)],
+            leftovers: vec![occurrence(true)],
+            summary: scope::Summary {
+                hosts_asked: 3,
+                answered: 1,
+                not_answering: vec!["h3".into()],
+                errors: vec!["h2".into()],
+                hosts_with_value: vec!["h1".into()],
+                occurrences: 2,
+                undeclared: 1,
+                leftovers: 1,
+                declared_not_found: vec!["h1".into()],
+                truncated: vec!["h1".into()],
+            },
+        };
+        let old: Value = serde_json::to_value(&map).unwrap();
+        assert_eq!(serde_json::to_value(view::ScopeView::from(&map)).unwrap(), old);
+    }
+
+    #[test]
+    fn versions_audit_and_alerts_keep_their_documents() {
+        let v = VersionInfo { id: "v2".into(), status: VersionStatus::Inactive, created_unix: Some(7) };
+        let old = json!({"id": v.id, "status": v.status, "created_unix": v.created_unix, "current": true});
+        assert_eq!(serde_json::to_value(version(&v, Some("v2"))).unwrap(), old);
+        assert_eq!(serde_json::to_value(version(&v, None)).unwrap()["current"], false);
+
+        for first_broken in [None, Some((3, "record 3 was altered".to_string()))] {
+            let ver = Verification { records: 4, head: "abcd".into(), first_broken };
+            let old = json!({
+                "ok": ver.first_broken.is_none(),
+                "records": ver.records,
+                "head": ver.head,
+                "first_broken": ver.first_broken.as_ref().map(|(seq, why)| json!({"seq": seq, "problem": why})),
+            });
+            assert_eq!(serde_json::to_value(view::AuditVerifyView::from(&ver)).unwrap(), old);
+        }
+
+        let rec = AuditRecord {
+            seq: 1,
+            at_ms: 2,
+            actor: "operator/admin".into(),
+            action: "rotation.start".into(),
+            details: json!({"rotation": "rot-1", "x": null}),
+            prev_hash: "00".into(),
+            hash: "11".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(view::AuditRecordView::from(&rec)).unwrap(),
+            serde_json::to_value(&rec).unwrap()
+        );
+
+        let alert = Alert {
+            seq: 1,
+            at_ms: 2,
+            kind: AlertKind::OldVersionUsed,
+            severity: Severity::Critical,
+            secret: "api-key".into(),
+            rotation: None,
+            message: "used".into(),
+            details: json!({"version": "v1"}),
+            delivery: "failed: 500".into(),
+        };
+        assert_eq!(serde_json::to_value(view::AlertView::from(&alert)).unwrap(), serde_json::to_value(&alert).unwrap());
+    }
+}
