@@ -10,9 +10,9 @@ use crate::engine::driver::Engine;
 use crate::engine::state::EngineState;
 use crate::pki::{Ca, PkiError};
 use crate::scope::Scanner;
+use crate::service::Authorizer;
 use crate::service::admin::AdminSvc;
 use crate::service::agent::AgentSvc;
-use crate::service::{Authorizer, Shared};
 use crate::sessions::{RevokedSerials, Sessions};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Phase, Supervisor, SupervisorError};
@@ -89,7 +89,8 @@ pub struct InitReport {
 
 /// An initialized coordinator, ready to serve.
 pub struct Coordinator {
-    shared: Shared,
+    /// The admin service; it holds every handle the others are built from.
+    admin: AdminSvc,
     pub init: InitReport,
     engine: Engine,
     webhook: Option<crate::alerts::WebhookSender>,
@@ -207,23 +208,22 @@ impl Coordinator {
         };
         let campaigns = Campaigns::new(config.clone(), engine_handle.state().clone(), engine_handle.clone());
         let scanner = Scanner::new(config.clone(), engine_handle.state().clone(), store.clone(), sessions.clone());
-        let shared = Shared {
+        let admin = AdminSvc {
             auth: Authorizer::new(revoked.clone(), store.clone()),
             config,
             store,
             ca: Arc::new(ca),
             sessions,
-            revoked,
             engine: engine_handle,
             scanner,
             campaigns,
             alerts,
         };
-        Ok(Coordinator { shared, init, engine, webhook })
+        Ok(Coordinator { admin, init, engine, webhook })
     }
 
     pub fn config(&self) -> &Config {
-        &self.shared.config
+        &self.admin.config
     }
 
     /// Binds the listener, then runs the gRPC server, the engine, campaigns,
@@ -237,7 +237,7 @@ impl Coordinator {
         drain: Duration,
         on_bound: impl FnOnce(SocketAddr),
     ) -> Result<(), ServerError> {
-        let s = self.shared;
+        let s = self.admin;
         let (chain, key) = s.ca.issue_server(&s.config.server_names, SERVER_CERT_LIFETIME)?;
         let tls_config = tls::server_config(std::slice::from_ref(s.ca.cert_der()), chain, key)?;
         let listener = tokio::net::TcpListener::bind(s.config.listen)
@@ -270,7 +270,7 @@ impl Coordinator {
             engine: s.engine.clone(),
             scans: s.scanner.scans().clone(),
         };
-        let admin_svc = AdminSvc { shared: s.clone() };
+        let admin_svc = s.clone();
         let sessions = s.sessions.clone();
         tasks.spawn("grpc", Phase::Front, move |stop| {
             let incoming = tls::tls_incoming(listener, tls_config, tls::AcceptLimits::default(), stop.clone());

@@ -29,15 +29,9 @@ pub struct SessionHandle {
     pub connected_unix: i64,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    #[error("agent {0} is not connected")]
-    NotConnected(String),
-    #[error("agent {0} is not reading its session (outbound queue full)")]
-    Backpressure(String),
-    #[error("agent {0} is revoked")]
-    Revoked(String),
-}
+/// Why a message did not leave (defined with the engine's link, which is
+/// what callers see).
+pub use crate::engine::link::LinkError as SendError;
 
 /// The registry of live sessions, shared by the services and the engine.
 #[derive(Debug, Clone)]

@@ -21,8 +21,16 @@ pub struct Delivery {
     pub fingerprint_key: Vec<u8>,
 }
 
-/// Why a message did not leave (the agent is offline or not reading).
-pub type LinkError = crate::sessions::SendError;
+/// Why a message did not leave: the agent is offline, not reading, or revoked.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("agent {0} is not connected")]
+    NotConnected(String),
+    #[error("agent {0} is not reading its session (outbound queue full)")]
+    Backpressure(String),
+    #[error("agent {0} is revoked")]
+    Revoked(String),
+}
 
 /// The driver's only way to an agent. Every call queues and returns at once;
 /// the agent's answers come back as engine events.

@@ -5,15 +5,23 @@
 
 // Declared here so that `service/mod.rs` stays as it is while it is being
 // restructured; it belongs beside `admin` and `agent` there.
-#[path = "views.rs"]
-pub(crate) mod views;
 
-use super::{Shared, internal};
+use super::views;
+use super::{Authorizer, internal};
+use crate::alerts::Alerts;
+use crate::config::Config;
+use crate::engine::campaign::Campaigns;
 use crate::engine::campaign::{CampaignError, Incident};
+use crate::engine::driver::EngineHandle;
 use crate::engine::driver::{EngineError, consumers};
 use crate::engine::machine::{Event, Rotation};
+use crate::pki::Ca;
+use crate::scope::Scanner;
 use crate::scope::{self, ScopeError};
+use crate::sessions::Sessions;
+use crate::store::Store;
 use crate::store::TokenRecord;
+use rekey_common::error::chain as one_line;
 use rekey_common::time::now_unix;
 use rekey_common::tls::{Identity, Role};
 use rekey_proto::v1::admin_service_server::AdminService;
@@ -31,17 +39,28 @@ use rekey_types::v1::{
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
+/// The admin service and the handles it uses (cheap to clone).
+#[derive(Clone)]
 pub struct AdminSvc {
-    pub shared: Shared,
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub ca: Arc<Ca>,
+    pub sessions: Sessions,
+    pub auth: Authorizer,
+    pub engine: EngineHandle,
+    pub campaigns: Campaigns,
+    pub alerts: Alerts,
+    pub scanner: Scanner,
 }
 
 /// Authorizes an admin call: operator role, a serial this coordinator issued
 /// to an operator, and a compatible CLI.
-pub(crate) fn operator<T>(shared: &Shared, req: &Request<T>) -> Result<Identity, Status> {
-    let id = super::authorize(shared, req, Role::Operator)?;
+pub(crate) fn operator<T>(svc: &AdminSvc, req: &Request<T>) -> Result<Identity, Status> {
+    let id = svc.auth.check(req, Role::Operator)?;
     if let Some(v) = req.metadata().get(PROTOCOL_HEADER) {
         let theirs: u32 = v.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(0);
         if theirs != PROTOCOL_VERSION {
@@ -78,9 +97,9 @@ fn random_hex(bytes: usize) -> Result<String, Status> {
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
-        let who = operator(&self.shared, &req)?;
+        let who = operator(self, &req)?;
         let req = req.into_inner();
-        let s = &self.shared;
+        let s = self;
         if !valid_host_name(&req.host) {
             return Err(Status::invalid_argument(format!(
                 "invalid host name {:?}: expected letters, digits, '-', '.', '_' (at most 253)",
@@ -117,8 +136,8 @@ impl AdminService for AdminSvc {
         };
         s.store.put_token(&rec).map_err(internal)?;
         tracing::info!(operator = %who, token = %id, host = %rec.host, "join token created");
-        super::audit(
-            s,
+        super::audit_to(
+            s.engine.state(),
             &who.to_string(),
             "token.create",
             serde_json::json!({ "token": id, "host": rec.host, "labels": rec.labels, "expires_unix": rec.expires_unix }),
@@ -131,8 +150,8 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_agents(&self, req: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
-        operator(&self.shared, &req)?;
-        let s = &self.shared;
+        operator(self, &req)?;
+        let s = self;
         let now = now_unix();
         let mut agents: Vec<AgentInfo> = s
             .store
@@ -160,16 +179,16 @@ impl AdminService for AdminSvc {
     }
 
     async fn revoke_agent(&self, req: Request<RevokeAgentRequest>) -> Result<Response<RevokeAgentResponse>, Status> {
-        let who = operator(&self.shared, &req)?;
+        let who = operator(self, &req)?;
         let name = req.into_inner().name;
-        let s = &self.shared;
+        let s = self;
         let rec = s
             .store
             .revoke_agent(&name, &who.to_string(), now_unix())
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("no agent named {name:?} (see `rekey agents`)")))?;
         // Handshake refusal first, then end the live session.
-        s.revoked.extend(rec.serials.iter().cloned());
+        s.auth.revoked().extend(rec.serials.iter().cloned());
         let was_connected = s.sessions.close(
             &name,
             Some(CoordinatorMessage {
@@ -177,13 +196,18 @@ impl AdminService for AdminSvc {
             }),
         );
         tracing::warn!(operator = %who, agent = %name, was_connected, "agent revoked");
-        super::audit(s, &who.to_string(), "agent.revoke", serde_json::json!({ "agent": name, "serials": rec.serials }));
+        super::audit_to(
+            s.engine.state(),
+            &who.to_string(),
+            "agent.revoke",
+            serde_json::json!({ "agent": name, "serials": rec.serials }),
+        );
         Ok(Response::new(RevokeAgentResponse { was_connected }))
     }
 
     async fn list_secrets(&self, req: Request<ListSecretsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
-        let s = &self.shared;
+        operator(self, &req)?;
+        let s = self;
         let mut out = Vec::new();
         for spec in &s.config.secrets {
             let rec = s.engine.state().get_secret(&spec.name).map_err(|e| Status::internal(one_line(&e)))?;
@@ -198,15 +222,15 @@ impl AdminService for AdminSvc {
     }
 
     async fn start_rotation(&self, req: Request<StartRotationRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(&self.shared, &req)?;
+        let who = operator(self, &req)?;
         let secret = req.into_inner().secret;
-        self.rotation_json(self.shared.engine.start(&secret, &who.to_string()).await)
+        self.rotation_json(self.engine.start(&secret, &who.to_string()).await)
     }
 
     async fn get_rotation(&self, req: Request<GetRotationRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
+        operator(self, &req)?;
         let id = req.into_inner().id;
-        match self.shared.engine.state().get_rotation(&id) {
+        match self.engine.state().get_rotation(&id) {
             Ok(Some(r)) => Ok(json(&RotationView::from(&r))),
             Ok(None) => Err(engine_status(EngineError::UnknownRotation(id))),
             Err(e) => Err(Status::internal(one_line(&e))),
@@ -214,16 +238,16 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_rotations(&self, req: Request<ListRotationsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
+        operator(self, &req)?;
         let filter = req.into_inner().secret;
-        let mut all = self.shared.engine.state().list_rotations().map_err(|e| Status::internal(one_line(&e)))?;
+        let mut all = self.engine.state().list_rotations().map_err(|e| Status::internal(one_line(&e)))?;
         all.retain(|r| filter.is_empty() || r.secret == filter);
         all.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
         Ok(json(&all.iter().map(RotationSummary::from).collect::<Vec<_>>()))
     }
 
     async fn control_rotation(&self, req: Request<ControlRotationRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(&self.shared, &req)?.to_string();
+        let who = operator(self, &req)?.to_string();
         let r = req.into_inner();
         let event = match Control::try_from(r.action) {
             Ok(Control::Pause) => Event::Pause { by: who.clone() },
@@ -239,32 +263,29 @@ impl AdminService for AdminSvc {
             }
             _ => return Err(Status::invalid_argument(format!("unknown rotation control {}", r.action))),
         };
-        self.rotation_json(self.shared.engine.control(&r.id, event, &who).await)
+        self.rotation_json(self.engine.control(&r.id, event, &who).await)
     }
 
     async fn list_versions(&self, req: Request<ListVersionsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
+        operator(self, &req)?;
         let secret = req.into_inner().secret;
-        let p = self
-            .shared
-            .engine
-            .provider(&secret)
-            .ok_or_else(|| engine_status(EngineError::UnknownSecret(secret.clone())))?;
+        let p =
+            self.engine.provider(&secret).ok_or_else(|| engine_status(EngineError::UnknownSecret(secret.clone())))?;
         let mut versions = p.list().await.map_err(|e| Status::unavailable(format!("provider of {secret}: {e}")))?;
         versions.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
-        let rec = self.shared.engine.state().get_secret(&secret).map_err(|e| Status::internal(one_line(&e)))?;
+        let rec = self.engine.state().get_secret(&secret).map_err(|e| Status::internal(one_line(&e)))?;
         let current = rec.current_version.as_deref();
         Ok(json(&versions.iter().map(|v| views::version(v, current)).collect::<Vec<_>>()))
     }
 
     async fn get_report(&self, req: Request<GetReportRequest>) -> Result<Response<ReportResponse>, Status> {
-        operator(&self.shared, &req)?;
+        operator(self, &req)?;
         let r = req.into_inner();
-        let state = self.shared.engine.state();
+        let state = self.engine.state();
         let audit = state.audit_records().map_err(|e| Status::internal(one_line(&e)))?;
         let head = crate::audit::verify(&audit).head;
         if r.id.starts_with("inc-") {
-            let inc = self.shared.campaigns.get(&r.id).map_err(campaign_status)?;
+            let inc = self.campaigns.get(&r.id).map_err(campaign_status)?;
             let rotations: Vec<Rotation> = inc
                 .secrets
                 .values()
@@ -301,44 +322,44 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_alerts(&self, req: Request<ListAlertsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
-        let mut all = self.shared.alerts.list().map_err(|e| Status::internal(e.to_string()))?;
+        operator(self, &req)?;
+        let mut all = self.alerts.list().map_err(|e| Status::internal(e.to_string()))?;
         all.reverse(); // newest first
         Ok(json(&all.iter().map(AlertView::from).collect::<Vec<_>>()))
     }
 
     async fn open_incident(&self, req: Request<OpenIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(&self.shared, &req)?.to_string();
+        let who = operator(self, &req)?.to_string();
         let r = req.into_inner();
         let concurrency = if r.concurrency == 0 { 1 } else { r.concurrency as usize };
-        let inc = self.shared.campaigns.open(&r.name, &r.secrets, concurrency, &who).map_err(campaign_status)?;
-        Ok(json(&incident_view(&self.shared, &inc)?))
+        let inc = self.campaigns.open(&r.name, &r.secrets, concurrency, &who).map_err(campaign_status)?;
+        Ok(json(&incident_view(self, &inc)?))
     }
 
     async fn get_incident(&self, req: Request<GetIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
-        let inc = self.shared.campaigns.get(&req.into_inner().id).map_err(campaign_status)?;
-        Ok(json(&incident_view(&self.shared, &inc)?))
+        operator(self, &req)?;
+        let inc = self.campaigns.get(&req.into_inner().id).map_err(campaign_status)?;
+        Ok(json(&incident_view(self, &inc)?))
     }
 
     async fn list_incidents(&self, req: Request<ListIncidentsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
-        let mut all = self.shared.campaigns.list().map_err(campaign_status)?;
+        operator(self, &req)?;
+        let mut all = self.campaigns.list().map_err(campaign_status)?;
         all.sort_by_key(|i| std::cmp::Reverse(i.opened_ms));
-        let v = all.iter().map(|i| incident_view(&self.shared, i)).collect::<Result<Vec<_>, _>>()?;
+        let v = all.iter().map(|i| incident_view(self, i)).collect::<Result<Vec<_>, _>>()?;
         Ok(json(&v))
     }
 
     async fn close_incident(&self, req: Request<GetIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(&self.shared, &req)?.to_string();
-        let inc = self.shared.campaigns.close(&req.into_inner().id, &who).map_err(campaign_status)?;
-        Ok(json(&incident_view(&self.shared, &inc)?))
+        let who = operator(self, &req)?.to_string();
+        let inc = self.campaigns.close(&req.into_inner().id, &who).map_err(campaign_status)?;
+        Ok(json(&incident_view(self, &inc)?))
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
+        operator(self, &req)?;
         let limit = req.into_inner().limit as usize;
-        let mut records = self.shared.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
+        let mut records = self.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
         if limit > 0 && records.len() > limit {
             records.drain(..records.len() - limit);
         }
@@ -346,14 +367,14 @@ impl AdminService for AdminSvc {
     }
 
     async fn scope(&self, req: Request<ScopeRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(&self.shared, &req)?.to_string();
+        let who = operator(self, &req)?.to_string();
         let r = req.into_inner();
-        let s = &self.shared;
+        let s = self;
         let query = scope::Query::new(r.secret, &r.version, r.rotation_id, r.timeout_seconds).map_err(scope_status)?;
         let scan = s.scanner.prepare(&query).map_err(scope_status)?;
         // Recorded before any agent is asked: who looked for what, and where.
-        super::audit(
-            s,
+        super::audit_to(
+            s.engine.state(),
             &who,
             "scope.scan",
             serde_json::json!({
@@ -364,13 +385,13 @@ impl AdminService for AdminSvc {
         );
         tracing::info!(operator = %who, scan = %scan.id, secret = %query.secret, hosts = scan.hosts_asked.len(), "scope scan started");
         let map = scan.run(&s.scanner).await.map_err(scope_status)?;
-        super::audit(s, &who, "scope.result", scope::audit_summary(&map));
+        super::audit_to(s.engine.state(), &who, "scope.result", scope::audit_summary(&map));
         Ok(json(&ScopeView::from(&map)))
     }
 
     async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(&self.shared, &req)?;
-        let records = self.shared.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
+        operator(self, &req)?;
+        let records = self.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
         Ok(json(&AuditVerifyView::from(&crate::audit::verify(&records))))
     }
 }
@@ -387,7 +408,7 @@ fn campaign_status(e: CampaignError) -> Status {
 }
 
 /// An incident with the live state of each of its rotations.
-fn incident_view(shared: &super::Shared, inc: &Incident) -> Result<IncidentView, Status> {
+fn incident_view(shared: &AdminSvc, inc: &Incident) -> Result<IncidentView, Status> {
     let state = shared.engine.state();
     views::incident(inc, |id| state.get_rotation(id)).map_err(|e| Status::internal(one_line(&e)))
 }
@@ -421,16 +442,6 @@ fn scope_status(e: ScopeError) -> Status {
             Status::internal(one_line(&e))
         }
     }
-}
-
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s = format!("{s}: {c}");
-        cur = c.source();
-    }
-    s
 }
 
 /// A view (or a list of views) as the JSON document of a `JsonResponse`.

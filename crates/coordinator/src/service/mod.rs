@@ -6,15 +6,13 @@
 
 pub mod admin;
 pub mod agent;
+pub(crate) mod views;
 
-use crate::config::Config;
 use crate::engine::state::EngineState;
-use crate::pki::Ca;
-use crate::sessions::{RevokedSerials, Sessions};
+use crate::sessions::RevokedSerials;
 use crate::store::{Store, StoreError};
 use rekey_common::error::Chain;
 use rekey_common::tls::{self, Identity, Role};
-use std::sync::Arc;
 
 /// The one authorization check of every call except enrollment: a client
 /// certificate from this CA, in the expected role, not revoked, and (for
@@ -57,32 +55,6 @@ impl Authorizer {
         }
         Ok(id)
     }
-}
-
-/// The handles the admin service uses (cheap to clone).
-#[derive(Clone)]
-pub struct Shared {
-    pub config: Arc<Config>,
-    pub store: Store,
-    pub ca: Arc<Ca>,
-    pub sessions: Sessions,
-    pub revoked: RevokedSerials,
-    pub auth: Authorizer,
-    pub engine: crate::engine::driver::EngineHandle,
-    pub campaigns: crate::engine::campaign::Campaigns,
-    pub alerts: crate::alerts::Alerts,
-    pub scanner: crate::scope::Scanner,
-}
-
-/// Authorizes a call of the admin service.
-pub(crate) fn authorize<T>(shared: &Shared, req: &tonic::Request<T>, role: Role) -> Result<Identity, tonic::Status> {
-    shared.auth.check(req, role)
-}
-
-/// Records an operator or enrollment event in the audit chain (best effort:
-/// the action itself already succeeded and was persisted).
-pub(crate) fn audit(shared: &Shared, actor: &str, action: &str, details: serde_json::Value) {
-    audit_to(shared.engine.state(), actor, action, details)
 }
 
 /// Records an event in the audit chain (best effort: the action itself
