@@ -280,8 +280,20 @@ master_key_file = "/etc/rekey/master.key"
             vec![crate::engine::plan::Amount::Percent(50), crate::engine::plan::Amount::Count(10)]
         );
         assert_eq!(s.policy.grace_ms, 600_000);
-        assert!(s.selects(&[("env".to_string(), "prod".to_string())].into()));
-        assert!(!s.selects(&Default::default()));
+        assert!(s.selects("web-1", &[("env".to_string(), "prod".to_string())].into()));
+        assert!(!s.selects("web-1", &Default::default()));
+        // Least privilege: a secret must name its consumers.
+        let bare = text.replace("selector = { env = \"prod\" }", "");
+        let e = Config::from_str(p, &bare).unwrap_err().to_string();
+        assert!(e.contains("secret[0] (\"api-key\").selector") && e.contains("names no consumers"), "{e}");
+        let all = Config::from_str(p, &text.replace("selector = { env = \"prod\" }", "all_agents = true")).unwrap();
+        assert!(all.secrets[0].selects("any", &Default::default()));
+        let listed =
+            Config::from_str(p, &text.replace("selector = { env = \"prod\" }", "hosts = [\"web-1\"]")).unwrap();
+        assert!(listed.secrets[0].selects("web-1", &Default::default()));
+        assert!(!listed.secrets[0].selects("web-2", &Default::default()));
+        let both = text.replace("selector = { env = \"prod\" }", "selector = { env = \"prod\" }\nall_agents = true");
+        assert!(Config::from_str(p, &both).unwrap_err().to_string().contains("all_agents"));
 
         let bad = text.replace("canary = 2", "canary = 2\ncanaries = 3");
         let e = Config::from_str(p, &bad).unwrap_err().to_string();
@@ -302,7 +314,8 @@ master_key_file = "/etc/rekey/master.key"
         let bad = text.replace("kind = \"random\"", "kind = \"magic\"");
         let e = Config::from_str(p, &bad).unwrap_err().to_string();
         assert!(e.contains("api-key") && e.contains("magic"), "{e}");
-        let dup = format!("{text}\n[[secret]]\nname = \"api-key\"\nprovider = {{ kind = \"random\" }}\n");
+        let dup =
+            format!("{text}\n[[secret]]\nname = \"api-key\"\nprovider = {{ kind = \"random\" }}\nall_agents = true\n");
         let e = Config::from_str(p, &dup).unwrap_err().to_string();
         assert!(e.contains("declared twice"), "{e}");
     }

@@ -29,6 +29,7 @@ grace = "{grace}"
 
 [[secret]]
 name = "db-password"
+all_agents = true
 provider = {{ kind = "random", length = 24 }}
 [secret.revocation]
 monitor = "0s"
@@ -357,7 +358,7 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
     let mut catalog = String::new();
     for name in ["vendor-a", "vendor-b", "vendor-c", "unrelated"] {
         catalog.push_str(&format!(
-            "[[secret]]\nname = \"{name}\"\nprovider = {{ kind = \"random\" }}\n[secret.revocation]\ngrace = \"1s\"\nmonitor = \"0s\"\n\n"
+            "[[secret]]\nname = \"{name}\"\nall_agents = true\nprovider = {{ kind = \"random\" }}\n[secret.revocation]\ngrace = \"1s\"\nmonitor = \"0s\"\n\n"
         ));
     }
     let c = Coordinator::start(&tmp.path().join("c"), &catalog);

@@ -86,7 +86,7 @@ fn a_host_cut_off_blocks_revocation_until_its_link_comes_back() {
         format!(
             "listen = \"{coord}\"\ndata_dir = \"data\"\nmaster_key_file = \"master.key\"\n\
              [sessions]\nheartbeat_interval = \"1s\"\nsilence_timeout = \"3s\"\n\
-             [[secret]]\nname = \"net-token\"\nprovider = {{ kind = \"random\" }}\n\
+             [[secret]]\nname = \"net-token\"\nall_agents = true\nprovider = {{ kind = \"random\" }}\n\
              [secret.rollout]\ncanary = 0\nhost_deadline = \"10s\"\n\
              [secret.revocation]\ngrace = \"1s\"\nmonitor = \"0s\"\n"
         ),

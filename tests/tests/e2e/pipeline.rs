@@ -15,6 +15,7 @@ fn catalog() -> String {
         r#"
 [[secret]]
 name = "{SECRET}"
+all_agents = true
 provider = {{ kind = "random", length = 32, prefix = "tok_" }}
 [secret.rollout]
 canary = 0
@@ -282,6 +283,7 @@ fn three_real_agents_rotate_a_real_services_key_and_a_failing_service_rolls_back
         r#"
 [[secret]]
 name = "saas-key"
+all_agents = true
 [secret.provider]
 kind = "http"
 base_url = "http://{api}"

@@ -247,6 +247,7 @@ mod iam {
                 r#"
 [[secret]]
 name = "{secret}"
+all_agents = true
 provider = {{ kind = "aws-iam", user_name = "{user}", region = "us-east-1", endpoint_url = "{url}", credentials_file = "{creds}" }}
 [secret.rollout]
 canary = 1
@@ -446,6 +447,7 @@ fn a_vault_sink_holds_every_new_version_and_its_failure_halts_before_delivery() 
             r#"
 [[secret]]
 name = "db"
+all_agents = true
 provider = {{ kind = "random", length = 32, prefix = "pw_" }}
 sinks = [{{ kind = "vault", address = "{addr}", path = "rekey-{sfx}/{{secret}}", token_file = "{good}" }}]
 [secret.revocation]
@@ -455,6 +457,7 @@ check_every = "1s"
 
 [[secret]]
 name = "db-bad"
+all_agents = true
 provider = {{ kind = "random", length = 32 }}
 sinks = [{{ kind = "vault", address = "{addr}", path = "rekey-{sfx}/{{secret}}", token_file = "{bad}" }}]
 "#,
@@ -510,6 +513,7 @@ fn the_vault_provider_rotates_a_kv_secret_in_openbao() {
             r#"
 [[secret]]
 name = "api"
+all_agents = true
 provider = {{ kind = "vault", address = "{addr}", path = "{path}", token_file = "{token}", generate = {{ length = 40, prefix = "vk_" }} }}
 [secret.revocation]
 grace = "1s"
@@ -602,7 +606,7 @@ fn the_http_provider_rotates_demo_api_keys() {
     assert_eq!(api.whoami(&old_secret), 200);
     let f = fleet(3, &["saas"], |_| {
         format!(
-            "[[secret]]\nname = \"saas\"\n{}[secret.revocation]\ngrace = \"1s\"\nmonitor = \"0s\"\ncheck_every = \"1s\"\n",
+            "[[secret]]\nname = \"saas\"\nall_agents = true\n{}[secret.revocation]\ngrace = \"1s\"\nmonitor = \"0s\"\ncheck_every = \"1s\"\n",
             demo_provider(&api.url, &api.admin_token_file)
         )
     });
@@ -718,7 +722,7 @@ delete = {{ url = "/v1/keys/{{id}}" }}
                 token = token.display()
             );
             cat.push_str(&format!(
-                "[[secret]]\nname = \"{name}\"\n{provider}[secret.revocation]\nmonitor = \"0s\"\ndeactivate = false\n\n"
+                "[[secret]]\nname = \"{name}\"\nall_agents = true\n{provider}[secret.revocation]\nmonitor = \"0s\"\ndeactivate = false\n\n"
             ));
         }
         cat
@@ -802,6 +806,7 @@ fn the_command_provider_rotates_and_its_failures_halt_with_redacted_stderr() {
             r#"
 [[secret]]
 name = "cmd"
+all_agents = true
 [secret.provider]
 kind = "command"
 create = ["{s}", "create"]
@@ -862,7 +867,7 @@ fn a_provider_credentials_file_readable_by_others_is_refused_naming_secret_and_f
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nmaster_key_file = \"master.key\"\n\n[[secret]]\nname = \"vaulted\"\nprovider = {{ kind = \"vault\", address = \"http://127.0.0.1:1\", path = \"a/b\", token_file = \"{}\" }}\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nmaster_key_file = \"master.key\"\n\n[[secret]]\nname = \"vaulted\"\nall_agents = true\nprovider = {{ kind = \"vault\", address = \"http://127.0.0.1:1\", path = \"a/b\", token_file = \"{}\" }}\n",
             token.display()
         ),
     )

@@ -25,6 +25,7 @@ fn catalog() -> String {
             r#"
 [[secret]]
 name = "{name}"
+all_agents = true
 provider = {{ kind = "random", length = 32, prefix = "tok_" }}
 [secret.rollout]
 canary = 0

@@ -25,6 +25,13 @@ pub(crate) struct RawSecret {
     /// Labels an agent must carry (all of them) to receive this secret.
     #[serde(default)]
     selector: BTreeMap<String, String>,
+    /// Agents (by name) that may receive this secret.
+    #[serde(default)]
+    hosts: Option<Vec<String>>,
+    /// Every enrolled agent that declares the secret may receive it: must be
+    /// written out, never implied by a missing selector.
+    #[serde(default)]
+    all_agents: bool,
     #[serde(default)]
     rollout: RawRollout,
     #[serde(default)]
@@ -140,13 +147,22 @@ pub struct SecretSpec {
     pub provider: ProviderConfig,
     pub sinks: Vec<SinkConfig>,
     pub selector: BTreeMap<String, String>,
+    /// When set, only these agents (and, with a selector, only those of them
+    /// that match it).
+    pub hosts: Option<Vec<String>>,
+    pub all_agents: bool,
     pub policy: Policy,
 }
 
 impl SecretSpec {
-    /// Whether an agent with these labels may receive this secret.
-    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    /// Whether the agent `name` with these labels may receive this secret:
+    /// every consumer rule the catalog gives must hold (least privilege; a
+    /// secret with no rule has no consumer — config load refuses it).
+    pub fn selects(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        let named = self.hosts.as_ref().is_none_or(|h| h.iter().any(|x| x == name));
+        let labelled = self.selector.iter().all(|(k, v)| labels.get(k) == Some(v));
+        let some_rule = self.all_agents || !self.selector.is_empty() || self.hosts.is_some();
+        some_rule && named && labelled
     }
 }
 
@@ -159,6 +175,36 @@ fn amount(path: &Path, field: &str, raw: &RawAmount) -> Result<Amount, ConfigErr
 
 fn duration_ms(path: &Path, field: &str, s: &str) -> Result<i64, ConfigError> {
     parse_duration(s).map(|d| d.as_millis() as i64).map_err(|m| ConfigError::field(path, field, m))
+}
+
+/// A secret must name who may receive it: a selector, a host list, or an
+/// explicit `all_agents = true`.
+fn check_consumer_rule(path: &Path, at: &dyn Fn(&str) -> String, s: &RawSecret) -> Result<(), ConfigError> {
+    if let Some(hosts) = &s.hosts
+        && hosts.is_empty()
+    {
+        return Err(ConfigError::field(
+            path,
+            at("hosts"),
+            "an empty host list selects no agent; remove it or name hosts",
+        ));
+    }
+    if s.all_agents && (s.hosts.is_some() || !s.selector.is_empty()) {
+        return Err(ConfigError::field(
+            path,
+            at("all_agents"),
+            "all_agents = true cannot be combined with selector or hosts",
+        ));
+    }
+    if !s.all_agents && s.hosts.is_none() && s.selector.is_empty() {
+        return Err(ConfigError::field(
+            path,
+            at("selector"),
+            "names no consumers: set selector = { label = \"value\" }, hosts = [\"name\", ...], or all_agents = true \
+             (every enrolled agent that declares it); a secret never goes to every agent by default",
+        ));
+    }
+    Ok(())
 }
 
 /// The rotation policy of one `[[secret]]` (its rollout and revocation tables).
@@ -210,6 +256,7 @@ pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpe
         if !seen.insert(s.name.clone()) {
             return Err(ConfigError::field(path, at("name"), "this secret is declared twice"));
         }
+        check_consumer_rule(path, &at, &s)?;
         s.provider.resolve_paths(base);
         s.provider.validate().map_err(|(f, m)| ConfigError::field(path, at(&format!("provider.{f}")), m))?;
         for (j, sink) in s.sinks.iter_mut().enumerate() {
@@ -233,6 +280,8 @@ pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpe
             provider: s.provider,
             sinks: s.sinks,
             selector: s.selector,
+            hosts: s.hosts,
+            all_agents: s.all_agents,
             policy,
         });
     }

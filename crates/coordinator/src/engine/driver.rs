@@ -726,7 +726,7 @@ pub fn consumers(store: &Store, spec: &super::catalog::SecretSpec) -> Result<Vec
     Ok(store
         .list_agents()?
         .into_iter()
-        .filter(|a| a.revoked_unix.is_none() && a.secrets.contains(&spec.name) && spec.selects(&a.labels))
+        .filter(|a| a.revoked_unix.is_none() && a.secrets.contains(&spec.name) && spec.selects(&a.name, &a.labels))
         .map(|a| a.name)
         .collect())
 }
