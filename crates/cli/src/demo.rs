@@ -10,7 +10,7 @@ use rekey_proto::v1::{
     Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest, ListAgentsRequest,
     StartRotationRequest,
 };
-use serde_json::Value;
+use rekey_types::v1::RotationView;
 use std::path::Path;
 
 pub use rekey_demo::walkthrough::DemoArgs;
@@ -45,14 +45,14 @@ impl Admin for Client {
         Ok(r.into_inner().agents.iter().filter(|a| a.connected).count())
     }
 
-    async fn start_rotation(&mut self, secret: &str) -> Result<Value> {
+    async fn start_rotation(&mut self, secret: &str) -> Result<RotationView> {
         let req = self.request(StartRotationRequest { secret: secret.into() });
-        self.json(self.inner.clone().start_rotation(req).await)
+        self.view(self.inner.clone().start_rotation(req).await)
     }
 
-    async fn rotation(&mut self, id: &str) -> Result<Value> {
+    async fn rotation(&mut self, id: &str) -> Result<RotationView> {
         let req = self.request(GetRotationRequest { id: id.to_string() });
-        self.json(self.inner.clone().get_rotation(req).await)
+        self.view(self.inner.clone().get_rotation(req).await)
     }
 
     async fn resume(&mut self, id: &str) -> Result<()> {

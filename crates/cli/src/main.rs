@@ -183,15 +183,6 @@ impl Client {
         r
     }
 
-    /// The JSON document of a read-model call, untyped, or one clear error line.
-    /// Prefer [`Client::view`].
-    fn json(
-        &self,
-        r: Result<tonic::Response<rekey_proto::v1::JsonResponse>, tonic::Status>,
-    ) -> Result<serde_json::Value> {
-        self.view(r)
-    }
-
     /// The view a read-model call answers, or one clear error line.
     pub(crate) fn view<T: DeserializeOwned>(
         &self,

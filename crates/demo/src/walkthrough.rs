@@ -17,6 +17,7 @@ use crate::process::{self, free_port, spawn_logged, wait_until};
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nix::sys::signal::Signal;
+use rekey_types::v1::{HostState, RotationState, RotationView};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -50,10 +51,10 @@ pub trait Admin: Sized {
     -> Result<(String, String)>;
     /// How many enrolled agents are connected now.
     async fn connected_agents(&mut self) -> Result<usize>;
-    /// Starts a rotation of `secret`; its JSON view.
-    async fn start_rotation(&mut self, secret: &str) -> Result<Value>;
-    /// A rotation's JSON view.
-    async fn rotation(&mut self, id: &str) -> Result<Value>;
+    /// Starts a rotation of `secret`; its view.
+    async fn start_rotation(&mut self, secret: &str) -> Result<RotationView>;
+    /// A rotation's view.
+    async fn rotation(&mut self, id: &str) -> Result<RotationView>;
     /// Resumes a halted rotation.
     async fn resume(&mut self, id: &str) -> Result<()>;
     /// A rotation's report in `format` (`md`, `json`).
@@ -495,8 +496,7 @@ struct Demo<A> {
 
 impl<A: Admin> Demo<A> {
     async fn start(&mut self) -> Result<String> {
-        let v = self.c.start_rotation(SECRET).await?;
-        let id = v["id"].as_str().unwrap_or_default().to_string();
+        let id = self.c.start_rotation(SECRET).await?.id;
         println!("   rotation {id} started");
         Ok(id)
     }
@@ -518,9 +518,9 @@ impl<A: Admin> Demo<A> {
     async fn clean_rotation(&mut self) -> Result<(String, String)> {
         step(4, "rotate the API key: canary → waves → every service healthy → deactivate → grace → delete");
         let r1 = self.start().await?;
-        let r1v = follow(&mut self.c, &r1, &["completed", "monitoring", "halted", "aborted"], 0).await?;
-        if r1v["state"] != "monitoring" && r1v["state"] != "completed" {
-            bail!("the first rotation ended {}: {}", r1v["state"], r1v["halt_reason"]);
+        let r1v = follow(&mut self.c, &r1, &SETTLED, 0).await?;
+        if !matches!(r1v.state, RotationState::Monitoring | RotationState::Completed) {
+            bail!("the first rotation ended {}: {}", r1v.state, r1v.halt_reason.unwrap_or_default());
         }
         let new_key = key_of(&self.hosts[0])?;
         let old_status = self.whoami(&self.api.first_secret)?;
@@ -544,14 +544,14 @@ impl<A: Admin> Demo<A> {
         step(5, &format!("rotate again, with {bad} misconfigured (its agent.toml names a file that does not exist)"));
         self.reconfigure(i, true).await?;
         let r2 = self.start().await?;
-        let r2v = follow(&mut self.c, &r2, &["halted", "completed", "monitoring", "aborted"], 0).await?;
-        if r2v["state"] != "halted" {
-            bail!("expected the rollout to halt on {bad}, it is {}", r2v["state"]);
+        let r2v = follow(&mut self.c, &r2, &SETTLED, 0).await?;
+        if r2v.state != RotationState::Halted {
+            bail!("expected the rollout to halt on {bad}, it is {}", r2v.state);
         }
-        let seen = r2v["timeline"].as_array().map(Vec::len).unwrap_or(0);
+        let seen = r2v.timeline.len();
         println!(
             "   {bad} failed and rolled back by itself ({}); the rollout halted before revoking anything",
-            r2v["hosts"][&bad]["state"].as_str().unwrap_or("?")
+            r2v.hosts.get(&bad).map_or("?", |h| h.state.as_str())
         );
         // The canary already runs the new key; the others still use the old one.
         let st = self.whoami(new_key)?;
@@ -564,9 +564,9 @@ impl<A: Admin> Demo<A> {
         step(6, &format!("fix {bad} and resume: it gets the new version, then the old key is revoked"));
         self.reconfigure(i, false).await?;
         self.c.resume(&r2).await?;
-        let r2v = follow(&mut self.c, &r2, &["completed", "monitoring", "halted", "aborted"], seen).await?;
-        if r2v["state"] != "monitoring" && r2v["state"] != "completed" {
-            bail!("the second rotation ended {}: {}", r2v["state"], r2v["halt_reason"]);
+        let r2v = follow(&mut self.c, &r2, &SETTLED, seen).await?;
+        if !matches!(r2v.state, RotationState::Monitoring | RotationState::Completed) {
+            bail!("the second rotation ended {}: {}", r2v.state, r2v.halt_reason.unwrap_or_default());
         }
         let st = self.whoami(new_key)?;
         println!("   the previous key is now refused ({st}); every service runs on the new one:");
@@ -605,56 +605,54 @@ impl<A: Admin> Demo<A> {
     }
 }
 
+/// The states a demo rotation can stop in.
+const SETTLED: [RotationState; 4] =
+    [RotationState::Completed, RotationState::Monitoring, RotationState::Halted, RotationState::Aborted];
+
 /// Follows a rotation with a progress bar per wave until it settles in one
 /// of `until`; prints each timeline event as it happens.
-async fn follow<A: Admin>(c: &mut A, id: &str, until: &[&str], seen_before: usize) -> Result<Value> {
+async fn follow<A: Admin>(c: &mut A, id: &str, until: &[RotationState], seen_before: usize) -> Result<RotationView> {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
     let mut bars: Vec<ProgressBar> = Vec::new();
     let mut seen_timeline = seen_before;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let r = c.rotation(id).await?;
-        let waves = r["waves"].as_array().cloned().unwrap_or_default();
-        if bars.is_empty() && !waves.is_empty() {
-            bars = wave_bars(&multi, &r, &waves);
+        if bars.is_empty() && !r.waves.is_empty() {
+            bars = wave_bars(&multi, &r);
         }
-        let timeline = r["timeline"].as_array().cloned().unwrap_or_default();
-        for e in timeline.iter().skip(seen_timeline) {
+        for e in r.timeline.iter().skip(seen_timeline) {
             // stdout, so the story is there without a terminal too.
-            multi.suspend(|| {
-                println!("   {:<13} {}", e["state"].as_str().unwrap_or(""), e["note"].as_str().unwrap_or(""))
-            });
+            multi.suspend(|| println!("   {:<13} {}", e.state.as_str(), e.note));
         }
-        seen_timeline = timeline.len();
-        let hosts = r["hosts"].as_object().cloned().unwrap_or_default();
+        seen_timeline = r.timeline.len();
         for (i, pb) in bars.iter().enumerate() {
-            let (done, parts) = wave_progress(waves.get(i), &hosts);
+            let (done, parts) = wave_progress(r.waves.get(i).map(Vec::as_slice).unwrap_or_default(), &r);
             pb.set_position(done);
             pb.set_message(parts);
         }
-        let state = r["state"].as_str().unwrap_or_default().to_string();
-        if until.contains(&state.as_str()) {
+        if until.contains(&r.state) {
             for pb in &bars {
                 pb.finish();
             }
             return Ok(r);
         }
         if Instant::now() > deadline {
-            bail!("rotation {id} did not reach {until:?} within 3 minutes (it is {state})");
+            bail!("rotation {id} did not reach {until:?} within 3 minutes (it is {})", r.state);
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }
 
 /// One progress bar per wave (the first is the canary when there is one).
-fn wave_bars(multi: &MultiProgress, r: &Value, waves: &[Value]) -> Vec<ProgressBar> {
+fn wave_bars(multi: &MultiProgress, r: &RotationView) -> Vec<ProgressBar> {
     let style = ProgressStyle::with_template("  {prefix:>7} [{bar:24.green/white}] {pos}/{len} {msg}")
         .expect("static template")
         .progress_chars("=> ");
-    let canary = r["policy"]["canary"].as_u64().unwrap_or(0) > 0;
+    let canary = r.policy.canary > 0;
     let mut bars = Vec::new();
-    for (i, w) in waves.iter().enumerate() {
-        let pb = multi.add(ProgressBar::new(w.as_array().map(Vec::len).unwrap_or(0) as u64));
+    for (i, w) in r.waves.iter().enumerate() {
+        let pb = multi.add(ProgressBar::new(w.len() as u64));
         pb.set_style(style.clone());
         pb.set_prefix(if i == 0 && canary { "canary".to_string() } else { format!("wave {i}") });
         bars.push(pb);
@@ -663,16 +661,24 @@ fn wave_bars(multi: &MultiProgress, r: &Value, waves: &[Value]) -> Vec<ProgressB
 }
 
 /// How many hosts of a wave are settled, and `host:state` for each.
-fn wave_progress(wave: Option<&Value>, hosts: &serde_json::Map<String, Value>) -> (u64, String) {
+fn wave_progress(wave: &[String], r: &RotationView) -> (u64, String) {
     let mut done = 0;
     let mut parts = Vec::new();
-    for w in wave.and_then(Value::as_array).into_iter().flatten() {
-        let name = w.as_str().unwrap_or_default();
-        let st = hosts.get(name).and_then(|h| h["state"].as_str()).unwrap_or("?");
-        if matches!(st, "healthy" | "failed" | "rolled_back" | "unreachable" | "excluded") {
+    for name in wave {
+        let st = r.hosts.get(name).map(|h| h.state);
+        if st.is_some_and(|s| {
+            matches!(
+                s,
+                HostState::Healthy
+                    | HostState::Failed
+                    | HostState::RolledBack
+                    | HostState::Unreachable
+                    | HostState::Excluded
+            )
+        }) {
             done += 1;
         }
-        parts.push(format!("{name}:{st}"));
+        parts.push(format!("{name}:{}", st.map_or("?", HostState::as_str)));
     }
     (done, parts.join(" "))
 }
