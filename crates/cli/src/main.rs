@@ -16,9 +16,9 @@ use rekey_common::time::{format_relative, format_unix, now_unix, parse_duration}
 use rekey_common::tls;
 use rekey_proto::v1::admin_service_client::AdminServiceClient;
 use rekey_proto::v1::{
-    Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest, ListAgentsRequest,
-    ListAlertsRequest, ListAuditRequest, ListRotationsRequest, ListSecretsRequest, ListVersionsRequest,
-    RevokeAgentRequest, StartRotationRequest, VerifyAuditRequest,
+    BackupRequest, Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest,
+    ListAgentsRequest, ListAlertsRequest, ListAuditRequest, ListRotationsRequest, ListSecretsRequest,
+    ListVersionsRequest, RevokeAgentRequest, StartRotationRequest, VerifyAuditRequest,
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use rekey_types::v1::{
@@ -95,6 +95,13 @@ enum Command {
         /// Show only the newest N records.
         #[arg(long)]
         limit: Option<u32>,
+    },
+    /// A sealed backup of the running coordinator's store (0600); restore it
+    /// on the coordinator host with `rekeyd restore FILE`.
+    Backup {
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -321,6 +328,18 @@ async fn run(cli: Cli) -> Result<()> {
             output(out, &v, |v| rotate::print_audit(v));
         }
         Command::Audit { command: Some(AuditCmd::Verify), .. } => audit_verify(&client, out).await?,
+        Command::Backup { out: file } => {
+            let r =
+                client.inner.clone().backup(client.request(BackupRequest {})).await.map_err(|s| client.explain(s))?;
+            let r = r.into_inner();
+            rekey_common::fs::write_atomic(file, &r.file, 0o600)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            println!(
+                "backup written to {} (audit record {}, sealed with a key derived from the master key; restore with `rekeyd restore FILE`)",
+                file.display(),
+                r.audit_seq
+            );
+        }
     }
     Ok(())
 }

@@ -19,6 +19,13 @@ use std::path::{Path, PathBuf};
 
 const FORMAT: &str = "rekey-backup";
 const SEAL_LABEL: &str = "rekey backup v1";
+
+/// The key backups are sealed with: derived from the master key, so a
+/// running rekeyd can seal one without keeping the master key itself, and a
+/// backup opens only with the master key of its coordinator.
+pub fn seal_key(master: &Key) -> Key {
+    master.derive_key(SEAL_LABEL)
+}
 /// Exports tried before giving up on a store that keeps changing.
 const ATTEMPTS: usize = 20;
 
@@ -89,7 +96,8 @@ struct Payload {
 }
 
 /// `rekeyd backup`: a sealed backup of a stopped coordinator's store. While
-/// rekeyd runs, the store is locked: `rekey backup` asks the running one.
+/// rekeyd runs, the store is locked: `rekey backup` asks the running one
+/// (the admin service's `Backup` call, same format).
 pub fn backup_offline(config: &crate::config::Config, out: &Path) -> Result<Summary, BackupError> {
     if !crate::server::is_initialized(config) {
         return Err(BackupError::NotInitialized { data_dir: config.data_dir.clone() });
@@ -101,7 +109,7 @@ pub fn backup_offline(config: &crate::config::Config, out: &Path) -> Result<Summ
     })?;
     let (ca, _) = crate::pki::Ca::load_or_create(&store, &master).map_err(|e| BackupError::Open(e.to_string()))?;
     let state = EngineState::open(&store, ca.dek())?;
-    let (summary, bytes) = export(&store, &state, &master)?;
+    let (summary, bytes) = export(&store, &state, &seal_key(&master))?;
     write(out, &bytes)?;
     Ok(summary)
 }
@@ -130,7 +138,7 @@ pub fn restore_offline(config: &crate::config::Config, file: &Path, force: bool)
 }
 
 /// A sealed backup of `store` (safe to call while rekeyd serves).
-pub fn export(store: &Store, state: &EngineState, master: &Key) -> Result<(Summary, Vec<u8>), BackupError> {
+pub fn export(store: &Store, state: &EngineState, seal: &Key) -> Result<(Summary, Vec<u8>), BackupError> {
     for _ in 0..ATTEMPTS {
         let before = state.audit_head()?;
         let mut trees = Vec::new();
@@ -154,7 +162,7 @@ pub fn export(store: &Store, state: &EngineState, master: &Key) -> Result<(Summa
             audit_seq: before.0,
             audit_hash: before.1,
         };
-        let sealed = master.seal(SEAL_LABEL, &payload)?;
+        let sealed = seal.seal(SEAL_LABEL, &payload)?;
         let file = FileFormat { summary: summary.clone(), sealed: B64.encode(sealed) };
         return Ok((summary, serde_json::to_vec_pretty(&file).expect("json")));
     }
@@ -191,7 +199,7 @@ pub fn restore(backup: &Path, data_dir: &Path, master: &Key, force: bool) -> Res
     let file = read(backup)?;
     let sealed =
         B64.decode(&file.sealed).map_err(|e| BackupError::Format { path: backup.to_path_buf(), why: e.to_string() })?;
-    let payload = master.open(SEAL_LABEL, &sealed)?;
+    let payload = seal_key(master).open(SEAL_LABEL, &sealed)?;
     let payload: Payload = serde_json::from_slice(payload.expose())
         .map_err(|e| BackupError::Format { path: backup.to_path_buf(), why: e.to_string() })?;
     let store_dir = data_dir.join("store");

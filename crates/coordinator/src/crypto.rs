@@ -126,6 +126,12 @@ impl Key {
         out
     }
 
+    /// [`Key::derive`] as a key of its own (e.g. to seal backups while the
+    /// master key itself is no longer held in memory).
+    pub fn derive_key(&self, label: &str) -> Key {
+        Key { bytes: self.derive(label) }
+    }
+
     /// Seals another key (the DEK) under this one.
     pub fn wrap(&self, label: &str, key: &Key) -> Result<Vec<u8>, CryptoError> {
         self.seal(label, key.bytes.as_ref())

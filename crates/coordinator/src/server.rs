@@ -167,6 +167,7 @@ impl Coordinator {
         let store = Store::open(&config.store_dir())?;
         let (ca, created_ca) = Ca::load_or_create(&store, &master)?;
         let checkpoint = Arc::new(Checkpointer::new(&config.data_dir, &master));
+        let backup_key = Arc::new(crate::backup::seal_key(&master));
         drop(master);
 
         // The initial operator credential exists only at first init; rekeyd
@@ -218,6 +219,7 @@ impl Coordinator {
             scanner,
             campaigns,
             alerts,
+            backup_key,
         };
         Ok(Coordinator { admin, init, engine, webhook })
     }

@@ -270,6 +270,9 @@ fn a_sealed_backup_restores_the_coordinator_and_nothing_else() {
     let backup = dir.path().join("rekey.backup");
     let err = stderr(&rekeyd(&c, &["backup", "--out", backup.to_str().unwrap()]));
     assert!(err.contains("rekey backup"), "{err}");
+    // …and `rekey backup` takes one online, through the admin API.
+    let online = dir.path().join("online.backup");
+    c.cli_ok(&["backup", "--out", online.to_str().unwrap()]);
     c.stop();
     let out = rekeyd(&c, &["backup", "--out", backup.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -311,4 +314,11 @@ fn a_sealed_backup_restores_the_coordinator_and_nothing_else() {
     assert!(c.agent("later-1").is_none(), "nothing after the backup");
     let v = c.cli_json(&["audit", "verify"]);
     assert_eq!(v["ok"], true, "{v}");
+
+    // The online backup restores the same way (over the store, with --force).
+    c.stop();
+    let out = rekeyd(&c, &["restore", "--force", online.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.restart();
+    assert!(c.agent("kept-1").is_some() && c.agent("later-1").is_none());
 }
