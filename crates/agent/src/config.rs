@@ -140,6 +140,8 @@ struct RawFile {
     mode: Option<String>,
     owner: Option<IdSpec>,
     group: Option<IdSpec>,
+    #[serde(default)]
+    follow_symlinks: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq)]
@@ -252,6 +254,9 @@ pub struct FileConfig {
     /// `None` keeps the existing file's owner (the agent's for a new file).
     pub owner: Option<IdSpec>,
     pub group: Option<IdSpec>,
+    /// A symlink on the path (owned by root or the agent's user) is
+    /// followed; otherwise any symlink is refused. See [`crate::pipeline::chase`].
+    pub follow_symlinks: bool,
     /// Where this entry sits in agent.toml, e.g. `secret[0].file[1]`, for messages.
     pub field: String,
 }
@@ -576,7 +581,7 @@ fn validate_file(path: &Path, base: &Path, field: &str, f: RawFile) -> Result<Fi
             format!("expected an absolute path, got {:?}", f.path.display().to_string()),
         ));
     }
-    if f.path.file_name().is_none() {
+    if crate::pipeline::chase::normalize(&f.path).file_name().is_none() {
         return Err(ConfigError::field(path, format!("{field}.path"), "expected the path of a file"));
     }
     check_kind_fields(path, field, &f)?;
@@ -596,7 +601,17 @@ fn validate_file(path: &Path, base: &Path, field: &str, f: RawFile) -> Result<Fi
         RawFileKind::EnvFile => FileContent::EnvFile { keys: env_file_keys(path, field, f.keys)? },
     };
     let mode = f.mode.map(|m| file_mode(path, field, &m)).transpose()?;
-    Ok(FileConfig { path: f.path, content, mode, owner: f.owner, group: f.group, field: field.to_string() })
+    Ok(FileConfig {
+        // `/etc/app/../app/a.conf` is `/etc/app/a.conf`: declared paths are
+        // compared (and resolved) without dot components.
+        path: crate::pipeline::chase::normalize(&f.path),
+        content,
+        mode,
+        owner: f.owner,
+        group: f.group,
+        follow_symlinks: f.follow_symlinks,
+        field: field.to_string(),
+    })
 }
 
 /// Refuses the settings of another kind of file (a `template` on an env-file…).

@@ -23,6 +23,7 @@
 //! [`Outbox`] for the session), so tests and callers can see what happened.
 
 pub mod actions;
+pub mod chase;
 pub mod files;
 pub mod journal;
 pub mod render;
@@ -36,7 +37,6 @@ use journal::{
 };
 use rand::Rng;
 use rekey_common::error::{Chain, chain};
-use rekey_common::fs;
 use rekey_common::secret::SecretBytes;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1::{AppliedVersion, Delivery, Purge, Rollback, Stage, StageReport};
@@ -68,7 +68,7 @@ enum StepError {
     Read {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: files::FileError,
     },
     #[error("cannot render {path}")]
     Render {
@@ -94,7 +94,7 @@ enum StepError {
     Restore {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: files::FileError,
     },
     #[error("cannot record progress in {path}")]
     Journal {
@@ -118,7 +118,8 @@ enum StepError {
 
 /// A declared file, read and rendered, not yet written.
 struct Prepared {
-    target: PathBuf,
+    /// Where it was read: the opened directory and name it is written to.
+    at: chase::Chased,
     before: Option<FileMeta>,
     old: Option<SecretBytes>,
     new: SecretBytes,
@@ -429,7 +430,7 @@ impl Pipeline {
                 .iter()
                 .enumerate()
                 .map(|(i, p)| FileRecord {
-                    path: p.target.clone(),
+                    path: p.at.path.clone(),
                     before: p.before,
                     backup: p.old.as_ref().map(|_| i.to_string()),
                     step: FileStep::Pending,
@@ -492,9 +493,9 @@ impl Pipeline {
         for (i, p) in prepared.iter().enumerate() {
             j.files[i].step = FileStep::Writing;
             self.journal(j)?;
-            fs::write_atomic_owned(&p.target, p.new.expose(), p.mode, p.uid, p.gid)
-                .map_err(|source| StepError::Write { path: p.target.clone(), source })?;
-            tracing::debug!(secret = %j.secret, path = %p.target.display(), mode = format!("{:o}", p.mode), "file written");
+            files::replace(&p.at, p.new.expose(), p.mode, p.uid, p.gid)
+                .map_err(|source| StepError::Write { path: p.at.path.clone(), source })?;
+            tracing::debug!(secret = %j.secret, path = %p.at.path.display(), mode = format!("{:o}", p.mode), "file written");
         }
         rep.stage(Stage::Applied);
 
@@ -582,7 +583,7 @@ impl Pipeline {
         let mut changed = j.restarted;
         for rec in j.files.iter().rev() {
             if rec.step == FileStep::Pending {
-                let _ = std::fs::remove_file(fs::tmp_path(&rec.path));
+                files::remove_temp(&rec.path);
                 continue;
             }
             changed = true;
@@ -614,17 +615,21 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Puts a file back. The journal holds the path that was written (a
+    /// followed symlink already expanded), so it is resolved again without
+    /// following anything: a link planted since is refused, not written through.
     fn restore_file(&self, secret: &str, backup_dir: Option<&str>, rec: &FileRecord) -> Result<(), StepError> {
-        let err = |source| StepError::Restore { path: rec.path.clone(), source };
+        let err = |e: files::FileError| StepError::Restore { path: rec.path.clone(), source: e };
+        let at = chase::chase(&rec.path, false).map_err(|e| err(e.into()))?;
         match (&rec.before, &rec.backup, backup_dir) {
             (Some(meta), Some(b), Some(dir)) => {
-                let content = self.inner.store.read_backup(secret, dir, b).map_err(err)?;
-                fs::write_atomic_owned(&rec.path, content.expose(), meta.mode, Some(meta.uid), Some(meta.gid))
-                    .map_err(err)
+                let content = self.inner.store.read_backup(secret, dir, b).map_err(|e| err(e.into()))?;
+                files::replace(&at, content.expose(), meta.mode, Some(meta.uid), Some(meta.gid))
+                    .map_err(|e| err(e.into()))
             }
-            (Some(_), _, _) => Err(err(io::Error::new(io::ErrorKind::NotFound, "its backup is missing"))),
+            (Some(_), _, _) => Err(err(io::Error::new(io::ErrorKind::NotFound, "its backup is missing").into())),
             // It did not exist before the apply.
-            (None, _, _) => fs::remove_durably(&rec.path).map_err(err),
+            (None, _, _) => files::remove(&at).map_err(|e| err(e.into())),
         }
     }
 
@@ -923,7 +928,8 @@ fn prepare(
 ) -> Result<Vec<Prepared>, StepError> {
     let mut out = Vec::with_capacity(secret.files.len());
     for f in &secret.files {
-        let cur = files::read_current(&f.path).map_err(|source| StepError::Read { path: f.path.clone(), source })?;
+        let cur = files::read_current(&f.path, f.follow_symlinks)
+            .map_err(|source| StepError::Read { path: f.path.clone(), source })?;
         let new = render::render(&f.content, cur.content.as_ref(), fields, previous, previous_version, scrub)
             .map_err(|source| StepError::Render { path: f.path.clone(), source })?;
         let owner = |spec: &Option<crate::config::IdSpec>,
@@ -943,7 +949,7 @@ fn prepare(
         let gid = owner(&f.group, "group", files::resolve_group, cur.meta.map(|m| m.gid))?;
         let mode = f.mode.or(cur.meta.map(|m| m.mode)).unwrap_or(0o600);
         out.push(Prepared {
-            target: cur.target,
+            at: cur.at,
             before: cur.meta.map(FileMeta::from),
             old: cur.content,
             new,
