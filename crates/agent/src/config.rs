@@ -1070,6 +1070,15 @@ name = "svc"
                 "secret[1].file[0].path",
                 "already declared by secret[0].file[0]",
             ),
+            // The same file through `..`: compared after normalization.
+            (
+                format!(
+                    "{head}[[secret.file]]\npath = '/etc/app/x.conf'\nkind = 'replace'\n[[secret]]\nname = 'b'\n[[secret.file]]\npath = '/etc/app/../app/./x.conf'\nkind = 'replace'\n"
+                ),
+                "secret[1].file[0].path",
+                "/etc/app/x.conf is already declared by secret[0].file[0]",
+            ),
+            (file("kind = 'replace'\nfollow_symlinks = 'yes'"), "secret[0].file[0].follow_symlinks", "a boolean"),
             (restart("kind = 'systemd'"), "secret[0].restart.unit", "required"),
             (restart("kind = 'systemd'\nunit = '--now'"), "secret[0].restart.unit", "unit name"),
             (

@@ -59,6 +59,54 @@ pub enum PipelineError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{field} ({path}) and {other_field} ({other_path}) are the same file: \
+         a file may be declared only once, so that a rollback of one secret never undoes another's change"
+    )]
+    SameFile { field: String, path: PathBuf, other_field: String, other_path: PathBuf },
+}
+
+/// What identifies a declared file on this host: its device and inode, or
+/// for a file not created yet, its directory's and its name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FileId {
+    Inode(u64, u64),
+    New(u64, u64, std::ffi::OsString),
+}
+
+/// At start: no two declared paths may reach the same file (`..`, a symlink
+/// the config allows, a hard link). Resolution failures are only logged
+/// here: the apply refuses that file with the reason, and a service user
+/// must not be able to stop the agent by planting a link.
+fn check_distinct_files(config: &AgentConfig) -> Result<(), PipelineError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: HashMap<FileId, (String, PathBuf)> = HashMap::new();
+    for f in config.secrets.iter().flat_map(|s| &s.files) {
+        let at = match chase::chase(&f.path, f.follow_symlinks) {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::warn!(path = %f.path.display(), field = %f.field, error = %Chain(&e), "declared file cannot be resolved; its applies will fail until this is fixed");
+                continue;
+            }
+        };
+        let id = match at.entry {
+            Some(e) => FileId::Inode(e.dev, e.ino),
+            None => match at.dir.metadata() {
+                Ok(m) => FileId::New(m.dev(), m.ino(), at.name.clone()),
+                Err(_) => continue,
+            },
+        };
+        if let Some((other_field, other_path)) = seen.get(&id) {
+            return Err(PipelineError::SameFile {
+                field: f.field.clone(),
+                path: f.path.clone(),
+                other_field: other_field.clone(),
+                other_path: other_path.clone(),
+            });
+        }
+        seen.insert(id, (f.field.clone(), f.path.clone()));
+    }
+    Ok(())
 }
 
 /// Why a step failed. A report's error is this with its sources, on one line.
@@ -243,6 +291,7 @@ impl Pipeline {
     /// Opens the pipeline's state in the config's state dir (creating it).
     /// Call [`Pipeline::recover`] before handling deliveries.
     pub fn open(config: &AgentConfig, outbox: Outbox) -> Result<Pipeline, PipelineError> {
+        check_distinct_files(config)?;
         let err = |source| PipelineError::StateDir { path: config.state_dir.clone(), source };
         let store = Store::open(&config.state_dir).map_err(err)?;
         let applied = store.load_applied().map_err(err)?;
@@ -1067,6 +1116,43 @@ mod tests {
         assert_eq!(stages(&r), ["rolled_back"]);
         assert!(!dir.path().join("new.conf").exists() && !dir.path().join("owned.conf").exists());
         assert!(p.applied().is_empty());
+    }
+
+    /// Two declared paths that reach one file — a symlink the config allows,
+    /// a hard link — stop the agent at start, naming both entries.
+    #[test]
+    fn a_file_declared_twice_through_a_link_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("real.conf"), "x").unwrap();
+        std::os::unix::fs::symlink("real.conf", d.join("link.conf")).unwrap();
+        std::fs::hard_link(d.join("real.conf"), d.join("hard.conf")).unwrap();
+        let secrets = |second: &str| {
+            format!(
+                "state_dir = 'state'\n[[secret]]\nname = 'a'\n[[secret.file]]\npath = 'DIR/real.conf'\nkind = 'replace'\n\
+                 [[secret]]\nname = 'b'\n[[secret.file]]\n{second}\nkind = 'replace'\n"
+            )
+            .replace("DIR", &d.display().to_string())
+        };
+        for second in ["path = 'DIR/link.conf'\nfollow_symlinks = true", "path = 'DIR/hard.conf'"] {
+            let config = AgentConfig::from_str(&d.join("agent.toml"), &secrets(second)).unwrap();
+            let e = Pipeline::open(&config, Outbox::new()).err().unwrap().to_string();
+            assert!(e.starts_with("secret[1].file[0] ("), "{e}");
+            assert!(e.contains("and secret[0].file[0] (") && e.contains("are the same file"), "{e}");
+        }
+        // Not following the link, it is not the same file (and is refused at apply).
+        let config = AgentConfig::from_str(&d.join("agent.toml"), &secrets("path = 'DIR/link.conf'")).unwrap();
+        Pipeline::open(&config, Outbox::new()).unwrap();
+        // A file not created yet is identified by its directory and name.
+        let config = AgentConfig::from_str(&d.join("agent.toml"), &secrets("path = 'DIR/new.conf'")).unwrap();
+        Pipeline::open(&config, Outbox::new()).unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::os::unix::fs::symlink("sub", d.join("sublink")).unwrap();
+        let text = secrets("path = 'DIR/sublink/new.conf'\nfollow_symlinks = true")
+            .replace("real.conf", "sub/new.conf");
+        let config = AgentConfig::from_str(&d.join("agent.toml"), &text).unwrap();
+        let e = Pipeline::open(&config, Outbox::new()).err().unwrap().to_string();
+        assert!(e.contains("are the same file"), "{e}");
     }
 
     #[tokio::test]
