@@ -162,6 +162,7 @@ struct RawRestart {
     stdin: Option<String>,
     pidfile: Option<PathBuf>,
     signal: Option<String>,
+    executable: Option<PathBuf>,
     jitter: Option<String>,
     timeout: Option<String>,
 }
@@ -322,10 +323,13 @@ pub enum RestartAction {
         unit: String,
     },
     Command(CommandSpec),
-    /// A signal to the process whose id is in `pidfile`.
+    /// A signal to the process whose id is in `pidfile`, only if that
+    /// process runs `executable` (`/proc/PID/exe`): a pidfile a service user
+    /// can write must not aim the agent's signal at another process.
     Signal {
         pidfile: PathBuf,
         signal: nix::sys::signal::Signal,
+        executable: PathBuf,
     },
 }
 
@@ -745,7 +749,9 @@ fn validate_restart(path: &Path, field: &str, r: RawRestart) -> Result<RestartCo
         }
     }
     if r.kind != K::Signal {
-        for (set, name) in [(r.pidfile.is_some(), "pidfile"), (r.signal.is_some(), "signal")] {
+        for (set, name) in
+            [(r.pidfile.is_some(), "pidfile"), (r.signal.is_some(), "signal"), (r.executable.is_some(), "executable")]
+        {
             if set {
                 return Err(only_for(path, format!("{field}.{name}"), "signal"));
             }
@@ -777,7 +783,18 @@ fn validate_restart(path: &Path, field: &str, r: RawRestart) -> Result<RestartCo
                     format!("unknown signal {name:?}: expected HUP, TERM, INT, QUIT, USR1 or USR2"),
                 )
             })?;
-            RestartAction::Signal { pidfile, signal }
+            let executable = r.executable.ok_or_else(|| {
+                ConfigError::field(
+                    path,
+                    format!("{field}.executable"),
+                    "required with kind = \"signal\": the absolute path of the program the pidfile's process runs \
+                     (its /proc/PID/exe), e.g. \"/usr/sbin/nginx\"",
+                )
+            })?;
+            if !executable.is_absolute() {
+                return Err(ConfigError::field(path, format!("{field}.executable"), "expected an absolute path"));
+            }
+            RestartAction::Signal { pidfile, signal, executable }
         }
     };
     Ok(RestartConfig {
@@ -966,6 +983,7 @@ name = "db"
   kind = "signal"
   pidfile = "/run/db.pid"
   signal = "SIGUSR1"
+  executable = "/usr/lib/postgresql/bin/postgres"
   [secret.health]
   kind = "tcp"
   address = "127.0.0.1:5432"
@@ -1006,7 +1024,11 @@ name = "svc"
         let db = c.secret("db").unwrap();
         assert_eq!(
             db.restart.as_ref().unwrap().action,
-            RestartAction::Signal { pidfile: "/run/db.pid".into(), signal: nix::sys::signal::Signal::SIGUSR1 }
+            RestartAction::Signal {
+                pidfile: "/run/db.pid".into(),
+                signal: nix::sys::signal::Signal::SIGUSR1,
+                executable: "/usr/lib/postgresql/bin/postgres".into(),
+            }
         );
         let h = db.health.as_ref().unwrap();
         assert_eq!((h.retries, h.interval, h.timeout), (5, Duration::from_secs(2), Duration::from_secs(5)));
@@ -1107,6 +1129,13 @@ name = "svc"
             ),
             (restart("kind = 'signal'"), "secret[0].restart.pidfile", "required"),
             (restart("kind = 'signal'\npidfile = 'x.pid'"), "secret[0].restart.pidfile", "absolute"),
+            (restart("kind = 'signal'\npidfile = '/x.pid'"), "secret[0].restart.executable", "required"),
+            (
+                restart("kind = 'signal'\npidfile = '/x.pid'\nexecutable = 'bin/app'"),
+                "secret[0].restart.executable",
+                "absolute",
+            ),
+            (restart("kind = 'command'\ncommand = ['x']\nexecutable = '/x'"), "secret[0].restart.executable", "signal"),
             (
                 restart("kind = 'signal'\npidfile = '/x.pid'\nsignal = 'KILL'"),
                 "secret[0].restart.signal",
