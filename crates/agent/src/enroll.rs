@@ -74,10 +74,11 @@ pub enum TokenSource<'a> {
 impl<'a> TokenSource<'a> {
     /// Exactly one of `--token`, `--token-file` and the environment variable.
     pub fn pick(arg: Option<&'a str>, file: Option<&'a Path>, env: Option<String>) -> Result<Self, EnrollError> {
-        let given: Vec<&str> = [(arg.is_some(), "--token"), (file.is_some(), "--token-file"), (env.is_some(), TOKEN_ENV)]
-            .into_iter()
-            .filter_map(|(set, name)| set.then_some(name))
-            .collect();
+        let given: Vec<&str> =
+            [(arg.is_some(), "--token"), (file.is_some(), "--token-file"), (env.is_some(), TOKEN_ENV)]
+                .into_iter()
+                .filter_map(|(set, name)| set.then_some(name))
+                .collect();
         if given.len() > 1 {
             return Err(EnrollError::TokenTwice(given.join(" and ")));
         }

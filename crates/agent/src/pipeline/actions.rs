@@ -234,9 +234,10 @@ pub fn read_pidfile(path: &Path) -> Result<i32, ActionError> {
     use std::io::Read;
     let err = |e: super::files::FileError| ActionError::Pidfile { path: path.to_path_buf(), source: e };
     let at = super::chase::chase(path, true).map_err(|e| err(e.into()))?;
-    let mut f = at.open_file().map_err(|e| err(e.into()))?.ok_or_else(|| {
-        err(std::io::Error::from(nix::errno::Errno::ENOENT).into())
-    })?;
+    let mut f = at
+        .open_file()
+        .map_err(|e| err(e.into()))?
+        .ok_or_else(|| err(std::io::Error::from(nix::errno::Errno::ENOENT).into()))?;
     let mut text = String::new();
     // A pid is short: read a bounded prefix, whatever the file holds.
     (&mut f).take(64).read_to_string(&mut text).map_err(|e| err(e.into()))?;
@@ -253,8 +254,11 @@ pub fn read_pidfile(path: &Path) -> Result<i32, ActionError> {
 /// symlinks. A binary replaced by an upgrade reads `PATH (deleted)`: it is
 /// still that program.
 fn check_executable(pid: i32, pidfile: &Path, expected: &Path) -> Result<(), ActionError> {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map_err(|source| ActionError::UnknownExe { pid, path: pidfile.to_path_buf(), source })?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|source| ActionError::UnknownExe {
+        pid,
+        path: pidfile.to_path_buf(),
+        source,
+    })?;
     let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
         Some(s) => PathBuf::from(s),
         None => exe,
@@ -266,6 +270,18 @@ fn check_executable(pid: i32, pidfile: &Path, expected: &Path) -> Result<(), Act
     Err(ActionError::WrongProcess { pid, path: pidfile.to_path_buf(), exe, expected: expected.to_path_buf() })
 }
 
+/// The process a signal restart would signal: named by the pidfile,
+/// running, and running the configured executable. Checked before any file
+/// is written, and again right before the signal.
+pub fn signal_target(pidfile: &Path, executable: &Path) -> Result<i32, ActionError> {
+    let pid = read_pidfile(pidfile)?;
+    if !is_running(pid) {
+        return Err(ActionError::NotRunning { pid, path: pidfile.to_path_buf() });
+    }
+    check_executable(pid, pidfile, executable)?;
+    Ok(pid)
+}
+
 /// Runs the declared restart once (no jitter here: the caller waits first).
 pub async fn restart(r: &RestartConfig, values: &CommandValues<'_>, scrub: &Scrubber) -> Result<(), ActionError> {
     match &r.action {
@@ -275,11 +291,7 @@ pub async fn restart(r: &RestartConfig, values: &CommandValues<'_>, scrub: &Scru
         }
         RestartAction::Command(spec) => run_command(spec, values, r.timeout, scrub).await,
         RestartAction::Signal { pidfile, signal, executable } => {
-            let pid = read_pidfile(pidfile)?;
-            if !is_running(pid) {
-                return Err(ActionError::NotRunning { pid, path: pidfile.clone() });
-            }
-            check_executable(pid, pidfile, executable)?;
+            let pid = signal_target(pidfile, executable)?;
             kill(Pid::from_raw(pid), *signal).map_err(|source| ActionError::Signal { signal: *signal, pid, source })
         }
     }

@@ -246,7 +246,12 @@ impl Chased {
         }
         if unsafe_transition(self.dir_uid, m.uid()) {
             let dir = self.path.parent().unwrap_or(Path::new("/")).to_path_buf();
-            return Err(ChaseError::UnsafeTransition { dir, dir_uid: self.dir_uid, path: self.path.clone(), uid: m.uid() });
+            return Err(ChaseError::UnsafeTransition {
+                dir,
+                dir_uid: self.dir_uid,
+                path: self.path.clone(),
+                uid: m.uid(),
+            });
         }
         Ok(Some(file))
     }

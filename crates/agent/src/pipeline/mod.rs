@@ -158,6 +158,8 @@ enum StepError {
     },
     #[error("restart failed")]
     Restart(#[source] ActionError),
+    #[error("signal restart refused")]
+    SignalTarget(#[source] ActionError),
     #[error(transparent)]
     Health(HealthFailure),
     #[error("its backups are gone: {why}")]
@@ -967,7 +969,8 @@ impl Pipeline {
     }
 }
 
-/// Reads and renders every declared file. No side effect.
+/// Reads and renders every declared file, and checks a signal restart's
+/// target. No side effect.
 fn prepare(
     secret: &SecretConfig,
     fields: &Fields,
@@ -975,6 +978,13 @@ fn prepare(
     previous_version: &str,
     scrub: &Scrubber,
 ) -> Result<Vec<Prepared>, StepError> {
+    if let Some(crate::config::RestartConfig {
+        action: crate::config::RestartAction::Signal { pidfile, executable, .. },
+        ..
+    }) = &secret.restart
+    {
+        actions::signal_target(pidfile, executable).map_err(StepError::SignalTarget)?;
+    }
     let mut out = Vec::with_capacity(secret.files.len());
     for f in &secret.files {
         let cur = files::read_current(&f.path, f.follow_symlinks)
@@ -997,15 +1007,7 @@ fn prepare(
         let uid = owner(&f.owner, "owner", files::resolve_user, cur.meta.map(|m| m.uid))?;
         let gid = owner(&f.group, "group", files::resolve_group, cur.meta.map(|m| m.gid))?;
         let mode = f.mode.or(cur.meta.map(|m| m.mode)).unwrap_or(0o600);
-        out.push(Prepared {
-            at: cur.at,
-            before: cur.meta.map(FileMeta::from),
-            old: cur.content,
-            new,
-            mode,
-            uid,
-            gid,
-        });
+        out.push(Prepared { at: cur.at, before: cur.meta.map(FileMeta::from), old: cur.content, new, mode, uid, gid });
     }
     Ok(out)
 }
@@ -1148,8 +1150,8 @@ mod tests {
         Pipeline::open(&config, Outbox::new()).unwrap();
         std::fs::create_dir(d.join("sub")).unwrap();
         std::os::unix::fs::symlink("sub", d.join("sublink")).unwrap();
-        let text = secrets("path = 'DIR/sublink/new.conf'\nfollow_symlinks = true")
-            .replace("real.conf", "sub/new.conf");
+        let text =
+            secrets("path = 'DIR/sublink/new.conf'\nfollow_symlinks = true").replace("real.conf", "sub/new.conf");
         let config = AgentConfig::from_str(&d.join("agent.toml"), &text).unwrap();
         let e = Pipeline::open(&config, Outbox::new()).err().unwrap().to_string();
         assert!(e.contains("are the same file"), "{e}");
