@@ -3,7 +3,9 @@
 # runs the enrollment on the host over ssh. Usage:
 #   deploy/enroll-host.sh HOST COORDINATOR_ADDR [--label k=v]...
 # Needs: rekey (with REKEY_OPERATOR_DIR set), ssh access to HOST, rekey-agent
-# installed on HOST. The token travels only over ssh and is single use.
+# installed on HOST. The token travels only over ssh, on the remote command's
+# stdin (never in a command line, local or remote: `ps` would show it), and is
+# single use.
 set -euo pipefail
 host=${1:?usage: enroll-host.sh HOST COORDINATOR_ADDR [--label k=v]...}
 coord=${2:?usage: enroll-host.sh HOST COORDINATOR_ADDR [--label k=v]...}
@@ -11,5 +13,5 @@ shift 2
 json=$(rekey token create --host "$host" --ttl 15m "$@" -o json)
 token=$(printf '%s' "$json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 fp=$(printf '%s' "$json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ca_fingerprint"])')
-ssh "$host" "sudo REKEY_JOIN_TOKEN='$token' rekey-agent enroll --coordinator '$coord' --ca-fingerprint '$fp' --state-dir /var/lib/rekey-agent && sudo systemctl enable --now rekey-agent"
+printf '%s\n' "$token" | ssh "$host" "sudo rekey-agent enroll --token - --coordinator '$coord' --ca-fingerprint '$fp' --state-dir /var/lib/rekey-agent && sudo systemctl enable --now rekey-agent"
 echo "enrolled $host; check with: rekey agents"

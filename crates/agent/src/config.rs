@@ -140,6 +140,8 @@ struct RawFile {
     mode: Option<String>,
     owner: Option<IdSpec>,
     group: Option<IdSpec>,
+    #[serde(default)]
+    follow_symlinks: bool,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq)]
@@ -160,6 +162,7 @@ struct RawRestart {
     stdin: Option<String>,
     pidfile: Option<PathBuf>,
     signal: Option<String>,
+    executable: Option<PathBuf>,
     jitter: Option<String>,
     timeout: Option<String>,
 }
@@ -252,6 +255,9 @@ pub struct FileConfig {
     /// `None` keeps the existing file's owner (the agent's for a new file).
     pub owner: Option<IdSpec>,
     pub group: Option<IdSpec>,
+    /// A symlink on the path (owned by root or the agent's user) is
+    /// followed; otherwise any symlink is refused. See [`crate::pipeline::chase`].
+    pub follow_symlinks: bool,
     /// Where this entry sits in agent.toml, e.g. `secret[0].file[1]`, for messages.
     pub field: String,
 }
@@ -317,10 +323,13 @@ pub enum RestartAction {
         unit: String,
     },
     Command(CommandSpec),
-    /// A signal to the process whose id is in `pidfile`.
+    /// A signal to the process whose id is in `pidfile`, only if that
+    /// process runs `executable` (`/proc/PID/exe`): a pidfile a service user
+    /// can write must not aim the agent's signal at another process.
     Signal {
         pidfile: PathBuf,
         signal: nix::sys::signal::Signal,
+        executable: PathBuf,
     },
 }
 
@@ -576,7 +585,7 @@ fn validate_file(path: &Path, base: &Path, field: &str, f: RawFile) -> Result<Fi
             format!("expected an absolute path, got {:?}", f.path.display().to_string()),
         ));
     }
-    if f.path.file_name().is_none() {
+    if crate::pipeline::chase::normalize(&f.path).file_name().is_none() {
         return Err(ConfigError::field(path, format!("{field}.path"), "expected the path of a file"));
     }
     check_kind_fields(path, field, &f)?;
@@ -596,7 +605,17 @@ fn validate_file(path: &Path, base: &Path, field: &str, f: RawFile) -> Result<Fi
         RawFileKind::EnvFile => FileContent::EnvFile { keys: env_file_keys(path, field, f.keys)? },
     };
     let mode = f.mode.map(|m| file_mode(path, field, &m)).transpose()?;
-    Ok(FileConfig { path: f.path, content, mode, owner: f.owner, group: f.group, field: field.to_string() })
+    Ok(FileConfig {
+        // `/etc/app/../app/a.conf` is `/etc/app/a.conf`: declared paths are
+        // compared (and resolved) without dot components.
+        path: crate::pipeline::chase::normalize(&f.path),
+        content,
+        mode,
+        owner: f.owner,
+        group: f.group,
+        follow_symlinks: f.follow_symlinks,
+        field: field.to_string(),
+    })
 }
 
 /// Refuses the settings of another kind of file (a `template` on an env-file…).
@@ -730,7 +749,9 @@ fn validate_restart(path: &Path, field: &str, r: RawRestart) -> Result<RestartCo
         }
     }
     if r.kind != K::Signal {
-        for (set, name) in [(r.pidfile.is_some(), "pidfile"), (r.signal.is_some(), "signal")] {
+        for (set, name) in
+            [(r.pidfile.is_some(), "pidfile"), (r.signal.is_some(), "signal"), (r.executable.is_some(), "executable")]
+        {
             if set {
                 return Err(only_for(path, format!("{field}.{name}"), "signal"));
             }
@@ -762,7 +783,18 @@ fn validate_restart(path: &Path, field: &str, r: RawRestart) -> Result<RestartCo
                     format!("unknown signal {name:?}: expected HUP, TERM, INT, QUIT, USR1 or USR2"),
                 )
             })?;
-            RestartAction::Signal { pidfile, signal }
+            let executable = r.executable.ok_or_else(|| {
+                ConfigError::field(
+                    path,
+                    format!("{field}.executable"),
+                    "required with kind = \"signal\": the absolute path of the program the pidfile's process runs \
+                     (its /proc/PID/exe), e.g. \"/usr/sbin/nginx\"",
+                )
+            })?;
+            if !executable.is_absolute() {
+                return Err(ConfigError::field(path, format!("{field}.executable"), "expected an absolute path"));
+            }
+            RestartAction::Signal { pidfile, signal, executable }
         }
     };
     Ok(RestartConfig {
@@ -951,6 +983,7 @@ name = "db"
   kind = "signal"
   pidfile = "/run/db.pid"
   signal = "SIGUSR1"
+  executable = "/usr/lib/postgresql/bin/postgres"
   [secret.health]
   kind = "tcp"
   address = "127.0.0.1:5432"
@@ -991,7 +1024,11 @@ name = "svc"
         let db = c.secret("db").unwrap();
         assert_eq!(
             db.restart.as_ref().unwrap().action,
-            RestartAction::Signal { pidfile: "/run/db.pid".into(), signal: nix::sys::signal::Signal::SIGUSR1 }
+            RestartAction::Signal {
+                pidfile: "/run/db.pid".into(),
+                signal: nix::sys::signal::Signal::SIGUSR1,
+                executable: "/usr/lib/postgresql/bin/postgres".into(),
+            }
         );
         let h = db.health.as_ref().unwrap();
         assert_eq!((h.retries, h.interval, h.timeout), (5, Duration::from_secs(2), Duration::from_secs(5)));
@@ -1055,6 +1092,15 @@ name = "svc"
                 "secret[1].file[0].path",
                 "already declared by secret[0].file[0]",
             ),
+            // The same file through `..`: compared after normalization.
+            (
+                format!(
+                    "{head}[[secret.file]]\npath = '/etc/app/x.conf'\nkind = 'replace'\n[[secret]]\nname = 'b'\n[[secret.file]]\npath = '/etc/app/../app/./x.conf'\nkind = 'replace'\n"
+                ),
+                "secret[1].file[0].path",
+                "/etc/app/x.conf is already declared by secret[0].file[0]",
+            ),
+            (file("kind = 'replace'\nfollow_symlinks = 'yes'"), "secret[0].file[0].follow_symlinks", "a boolean"),
             (restart("kind = 'systemd'"), "secret[0].restart.unit", "required"),
             (restart("kind = 'systemd'\nunit = '--now'"), "secret[0].restart.unit", "unit name"),
             (
@@ -1083,6 +1129,13 @@ name = "svc"
             ),
             (restart("kind = 'signal'"), "secret[0].restart.pidfile", "required"),
             (restart("kind = 'signal'\npidfile = 'x.pid'"), "secret[0].restart.pidfile", "absolute"),
+            (restart("kind = 'signal'\npidfile = '/x.pid'"), "secret[0].restart.executable", "required"),
+            (
+                restart("kind = 'signal'\npidfile = '/x.pid'\nexecutable = 'bin/app'"),
+                "secret[0].restart.executable",
+                "absolute",
+            ),
+            (restart("kind = 'command'\ncommand = ['x']\nexecutable = '/x'"), "secret[0].restart.executable", "signal"),
             (
                 restart("kind = 'signal'\npidfile = '/x.pid'\nsignal = 'KILL'"),
                 "secret[0].restart.signal",

@@ -5,6 +5,9 @@
 //!   leave a certificate beside the wrong key;
 //! - `ca.pem`: the coordinator's CA (pinned by fingerprint at enrollment);
 //! - `enrollment.json`: host name, labels, coordinator address, CA fingerprint.
+//!
+//! The state dir is created 0700 (parents too) and every file in it is 0600:
+//! nothing there is for other users.
 
 use rekey_common::tls::{self, Identity as CertIdentity};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -64,10 +67,10 @@ fn read(path: &Path) -> Result<String, IdentityError> {
 }
 
 /// Atomic replace ([`rekey_common::fs::write_atomic`]), creating the state
-/// dir on first use.
+/// dir (and any missing parent) 0700 on first use.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {
     let err = |source| IdentityError::Write { path: path.to_path_buf(), source };
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(err)?;
+    crate::pipeline::files::private_dir(path.parent().unwrap_or(Path::new("."))).map_err(err)?;
     rekey_common::fs::write_atomic(path, bytes, mode).map_err(err)
 }
 
@@ -97,9 +100,10 @@ impl Identity {
         key_pem: &str,
     ) -> Result<(), IdentityError> {
         Self::save_certificate(dir, cert_pem, key_pem)?;
-        write_atomic(&dir.join("ca.pem"), ca_pem.as_bytes(), 0o644)?;
+        // Nothing in the state dir is for other users.
+        write_atomic(&dir.join("ca.pem"), ca_pem.as_bytes(), 0o600)?;
         let json = serde_json::to_vec_pretty(enrollment).expect("serializable");
-        write_atomic(&dir.join("enrollment.json"), &json, 0o644)
+        write_atomic(&dir.join("enrollment.json"), &json, 0o600)
     }
 
     /// Replaces certificate and key together (renewal).

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rekey_agent::config::AgentConfig;
-use rekey_agent::enroll::{EnrollOptions, enroll};
+use rekey_agent::enroll::{EnrollOptions, TOKEN_ENV, TokenSource, enroll};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -28,9 +28,14 @@ enum Command {
         /// rekeyd address, HOST:PORT.
         #[arg(long)]
         coordinator: String,
-        /// The join token printed by `rekey token create`.
-        #[arg(long, env = "REKEY_JOIN_TOKEN", hide_env_values = true)]
-        token: String,
+        /// A file holding the join token printed by `rekey token create`
+        /// (refused if group or others can access it). Or set REKEY_JOIN_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// The join token; `-` reads it from stdin. Discouraged on the command
+        /// line: any local user can read a process's arguments.
+        #[arg(long, value_name = "TOKEN|-")]
+        token: Option<String>,
         /// The CA fingerprint printed by `rekey token create` (sha256:HEX).
         #[arg(long)]
         ca_fingerprint: String,
@@ -50,6 +55,9 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // First: nothing the agent creates (state dir, keys, journal, backups,
+    // temp files) is ever group or world accessible, whatever its caller's umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     rekey_common::logging::init("info", cli.log_format == "json");
     rekey_common::tls::install_crypto_provider();
@@ -71,7 +79,15 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Enroll { coordinator, token, ca_fingerprint, state_dir, force } => {
+        Command::Enroll { coordinator, token_file, token, ca_fingerprint, state_dir, force } => {
+            let source = TokenSource::pick(token.as_deref(), token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
+            if let TokenSource::Arg(_) = source {
+                eprintln!(
+                    "rekey-agent: warning: --token puts the join token in this process's arguments, which any local \
+                     user can read; prefer --token-file FILE (mode 0600), {TOKEN_ENV} or --token - (stdin)"
+                );
+            }
+            let token = source.read(std::io::stdin().lock())?;
             let e = enroll(EnrollOptions {
                 coordinator: &coordinator,
                 token: &token,

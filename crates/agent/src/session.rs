@@ -53,7 +53,7 @@ pub enum AgentError {
     #[error(
         "the certificate of agent {host} expired at {expired} while it could not renew it; \
          it must be enrolled again: on the coordinator run `rekey token create --host {host}`, \
-         then here `rekey-agent enroll --force --coordinator {coordinator} --token TOKEN --ca-fingerprint {fingerprint} --state-dir {state_dir}`"
+         then here `rekey-agent enroll --force --coordinator {coordinator} --token-file FILE --ca-fingerprint {fingerprint} --state-dir {state_dir}`"
     )]
     CertificateExpired { host: String, expired: String, coordinator: String, fingerprint: String, state_dir: String },
     #[error(

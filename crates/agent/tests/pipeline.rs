@@ -269,7 +269,8 @@ impl Host {
         let text = format!("state_dir = \"state\"\n[[secret]]\nname = \"{SECRET}\"\n{blocks}")
             .replace("@RESTART@", &format!("[{}]", argv.join(", ")))
             .replace("@HEALTH_URL@", &self.health_url())
-            .replace("@DIR@", &self.dir.path().display().to_string());
+            .replace("@DIR@", &self.dir.path().display().to_string())
+            .replace("@SERVICE@", &bins().service.display().to_string());
         AgentConfig::from_str(&self.path("agent.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"))
     }
 
@@ -365,6 +366,11 @@ fn stages(reports: &[StageReport]) -> Vec<Stage> {
 use Stage::{Applied, Delivered, Failed, Healthy, Refused, Restarted, RolledBack};
 
 // ---------------------------------------------------------------- tests
+
+/// Hostile service users: planted symlinks, unsafe transitions, duplicate
+/// declarations, forged pidfiles.
+#[path = "pipeline/trust.rs"]
+mod trust;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn good_delivery_reaches_healthy_with_the_right_fingerprint() {
@@ -669,7 +675,7 @@ async fn signal_restart_reloads_the_service() {
     let pid = host.service_pid().unwrap();
     let blocks = STANDARD.replace(
         "kind = \"command\"\ncommand = @RESTART@\ntimeout = \"20s\"",
-        "kind = \"signal\"\npidfile = \"@DIR@/svc.pid\"\nsignal = \"HUP\"",
+        "kind = \"signal\"\npidfile = \"@DIR@/svc.pid\"\nsignal = \"HUP\"\nexecutable = \"@SERVICE@\"",
     );
     let pipeline = Pipeline::open(&host.config(&blocks), Outbox::new()).unwrap();
     let reports = pipeline.deliver(delivery("v2", &host.key2.1, Some(("v1", &host.key1.1)))).await;

@@ -371,10 +371,12 @@ async fn token_create(
         println!("host:            {host}");
         println!("expires:         {} (single use)", v.expires);
         println!();
-        println!("on {host}, run:");
+        println!("on {host}, put the join token in a file only root can read (paste it, then Ctrl-D):");
+        println!("  (umask 077; cat > /root/rekey-join.token)");
+        println!("then run:");
         println!(
-            "  rekey-agent enroll --coordinator {} --token {} --ca-fingerprint {} --state-dir /var/lib/rekey-agent",
-            v.coordinator, v.token, v.ca_fingerprint
+            "  rekey-agent enroll --coordinator {} --token-file /root/rekey-join.token --ca-fingerprint {} --state-dir /var/lib/rekey-agent",
+            v.coordinator, v.ca_fingerprint
         );
     });
     Ok(())

@@ -46,12 +46,24 @@ pub enum ActionError {
     Pidfile {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: super::files::FileError,
     },
     #[error("pidfile {path} does not hold a process id")]
     BadPidfile { path: PathBuf },
     #[error("process {pid} named by {path} is not running")]
     NotRunning { pid: i32, path: PathBuf },
+    #[error("cannot tell which program process {pid} named by pidfile {path} runs; refusing to signal it")]
+    UnknownExe {
+        pid: i32,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "process {pid} named by pidfile {path} runs {}, not the configured executable {}; refusing to signal it",
+        .exe.display(), .expected.display()
+    )]
+    WrongProcess { pid: i32, path: PathBuf, exe: PathBuf, expected: PathBuf },
     #[error("cannot send {signal} to process {pid}")]
     Signal {
         signal: Signal,
@@ -215,15 +227,59 @@ fn is_running(pid: i32) -> bool {
     }
 }
 
-/// Reads a pidfile: a positive process id on the first line.
+/// Reads a pidfile: a positive process id on the first line. Resolved like
+/// a declared file: a symlink on the way is followed only if root (or the
+/// agent's user) owns it (`/var/run -> /run`), an unsafe transition is refused.
 pub fn read_pidfile(path: &Path) -> Result<i32, ActionError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ActionError::Pidfile { path: path.to_path_buf(), source })?;
+    use std::io::Read;
+    let err = |e: super::files::FileError| ActionError::Pidfile { path: path.to_path_buf(), source: e };
+    let at = super::chase::chase(path, true).map_err(|e| err(e.into()))?;
+    let mut f = at
+        .open_file()
+        .map_err(|e| err(e.into()))?
+        .ok_or_else(|| err(std::io::Error::from(nix::errno::Errno::ENOENT).into()))?;
+    let mut text = String::new();
+    // A pid is short: read a bounded prefix, whatever the file holds.
+    (&mut f).take(64).read_to_string(&mut text).map_err(|e| err(e.into()))?;
     text.lines()
         .next()
         .and_then(|l| l.trim().parse::<i32>().ok())
         .filter(|p| *p > 1)
         .ok_or_else(|| ActionError::BadPidfile { path: path.to_path_buf() })
+}
+
+/// The pidfile is trusted only if the process it names runs the configured
+/// executable: `/proc/PID/exe` (the kernel's record, not the process's own
+/// argv) must be that file, compared after resolving the configured path's
+/// symlinks. A binary replaced by an upgrade reads `PATH (deleted)`: it is
+/// still that program.
+fn check_executable(pid: i32, pidfile: &Path, expected: &Path) -> Result<(), ActionError> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|source| ActionError::UnknownExe {
+        pid,
+        path: pidfile.to_path_buf(),
+        source,
+    })?;
+    let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(s) => PathBuf::from(s),
+        None => exe,
+    };
+    let canonical = std::fs::canonicalize(expected).unwrap_or_else(|_| expected.to_path_buf());
+    if exe == canonical || exe == expected {
+        return Ok(());
+    }
+    Err(ActionError::WrongProcess { pid, path: pidfile.to_path_buf(), exe, expected: expected.to_path_buf() })
+}
+
+/// The process a signal restart would signal: named by the pidfile,
+/// running, and running the configured executable. Checked before any file
+/// is written, and again right before the signal.
+pub fn signal_target(pidfile: &Path, executable: &Path) -> Result<i32, ActionError> {
+    let pid = read_pidfile(pidfile)?;
+    if !is_running(pid) {
+        return Err(ActionError::NotRunning { pid, path: pidfile.to_path_buf() });
+    }
+    check_executable(pid, pidfile, executable)?;
+    Ok(pid)
 }
 
 /// Runs the declared restart once (no jitter here: the caller waits first).
@@ -234,11 +290,8 @@ pub async fn restart(r: &RestartConfig, values: &CommandValues<'_>, scrub: &Scru
             run_command(&spec, values, r.timeout, scrub).await
         }
         RestartAction::Command(spec) => run_command(spec, values, r.timeout, scrub).await,
-        RestartAction::Signal { pidfile, signal } => {
-            let pid = read_pidfile(pidfile)?;
-            if !is_running(pid) {
-                return Err(ActionError::NotRunning { pid, path: pidfile.clone() });
-            }
+        RestartAction::Signal { pidfile, signal, executable } => {
+            let pid = signal_target(pidfile, executable)?;
             kill(Pid::from_raw(pid), *signal).map_err(|source| ActionError::Signal { signal: *signal, pid, source })
         }
     }
@@ -497,7 +550,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("app.pid");
         let r = RestartConfig {
-            action: RestartAction::Signal { pidfile: pidfile.clone(), signal: Signal::SIGHUP },
+            action: RestartAction::Signal {
+                pidfile: pidfile.clone(),
+                signal: Signal::SIGHUP,
+                executable: "/bin/sleep".into(),
+            },
             jitter: Duration::ZERO,
             timeout: Duration::from_secs(1),
         };
@@ -506,6 +563,15 @@ mod tests {
         std::fs::write(&pidfile, "garbage\n").unwrap();
         let e = restart(&r, &none(), &Scrubber::default()).await.unwrap_err();
         assert!(e.to_string().contains("does not hold a process id"), "{e}");
+        // A process that runs something else is never signalled.
+        let mut other = std::process::Command::new("/bin/sh").args(["-c", "sleep 30; exit 0"]).spawn().unwrap();
+        std::fs::write(&pidfile, format!("{}\n", other.id())).unwrap();
+        let e = restart(&r, &none(), &Scrubber::default()).await.unwrap_err().to_string();
+        assert!(e.starts_with(&format!("process {} named by pidfile {} runs ", other.id(), pidfile.display())), "{e}");
+        assert!(e.ends_with("not the configured executable /bin/sleep; refusing to signal it"), "{e}");
+        assert!(other.try_wait().unwrap().is_none(), "the unrelated process was signalled");
+        other.kill().unwrap();
+        other.wait().unwrap();
         let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         std::fs::write(&pidfile, format!("{}\n", child.id())).unwrap();
         restart(&r, &none(), &Scrubber::default()).await.unwrap();

@@ -23,6 +23,7 @@
 //! [`Outbox`] for the session), so tests and callers can see what happened.
 
 pub mod actions;
+pub mod chase;
 pub mod files;
 pub mod journal;
 pub mod render;
@@ -36,7 +37,6 @@ use journal::{
 };
 use rand::Rng;
 use rekey_common::error::{Chain, chain};
-use rekey_common::fs;
 use rekey_common::secret::SecretBytes;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1::{AppliedVersion, Delivery, Purge, Rollback, Stage, StageReport};
@@ -59,6 +59,54 @@ pub enum PipelineError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{field} ({path}) and {other_field} ({other_path}) are the same file: \
+         a file may be declared only once, so that a rollback of one secret never undoes another's change"
+    )]
+    SameFile { field: String, path: PathBuf, other_field: String, other_path: PathBuf },
+}
+
+/// What identifies a declared file on this host: its device and inode, or
+/// for a file not created yet, its directory's and its name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FileId {
+    Inode(u64, u64),
+    New(u64, u64, std::ffi::OsString),
+}
+
+/// At start: no two declared paths may reach the same file (`..`, a symlink
+/// the config allows, a hard link). Resolution failures are only logged
+/// here: the apply refuses that file with the reason, and a service user
+/// must not be able to stop the agent by planting a link.
+fn check_distinct_files(config: &AgentConfig) -> Result<(), PipelineError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: HashMap<FileId, (String, PathBuf)> = HashMap::new();
+    for f in config.secrets.iter().flat_map(|s| &s.files) {
+        let at = match chase::chase(&f.path, f.follow_symlinks) {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::warn!(path = %f.path.display(), field = %f.field, error = %Chain(&e), "declared file cannot be resolved; its applies will fail until this is fixed");
+                continue;
+            }
+        };
+        let id = match at.entry {
+            Some(e) => FileId::Inode(e.dev, e.ino),
+            None => match at.dir.metadata() {
+                Ok(m) => FileId::New(m.dev(), m.ino(), at.name.clone()),
+                Err(_) => continue,
+            },
+        };
+        if let Some((other_field, other_path)) = seen.get(&id) {
+            return Err(PipelineError::SameFile {
+                field: f.field.clone(),
+                path: f.path.clone(),
+                other_field: other_field.clone(),
+                other_path: other_path.clone(),
+            });
+        }
+        seen.insert(id, (f.field.clone(), f.path.clone()));
+    }
+    Ok(())
 }
 
 /// Why a step failed. A report's error is this with its sources, on one line.
@@ -68,7 +116,7 @@ enum StepError {
     Read {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: files::FileError,
     },
     #[error("cannot render {path}")]
     Render {
@@ -94,7 +142,7 @@ enum StepError {
     Restore {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: files::FileError,
     },
     #[error("cannot record progress in {path}")]
     Journal {
@@ -110,6 +158,8 @@ enum StepError {
     },
     #[error("restart failed")]
     Restart(#[source] ActionError),
+    #[error("signal restart refused")]
+    SignalTarget(#[source] ActionError),
     #[error(transparent)]
     Health(HealthFailure),
     #[error("its backups are gone: {why}")]
@@ -118,7 +168,8 @@ enum StepError {
 
 /// A declared file, read and rendered, not yet written.
 struct Prepared {
-    target: PathBuf,
+    /// Where it was read: the opened directory and name it is written to.
+    at: chase::Chased,
     before: Option<FileMeta>,
     old: Option<SecretBytes>,
     new: SecretBytes,
@@ -242,6 +293,7 @@ impl Pipeline {
     /// Opens the pipeline's state in the config's state dir (creating it).
     /// Call [`Pipeline::recover`] before handling deliveries.
     pub fn open(config: &AgentConfig, outbox: Outbox) -> Result<Pipeline, PipelineError> {
+        check_distinct_files(config)?;
         let err = |source| PipelineError::StateDir { path: config.state_dir.clone(), source };
         let store = Store::open(&config.state_dir).map_err(err)?;
         let applied = store.load_applied().map_err(err)?;
@@ -429,7 +481,7 @@ impl Pipeline {
                 .iter()
                 .enumerate()
                 .map(|(i, p)| FileRecord {
-                    path: p.target.clone(),
+                    path: p.at.path.clone(),
                     before: p.before,
                     backup: p.old.as_ref().map(|_| i.to_string()),
                     step: FileStep::Pending,
@@ -492,9 +544,9 @@ impl Pipeline {
         for (i, p) in prepared.iter().enumerate() {
             j.files[i].step = FileStep::Writing;
             self.journal(j)?;
-            fs::write_atomic_owned(&p.target, p.new.expose(), p.mode, p.uid, p.gid)
-                .map_err(|source| StepError::Write { path: p.target.clone(), source })?;
-            tracing::debug!(secret = %j.secret, path = %p.target.display(), mode = format!("{:o}", p.mode), "file written");
+            files::replace(&p.at, p.new.expose(), p.mode, p.uid, p.gid)
+                .map_err(|source| StepError::Write { path: p.at.path.clone(), source })?;
+            tracing::debug!(secret = %j.secret, path = %p.at.path.display(), mode = format!("{:o}", p.mode), "file written");
         }
         rep.stage(Stage::Applied);
 
@@ -582,7 +634,7 @@ impl Pipeline {
         let mut changed = j.restarted;
         for rec in j.files.iter().rev() {
             if rec.step == FileStep::Pending {
-                let _ = std::fs::remove_file(fs::tmp_path(&rec.path));
+                files::remove_temp(&rec.path);
                 continue;
             }
             changed = true;
@@ -614,17 +666,21 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Puts a file back. The journal holds the path that was written (a
+    /// followed symlink already expanded), so it is resolved again without
+    /// following anything: a link planted since is refused, not written through.
     fn restore_file(&self, secret: &str, backup_dir: Option<&str>, rec: &FileRecord) -> Result<(), StepError> {
-        let err = |source| StepError::Restore { path: rec.path.clone(), source };
+        let err = |e: files::FileError| StepError::Restore { path: rec.path.clone(), source: e };
+        let at = chase::chase(&rec.path, false).map_err(|e| err(e.into()))?;
         match (&rec.before, &rec.backup, backup_dir) {
             (Some(meta), Some(b), Some(dir)) => {
-                let content = self.inner.store.read_backup(secret, dir, b).map_err(err)?;
-                fs::write_atomic_owned(&rec.path, content.expose(), meta.mode, Some(meta.uid), Some(meta.gid))
-                    .map_err(err)
+                let content = self.inner.store.read_backup(secret, dir, b).map_err(|e| err(e.into()))?;
+                files::replace(&at, content.expose(), meta.mode, Some(meta.uid), Some(meta.gid))
+                    .map_err(|e| err(e.into()))
             }
-            (Some(_), _, _) => Err(err(io::Error::new(io::ErrorKind::NotFound, "its backup is missing"))),
+            (Some(_), _, _) => Err(err(io::Error::new(io::ErrorKind::NotFound, "its backup is missing").into())),
             // It did not exist before the apply.
-            (None, _, _) => fs::remove_durably(&rec.path).map_err(err),
+            (None, _, _) => files::remove(&at).map_err(|e| err(e.into())),
         }
     }
 
@@ -913,7 +969,8 @@ impl Pipeline {
     }
 }
 
-/// Reads and renders every declared file. No side effect.
+/// Reads and renders every declared file, and checks a signal restart's
+/// target. No side effect.
 fn prepare(
     secret: &SecretConfig,
     fields: &Fields,
@@ -921,9 +978,17 @@ fn prepare(
     previous_version: &str,
     scrub: &Scrubber,
 ) -> Result<Vec<Prepared>, StepError> {
+    if let Some(crate::config::RestartConfig {
+        action: crate::config::RestartAction::Signal { pidfile, executable, .. },
+        ..
+    }) = &secret.restart
+    {
+        actions::signal_target(pidfile, executable).map_err(StepError::SignalTarget)?;
+    }
     let mut out = Vec::with_capacity(secret.files.len());
     for f in &secret.files {
-        let cur = files::read_current(&f.path).map_err(|source| StepError::Read { path: f.path.clone(), source })?;
+        let cur = files::read_current(&f.path, f.follow_symlinks)
+            .map_err(|source| StepError::Read { path: f.path.clone(), source })?;
         let new = render::render(&f.content, cur.content.as_ref(), fields, previous, previous_version, scrub)
             .map_err(|source| StepError::Render { path: f.path.clone(), source })?;
         let owner = |spec: &Option<crate::config::IdSpec>,
@@ -942,15 +1007,7 @@ fn prepare(
         let uid = owner(&f.owner, "owner", files::resolve_user, cur.meta.map(|m| m.uid))?;
         let gid = owner(&f.group, "group", files::resolve_group, cur.meta.map(|m| m.gid))?;
         let mode = f.mode.or(cur.meta.map(|m| m.mode)).unwrap_or(0o600);
-        out.push(Prepared {
-            target: cur.target,
-            before: cur.meta.map(FileMeta::from),
-            old: cur.content,
-            new,
-            mode,
-            uid,
-            gid,
-        });
+        out.push(Prepared { at: cur.at, before: cur.meta.map(FileMeta::from), old: cur.content, new, mode, uid, gid });
     }
     Ok(out)
 }
@@ -1061,6 +1118,43 @@ mod tests {
         assert_eq!(stages(&r), ["rolled_back"]);
         assert!(!dir.path().join("new.conf").exists() && !dir.path().join("owned.conf").exists());
         assert!(p.applied().is_empty());
+    }
+
+    /// Two declared paths that reach one file — a symlink the config allows,
+    /// a hard link — stop the agent at start, naming both entries.
+    #[test]
+    fn a_file_declared_twice_through_a_link_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("real.conf"), "x").unwrap();
+        std::os::unix::fs::symlink("real.conf", d.join("link.conf")).unwrap();
+        std::fs::hard_link(d.join("real.conf"), d.join("hard.conf")).unwrap();
+        let secrets = |second: &str| {
+            format!(
+                "state_dir = 'state'\n[[secret]]\nname = 'a'\n[[secret.file]]\npath = 'DIR/real.conf'\nkind = 'replace'\n\
+                 [[secret]]\nname = 'b'\n[[secret.file]]\n{second}\nkind = 'replace'\n"
+            )
+            .replace("DIR", &d.display().to_string())
+        };
+        for second in ["path = 'DIR/link.conf'\nfollow_symlinks = true", "path = 'DIR/hard.conf'"] {
+            let config = AgentConfig::from_str(&d.join("agent.toml"), &secrets(second)).unwrap();
+            let e = Pipeline::open(&config, Outbox::new()).err().unwrap().to_string();
+            assert!(e.starts_with("secret[1].file[0] ("), "{e}");
+            assert!(e.contains("and secret[0].file[0] (") && e.contains("are the same file"), "{e}");
+        }
+        // Not following the link, it is not the same file (and is refused at apply).
+        let config = AgentConfig::from_str(&d.join("agent.toml"), &secrets("path = 'DIR/link.conf'")).unwrap();
+        Pipeline::open(&config, Outbox::new()).unwrap();
+        // A file not created yet is identified by its directory and name.
+        let config = AgentConfig::from_str(&d.join("agent.toml"), &secrets("path = 'DIR/new.conf'")).unwrap();
+        Pipeline::open(&config, Outbox::new()).unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::os::unix::fs::symlink("sub", d.join("sublink")).unwrap();
+        let text =
+            secrets("path = 'DIR/sublink/new.conf'\nfollow_symlinks = true").replace("real.conf", "sub/new.conf");
+        let config = AgentConfig::from_str(&d.join("agent.toml"), &text).unwrap();
+        let e = Pipeline::open(&config, Outbox::new()).err().unwrap().to_string();
+        assert!(e.contains("are the same file"), "{e}");
     }
 
     #[tokio::test]
