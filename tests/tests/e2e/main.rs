@@ -11,3 +11,4 @@ mod pipeline;
 mod providers;
 mod scope;
 mod security;
+mod security_operators;
