@@ -14,7 +14,7 @@ use crate::service::Authorizer;
 use crate::service::admin::AdminSvc;
 use crate::service::agent::AgentSvc;
 use crate::sessions::{RevokedSerials, Sessions};
-use crate::store::{OperatorRecord, OperatorRole, Store, StoreError};
+use crate::store::{OperatorRecord, OperatorRole, Store, StoreError, valid_operator_name};
 use crate::supervisor::{Phase, Supervisor, SupervisorError};
 use crate::tripwire::Tripwire;
 use rekey_common::tls::{self, TlsError};
@@ -161,15 +161,6 @@ fn write_endpoint(dir: &std::path::Path, addr: SocketAddr, when: &str) -> Result
         "# Written by rekeyd {when}. The rekey CLI reads this with --operator-dir.\ncoordinator = \"{shown}\"\n"
     );
     write_file(dir.join("rekey.toml"), text.as_bytes(), false)
-}
-
-/// Operator names: what a certificate URI, a table and an audit record carry
-/// without surprises.
-pub fn valid_operator_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-        && !name.starts_with(['-', '.'])
 }
 
 /// What `rekeyd operator recover` issued.

@@ -144,6 +144,15 @@ pub struct OperatorRecord {
     pub revoked_by: Option<String>,
 }
 
+/// Operator names: what a certificate URI, a table and an audit record carry
+/// without surprises.
+pub fn valid_operator_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && !name.starts_with(['-', '.'])
+}
+
 /// Who created the operators found in a store from before roles.
 pub const MIGRATED_CREATOR: &str = "unknown (created before operator roles)";
 

@@ -519,7 +519,7 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<CreateOperatorResponse>, Status> {
         let who = operator(self, &req, Rpc::CreateOperator)?.to_string();
         let r = req.into_inner();
-        if !crate::server::valid_operator_name(&r.name) {
+        if !crate::store::valid_operator_name(&r.name) {
             return Err(Status::invalid_argument(format!(
                 "invalid operator name {:?}: expected letters, digits, '-', '.', '_' (at most 64)",
                 r.name
