@@ -183,9 +183,15 @@ impl Coordinator {
 
     /// Runs the `rekey` CLI against this coordinator.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.operator_dir(), args)
+    }
+
+    /// Runs the `rekey` CLI against this coordinator with the operator
+    /// credential in `operator_dir` (e.g. one made by `rekey operator create`).
+    pub fn cli_as(&self, operator_dir: &Path, args: &[&str]) -> Output {
         Command::new(&bins().cli)
             .arg("--operator-dir")
-            .arg(self.operator_dir())
+            .arg(operator_dir)
             .arg("--coordinator")
             .arg(self.addr())
             .args(args)

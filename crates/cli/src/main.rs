@@ -6,6 +6,7 @@
 
 mod demo;
 mod incident;
+mod operator;
 mod rotate;
 mod scope;
 mod table;
@@ -88,6 +89,9 @@ enum Command {
     /// Campaigns: rotate every secret matching a pattern as one incident.
     #[command(subcommand)]
     Incident(incident::IncidentCmd),
+    /// Operators and their roles (admin, rotator, viewer): create, list, revoke.
+    #[command(subcommand)]
+    Operator(operator::OperatorCmd),
     /// The hash-chained audit log.
     Audit {
         #[command(subcommand)]
@@ -317,6 +321,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Scope(args) => scope::run(&client, out, args).await?,
         Command::Incident(cmd) => incident::run(&mut client, out, cmd).await?,
+        Command::Operator(cmd) => operator::run(&client, out, cmd).await?,
         Command::Alerts => {
             let v: Vec<AlertView> =
                 client.view(client.inner.clone().list_alerts(client.request(ListAlertsRequest {})).await)?;

@@ -44,6 +44,26 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Operator credentials made on the coordinator host.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Issue a new admin credential on the coordinator host, with the master
+    /// key and rekeyd stopped (its store is locked while it runs): the way
+    /// back in when every admin credential is lost or revoked. Audited as
+    /// `operator.recover`.
+    Recover {
+        /// Directory to write the credential into (operator.key 0600,
+        /// operator.pem, ca.pem, rekey.toml); must not hold one already.
+        #[arg(long)]
+        out: PathBuf,
+        /// The new operator's name (default: recovery-UNIX_SECONDS).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 /// Bound on the graceful drain after a shutdown signal.
@@ -87,6 +107,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.data_dir.display(),
                 b.audit_seq,
                 rekey_common::time::format_unix(b.created_ms / 1000)
+            );
+            Ok(())
+        }
+        Command::Operator(OperatorCmd::Recover { out, name }) => {
+            let name = name.unwrap_or_else(|| format!("recovery-{}", rekey_common::time::now_unix()));
+            let r = rekey_coordinator::server::recover_operator(&config, &out, &name)?;
+            println!(
+                "created admin operator {} (certificate {}) in {}; audited as operator.recover. Start rekeyd, then: \
+                 rekey --operator-dir {} operator list",
+                r.name,
+                r.serial,
+                r.dir.display(),
+                r.dir.display()
             );
             Ok(())
         }

@@ -188,9 +188,20 @@ impl Ca {
 
     /// Signs an agent certificate for `name` from the agent's CSR.
     pub fn sign_agent_csr(&self, csr_der: &[u8], name: &str, lifetime: Duration) -> Result<Issued, PkiError> {
+        self.sign_csr(Role::Agent, csr_der, name, lifetime)
+    }
+
+    /// Signs an operator certificate for `name` from a CSR made where the
+    /// operator keeps the key (`rekey operator create`).
+    pub fn sign_operator_csr(&self, csr_der: &[u8], name: &str, lifetime: Duration) -> Result<Issued, PkiError> {
+        self.sign_csr(Role::Operator, csr_der, name, lifetime)
+    }
+
+    /// Only the CSR's public key is used: name, role, usages and lifetime are ours.
+    fn sign_csr(&self, role: Role, csr_der: &[u8], name: &str, lifetime: Duration) -> Result<Issued, PkiError> {
         let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
             .map_err(PkiError::BadCsr)?;
-        let (params, serial) = self.client_params(Role::Agent, name, lifetime)?;
+        let (params, serial) = self.client_params(role, name, lifetime)?;
         let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
         Ok(Issued {
             cert_pem: cert.pem(),

@@ -14,7 +14,7 @@ use crate::service::Authorizer;
 use crate::service::admin::AdminSvc;
 use crate::service::agent::AgentSvc;
 use crate::sessions::{RevokedSerials, Sessions};
-use crate::store::{Store, StoreError};
+use crate::store::{OperatorRecord, OperatorRole, Store, StoreError, valid_operator_name};
 use crate::supervisor::{Phase, Supervisor, SupervisorError};
 use crate::tripwire::Tripwire;
 use rekey_common::tls::{self, TlsError};
@@ -30,6 +30,10 @@ use tokio_util::sync::CancellationToken;
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
 /// Name of the operator credential created at init.
 pub const INITIAL_OPERATOR: &str = "admin";
+/// Who created the initial credential, in its operator record.
+pub const INIT_ACTOR: &str = "rekeyd (init)";
+/// Who issued a credential with `rekeyd operator recover`, in the audit chain.
+pub const RECOVER_ACTOR: &str = "rekeyd (recover on host)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -74,6 +78,17 @@ pub enum ServerError {
     Alerts(#[from] crate::alerts::AlertError),
     #[error("cannot set up a provider")]
     Provider(#[from] rekey_providers::ProviderError),
+    #[error(
+        "rekeyd is running on this data dir (its store is locked while it runs): stop rekeyd, run \
+         `rekeyd operator recover` again, then start rekeyd"
+    )]
+    RecoverWhileRunning,
+    #[error("{dir} already holds an operator credential (operator.key): choose another --out directory")]
+    CredentialExists { dir: PathBuf },
+    #[error("invalid operator name {0:?}: expected letters, digits, '-', '.', '_' (at most 64)")]
+    BadOperatorName(String),
+    #[error("{0}; choose another --name")]
+    OperatorRefused(#[from] crate::store::OperatorRefused),
 }
 
 /// What init found or created.
@@ -137,11 +152,86 @@ pub fn fingerprint(config: &Config) -> Result<String, ServerError> {
 
 /// The CLI's config inside the operator dir.
 fn write_operator_endpoint(config: &Config, addr: SocketAddr) -> Result<(), ServerError> {
+    write_endpoint(&config.operator_dir(), addr, "at start")
+}
+
+fn write_endpoint(dir: &std::path::Path, addr: SocketAddr, when: &str) -> Result<(), ServerError> {
     let shown = if addr.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), addr.port()) } else { addr };
     let text = format!(
-        "# Written by rekeyd at start. The rekey CLI reads this with --operator-dir.\ncoordinator = \"{shown}\"\n"
+        "# Written by rekeyd {when}. The rekey CLI reads this with --operator-dir.\ncoordinator = \"{shown}\"\n"
     );
-    write_file(config.operator_dir().join("rekey.toml"), text.as_bytes(), false)
+    write_file(dir.join("rekey.toml"), text.as_bytes(), false)
+}
+
+/// What `rekeyd operator recover` issued.
+#[derive(Debug)]
+pub struct Recovered {
+    pub name: String,
+    pub serial: String,
+    pub dir: PathBuf,
+}
+
+/// `rekeyd operator recover`: on the coordinator host, with the master key and
+/// rekeyd stopped (its store is locked while it runs), a new `admin`
+/// credential written to `out` (key 0600, made here, never sent anywhere),
+/// recorded as an operator and audited as `operator.recover`. The way back in
+/// when every admin credential is lost or revoked.
+pub fn recover_operator(config: &Config, out: &std::path::Path, name: &str) -> Result<Recovered, ServerError> {
+    if !is_initialized(config) {
+        return Err(ServerError::NotInitialized { data_dir: config.data_dir.clone() });
+    }
+    if !valid_operator_name(name) {
+        return Err(ServerError::BadOperatorName(name.to_string()));
+    }
+    if !crypto::master_key_configured(&config.master_key_file) {
+        return Err(ServerError::MasterKeyMissing {
+            file: config.master_key_file.clone(),
+            data_dir: config.data_dir.clone(),
+        });
+    }
+    if out.join("operator.key").exists() {
+        return Err(ServerError::CredentialExists { dir: out.to_path_buf() });
+    }
+    let master = crypto::load_master_key(&config.master_key_file)?;
+    let store = Store::open(&config.store_dir()).map_err(|e| match e {
+        StoreError::Locked { .. } => ServerError::RecoverWhileRunning,
+        other => ServerError::Store(other),
+    })?;
+    let (ca, _) = Ca::load_or_create(&store, &master)?;
+    let checkpoint = Arc::new(Checkpointer::new(&config.data_dir, &master));
+    drop(master);
+    let state = EngineState::open(&store, ca.dek())?;
+    // Never write into a store that went back in time.
+    checkpoint
+        .verify(&state.audit_records()?, store.meta_get(crate::checkpoint::META_KEY)?.is_some())
+        .map_err(|source| ServerError::Checkpoint { data_dir: config.data_dir.clone(), source })?;
+    let state = state.with_checkpoint(checkpoint);
+    let (issued, key_pem) = ca.issue_operator(name, config.operator_cert_ttl)?;
+    let now = rekey_common::time::now_unix();
+    let rec = OperatorRecord {
+        name: name.to_string(),
+        role: OperatorRole::Admin,
+        serials: vec![issued.serial.clone()],
+        created_unix: now,
+        created_by: RECOVER_ACTOR.to_string(),
+        revoked_unix: None,
+        revoked_by: None,
+    };
+    store.create_operator(&rec)??;
+    private_dir(out)?;
+    write_file(out.join("operator.key"), key_pem.as_bytes(), true)?;
+    write_file(out.join("operator.pem"), issued.cert_pem.as_bytes(), false)?;
+    write_file(out.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
+    write_endpoint(out, config.listen, "by `rekeyd operator recover`")?;
+    let entry = crate::audit::AuditEntry::new(
+        RECOVER_ACTOR,
+        "operator.recover",
+        serde_json::json!({ "operator": name, "role": rec.role, "serial": issued.serial }),
+    );
+    state.audit(rekey_common::time::now_unix_ms(), vec![entry])?;
+    drop(state);
+    store.close()?;
+    Ok(Recovered { name: name.to_string(), serial: issued.serial, dir: out.to_path_buf() })
 }
 
 impl Coordinator {
@@ -179,7 +269,16 @@ impl Coordinator {
             let (issued, key_pem) = ca.issue_operator(INITIAL_OPERATOR, config.operator_cert_ttl)?;
             write_file(op_dir.join("operator.key"), key_pem.as_bytes(), true)?;
             write_file(op_dir.join("operator.pem"), issued.cert_pem.as_bytes(), false)?;
-            store.put_operator(&issued.serial, INITIAL_OPERATOR)?;
+            let rec = OperatorRecord {
+                name: INITIAL_OPERATOR.to_string(),
+                role: OperatorRole::Admin,
+                serials: vec![issued.serial.clone()],
+                created_unix: rekey_common::time::now_unix(),
+                created_by: INIT_ACTOR.to_string(),
+                revoked_unix: None,
+                revoked_by: None,
+            };
+            store.create_operator(&rec)??;
         }
         write_file(config.data_dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
         if op_dir.is_dir() {

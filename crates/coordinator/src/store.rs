@@ -3,7 +3,11 @@
 //!
 //! Trees: `meta` (CA certificate, sealed CA key, sealed DEK), `tokens` (join
 //! tokens by id, secret part hashed), `agents` (registry by name), `revoked`
-//! (certificate serial → agent name), `operators` (serial → operator name).
+//! (certificate serial → agent or operator name), `operators` (certificate
+//! serial → operator name: which serials are operator credentials issued here),
+//! `operator_records` (operator name → [`OperatorRecord`]: role, serials, who
+//! created and who revoked it). A serial in `operators` whose name has no
+//! record (a store from before roles) is migrated at open to an `admin` record.
 //! Every mutating call flushes before it returns: a caller that got `Ok` may
 //! act on it (reply, deliver, revoke) knowing it survives a crash.
 
@@ -80,6 +84,89 @@ pub struct AgentRecord {
     pub revoked_by: Option<String>,
 }
 
+/// What an operator may do. Ordered: each role may do everything the roles
+/// before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorRole {
+    /// Read-only: lists, status, reports, audit, alerts.
+    Viewer,
+    /// A viewer that also runs rotations, incidents, exclusions and scope scans.
+    Rotator,
+    /// Everything, including join tokens, agent revocation and operators.
+    Admin,
+}
+
+impl OperatorRole {
+    pub const ALL: [OperatorRole; 3] = [OperatorRole::Admin, OperatorRole::Rotator, OperatorRole::Viewer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRole::Viewer => "viewer",
+            OperatorRole::Rotator => "rotator",
+            OperatorRole::Admin => "admin",
+        }
+    }
+
+    /// Whether this role may do what `needed` may.
+    pub fn allows(self, needed: OperatorRole) -> bool {
+        self >= needed
+    }
+}
+
+impl std::fmt::Display for OperatorRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OperatorRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        OperatorRole::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown operator role {s:?}: expected admin, rotator or viewer"))
+    }
+}
+
+/// An operator: a name with a role and the certificates issued to it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OperatorRecord {
+    pub name: String,
+    pub role: OperatorRole,
+    /// Every certificate serial issued to this operator.
+    pub serials: Vec<String>,
+    /// 0 for an operator migrated from a store without roles.
+    pub created_unix: i64,
+    pub created_by: String,
+    pub revoked_unix: Option<i64>,
+    pub revoked_by: Option<String>,
+}
+
+/// Operator names: what a certificate URI, a table and an audit record carry
+/// without surprises.
+pub fn valid_operator_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && !name.starts_with(['-', '.'])
+}
+
+/// Who created the operators found in a store from before roles.
+pub const MIGRATED_CREATOR: &str = "unknown (created before operator roles)";
+
+/// Why an operator change was refused (nothing written).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OperatorRefused {
+    #[error("operator {0} already exists (names are never reused, even after revocation)")]
+    Exists(String),
+    #[error("no operator named {0:?}")]
+    Unknown(String),
+    #[error("operator {name} was already revoked at {at} by {by}")]
+    AlreadyRevoked { name: String, at: String, by: String },
+}
+
 /// Outcome of trying to redeem a join token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Redeem {
@@ -98,6 +185,7 @@ pub struct Store {
     agents: sled::Tree,
     revoked: sled::Tree,
     operators: sled::Tree,
+    operator_records: sled::Tree,
 }
 
 /// How long [`Store::close`] waits for sled's threads to release the lock.
@@ -140,15 +228,47 @@ impl Store {
                 StoreError::Open { path: path.to_path_buf(), source }
             }
         })?;
-        Ok(Store {
+        let store = Store {
             path: path.to_path_buf(),
             meta: db.open_tree("meta")?,
             tokens: db.open_tree("tokens")?,
             agents: db.open_tree("agents")?,
             revoked: db.open_tree("revoked")?,
             operators: db.open_tree("operators")?,
+            operator_records: db.open_tree("operator_records")?,
             db,
-        })
+        };
+        store.migrate_operators()?;
+        Ok(store)
+    }
+
+    /// A store from before roles knows operators only as serial → name: each
+    /// such name becomes an `admin` record holding its serials.
+    fn migrate_operators(&self) -> Result<(), StoreError> {
+        let mut legacy: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for kv in self.operators.iter() {
+            let (serial, name) = kv?;
+            let name = String::from_utf8_lossy(&name).into_owned();
+            if !self.operator_records.contains_key(name.as_bytes())? {
+                legacy.entry(name).or_default().push(String::from_utf8_lossy(&serial).into_owned());
+            }
+        }
+        if legacy.is_empty() {
+            return Ok(());
+        }
+        for (name, serials) in legacy {
+            let rec = OperatorRecord {
+                name: name.clone(),
+                role: OperatorRole::Admin,
+                serials,
+                created_unix: 0,
+                created_by: MIGRATED_CREATOR.to_string(),
+                revoked_unix: None,
+                revoked_by: None,
+            };
+            self.operator_records.insert(name.as_bytes(), encode(&rec))?;
+        }
+        self.flush()
     }
 
     /// Flushes, lets go of every handle, and returns once sled's background
@@ -318,13 +438,75 @@ impl Store {
         self.revoked.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
     }
 
-    pub fn put_operator(&self, serial: &str, name: &str) -> Result<(), StoreError> {
-        self.operators.insert(serial.as_bytes(), name.as_bytes())?;
-        self.flush()
+    /// Records a new operator and its first certificate serial, atomically;
+    /// refused if the name was ever used.
+    pub fn create_operator(&self, rec: &OperatorRecord) -> Result<Result<(), OperatorRefused>, StoreError> {
+        let out = (&self.operator_records, &self.operators).transaction(|(records, serials)| {
+            if records.get(rec.name.as_bytes())?.is_some() {
+                return Ok(Err(OperatorRefused::Exists(rec.name.clone())));
+            }
+            records.insert(rec.name.as_bytes(), encode(rec))?;
+            for s in &rec.serials {
+                serials.insert(s.as_bytes(), rec.name.as_bytes())?;
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(Ok(()))
+        })?;
+        self.flush()?;
+        Ok(out)
     }
 
-    pub fn is_operator_serial(&self, serial: &str) -> Result<bool, StoreError> {
-        Ok(self.operators.contains_key(serial.as_bytes())?)
+    pub fn get_operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        self.operator_records.get(name)?.map(|v| decode("operator_records", name.as_bytes(), &v)).transpose()
+    }
+
+    /// The operator a certificate serial was issued to, if it was issued here.
+    pub fn operator_by_serial(&self, serial: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        let Some(name) = self.operators.get(serial.as_bytes())? else { return Ok(None) };
+        self.get_operator(&String::from_utf8_lossy(&name))
+    }
+
+    /// Every operator, by name.
+    pub fn list_operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        self.operator_records
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode("operator_records", &k, &v)
+            })
+            .collect()
+    }
+
+    /// Marks the operator revoked and every serial it was issued, in one
+    /// transaction. Returns the updated record.
+    pub fn revoke_operator(
+        &self,
+        name: &str,
+        by: &str,
+        now: i64,
+    ) -> Result<Result<OperatorRecord, OperatorRefused>, StoreError> {
+        let out = (&self.operator_records, &self.revoked).transaction(|(records, revoked)| {
+            let Some(raw) = records.get(name.as_bytes())? else {
+                return Ok(Err(OperatorRefused::Unknown(name.to_string())));
+            };
+            let mut rec: OperatorRecord =
+                decode("operator_records", name.as_bytes(), &raw).map_err(ConflictableTransactionError::Abort)?;
+            if let (Some(at), Some(by)) = (rec.revoked_unix, rec.revoked_by.clone()) {
+                return Ok(Err(OperatorRefused::AlreadyRevoked {
+                    name: name.to_string(),
+                    at: rekey_common::time::format_unix(at),
+                    by,
+                }));
+            }
+            for s in &rec.serials {
+                revoked.insert(s.as_bytes(), format!("operator/{name}").as_bytes())?;
+            }
+            rec.revoked_unix = Some(now);
+            rec.revoked_by = Some(by.to_string());
+            records.insert(name.as_bytes(), encode(&rec))?;
+            Ok(Ok(rec))
+        })?;
+        self.flush()?;
+        Ok(out)
     }
 }
 
@@ -347,6 +529,68 @@ mod tests {
             created_by: "operator/admin".into(),
             used_unix: None,
         }
+    }
+
+    fn operator(name: &str, role: OperatorRole, serial: &str) -> OperatorRecord {
+        OperatorRecord {
+            name: name.into(),
+            role,
+            serials: vec![serial.into()],
+            created_unix: 1,
+            created_by: "operator/admin".into(),
+            revoked_unix: None,
+            revoked_by: None,
+        }
+    }
+
+    #[test]
+    fn operators_are_created_once_revoked_once_and_legacy_serials_read_as_admin() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A store from before roles: serial → name only.
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            db.open_tree("operators").unwrap().insert("0a", "admin").unwrap();
+            db.flush().unwrap();
+        }
+        while lock_is_held(dir.path()) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let admin = s.operator_by_serial("0a").unwrap().unwrap();
+        assert_eq!(
+            (admin.name.as_str(), admin.role, admin.serials.clone()),
+            ("admin", OperatorRole::Admin, vec!["0a".into()])
+        );
+        assert_eq!(admin.created_by, MIGRATED_CREATOR);
+
+        s.create_operator(&operator("ann", OperatorRole::Viewer, "0b")).unwrap().unwrap();
+        let again = s.create_operator(&operator("ann", OperatorRole::Admin, "0c")).unwrap();
+        assert_eq!(again, Err(OperatorRefused::Exists("ann".into())));
+        assert!(s.operator_by_serial("0c").unwrap().is_none(), "a refused create wrote its serial");
+        assert_eq!(s.operator_by_serial("0b").unwrap().unwrap().role, OperatorRole::Viewer);
+
+        let rec = s.revoke_operator("ann", "operator/admin", 50).unwrap().unwrap();
+        assert_eq!((rec.revoked_unix, rec.revoked_by.as_deref()), (Some(50), Some("operator/admin")));
+        assert!(s.revoked_serials().unwrap().contains(&"0b".to_string()));
+        let twice = s.revoke_operator("ann", "operator/admin", 60).unwrap().unwrap_err();
+        assert!(matches!(twice, OperatorRefused::AlreadyRevoked { .. }), "{twice}");
+        assert_eq!(s.revoke_operator("bob", "x", 1).unwrap(), Err(OperatorRefused::Unknown("bob".into())));
+        // A revoked name is not reused.
+        assert!(s.create_operator(&operator("ann", OperatorRole::Viewer, "0d")).unwrap().is_err());
+        let names: Vec<String> = s.list_operators().unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(names, ["admin", "ann"]);
+    }
+
+    #[test]
+    fn roles_are_ordered_and_spelled() {
+        use OperatorRole::*;
+        assert!(Admin.allows(Rotator) && Admin.allows(Viewer) && Rotator.allows(Viewer));
+        assert!(!Viewer.allows(Rotator) && !Rotator.allows(Admin));
+        for r in OperatorRole::ALL {
+            assert_eq!(r.as_str().parse::<OperatorRole>().unwrap(), r);
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+        }
+        assert!("root".parse::<OperatorRole>().unwrap_err().contains("admin, rotator or viewer"));
     }
 
     #[test]
@@ -389,11 +633,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for i in 0..20 {
             let s = Store::open(dir.path()).unwrap();
-            s.put_operator(&format!("{i:02}"), "admin").unwrap();
+            s.create_operator(&operator(&format!("op-{i}"), OperatorRole::Admin, &format!("{i:02}"))).unwrap().unwrap();
             s.close().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        assert!(s.is_operator_serial("19").unwrap());
+        assert_eq!(s.operator_by_serial("19").unwrap().unwrap().name, "op-19");
         // While it is open, a second open says the lock is held, not "corrupt".
         let err = Store::open(dir.path()).err().expect("second open refused");
         assert!(matches!(err, StoreError::Locked { .. }), "{err}");

@@ -343,6 +343,35 @@ fn agent_views() {
 }
 
 #[test]
+fn operator_views() {
+    check(
+        "operators",
+        &vec![
+            OperatorView {
+                name: "admin".into(),
+                role: OperatorRole::Admin,
+                serials: vec!["4f1d".into()],
+                created_unix: 1_760_000_000,
+                created_by: "rekeyd (init)".into(),
+                revoked: false,
+                revoked_unix: None,
+                revoked_by: None,
+            },
+            OperatorView {
+                name: "night-shift".into(),
+                role: OperatorRole::Viewer,
+                serials: vec!["7a2e".into()],
+                created_unix: 1_760_000_600,
+                created_by: "operator/admin".into(),
+                revoked: true,
+                revoked_unix: Some(1_760_086_400),
+                revoked_by: Some("operator/admin".into()),
+            },
+        ],
+    );
+}
+
+#[test]
 fn scope_view() {
     let line = |n, version: &str, role| ScopeFileLine { line: n, version: version.into(), role, field: "value".into() };
     let occurrence = |path: &str, n, version: &str, role, declared| OccurrenceView {
@@ -486,6 +515,7 @@ fn enum_spellings_are_the_documented_ones() {
         all(AlertKind::ALL.iter().map(|s| s.to_string()).collect()),
         "old_version_used old_version_used_during_grace old_version_used_after_revocation leftover_found"
     );
+    assert_eq!(all(OperatorRole::ALL.iter().map(|s| s.to_string()).collect()), "admin rotator viewer");
     let waiting: IncidentSecretState = serde_json::from_str("\"waiting\"").unwrap();
     assert_eq!(waiting, IncidentSecretState::Campaign(CampaignState::Waiting));
     assert!(serde_json::from_str::<RotationState>("\"RollingOut\"").is_err());

@@ -21,9 +21,10 @@ use crate::scope::{self, ScopeError};
 use crate::sessions::Sessions;
 use crate::store::Store;
 use crate::store::TokenRecord;
+use crate::store::{OperatorRecord, OperatorRefused, OperatorRole};
 use rekey_common::error::chain as one_line;
 use rekey_common::time::now_unix;
-use rekey_common::tls::{Identity, Role};
+use rekey_common::tls::Identity;
 use rekey_proto::v1::admin_service_server::AdminService;
 use rekey_proto::v1::{
     AgentInfo, BackupRequest, BackupResponse, Control, ControlRotationRequest, CoordinatorMessage, CreateTokenRequest,
@@ -32,9 +33,10 @@ use rekey_proto::v1::{
     ListSecretsRequest, ListVersionsRequest, OpenIncidentRequest, ReportResponse, RevokeAgentRequest,
     RevokeAgentResponse, Revoked, ScopeRequest, StartRotationRequest, VerifyAuditRequest, coordinator_message,
 };
+use rekey_proto::v1::{CreateOperatorRequest, CreateOperatorResponse, ListOperatorsRequest, RevokeOperatorRequest};
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use rekey_types::v1::{
-    AlertView, AuditRecordView, AuditVerifyView, IncidentView, RotationSummary, RotationView, ScopeView,
+    AlertView, AuditRecordView, AuditVerifyView, IncidentView, OperatorView, RotationSummary, RotationView, ScopeView,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
@@ -59,10 +61,136 @@ pub struct AdminSvc {
     pub backup_key: Arc<crate::crypto::Key>,
 }
 
-/// Authorizes an admin call: operator role, a serial this coordinator issued
-/// to an operator, and a compatible CLI.
-pub(crate) fn operator<T>(svc: &AdminSvc, req: &Request<T>) -> Result<Identity, Status> {
-    let id = svc.auth.check(req, Role::Operator)?;
+/// Every admin RPC, for the role table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rpc {
+    CreateToken,
+    ListAgents,
+    RevokeAgent,
+    ListSecrets,
+    StartRotation,
+    GetRotation,
+    ListRotations,
+    ControlRotation,
+    ListVersions,
+    ListAudit,
+    OpenIncident,
+    ListAlerts,
+    GetIncident,
+    ListIncidents,
+    CloseIncident,
+    GetReport,
+    VerifyAudit,
+    Scope,
+    CreateOperator,
+    ListOperators,
+    RevokeOperator,
+    Backup,
+}
+
+impl Rpc {
+    #[cfg(test)]
+    const ALL: [Rpc; 22] = [
+        Rpc::CreateToken,
+        Rpc::ListAgents,
+        Rpc::RevokeAgent,
+        Rpc::ListSecrets,
+        Rpc::StartRotation,
+        Rpc::GetRotation,
+        Rpc::ListRotations,
+        Rpc::ControlRotation,
+        Rpc::ListVersions,
+        Rpc::ListAudit,
+        Rpc::OpenIncident,
+        Rpc::ListAlerts,
+        Rpc::GetIncident,
+        Rpc::ListIncidents,
+        Rpc::CloseIncident,
+        Rpc::GetReport,
+        Rpc::VerifyAudit,
+        Rpc::Scope,
+        Rpc::CreateOperator,
+        Rpc::ListOperators,
+        Rpc::RevokeOperator,
+        Rpc::Backup,
+    ];
+
+    /// What the call does, for a refusal: "may not {what}".
+    fn what(self) -> &'static str {
+        match self {
+            Rpc::CreateToken => "create a join token",
+            Rpc::ListAgents => "list agents",
+            Rpc::RevokeAgent => "revoke an agent",
+            Rpc::ListSecrets => "list secrets",
+            Rpc::StartRotation => "start a rotation",
+            Rpc::GetRotation => "read a rotation",
+            Rpc::ListRotations => "list rotations",
+            Rpc::ControlRotation => "pause, resume, abort or exclude a host from a rotation",
+            Rpc::ListVersions => "list versions",
+            Rpc::ListAudit => "read the audit log",
+            Rpc::OpenIncident => "open an incident",
+            Rpc::ListAlerts => "list alerts",
+            Rpc::GetIncident => "read an incident",
+            Rpc::ListIncidents => "list incidents",
+            Rpc::CloseIncident => "close an incident",
+            Rpc::GetReport => "read a report",
+            Rpc::VerifyAudit => "verify the audit log",
+            Rpc::Scope => "run a scope scan",
+            Rpc::CreateOperator => "create an operator",
+            Rpc::ListOperators => "list operators",
+            Rpc::RevokeOperator => "revoke an operator",
+            Rpc::Backup => "take a backup of the store",
+        }
+    }
+}
+
+/// THE role table: the least role that may make each admin call. Viewers
+/// read; rotators also run rotations (and exclusions), incidents and scope
+/// scans; admins also enroll (tokens), revoke agents and manage operators.
+pub(crate) fn required_role(rpc: Rpc) -> OperatorRole {
+    use OperatorRole::*;
+    match rpc {
+        Rpc::ListAgents
+        | Rpc::ListSecrets
+        | Rpc::GetRotation
+        | Rpc::ListRotations
+        | Rpc::ListVersions
+        | Rpc::ListAudit
+        | Rpc::ListAlerts
+        | Rpc::GetIncident
+        | Rpc::ListIncidents
+        | Rpc::GetReport
+        | Rpc::VerifyAudit
+        | Rpc::ListOperators => Viewer,
+        Rpc::StartRotation | Rpc::ControlRotation | Rpc::OpenIncident | Rpc::CloseIncident | Rpc::Scope => Rotator,
+        // A backup holds every secret (sealed) and every credential record.
+        Rpc::CreateToken | Rpc::RevokeAgent | Rpc::CreateOperator | Rpc::RevokeOperator | Rpc::Backup => Admin,
+    }
+}
+
+/// The refusal of a call the operator's role does not allow, if it does not.
+fn role_refusal(rec: &OperatorRecord, rpc: Rpc) -> Option<Status> {
+    let needed = required_role(rpc);
+    (!rec.role.allows(needed)).then(|| {
+        Status::permission_denied(format!(
+            "operator {} has role {} and may not {}: that needs role {needed}",
+            rec.name,
+            rec.role,
+            rpc.what()
+        ))
+    })
+}
+
+/// Authorizes an admin call, the one place every admin RPC goes through: an
+/// operator certificate this coordinator issued, neither it nor its operator
+/// revoked (read on every call), a role that allows `rpc`
+/// ([`required_role`]), and a compatible CLI.
+pub(crate) fn operator<T>(svc: &AdminSvc, req: &Request<T>, rpc: Rpc) -> Result<Identity, Status> {
+    let (id, rec) = svc.auth.operator(req)?;
+    if let Some(refused) = role_refusal(&rec, rpc) {
+        tracing::warn!(operator = %rec.name, role = %rec.role, call = ?rpc, "call refused by role");
+        return Err(refused);
+    }
     if let Some(v) = req.metadata().get(PROTOCOL_HEADER) {
         let theirs: u32 = v.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(0);
         if theirs != PROTOCOL_VERSION {
@@ -99,7 +227,7 @@ fn random_hex(bytes: usize) -> Result<String, Status> {
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
-        let who = operator(self, &req)?;
+        let who = operator(self, &req, Rpc::CreateToken)?;
         let req = req.into_inner();
         let s = self;
         if !valid_host_name(&req.host) {
@@ -152,7 +280,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_agents(&self, req: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::ListAgents)?;
         let s = self;
         let now = now_unix();
         let mut agents: Vec<AgentInfo> = s
@@ -181,7 +309,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn revoke_agent(&self, req: Request<RevokeAgentRequest>) -> Result<Response<RevokeAgentResponse>, Status> {
-        let who = operator(self, &req)?;
+        let who = operator(self, &req, Rpc::RevokeAgent)?;
         let name = req.into_inner().name;
         let s = self;
         let rec = s
@@ -208,7 +336,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_secrets(&self, req: Request<ListSecretsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::ListSecrets)?;
         let s = self;
         let mut out = Vec::new();
         for spec in &s.config.secrets {
@@ -224,13 +352,13 @@ impl AdminService for AdminSvc {
     }
 
     async fn start_rotation(&self, req: Request<StartRotationRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(self, &req)?;
+        let who = operator(self, &req, Rpc::StartRotation)?;
         let secret = req.into_inner().secret;
         self.rotation_json(self.engine.start(&secret, &who.to_string()).await)
     }
 
     async fn get_rotation(&self, req: Request<GetRotationRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::GetRotation)?;
         let id = req.into_inner().id;
         match self.engine.state().get_rotation(&id) {
             Ok(Some(r)) => Ok(json(&RotationView::from(&r))),
@@ -240,7 +368,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_rotations(&self, req: Request<ListRotationsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::ListRotations)?;
         let filter = req.into_inner().secret;
         let mut all = self.engine.state().list_rotations().map_err(|e| Status::internal(one_line(&e)))?;
         all.retain(|r| filter.is_empty() || r.secret == filter);
@@ -249,7 +377,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn control_rotation(&self, req: Request<ControlRotationRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(self, &req)?.to_string();
+        let who = operator(self, &req, Rpc::ControlRotation)?.to_string();
         let r = req.into_inner();
         let event = match Control::try_from(r.action) {
             Ok(Control::Pause) => Event::Pause { by: who.clone() },
@@ -269,7 +397,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_versions(&self, req: Request<ListVersionsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::ListVersions)?;
         let secret = req.into_inner().secret;
         let p =
             self.engine.provider(&secret).ok_or_else(|| engine_status(EngineError::UnknownSecret(secret.clone())))?;
@@ -281,7 +409,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn get_report(&self, req: Request<GetReportRequest>) -> Result<Response<ReportResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::GetReport)?;
         let r = req.into_inner();
         let state = self.engine.state();
         let audit = state.audit_records().map_err(|e| Status::internal(one_line(&e)))?;
@@ -324,14 +452,14 @@ impl AdminService for AdminSvc {
     }
 
     async fn list_alerts(&self, req: Request<ListAlertsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::ListAlerts)?;
         let mut all = self.alerts.list().map_err(|e| Status::internal(e.to_string()))?;
         all.reverse(); // newest first
         Ok(json(&all.iter().map(AlertView::from).collect::<Vec<_>>()))
     }
 
     async fn open_incident(&self, req: Request<OpenIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(self, &req)?.to_string();
+        let who = operator(self, &req, Rpc::OpenIncident)?.to_string();
         let r = req.into_inner();
         let concurrency = if r.concurrency == 0 { 1 } else { r.concurrency as usize };
         let inc = self.campaigns.open(&r.name, &r.secrets, concurrency, &who).map_err(campaign_status)?;
@@ -339,13 +467,13 @@ impl AdminService for AdminSvc {
     }
 
     async fn get_incident(&self, req: Request<GetIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::GetIncident)?;
         let inc = self.campaigns.get(&req.into_inner().id).map_err(campaign_status)?;
         Ok(json(&incident_view(self, &inc)?))
     }
 
     async fn list_incidents(&self, req: Request<ListIncidentsRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::ListIncidents)?;
         let mut all = self.campaigns.list().map_err(campaign_status)?;
         all.sort_by_key(|i| std::cmp::Reverse(i.opened_ms));
         let v = all.iter().map(|i| incident_view(self, i)).collect::<Result<Vec<_>, _>>()?;
@@ -353,13 +481,13 @@ impl AdminService for AdminSvc {
     }
 
     async fn close_incident(&self, req: Request<GetIncidentRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(self, &req)?.to_string();
+        let who = operator(self, &req, Rpc::CloseIncident)?.to_string();
         let inc = self.campaigns.close(&req.into_inner().id, &who).map_err(campaign_status)?;
         Ok(json(&incident_view(self, &inc)?))
     }
 
     async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::ListAudit)?;
         let limit = req.into_inner().limit as usize;
         let mut records = self.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
         if limit > 0 && records.len() > limit {
@@ -369,7 +497,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn scope(&self, req: Request<ScopeRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(self, &req)?.to_string();
+        let who = operator(self, &req, Rpc::Scope)?.to_string();
         let r = req.into_inner();
         let s = self;
         let query = scope::Query::new(r.secret, &r.version, r.rotation_id, r.timeout_seconds).map_err(scope_status)?;
@@ -392,7 +520,7 @@ impl AdminService for AdminSvc {
     }
 
     async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<BackupResponse>, Status> {
-        let who = operator(self, &req)?.to_string();
+        let who = operator(self, &req, Rpc::Backup)?.to_string();
         let (summary, file) = crate::backup::export(&self.store, self.engine.state(), &self.backup_key)
             .map_err(|e| Status::unavailable(format!("backup failed: {}", one_line(&e))))?;
         tracing::info!(operator = %who, audit_seq = summary.audit_seq, bytes = file.len(), "store backed up");
@@ -405,10 +533,86 @@ impl AdminService for AdminSvc {
         Ok(Response::new(BackupResponse { file, audit_seq: summary.audit_seq }))
     }
 
+    async fn create_operator(
+        &self,
+        req: Request<CreateOperatorRequest>,
+    ) -> Result<Response<CreateOperatorResponse>, Status> {
+        let who = operator(self, &req, Rpc::CreateOperator)?.to_string();
+        let r = req.into_inner();
+        if !crate::store::valid_operator_name(&r.name) {
+            return Err(Status::invalid_argument(format!(
+                "invalid operator name {:?}: expected letters, digits, '-', '.', '_' (at most 64)",
+                r.name
+            )));
+        }
+        let role: OperatorRole = r.role.parse().map_err(Status::invalid_argument)?;
+        let issued = self.ca.sign_operator_csr(&r.csr_der, &r.name, self.config.operator_cert_ttl).map_err(|e| {
+            Status::invalid_argument(format!(
+                "cannot sign the certificate request for operator {}: {}",
+                r.name,
+                one_line(&e)
+            ))
+        })?;
+        let rec = OperatorRecord {
+            name: r.name.clone(),
+            role,
+            serials: vec![issued.serial.clone()],
+            created_unix: now_unix(),
+            created_by: who.clone(),
+            revoked_unix: None,
+            revoked_by: None,
+        };
+        // The certificate is returned only once its serial is recorded: an
+        // unrecorded serial is refused on every call anyway.
+        self.store.create_operator(&rec).map_err(internal)?.map_err(operator_status)?;
+        tracing::info!(operator = %who, created = %rec.name, role = %rec.role, serial = %issued.serial, "operator created");
+        super::audit_to(
+            self.engine.state(),
+            &who,
+            "operator.create",
+            serde_json::json!({ "operator": rec.name, "role": rec.role, "serial": issued.serial }),
+        );
+        Ok(Response::new(CreateOperatorResponse {
+            cert_pem: issued.cert_pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+            operator_json: serde_json::to_string(&OperatorView::from(&rec)).expect("views serialize to json"),
+        }))
+    }
+
+    async fn list_operators(&self, req: Request<ListOperatorsRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(self, &req, Rpc::ListOperators)?;
+        let all = self.store.list_operators().map_err(internal)?;
+        Ok(json(&all.iter().map(OperatorView::from).collect::<Vec<_>>()))
+    }
+
+    async fn revoke_operator(&self, req: Request<RevokeOperatorRequest>) -> Result<Response<JsonResponse>, Status> {
+        let who = operator(self, &req, Rpc::RevokeOperator)?.to_string();
+        let name = req.into_inner().name;
+        let rec = self.store.revoke_operator(&name, &who, now_unix()).map_err(internal)?.map_err(operator_status)?;
+        // Refused from the next call on (the store is read on every call too).
+        self.auth.revoked().extend(rec.serials.iter().cloned());
+        tracing::warn!(operator = %who, revoked = %name, "operator revoked");
+        super::audit_to(
+            self.engine.state(),
+            &who,
+            "operator.revoke",
+            serde_json::json!({ "operator": name, "role": rec.role, "serials": rec.serials }),
+        );
+        Ok(json(&OperatorView::from(&rec)))
+    }
+
     async fn verify_audit(&self, req: Request<VerifyAuditRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req)?;
+        operator(self, &req, Rpc::VerifyAudit)?;
         let records = self.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
         Ok(json(&AuditVerifyView::from(&crate::audit::verify(&records))))
+    }
+}
+
+fn operator_status(e: OperatorRefused) -> Status {
+    match e {
+        OperatorRefused::Unknown(_) => Status::not_found(format!("{e} (see `rekey operator list`)")),
+        OperatorRefused::Exists(_) => Status::already_exists(e.to_string()),
+        OperatorRefused::AlreadyRevoked { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
@@ -474,6 +678,57 @@ impl AdminSvc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn op(role: OperatorRole) -> OperatorRecord {
+        OperatorRecord {
+            name: "ann".into(),
+            role,
+            serials: vec![],
+            created_unix: 0,
+            created_by: String::new(),
+            revoked_unix: None,
+            revoked_by: None,
+        }
+    }
+
+    #[test]
+    fn viewers_only_read_rotators_rotate_admins_do_everything() {
+        use OperatorRole::*;
+        let allowed = |role| Rpc::ALL.into_iter().filter(|r| role_refusal(&op(role), *r).is_none()).collect::<Vec<_>>();
+        assert_eq!(allowed(Admin), Rpc::ALL.to_vec());
+        let read_only = [
+            Rpc::ListAgents,
+            Rpc::ListSecrets,
+            Rpc::GetRotation,
+            Rpc::ListRotations,
+            Rpc::ListVersions,
+            Rpc::ListAudit,
+            Rpc::ListAlerts,
+            Rpc::GetIncident,
+            Rpc::ListIncidents,
+            Rpc::GetReport,
+            Rpc::VerifyAudit,
+            Rpc::ListOperators,
+        ];
+        assert_eq!(allowed(Viewer), read_only.to_vec());
+        let mut rotator = allowed(Rotator);
+        rotator.retain(|r| !read_only.contains(r));
+        assert_eq!(
+            rotator,
+            [Rpc::StartRotation, Rpc::ControlRotation, Rpc::OpenIncident, Rpc::CloseIncident, Rpc::Scope]
+        );
+        for admin_only in [Rpc::CreateToken, Rpc::RevokeAgent, Rpc::CreateOperator, Rpc::RevokeOperator, Rpc::Backup] {
+            assert_eq!(required_role(admin_only), Admin, "{admin_only:?}");
+        }
+        let refused = role_refusal(&op(Viewer), Rpc::StartRotation).unwrap();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            refused.message(),
+            "operator ann has role viewer and may not start a rotation: that needs role rotator"
+        );
+        let refused = role_refusal(&op(Rotator), Rpc::CreateToken).unwrap();
+        assert!(refused.message().contains("needs role admin"), "{}", refused.message());
+    }
 
     #[test]
     fn names_and_labels_are_validated() {

@@ -15,6 +15,7 @@ use crate::engine::machine::{self, Rotation};
 use crate::engine::plan;
 use crate::engine::state::SecretRecord;
 use crate::scope;
+use crate::store::{OperatorRecord, OperatorRole};
 use rekey_providers::{VersionInfo, VersionStatus};
 use rekey_types::v1 as view;
 
@@ -220,6 +221,31 @@ pub(crate) fn secret(
 }
 
 /// A provider's version, marked if it is the catalog's current one.
+impl From<OperatorRole> for view::OperatorRole {
+    fn from(r: OperatorRole) -> Self {
+        match r {
+            OperatorRole::Admin => Self::Admin,
+            OperatorRole::Rotator => Self::Rotator,
+            OperatorRole::Viewer => Self::Viewer,
+        }
+    }
+}
+
+impl From<&OperatorRecord> for view::OperatorView {
+    fn from(r: &OperatorRecord) -> Self {
+        view::OperatorView {
+            name: r.name.clone(),
+            role: r.role.into(),
+            serials: r.serials.clone(),
+            created_unix: r.created_unix,
+            created_by: r.created_by.clone(),
+            revoked: r.revoked_unix.is_some(),
+            revoked_unix: r.revoked_unix,
+            revoked_by: r.revoked_by.clone(),
+        }
+    }
+}
+
 pub(crate) fn version(v: &VersionInfo, current: Option<&str>) -> view::VersionView {
     view::VersionView {
         id: v.id.clone(),

@@ -16,6 +16,7 @@
 mod agent;
 mod audit;
 mod incident;
+mod operator;
 mod rotation;
 mod scope;
 mod secret;
@@ -23,6 +24,7 @@ mod secret;
 pub use agent::{AgentRevokedView, AgentView, JoinTokenView};
 pub use audit::{AlertKind, AlertView, AuditRecordView, AuditVerifyView, BrokenLink, Severity};
 pub use incident::{CampaignState, IncidentSecretState, IncidentSecretView, IncidentState, IncidentView};
+pub use operator::{OperatorRole, OperatorView};
 pub use rotation::{
     Amount, EvidenceView, ExclusionView, GraceUse, HostState, HostView, PolicyView, RotationState, RotationSummary,
     RotationView, TimelineEntryView, Usage,
