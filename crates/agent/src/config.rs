@@ -262,29 +262,7 @@ pub struct FileConfig {
     pub field: String,
 }
 
-/// How a file's new content is produced.
-#[derive(Debug, Clone)]
-pub enum FileContent {
-    /// The whole file rendered from a minijinja template with the secret's
-    /// fields as variables (strict: an undefined variable is an error).
-    Template { source: String },
-    /// Every occurrence of the previous value of `field` replaced by the new
-    /// value, inside an existing file. `None`: the secret's only field.
-    Replace { field: Option<String> },
-    /// `KEY=value` lines of an existing env file updated (env key → field);
-    /// every other byte kept.
-    EnvFile { keys: BTreeMap<String, String> },
-}
-
-impl FileContent {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            FileContent::Template { .. } => "template",
-            FileContent::Replace { .. } => "replace",
-            FileContent::EnvFile { .. } => "env-file",
-        }
-    }
-}
+pub use crate::pipeline::render::FileContent;
 
 /// A command run without a shell. Secret values reach it only through the
 /// environment (`env`: variable → field) or its stdin (`stdin`: field), never
@@ -495,15 +473,8 @@ impl AgentConfig {
         let mut paths: BTreeMap<PathBuf, String> = BTreeMap::new();
         let mut secrets = Vec::new();
         for (i, s) in raw.secrets.into_iter().enumerate() {
-            if s.name.is_empty()
-                || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
-            {
-                return Err(ConfigError::field(
-                    path,
-                    format!("secret[{i}].name"),
-                    format!("invalid secret name {:?}: expected letters, digits, '-', '_', '.', '/'", s.name),
-                ));
-            }
+            rekey_common::config::check_secret_name(&s.name)
+                .map_err(|m| ConfigError::field(path, format!("secret[{i}].name"), m))?;
             if !seen.insert(s.name.clone()) {
                 return Err(ConfigError::field(
                     path,

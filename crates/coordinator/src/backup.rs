@@ -99,7 +99,7 @@ struct Payload {
 /// rekeyd runs, the store is locked: `rekey backup` asks the running one
 /// (the admin service's `Backup` call, same format).
 pub fn backup_offline(config: &crate::config::Config, out: &Path) -> Result<Summary, BackupError> {
-    if !crate::server::is_initialized(config) {
+    if !config.is_initialized() {
         return Err(BackupError::NotInitialized { data_dir: config.data_dir.clone() });
     }
     let master = crate::crypto::load_master_key(&config.master_key_file)?;

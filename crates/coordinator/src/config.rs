@@ -237,6 +237,11 @@ impl Config {
         self.data_dir.join("store")
     }
 
+    /// Whether this data dir holds a store already (an initialized coordinator).
+    pub fn is_initialized(&self) -> bool {
+        self.store_dir().join("db").exists()
+    }
+
     pub fn operator_dir(&self) -> PathBuf {
         self.data_dir.join("operator")
     }

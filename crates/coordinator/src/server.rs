@@ -123,11 +123,6 @@ fn write_file(path: PathBuf, bytes: &[u8], private: bool) -> Result<(), ServerEr
     r.map_err(|source| ServerError::Write { path, source })
 }
 
-/// Whether this data dir holds a store already (an initialized coordinator).
-pub fn is_initialized(config: &Config) -> bool {
-    config.store_dir().join("db").exists()
-}
-
 /// Creates `dir` (and missing parents) 0700, and tightens it to 0700 if it
 /// exists: the data dir holds the store and, at init, the operator credential.
 fn private_dir(dir: &std::path::Path) -> Result<(), ServerError> {
@@ -177,7 +172,7 @@ pub struct Recovered {
 /// recorded as an operator and audited as `operator.recover`. The way back in
 /// when every admin credential is lost or revoked.
 pub fn recover_operator(config: &Config, out: &std::path::Path, name: &str) -> Result<Recovered, ServerError> {
-    if !is_initialized(config) {
+    if !config.is_initialized() {
         return Err(ServerError::NotInitialized { data_dir: config.data_dir.clone() });
     }
     if !valid_operator_name(name) {
@@ -238,7 +233,7 @@ impl Coordinator {
     /// Creates what is missing (master key, store, CA, DEK, operator
     /// credential) and opens what exists. Idempotent.
     pub fn init(config: Config) -> Result<Coordinator, ServerError> {
-        let initialized = is_initialized(&config);
+        let initialized = config.is_initialized();
         let created_master_key = if initialized {
             // Never replace the key of an initialized data dir: a new one
             // cannot open it, and writing it would only hide the real problem.

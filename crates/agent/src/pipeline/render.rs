@@ -5,11 +5,34 @@
 //! Every buffer that holds a value is a [`SecretBytes`]; error messages name
 //! fields, keys and versions, never values.
 
-use crate::config::FileContent;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
 use rekey_common::secret::{SecretBytes, fingerprint_fields};
 use rekey_proto::v1::SecretField;
 use std::collections::{BTreeMap, BTreeSet};
+
+/// How a file's new content is produced.
+#[derive(Debug, Clone)]
+pub enum FileContent {
+    /// The whole file rendered from a minijinja template with the secret's
+    /// fields as variables (strict: an undefined variable is an error).
+    Template { source: String },
+    /// Every occurrence of the previous value of `field` replaced by the new
+    /// value, inside an existing file. `None`: the secret's only field.
+    Replace { field: Option<String> },
+    /// `KEY=value` lines of an existing env file updated (env key → field);
+    /// every other byte kept.
+    EnvFile { keys: BTreeMap<String, String> },
+}
+
+impl FileContent {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FileContent::Template { .. } => "template",
+            FileContent::Replace { .. } => "replace",
+            FileContent::EnvFile { .. } => "env-file",
+        }
+    }
+}
 
 /// The named fields of one secret version (`value`, or `access_key_id` and
 /// `secret_access_key`, ...).
