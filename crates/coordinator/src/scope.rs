@@ -509,8 +509,13 @@ fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError>
     // The agents stop a little before the coordinator does, so a truncated
     // answer still arrives.
     let margin = (query.timeout / 5).min(Duration::from_secs(2));
-    let request =
-        ScanRequest { scan_id: id.clone(), salt, targets, timeout_ms: (query.timeout - margin).as_millis() as u64 };
+    let request = ScanRequest {
+        scan_id: id.clone(),
+        salt,
+        targets,
+        timeout_ms: (query.timeout - margin).as_millis() as u64,
+        blind: false,
+    };
     Ok(PreparedScan {
         id,
         query: query.clone(),
