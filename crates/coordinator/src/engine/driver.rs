@@ -723,12 +723,12 @@ async fn provider_call(
 /// Agents that may receive `spec`: enrolled, not revoked, declaring it in
 /// their own config, and selected by its labels.
 pub fn consumers(store: &Store, spec: &super::catalog::SecretSpec) -> Result<Vec<String>, crate::store::StoreError> {
-    Ok(store
-        .list_agents()?
-        .into_iter()
-        .filter(|a| a.revoked_unix.is_none() && a.secrets.contains(&spec.name) && spec.selects(&a.name, &a.labels))
-        .map(|a| a.name)
-        .collect())
+    Ok(store.list_agents()?.into_iter().filter(|a| is_consumer(a, spec)).map(|a| a.name).collect())
+}
+
+/// Whether `agent` may receive `spec` (see [`consumers`]).
+pub fn is_consumer(agent: &crate::store::AgentRecord, spec: &super::catalog::SecretSpec) -> bool {
+    agent.revoked_unix.is_none() && agent.secrets.contains(&spec.name) && spec.selects(&agent.name, &agent.labels)
 }
 
 /// For status displays: is the rotation waiting on something outside rekey?
