@@ -12,3 +12,4 @@ mod providers;
 mod scope;
 mod security;
 mod security_agent;
+mod security_scope;
