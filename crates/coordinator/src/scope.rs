@@ -63,7 +63,8 @@ pub const WEAK_BELOW_BITS: f64 = 80.0;
 /// other printable ASCII, other bytes).
 pub fn entropy_estimate(value: &[u8]) -> f64 {
     let mut alphabet = 0u32;
-    let classes: [(fn(&u8) -> bool, u32); 5] = [
+    type Class = (fn(&u8) -> bool, u32);
+    let classes: [Class; 5] = [
         (u8::is_ascii_lowercase, 26),
         (u8::is_ascii_uppercase, 26),
         (u8::is_ascii_digit, 10),
