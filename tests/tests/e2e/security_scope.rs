@@ -19,6 +19,7 @@ fn catalog() -> String {
         r#"
 [[secret]]
 name = "{SECRET}"
+all_agents = true
 provider = {{ kind = "random", length = 32, prefix = "tok_" }}
 [secret.rollout]
 canary = 0
