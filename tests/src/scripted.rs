@@ -40,6 +40,7 @@ struct Shared {
     rollbacks: Vec<(String, String)>,
     purges: Vec<(String, String)>,
     values_seen: Vec<Vec<u8>>,
+    scans: Vec<rekey_proto::v1::ScanRequest>,
     connected: bool,
 }
 
@@ -95,6 +96,12 @@ impl ScriptedAgent {
     /// Every secret value this agent received (to check none leaked elsewhere).
     pub fn values_seen(&self) -> Vec<Vec<u8>> {
         self.shared.lock().unwrap().values_seen.clone()
+    }
+
+    /// Every scope-scan request this agent received, as received (it
+    /// answers each with an empty result: it found nothing).
+    pub fn scan_requests(&self) -> Vec<rekey_proto::v1::ScanRequest> {
+        self.shared.lock().unwrap().scans.clone()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -258,6 +265,11 @@ async fn session(
             }
             Some(coordinator_message::Msg::Purge(p)) => {
                 shared.lock().unwrap().purges.push((p.secret, p.version_id));
+            }
+            Some(coordinator_message::Msg::Scan(req)) => {
+                let result = rekey_proto::v1::ScanResult { scan_id: req.scan_id.clone(), ..Default::default() };
+                shared.lock().unwrap().scans.push(req);
+                tx.send(AgentMessage { msg: Some(agent_message::Msg::ScanResult(result)) }).await?;
             }
             Some(coordinator_message::Msg::Revoked(_)) => return Ok(()),
             _ => {}

@@ -17,6 +17,13 @@
 //! on the work per token). The delimiters and the limits a request must keep
 //! are the protocol's ([`rekey_proto::scan`]).
 //!
+//! Blind requests ([`scan_blind`]): an agent that is not a consumer of the
+//! secret gets only a salt — no fingerprint, no length, nothing it could test
+//! a guess of the value against. It answers with `HMAC-SHA256(salt, token)`
+//! of every distinct whole token of [`MIN_BLIND_TOKEN`] to [`MAX_NEEDLE`]
+//! bytes per file (with the line of its first occurrence), at most
+//! [`MAX_BLIND_TOKENS`]; the coordinator, which holds the values, matches.
+//!
 //! Walking ([`scan_files`], blocking I/O) is bounded: directory depth, file
 //! size, number of files, wall-clock time, number of matches reported.
 //! Binary files (a NUL byte in the first 8 KiB), special files, other file
@@ -31,8 +38,12 @@
 
 use crate::config::{AgentConfig, ScanConfig};
 use rekey_common::error::Chain;
-use rekey_proto::scan::{MAX_MATCHES, MAX_NEEDLE, MAX_SKIPPED_LISTED, MAX_TARGETS, SALT_LEN, is_delimiter};
-use rekey_proto::v1::{AgentMessage, ScanMatch, ScanRequest, ScanResult, ScanSkip, ScanTarget, agent_message};
+use rekey_proto::scan::{
+    MAX_BLIND_TOKENS, MAX_MATCHES, MAX_NEEDLE, MAX_SKIPPED_LISTED, MAX_TARGETS, MIN_BLIND_TOKEN, SALT_LEN, is_delimiter,
+};
+use rekey_proto::v1::{
+    AgentMessage, BlindFile, BlindToken, ScanMatch, ScanRequest, ScanResult, ScanSkip, ScanTarget, agent_message,
+};
 use ring::hmac;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
@@ -147,6 +158,27 @@ impl Matcher {
     }
 }
 
+/// The salt's key of a blind request.
+pub fn blind_key(salt: &[u8]) -> Result<hmac::Key, ScanError> {
+    if !SALT_LEN.contains(&salt.len()) {
+        return Err(ScanError::Malformed(format!(
+            "salt of {} bytes, expected {} to {}",
+            salt.len(),
+            SALT_LEN.start(),
+            SALT_LEN.end()
+        )));
+    }
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, salt))
+}
+
+/// What a scan looks for: targets (a consumer's request), or every token
+/// (a blind request, matched by the coordinator).
+#[derive(Clone, Copy)]
+enum Search<'a> {
+    Targeted(&'a Matcher),
+    Blind(&'a hmac::Key),
+}
+
 /// Compares without an early exit on the first differing byte.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -185,11 +217,15 @@ enum Stop {
     Cancelled,
     Timeout,
     MaxFiles,
+    /// A blind scan sent as many token fingerprints as it may.
+    Tokens,
 }
 
 /// Accumulates one scan's result while walking.
 struct Walk<'a> {
-    matcher: &'a Matcher,
+    search: Search<'a>,
+    /// Token fingerprints sent so far (blind requests).
+    blind_tokens: usize,
     plan: &'a Plan,
     /// Canonical declared path → secrets declaring it.
     declared: HashMap<PathBuf, Vec<String>>,
@@ -404,7 +440,10 @@ impl Walk<'_> {
         }
         self.result.files_scanned += 1;
         self.result.bytes_scanned += content.len() as u64;
-        let matcher = self.matcher;
+        let matcher = match self.search {
+            Search::Targeted(m) => m,
+            Search::Blind(key) => return self.blind_file(shown, real, &content, key),
+        };
         // Resolved on the first match only: most files match nothing.
         let mut declaring: Option<Vec<String>> = None;
         for (i, line) in content.split(|b| *b == b'\n').enumerate() {
@@ -427,6 +466,41 @@ impl Walk<'_> {
                     declared: declaring.contains(&target.secret),
                 });
             }
+        }
+    }
+
+    /// A blind request: the salted HMAC of every distinct token of the file
+    /// (line of its first occurrence), within the scan's token budget.
+    fn blind_file(&mut self, shown: &Path, real: &Path, content: &[u8], key: &hmac::Key) {
+        let mut seen: HashSet<&[u8]> = HashSet::new();
+        let mut tokens = Vec::new();
+        let mut full = false;
+        'lines: for (i, line) in content.split(|b| *b == b'\n').enumerate() {
+            if i % LINES_PER_CHECK == LINES_PER_CHECK - 1 && self.should_stop() {
+                break;
+            }
+            for token in line.split(|b| is_delimiter(*b)) {
+                if !(MIN_BLIND_TOKEN..=MAX_NEEDLE).contains(&token.len()) || !seen.insert(token) {
+                    continue;
+                }
+                if self.blind_tokens >= MAX_BLIND_TOKENS {
+                    full = true;
+                    break 'lines;
+                }
+                self.blind_tokens += 1;
+                tokens.push(BlindToken {
+                    tag: hmac::sign(key, token).as_ref().to_vec(),
+                    line: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                });
+            }
+        }
+        if !tokens.is_empty() {
+            let declared_for = self.declaring(shown, real);
+            self.result.blind_files.push(BlindFile { path: shown.display().to_string(), declared_for, tokens });
+        }
+        if full {
+            self.hit_limit(format!("max_tokens {MAX_BLIND_TOKENS}"));
+            self.stopped.get_or_insert(Stop::Tokens);
         }
     }
 
@@ -467,6 +541,16 @@ fn read_bounded(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
 /// Runs one scan to the end (blocking I/O): the declared files, then the
 /// roots, within the plan's limits and before `deadline` or `stop`.
 pub fn scan_files(plan: &Plan, matcher: &Matcher, scan_id: &str, deadline: Instant, stop: &AtomicBool) -> ScanResult {
+    scan(plan, Search::Targeted(matcher), scan_id, deadline, stop)
+}
+
+/// Runs one blind scan to the end (blocking I/O): like [`scan_files`], but
+/// answers with the salted HMACs of the tokens found (`blind_files`).
+pub fn scan_blind(plan: &Plan, key: &hmac::Key, scan_id: &str, deadline: Instant, stop: &AtomicBool) -> ScanResult {
+    scan(plan, Search::Blind(key), scan_id, deadline, stop)
+}
+
+fn scan(plan: &Plan, search: Search<'_>, scan_id: &str, deadline: Instant, stop: &AtomicBool) -> ScanResult {
     let started = Instant::now();
     let mut declared: HashMap<PathBuf, Vec<String>> = HashMap::new();
     for (path, secret) in &plan.declared {
@@ -480,7 +564,8 @@ pub fn scan_files(plan: &Plan, matcher: &Matcher, scan_id: &str, deadline: Insta
     }
     let excluded = plan.exclude.iter().filter_map(|p| std::fs::canonicalize(p).ok()).collect();
     let mut walk = Walk {
-        matcher,
+        search,
+        blind_tokens: 0,
         plan,
         declared,
         excluded,
@@ -512,6 +597,7 @@ pub fn scan_files(plan: &Plan, matcher: &Matcher, scan_id: &str, deadline: Insta
         }
         Some(Stop::MaxFiles) => walk.hit_limit(format!("max_files {}", plan.limits.max_files)),
         Some(Stop::Cancelled) => walk.hit_limit("cancelled".into()),
+        Some(Stop::Tokens) => {}
         None => {}
     }
     let mut result = walk.result;
@@ -565,7 +651,12 @@ impl Scans {
         tokio::spawn(
             async move {
                 let _guard = guard;
-                let matcher = match Matcher::new(&req.salt, &req.targets) {
+                let search = if req.blind {
+                    blind_key(&req.salt).map(Owned::Blind)
+                } else {
+                    Matcher::new(&req.salt, &req.targets).map(Owned::Targeted)
+                };
+                let search = match search {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::warn!(error = %Chain(&e), "scan refused");
@@ -574,6 +665,7 @@ impl Scans {
                     }
                 };
                 tracing::info!(
+                    blind = req.blind,
                     targets = req.targets.len(),
                     declared_files = plan.declared.len(),
                     roots = plan.limits.roots.len(),
@@ -585,7 +677,10 @@ impl Scans {
                 let mut work = tokio::task::spawn_blocking({
                     let stop = stop.clone();
                     let id = req.scan_id.clone();
-                    move || scan_files(&plan, &matcher, &id, deadline, &stop)
+                    move || match &search {
+                        Owned::Targeted(m) => scan_files(&plan, m, &id, deadline, &stop),
+                        Owned::Blind(k) => scan_blind(&plan, k, &id, deadline, &stop),
+                    }
                 });
                 let joined = tokio::select! {
                     r = &mut work => r,
@@ -610,6 +705,7 @@ impl Scans {
                     files = result.files_scanned,
                     bytes = result.bytes_scanned,
                     matches = result.matches.len(),
+                    blind_files = result.blind_files.len(),
                     skipped = result.skipped_counts.values().sum::<u64>(),
                     truncated = result.truncated,
                     limit = %result.limit,
@@ -621,6 +717,12 @@ impl Scans {
             .instrument(span),
         );
     }
+}
+
+/// A request's search, owned by the scan's thread.
+enum Owned {
+    Targeted(Matcher),
+    Blind(hmac::Key),
 }
 
 async fn send(out: mpsc::Sender<AgentMessage>, result: ScanResult) {
@@ -773,6 +875,44 @@ mod tests {
     }
 
     #[test]
+    fn a_blind_scan_answers_salted_token_hmacs_per_file_and_no_match() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let declared = root.join("app.conf");
+        std::fs::write(&declared, b"token = tok_9f8e7d6c5b4a39281706\nagain tok_9f8e7d6c5b4a39281706 short\n").unwrap();
+        std::fs::write(root.join("copy.txt"), b"x\nleaked: \"tok_9f8e7d6c5b4a39281706\"\n").unwrap();
+        let p = plan(vec![(declared.clone(), "s")], vec![root.clone()]);
+        let key = blind_key(SALT).unwrap();
+        let r = scan_blind(&p, &key, "scan-b", Instant::now() + Duration::from_secs(30), &AtomicBool::new(false));
+        assert!(r.error.is_empty() && !r.truncated && r.matches.is_empty(), "{r:?}");
+        let tag = hmac::sign(&key, VALUE).as_ref().to_vec();
+        let files: Vec<(String, Vec<String>, Vec<u32>)> = r
+            .blind_files
+            .iter()
+            .map(|f| {
+                (
+                    f.path.clone(),
+                    f.declared_for.clone(),
+                    f.tokens.iter().filter(|t| t.tag == tag).map(|t| t.line).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            files,
+            vec![
+                // Each distinct token once per file, at its first line; "token",
+                // "again" and "short" are under the minimum length.
+                (declared.display().to_string(), vec!["s".to_string()], vec![1]),
+                (root.join("copy.txt").display().to_string(), vec![], vec![2]),
+            ]
+        );
+        assert_eq!(r.blind_files[0].tokens.len(), 1, "{r:?}");
+        assert_eq!(r.blind_files[1].tokens.len(), 1, "{r:?}");
+        assert!(blind_key(b"short").is_err());
+    }
+
+    #[test]
     fn skips_binary_large_special_and_outside_files_and_counts_them() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("root");
@@ -894,6 +1034,7 @@ mod tests {
             salt: SALT.to_vec(),
             targets: vec![target("s", "v1", VALUE)],
             timeout_ms: 5000,
+            blind: false,
         };
         // Hold the slot as a running scan would.
         scans.busy.store(true, Ordering::Release);

@@ -4,10 +4,16 @@
 //! new one, the old one while its value is still held — or only one of them)
 //! and turns each field's value into a target: a keyed fingerprint
 //! `HMAC-SHA256(salt, needle)` under a fresh per-scan salt, and the needle's
-//! length. Values never leave the coordinator. [`PreparedScan::run`] sends a
-//! `ScanRequest` to every connected agent — not only the consumers: the point
-//! is to find copies nobody declared — and collects their `ScanResult`s until
-//! all answered or the timeout passed. [`build_map`] (pure) turns the answers,
+//! length. Values never leave the coordinator. [`PreparedScan::run`] asks
+//! every connected agent — not only the consumers: the point is to find
+//! copies nobody declared — and collects their `ScanResult`s until all
+//! answered or the timeout passed. Only the secret's consumers (agents that
+//! declare it and that its selector picks; they hold the value anyway) get
+//! the targets. Every other agent gets a *blind* request — a fresh salt and
+//! nothing else — and answers with the salted HMACs of its files' tokens;
+//! [`match_blind`] (pure) matches them here against the targets, so no
+//! non-consumer ever holds a fingerprint or a length it could test guesses of
+//! a value against. [`build_map`] (pure) turns the answers,
 //! the agent registry and the catalog into a [`ConsumerMap`]: host → file →
 //! version (`current`, `new`, `old`), occurrences no agent config declares,
 //! leftovers of an old version, hosts that declare the secret but do not have
@@ -20,6 +26,7 @@
 //! that the agents' session tasks feed through [`Scans::deliver`].
 
 use crate::config::Config;
+use crate::engine::driver::is_consumer;
 use crate::engine::machine::{Rotation, RotationState};
 use crate::engine::state::{EngineState, SecretRecord, StateError};
 use crate::sessions::Sessions;
@@ -46,6 +53,46 @@ use rekey_proto::scan::{
     DELIMITERS, MAX_MATCHES as MAX_MATCHES_PER_HOST, MAX_NEEDLE, MAX_SKIPPED_LISTED as MAX_SKIPPED_PER_HOST,
     MAX_TARGETS,
 };
+
+/// Below this estimate (length × log2 of the character classes used) a
+/// searched value is flagged `weak` in the report.
+pub const WEAK_BELOW_BITS: f64 = 80.0;
+
+/// A rough upper bound of a value's entropy in bits: its length times log2 of
+/// the size of the character classes it uses (lower case, upper case, digits,
+/// other printable ASCII, other bytes).
+pub fn entropy_estimate(value: &[u8]) -> f64 {
+    let mut alphabet = 0u32;
+    type Class = (fn(&u8) -> bool, u32);
+    let classes: [Class; 5] = [
+        (u8::is_ascii_lowercase, 26),
+        (u8::is_ascii_uppercase, 26),
+        (u8::is_ascii_digit, 10),
+        (|b| b.is_ascii_graphic() && !b.is_ascii_alphanumeric(), 32),
+        (|b| !b.is_ascii_graphic(), 162),
+    ];
+    for (is, size) in classes {
+        if value.iter().any(is) {
+            alphabet += size;
+        }
+    }
+    if alphabet < 2 {
+        return 0.0;
+    }
+    value.len() as f64 * f64::from(alphabet).log2()
+}
+
+/// The `weak` note of a searched value, if its estimate is under the floor.
+/// Says nothing of the value but the estimate.
+pub fn weakness(value: &[u8]) -> Option<String> {
+    let bits = entropy_estimate(value);
+    (bits < WEAK_BELOW_BITS).then(|| {
+        format!(
+            "about {} bits of entropy (estimated from length and character classes), under {WEAK_BELOW_BITS}: guessable; rotate to a stronger value",
+            bits.floor()
+        )
+    })
+}
 
 /// The part a version plays for the secret at the time of the scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -249,6 +296,8 @@ pub struct Searched {
     pub field: String,
     /// Only part of the value is searched (it contains separator characters).
     pub partial: bool,
+    /// The value looks guessable (low estimated entropy), and why.
+    pub weak: Option<String>,
 }
 
 /// A version or field not searched for, and why.
@@ -444,7 +493,12 @@ pub struct PreparedScan {
     pub hosts_asked: Vec<String>,
     pub searched: Vec<Searched>,
     pub not_searched: Vec<NotSearched>,
+    /// For the consumers: the targets (they hold the values anyway).
     request: ScanRequest,
+    /// For everyone else: the salt only.
+    blind: ScanRequest,
+    /// Hosts asked that get the targeted request.
+    consumers: BTreeSet<String>,
     agents: Vec<AgentRecord>,
     selector: BTreeMap<String, String>,
 }
@@ -509,8 +563,10 @@ fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError>
     // The agents stop a little before the coordinator does, so a truncated
     // answer still arrives.
     let margin = (query.timeout / 5).min(Duration::from_secs(2));
-    let request =
-        ScanRequest { scan_id: id.clone(), salt, targets, timeout_ms: (query.timeout - margin).as_millis() as u64 };
+    let timeout_ms = (query.timeout - margin).as_millis() as u64;
+    let blind = ScanRequest { scan_id: id.clone(), salt: salt.clone(), targets: Vec::new(), timeout_ms, blind: true };
+    let request = ScanRequest { scan_id: id.clone(), salt, targets, timeout_ms, blind: false };
+    let consumers = agents.iter().filter(|a| is_consumer(a, spec)).map(|a| a.name.clone()).collect();
     Ok(PreparedScan {
         id,
         query: query.clone(),
@@ -519,6 +575,8 @@ fn prepare(scanner: &Scanner, query: &Query) -> Result<PreparedScan, ScopeError>
         searched,
         not_searched,
         request,
+        blind,
+        consumers,
         agents,
         selector: spec.selector.clone(),
     })
@@ -661,7 +719,8 @@ fn build_targets(
                 fingerprint: hex::encode(ring::hmac::sign(key, bytes).as_ref()),
                 length: bytes.len() as u32,
             });
-            searched.push(Searched { version: version.clone(), role: *role, field: field.clone(), partial });
+            let weak = weakness(value.expose());
+            searched.push(Searched { version: version.clone(), role: *role, field: field.clone(), partial, weak });
         }
     }
     if targets.is_empty() {
@@ -682,7 +741,8 @@ impl PreparedScan {
         let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
         let mut waiting = asked.clone();
         for host in &asked {
-            let msg = CoordinatorMessage { msg: Some(coordinator_message::Msg::Scan(self.request.clone())) };
+            let req = if self.consumers.contains(host) { &self.request } else { &self.blind };
+            let msg = CoordinatorMessage { msg: Some(coordinator_message::Msg::Scan(req.clone())) };
             if let Err(e) = scanner.sessions.send(host, msg) {
                 waiting.remove(host);
                 unreachable.insert(host.clone(), e.to_string());
@@ -693,13 +753,21 @@ impl PreparedScan {
             secret = %self.query.secret,
             targets = self.request.targets.len(),
             hosts = waiting.len(),
+            targeted = waiting.iter().filter(|h| self.consumers.contains(*h)).count(),
             "scope scan sent"
         );
         let mut answers: BTreeMap<String, ScanResult> = BTreeMap::new();
         while !waiting.is_empty() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some((host, result))) => {
+                Ok(Some((host, mut result))) => {
                     waiting.remove(&host);
+                    if self.consumers.contains(&host) {
+                        result.blind_files.clear();
+                    } else {
+                        // It had no targets: any match it claims is made up.
+                        result.matches.clear();
+                        match_blind(&self.query.secret, &self.request.targets, &mut result);
+                    }
                     answers.insert(host, result);
                 }
                 Ok(None) | Err(_) => break,
@@ -735,6 +803,48 @@ impl PreparedScan {
             "scope scan finished"
         );
         Ok(map)
+    }
+}
+
+/// A blind answer matched here: every token whose salted HMAC is a
+/// target's fingerprint becomes a match (path, line, version, field;
+/// `declared` if the host declares the file for `secret`), bounded like an
+/// agent's own matches. Empties `result.blind_files`. Pure.
+pub fn match_blind(secret: &str, targets: &[ScanTarget], result: &mut ScanResult) {
+    let mut index: HashMap<Vec<u8>, Vec<&ScanTarget>> = HashMap::new();
+    for t in targets {
+        if let Ok(tag) = hex::decode(&t.fingerprint) {
+            index.entry(tag).or_default().push(t);
+        }
+    }
+    let mut matches = Vec::new();
+    let mut full = false;
+    'files: for file in std::mem::take(&mut result.blind_files) {
+        let declared = file.declared_for.iter().any(|s| s == secret);
+        for token in &file.tokens {
+            let Some(found) = index.get(&token.tag) else { continue };
+            for t in found {
+                if matches.len() >= MAX_MATCHES_PER_HOST {
+                    full = true;
+                    break 'files;
+                }
+                matches.push(ScanMatch {
+                    path: file.path.clone(),
+                    line: token.line,
+                    secret: secret.to_string(),
+                    version_id: t.version_id.clone(),
+                    field: t.field.clone(),
+                    declared,
+                });
+            }
+        }
+    }
+    matches.sort_by(|a, b| (&a.path, a.line).cmp(&(&b.path, b.line)));
+    result.matches = matches;
+    if full {
+        result.truncated = true;
+        let limit = format!("max_matches {MAX_MATCHES_PER_HOST}");
+        result.limit = if result.limit.is_empty() { limit } else { format!("{}, {limit}", result.limit) };
     }
 }
 
@@ -982,6 +1092,108 @@ mod tests {
         v.into_iter().map(|(r, s)| format!("{r} {s}")).collect()
     }
 
+    /// What the coordinator would send a consumer for `value`, and what a
+    /// blind agent would answer for `lines` of one file.
+    fn blind_case(value: &[u8], path: &str, declared_for: &[&str], lines: &[&[u8]]) -> (Vec<ScanTarget>, ScanResult) {
+        let salt = b"per-scan-salt-of-32-bytes-......";
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, salt);
+        let bytes = match needle(value) {
+            Needle::Whole(b) | Needle::Part(b) => b,
+            Needle::Unsearchable(r) => panic!("{r}"),
+        };
+        let target = ScanTarget {
+            secret: "api".into(),
+            version_id: "v1".into(),
+            field: "value".into(),
+            fingerprint: hex::encode(ring::hmac::sign(&key, bytes).as_ref()),
+            length: bytes.len() as u32,
+        };
+        // The agent's side of a blind scan: whole tokens, each once per file.
+        let mut tokens = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (i, line) in lines.iter().enumerate() {
+            for t in line.split(|b| DELIMITERS.contains(b)) {
+                if t.len() >= rekey_proto::scan::MIN_BLIND_TOKEN && seen.insert(t.to_vec()) {
+                    tokens.push(rekey_proto::v1::BlindToken {
+                        tag: ring::hmac::sign(&key, t).as_ref().to_vec(),
+                        line: i as u32 + 1,
+                    });
+                }
+            }
+        }
+        let file = rekey_proto::v1::BlindFile {
+            path: path.into(),
+            declared_for: declared_for.iter().map(|s| s.to_string()).collect(),
+            tokens,
+        };
+        (vec![target], ScanResult { scan_id: "scan-1".into(), blind_files: vec![file], ..Default::default() })
+    }
+
+    #[test]
+    fn blind_answers_are_matched_by_the_coordinator_whole_and_partial() {
+        let value = b"tok_9f8e7d6c5b4a39281706";
+        let (targets, mut r) =
+            blind_case(value, "/tmp/leak.txt", &[], &[b"nothing here at all", b"KEY=\"tok_9f8e7d6c5b4a39281706\""]);
+        match_blind("api", &targets, &mut r);
+        assert!(r.blind_files.is_empty() && !r.truncated);
+        assert_eq!(
+            r.matches,
+            vec![ScanMatch {
+                path: "/tmp/leak.txt".into(),
+                line: 2,
+                secret: "api".into(),
+                version_id: "v1".into(),
+                field: "value".into(),
+                declared: false,
+            }]
+        );
+        // A value with separators is matched by its longest run (the
+        // partial-needle rule), in a file the host declares for the secret.
+        let value = b"user:abcdefghijklmnopqrstu";
+        let (targets, mut r) =
+            blind_case(value, "/etc/app.env", &["api"], &[b"x", b"x", b"DSN=user:abcdefghijklmnopqrstu"]);
+        match_blind("api", &targets, &mut r);
+        assert_eq!(r.matches.len(), 1);
+        assert_eq!((r.matches[0].line, r.matches[0].declared), (3, true));
+        // Another value, or the same under another salt, matches nothing.
+        let (targets, mut r) = blind_case(b"tok_other_value_1234", "/tmp/x", &[], &[b"tok_9f8e7d6c5b4a39281706"]);
+        match_blind("api", &targets, &mut r);
+        assert!(r.matches.is_empty());
+        let (_, mut r) = blind_case(value, "/tmp/x", &[], &[b"abcdefghijklmnopqrstu"]);
+        let other_salt = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"another-salt-of-32-bytes-.......");
+        let t = ScanTarget {
+            fingerprint: hex::encode(ring::hmac::sign(&other_salt, b"abcdefghijklmnopqrstu").as_ref()),
+            ..Default::default()
+        };
+        match_blind("api", &[t], &mut r);
+        assert!(r.matches.is_empty());
+    }
+
+    #[test]
+    fn blind_matches_are_bounded() {
+        let line = b"tok_9f8e7d6c5b4a39281706";
+        let lines: Vec<&[u8]> = vec![line; 3];
+        let (targets, mut r) = blind_case(line, "/a", &[], &lines);
+        // One file's tokens are distinct; many files can hold the value.
+        let file = r.blind_files[0].clone();
+        r.blind_files = (0..MAX_MATCHES_PER_HOST + 5)
+            .map(|i| rekey_proto::v1::BlindFile { path: format!("/f{i:04}"), ..file.clone() })
+            .collect();
+        match_blind("api", &targets, &mut r);
+        assert_eq!(r.matches.len(), MAX_MATCHES_PER_HOST);
+        assert!(r.truncated && r.limit.contains("max_matches"), "{}", r.limit);
+    }
+
+    #[test]
+    fn weak_values_are_flagged_without_the_value() {
+        assert!(weakness(b"hunter22").is_some());
+        assert!(weakness(b"Summer2024!").is_some());
+        let w = weakness(b"hunter22").unwrap();
+        assert!(!w.contains("hunter"), "{w}");
+        assert!(weakness(b"tok_9f8e7d6c5b4a39281706").is_none());
+        assert!(weakness(b"AKIAEXAMPLEEXAMPLE12wJalrXUtnFEMI").is_none());
+    }
+
     #[test]
     fn roles_follow_the_rotation() {
         use RotationState as S;
@@ -1058,8 +1270,8 @@ mod tests {
     #[test]
     fn the_map_says_where_what_is_declared_and_who_did_not_answer() {
         let searched = vec![
-            Searched { version: "v2".into(), role: Role::Current, field: "value".into(), partial: false },
-            Searched { version: "v1".into(), role: Role::Old, field: "value".into(), partial: false },
+            Searched { version: "v2".into(), role: Role::Current, field: "value".into(), partial: false, weak: None },
+            Searched { version: "v1".into(), role: Role::Old, field: "value".into(), partial: false, weak: None },
         ];
         let agents = vec![
             agent("web-1", &["api"]),
@@ -1173,7 +1385,8 @@ mod tests {
 
     #[test]
     fn a_leftover_scan_does_not_call_clean_hosts_missing() {
-        let searched = vec![Searched { version: "v1".into(), role: Role::Old, field: "value".into(), partial: false }];
+        let searched =
+            vec![Searched { version: "v1".into(), role: Role::Old, field: "value".into(), partial: false, weak: None }];
         let agents = vec![agent("web-1", &["api"])];
         let answers = BTreeMap::from([("web-1".to_string(), ScanResult::default())]);
         let m = build_map(Inputs {

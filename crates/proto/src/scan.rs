@@ -28,6 +28,14 @@ pub const MAX_MATCHES: usize = 500;
 /// Skipped files an agent lists by path per scan (all are counted by reason).
 pub const MAX_SKIPPED_LISTED: usize = 100;
 
+/// Shortest token an agent fingerprints for a blind request: shorter values
+/// are found only on their consumers.
+pub const MIN_BLIND_TOKEN: usize = 8;
+
+/// Token fingerprints an agent sends per blind scan (distinct per file);
+/// beyond, its result says `truncated`.
+pub const MAX_BLIND_TOKENS: usize = 20_000;
+
 /// Salt lengths, in bytes, the agent accepts.
 pub const SALT_LEN: RangeInclusive<usize> = 16..=64;
 

@@ -303,7 +303,7 @@ pub(crate) mod testing {
         struct W {
             provider: ProviderConfig,
         }
-        let w: W = toml::from_str(r#"provider = { kind = "random", length = 20 }"#).unwrap();
+        let w: W = toml::from_str(r#"provider = { kind = "random", length = 24 }"#).unwrap();
         assert_eq!(w.provider.kind(), "random");
         let e = toml::from_str::<W>(r#"provider = { kind = "aws-iam", user_name = "u", secret_access_key = "x" }"#)
             .err()

@@ -48,6 +48,10 @@ impl Default for RandomConfig {
     }
 }
 
+/// The least entropy (length × log2 of the alphabet's size) a generated
+/// value may have: guessing must stay out of reach whatever leaks about it.
+pub const MIN_ENTROPY_BITS: f64 = 128.0;
+
 fn default_length() -> usize {
     32
 }
@@ -90,6 +94,20 @@ impl RandomConfig {
             return Err((
                 "alphabet".into(),
                 "expected alphanumeric, hex, base64url, or at least 2 distinct ASCII characters".into(),
+            ));
+        }
+        let per_char = (self.chars().len() as f64).log2();
+        let bits = self.length as f64 * per_char;
+        if bits < MIN_ENTROPY_BITS {
+            let needed = (MIN_ENTROPY_BITS / per_char).ceil();
+            return Err((
+                "length".into(),
+                format!(
+                    "{} characters over an alphabet of {} give {} bits of entropy, under the minimum of {MIN_ENTROPY_BITS}: use a length of at least {needed} (or a larger alphabet)",
+                    self.length,
+                    self.chars().len(),
+                    bits.floor()
+                ),
             ));
         }
         Ok(())
@@ -219,14 +237,14 @@ mod tests {
 
     #[tokio::test]
     async fn create_is_idempotent_per_rotation_and_lifecycle_works() {
-        let p = cfg(RandomConfig { format: Format::Token, length: 24, alphabet: "hex".into(), prefix: "tk_".into() });
+        let p = cfg(RandomConfig { format: Format::Token, length: 32, alphabet: "hex".into(), prefix: "tk_".into() });
         let req = CreateRequest { secret: "s".into(), rotation_id: "rot-1".into(), previous_version: None };
         let a = p.create(&req).await.unwrap();
         let b = p.create(&req).await.unwrap();
         assert_eq!(a.id, b.id);
         assert_eq!(a.fields["value"], b.fields["value"]);
         let v = std::str::from_utf8(a.fields["value"].expose()).unwrap().to_string();
-        assert!(v.starts_with("tk_") && v.len() == 27 && v[3..].chars().all(|c| c.is_ascii_hexdigit()), "{v}");
+        assert!(v.starts_with("tk_") && v.len() == 35 && v[3..].chars().all(|c| c.is_ascii_hexdigit()), "{v}");
         let c = p.create(&CreateRequest { rotation_id: "rot-2".into(), ..req.clone() }).await.unwrap();
         assert_ne!(c.fields["value"], a.fields["value"]);
         assert_eq!(p.list().await.unwrap().len(), 2);
@@ -258,5 +276,24 @@ mod tests {
         assert_eq!(bad.validate().unwrap_err().0, "length");
         let bad = RandomConfig { format: Format::Token, length: 16, alphabet: "a".into(), prefix: String::new() };
         assert_eq!(bad.validate().unwrap_err().0, "alphabet");
+    }
+
+    #[test]
+    fn configurations_under_128_bits_are_refused_with_the_length_needed() {
+        let c = |length: usize, alphabet: &str| RandomConfig {
+            format: Format::Token,
+            length,
+            alphabet: alphabet.into(),
+            prefix: String::new(),
+        };
+        let (field, msg) = c(8, "ab").validate().unwrap_err();
+        assert_eq!(field, "length");
+        assert!(msg.contains("8 bits of entropy") && msg.contains("at least 128"), "{msg}");
+        let (_, msg) = c(24, "hex").validate().unwrap_err();
+        assert!(msg.contains("96 bits") && msg.contains("length of at least 32"), "{msg}");
+        assert!(c(32, "hex").validate().is_ok());
+        assert!(c(22, "base64url").validate().is_ok());
+        assert!(c(21, "alphanumeric").validate().is_err());
+        assert!(RandomConfig::default().validate().is_ok(), "the defaults are accepted");
     }
 }

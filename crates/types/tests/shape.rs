@@ -461,8 +461,15 @@ fn scope_view() {
                     role: VersionRole::Current,
                     field: "value".into(),
                     partial: false,
+                    weak: None,
                 },
-                SearchedView { version: "v-old".into(), role: VersionRole::Old, field: "value".into(), partial: true },
+                SearchedView {
+                    version: "v-old".into(),
+                    role: VersionRole::Old,
+                    field: "value".into(),
+                    partial: true,
+                    weak: Some("about 47 bits of entropy (estimated from length and character classes), under 80: guessable; rotate to a stronger value".into()),
+                },
             ],
             not_searched: vec![NotSearchedView {
                 version: "v-older".into(),

@@ -13,3 +13,4 @@ mod scope;
 mod security;
 mod security_agent;
 mod security_operators;
+mod security_scope;

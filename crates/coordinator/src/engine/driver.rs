@@ -387,9 +387,13 @@ impl Engine {
             spec.policy.clone(),
             old.clone(),
             waves,
-            random_hex(32),
+            String::new(),
             now,
         );
+        // Sealed apart, never in the rotation record (nor any view of it).
+        let mut fingerprint_key = [0u8; 32];
+        rand::rng().fill(&mut fingerprint_key[..]);
+        self.state.put_fingerprint_key(&id, &fingerprint_key)?;
         self.state.begin(
             &rot,
             vec![AuditEntry::new(
@@ -536,7 +540,12 @@ impl Engine {
             previous_version_id: rot.old_version.clone(),
             previous_fields,
             restart_jitter_ms: jitter,
-            fingerprint_key: hex::decode(&rot.fingerprint_key).unwrap_or_default(),
+            fingerprint_key: self
+                .state
+                .fingerprint_key(rot)
+                .map_err(|e| format!("cannot read the fingerprint key: {e}"))?
+                .expose()
+                .to_vec(),
         };
         self.link.deliver(host, delivery).map_err(|e| e.to_string())?;
         tracing::info!(rotation = %rot.id, %host, version = %new, "delivered");
@@ -643,8 +652,8 @@ async fn create_version(
     let v = with_retries(|| p.create(&req)).await.map_err(|e| e.to_string())?;
     // The value is durable (sealed) before the rotation refers to it.
     state.put_version(&rot.secret, &v.id, &v.fields).map_err(|e| e.to_string())?;
-    let key = hex::decode(&rot.fingerprint_key).unwrap_or_default();
-    let fingerprint = fingerprint_fields(&key, v.fields.iter().map(|(k, v)| (k.as_str(), v.expose())));
+    let key = state.fingerprint_key(rot).map_err(|e| format!("cannot read the fingerprint key: {e}"))?;
+    let fingerprint = fingerprint_fields(key.expose(), v.fields.iter().map(|(k, v)| (k.as_str(), v.expose())));
     tracing::info!(version = %v.id, %fingerprint, "new version created");
     if !v.notes.is_empty() {
         let entries = v
@@ -723,12 +732,12 @@ async fn provider_call(
 /// Agents that may receive `spec`: enrolled, not revoked, declaring it in
 /// their own config, and selected by its labels.
 pub fn consumers(store: &Store, spec: &super::catalog::SecretSpec) -> Result<Vec<String>, crate::store::StoreError> {
-    Ok(store
-        .list_agents()?
-        .into_iter()
-        .filter(|a| a.revoked_unix.is_none() && a.secrets.contains(&spec.name) && spec.selects(&a.name, &a.labels))
-        .map(|a| a.name)
-        .collect())
+    Ok(store.list_agents()?.into_iter().filter(|a| is_consumer(a, spec)).map(|a| a.name).collect())
+}
+
+/// Whether `agent` may receive `spec` (see [`consumers`]).
+pub fn is_consumer(agent: &crate::store::AgentRecord, spec: &super::catalog::SecretSpec) -> bool {
+    agent.revoked_unix.is_none() && agent.secrets.contains(&spec.name) && spec.selects(&agent.name, &agent.labels)
 }
 
 /// For status displays: is the rotation waiting on something outside rekey?

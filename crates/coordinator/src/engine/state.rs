@@ -55,6 +55,8 @@ pub struct EngineState {
     rotations: sled::Tree,
     secrets: sled::Tree,
     versions: sled::Tree,
+    /// rotation id → its fingerprint key, sealed with the DEK.
+    fingerprint_keys: sled::Tree,
     provider_state: sled::Tree,
     audit: sled::Tree,
     incidents: sled::Tree,
@@ -77,6 +79,7 @@ impl EngineState {
             rotations: db.open_tree("rotations")?,
             secrets: db.open_tree("secrets")?,
             versions: db.open_tree("versions")?,
+            fingerprint_keys: db.open_tree("fingerprint_keys")?,
             provider_state: db.open_tree("provider_state")?,
             audit: db.open_tree("audit")?,
             incidents: db.open_tree("incidents")?,
@@ -288,6 +291,29 @@ impl EngineState {
             .map(Some)
     }
 
+    /// Stores a rotation's fingerprint key sealed with the DEK (before the
+    /// rotation is committed).
+    pub fn put_fingerprint_key(&self, rotation: &str, key: &[u8]) -> Result<(), StateError> {
+        let sealed = self
+            .dek
+            .seal(&format!("rekey/fingerprint-key/{rotation}"), key)
+            .map_err(|e| StateError::Crypto(e.to_string()))?;
+        self.fingerprint_keys.insert(rotation.as_bytes(), sealed)?;
+        self.flush()
+    }
+
+    /// The key of a rotation's fingerprints: the sealed one, or for a
+    /// rotation recorded before keys were sealed, the one in its record.
+    pub fn fingerprint_key(&self, rot: &Rotation) -> Result<SecretBytes, StateError> {
+        match self.fingerprint_keys.get(rot.id.as_bytes())? {
+            Some(sealed) => self
+                .dek
+                .open(&format!("rekey/fingerprint-key/{}", rot.id), &sealed)
+                .map_err(|e| StateError::Crypto(e.to_string())),
+            None => Ok(SecretBytes::new(hex::decode(&rot.fingerprint_key).map_err(|e| corrupt("fingerprint key", e))?)),
+        }
+    }
+
     /// Forgets a revoked version's value.
     pub fn remove_version(&self, secret: &str, version: &str) -> Result<(), StateError> {
         self.versions.remove(Self::version_key(secret, version).as_bytes())?;
@@ -360,5 +386,31 @@ impl ProviderState for SealedProviderState {
                 Ok(String::from_utf8_lossy(&k[self.prefix.len()..]).into_owned())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_key_tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_keys_are_sealed_apart_and_old_records_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let state = EngineState::open(&store, Arc::new(Key::generate().unwrap())).unwrap();
+        let policy = super::super::machine::Policy::default();
+        let key = [7u8; 32];
+        // A rotation recorded before keys were sealed: its key is in the record.
+        let old =
+            Rotation::new("rot-old".into(), "s".into(), "op".into(), policy.clone(), None, vec![], hex::encode(key), 0);
+        assert_eq!(state.fingerprint_key(&old).unwrap().expose(), &key);
+        // Since: sealed in its own tree, nothing in the record.
+        let new = Rotation::new("rot-new".into(), "s".into(), "op".into(), policy, None, vec![], String::new(), 0);
+        let fresh = [9u8; 32];
+        state.put_fingerprint_key(&new.id, &fresh).unwrap();
+        assert_eq!(state.fingerprint_key(&new).unwrap().expose(), &fresh);
+        assert!(!serde_json::to_string(&new).unwrap().contains("fingerprint_key"));
+        let raw = state.fingerprint_keys.get(b"rot-new").unwrap().unwrap();
+        assert!(!raw.windows(fresh.len()).any(|w| w == fresh), "stored in plaintext");
     }
 }

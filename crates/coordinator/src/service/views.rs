@@ -467,6 +467,7 @@ impl From<&scope::ConsumerMap> for view::ScopeView {
                     role: x.role.into(),
                     field: x.field.clone(),
                     partial: x.partial,
+                    weak: x.weak.clone(),
                 })
                 .collect(),
             not_searched: m
@@ -698,6 +699,7 @@ mod tests {
                 role: scope::Role::Current,
                 field: "value".into(),
                 partial: false,
+                weak: None,
             }],
             not_searched: vec![scope::NotSearched {
                 version: "v0".into(),

@@ -39,6 +39,10 @@ pub struct SearchedView {
     pub field: String,
     /// Only part of the value is searched (it contains separator characters).
     pub partial: bool,
+    /// Set when the value looks guessable (its entropy, estimated from its
+    /// length and character classes, is under the floor): why. Null otherwise.
+    #[serde(default)]
+    pub weak: Option<String>,
 }
 
 /// A version, or one of its fields, not searched for, and why.

@@ -292,8 +292,9 @@ pub struct Rotation {
     pub old_version: Option<String>,
     pub new_version: Option<String>,
     pub expected_fingerprint: Option<String>,
-    /// Key of the keyed fingerprints for this rotation (not a secret: it only
-    /// makes fingerprints incomparable across rotations).
+    /// Key of the keyed fingerprints, in records written before the key was
+    /// sealed apart (`EngineState::fingerprint_key`); empty since.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub fingerprint_key: String,
     pub waves: Vec<Vec<String>>,
     pub current_wave: usize,
