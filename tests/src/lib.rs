@@ -428,9 +428,11 @@ impl Drop for Agent {
 
 /// A coordinator and N enrolled, running agents, all connected.
 pub struct TestCluster {
-    pub tmp: tempfile::TempDir,
+    // Dropped in this order: the processes (which print their logs when a
+    // test failed) before the directory holding those logs.
     pub agents: Vec<Agent>,
     pub coordinator: Coordinator,
+    pub tmp: tempfile::TempDir,
 }
 
 impl TestCluster {

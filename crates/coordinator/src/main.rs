@@ -156,21 +156,20 @@ fn print_init(init: &rekey_coordinator::server::InitReport) {
 /// Serves until SIGINT/SIGTERM or the first failing task; the supervisor
 /// inside drains every task within `DRAIN_TIMEOUT` per phase.
 async fn serve(coordinator: Coordinator) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered before anything is served: a SIGTERM that arrives while
+    // rekeyd starts drains it instead of killing it.
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         tracing::info!("shutdown requested, draining");
         signal.cancel();
     });
     coordinator.serve(shutdown, DRAIN_TIMEOUT, |_| {}).await.map_err(Into::into)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
