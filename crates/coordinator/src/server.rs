@@ -145,6 +145,42 @@ pub fn fingerprint(config: &Config) -> Result<String, ServerError> {
     Ok(tls::fingerprint(&der))
 }
 
+/// Whether a master key had to be created: only for a data dir that was
+/// never initialized. An initialized one must find its own key.
+fn master_key_ready(config: &Config) -> Result<bool, ServerError> {
+    if !config.is_initialized() {
+        return Ok(crypto::ensure_master_key(&config.master_key_file)?);
+    }
+    // Never replace the key of an initialized data dir: a new one cannot
+    // open it, and writing it would only hide the real problem.
+    if !crypto::master_key_configured(&config.master_key_file) {
+        return Err(ServerError::MasterKeyMissing {
+            file: config.master_key_file.clone(),
+            data_dir: config.data_dir.clone(),
+        });
+    }
+    Ok(false)
+}
+
+/// The `admin` credential of a first init, written to `op_dir`.
+fn create_initial_operator(ca: &Ca, store: &Store, op_dir: &std::path::Path, ttl: Duration) -> Result<(), ServerError> {
+    private_dir(&op_dir)?;
+    let (issued, key_pem) = ca.issue_operator(INITIAL_OPERATOR, ttl)?;
+    write_file(op_dir.join("operator.key"), key_pem.as_bytes(), true)?;
+    write_file(op_dir.join("operator.pem"), issued.cert_pem.as_bytes(), false)?;
+    let rec = OperatorRecord {
+        name: INITIAL_OPERATOR.to_string(),
+        role: OperatorRole::Admin,
+        serials: vec![issued.serial.clone()],
+        created_unix: rekey_common::time::now_unix(),
+        created_by: INIT_ACTOR.to_string(),
+        revoked_unix: None,
+        revoked_by: None,
+    };
+    store.create_operator(&rec)??;
+    Ok(())
+}
+
 /// The CLI's config inside the operator dir.
 fn write_operator_endpoint(config: &Config, addr: SocketAddr) -> Result<(), ServerError> {
     write_endpoint(&config.operator_dir(), addr, "at start")
@@ -233,20 +269,7 @@ impl Coordinator {
     /// Creates what is missing (master key, store, CA, DEK, operator
     /// credential) and opens what exists. Idempotent.
     pub fn init(config: Config) -> Result<Coordinator, ServerError> {
-        let initialized = config.is_initialized();
-        let created_master_key = if initialized {
-            // Never replace the key of an initialized data dir: a new one
-            // cannot open it, and writing it would only hide the real problem.
-            if !crypto::master_key_configured(&config.master_key_file) {
-                return Err(ServerError::MasterKeyMissing {
-                    file: config.master_key_file.clone(),
-                    data_dir: config.data_dir.clone(),
-                });
-            }
-            false
-        } else {
-            crypto::ensure_master_key(&config.master_key_file)?
-        };
+        let created_master_key = master_key_ready(&config)?;
         let master = crypto::load_master_key(&config.master_key_file)?;
         private_dir(&config.data_dir)?;
         let store = Store::open(&config.store_dir())?;
@@ -260,20 +283,7 @@ impl Coordinator {
         let op_dir = config.operator_dir();
         let created_operator = created_ca;
         if created_operator {
-            private_dir(&op_dir)?;
-            let (issued, key_pem) = ca.issue_operator(INITIAL_OPERATOR, config.operator_cert_ttl)?;
-            write_file(op_dir.join("operator.key"), key_pem.as_bytes(), true)?;
-            write_file(op_dir.join("operator.pem"), issued.cert_pem.as_bytes(), false)?;
-            let rec = OperatorRecord {
-                name: INITIAL_OPERATOR.to_string(),
-                role: OperatorRole::Admin,
-                serials: vec![issued.serial.clone()],
-                created_unix: rekey_common::time::now_unix(),
-                created_by: INIT_ACTOR.to_string(),
-                revoked_unix: None,
-                revoked_by: None,
-            };
-            store.create_operator(&rec)??;
+            create_initial_operator(&ca, &store, &op_dir, config.operator_cert_ttl)?;
         }
         write_file(config.data_dir.join("ca.pem"), ca.cert_pem().as_bytes(), false)?;
         if op_dir.is_dir() {
