@@ -164,7 +164,7 @@ fn master_key_ready(config: &Config) -> Result<bool, ServerError> {
 
 /// The `admin` credential of a first init, written to `op_dir`.
 fn create_initial_operator(ca: &Ca, store: &Store, op_dir: &std::path::Path, ttl: Duration) -> Result<(), ServerError> {
-    private_dir(&op_dir)?;
+    private_dir(op_dir)?;
     let (issued, key_pem) = ca.issue_operator(INITIAL_OPERATOR, ttl)?;
     write_file(op_dir.join("operator.key"), key_pem.as_bytes(), true)?;
     write_file(op_dir.join("operator.pem"), issued.cert_pem.as_bytes(), false)?;
