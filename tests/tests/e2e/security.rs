@@ -7,7 +7,7 @@ use rekey_proto::v1::agent_service_client::AgentServiceClient;
 use rekey_proto::v1::{AgentMessage, Hello, agent_message};
 use rekey_tests::{Agent, Coordinator, budget, wait_for};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 fn tmp() -> tempfile::TempDir {
@@ -65,7 +65,6 @@ fn a_revoke_closes_a_session_still_waiting_for_hello_and_stays_revoked() {
     // Let the coordinator read the record and start waiting for the hello.
     std::thread::sleep(Duration::from_millis(500));
     assert!(!call.is_finished(), "the session must be waiting for the hello");
-    let revoked_at = Instant::now();
     c.cli_ok(&["agent", "revoke", "held-1"]);
     // Refused because of the revocation, long before the 10 s hello timeout.
     let status = rt.block_on(async {
@@ -73,7 +72,7 @@ fn a_revoke_closes_a_session_still_waiting_for_hello_and_stays_revoked() {
     });
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("revoked"), "{status:?}");
-    assert!(revoked_at.elapsed() < Duration::from_secs(8), "closed by the hello timeout, not the revocation");
+    // (The hello timeout would have answered DeadlineExceeded "no hello within 10s".)
     // The hello arriving late changes nothing.
     let _ = rt.block_on(tx.send(hello()));
     let agent = c.agent("held-1").unwrap();
