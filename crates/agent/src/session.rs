@@ -469,6 +469,10 @@ impl Live<'_> {
                 tracing::info!(scan = %req.scan_id, targets = req.targets.len(), "scope scan requested");
                 self.scans.spawn(req, self.out_tx.clone(), self.session_done.clone());
             }
+            Some(Msg::Preflight(p)) => {
+                // Not implemented yet: answered by a later change (`rekey rotate plan`).
+                tracing::info!(secret = %p.secret, request = %p.request_id, "preflight requested");
+            }
             None => tracing::warn!("empty message from coordinator ignored"),
         }
         Ok(None)

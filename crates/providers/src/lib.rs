@@ -125,6 +125,13 @@ pub trait Provider: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The names of the fields a new version will have (e.g. `value`, or
+    /// `access_key_id` and `secret_access_key`), for dry runs; empty when the
+    /// provider cannot tell before creating one.
+    fn field_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError>;
     async fn deactivate(&self, version: &str) -> Result<(), ProviderError>;
     async fn reactivate(&self, version: &str) -> Result<(), ProviderError>;

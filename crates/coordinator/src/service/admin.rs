@@ -30,8 +30,9 @@ use rekey_proto::v1::{
     AgentInfo, BackupRequest, BackupResponse, Control, ControlRotationRequest, CoordinatorMessage, CreateTokenRequest,
     CreateTokenResponse, GetIncidentRequest, GetReportRequest, GetRotationRequest, JsonResponse, ListAgentsRequest,
     ListAgentsResponse, ListAlertsRequest, ListAuditRequest, ListIncidentsRequest, ListRotationsRequest,
-    ListSecretsRequest, ListVersionsRequest, OpenIncidentRequest, ReportResponse, RevokeAgentRequest,
-    RevokeAgentResponse, Revoked, ScopeRequest, StartRotationRequest, VerifyAuditRequest, coordinator_message,
+    ListSecretsRequest, ListVersionsRequest, OpenIncidentRequest, PlanRotationRequest, ReportResponse,
+    RevokeAgentRequest, RevokeAgentResponse, Revoked, ScopeRequest, StartRotationRequest, VerifyAuditRequest,
+    coordinator_message,
 };
 use rekey_proto::v1::{CreateOperatorRequest, CreateOperatorResponse, ListOperatorsRequest, RevokeOperatorRequest};
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
@@ -355,6 +356,11 @@ impl AdminService for AdminSvc {
         let who = operator(self, &req, Rpc::StartRotation)?;
         let secret = req.into_inner().secret;
         self.rotation_json(self.engine.start(&secret, &who.to_string()).await)
+    }
+
+    async fn plan_rotation(&self, req: Request<PlanRotationRequest>) -> Result<Response<JsonResponse>, Status> {
+        operator(self, &req, Rpc::StartRotation)?;
+        Err(Status::unimplemented("rotation plans are not implemented yet"))
     }
 
     async fn get_rotation(&self, req: Request<GetRotationRequest>) -> Result<Response<JsonResponse>, Status> {
