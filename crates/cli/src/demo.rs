@@ -46,7 +46,7 @@ impl Admin for Client {
     }
 
     async fn start_rotation(&mut self, secret: &str) -> Result<RotationView> {
-        let req = self.request(StartRotationRequest { secret: secret.into() });
+        let req = self.request(StartRotationRequest { secret: secret.into(), ..Default::default() });
         self.view(self.inner.clone().start_rotation(req).await)
     }
 

@@ -472,7 +472,7 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
     };
     match cmd {
         RotateCmd::Start { secret, wait } => {
-            let req = client.request(StartRotationRequest { secret: secret.clone() });
+            let req = client.request(StartRotationRequest { secret: secret.clone(), ..Default::default() });
             let v: RotationView = client.view(client.inner.clone().start_rotation(req).await)?;
             if *wait {
                 if out == Output::Table {
