@@ -184,6 +184,16 @@ fn audit_diff(before: &Rotation, after: &Rotation, actor: &str) -> Vec<AuditEntr
             ));
         }
     }
+    for d in after.decisions.iter().skip(before.decisions.len()) {
+        out.push(AuditEntry::new(
+            actor,
+            format!("rotation.decision.{}", d.kind.as_str()),
+            serde_json::json!({
+                "rotation": after.id, "secret": after.secret, "decision": d.kind.as_str(), "by": d.by,
+                "reason": d.reason, "from": d.from.as_str(), "hosts_on_new": d.hosts_on_new,
+            }),
+        ));
+    }
     for t in after.timeline.iter().skip(before.timeline.len()) {
         out.push(AuditEntry::new(
             actor,
