@@ -7,7 +7,12 @@
 //! - stdin: `{"op", "secret", "rotation_id", "previous_version", "version", "replay"}`
 //! - `create` prints `{"id": "...", "fields": {"name": "value", ...}, "notes": [...]}`
 //! - `list` prints `{"versions": [{"id", "status": "active"|"inactive", "created_unix"}]}`
-//! - `last_used` prints `{"last_used": null | "never" | UNIX_SECONDS}`
+//! - `last_used` prints `{"last_used": null | "never" | TIME, "source": "…"}`
+//!   where TIME is unix seconds (an integer, or with a fraction) or an RFC
+//!   3339 string, or `{"last_used_ms": UNIX_MS}`; optional `"resolution_ms"`
+//!   says how coarse the time is (default: as written, see [`crate::timestamp`]),
+//!   optional `"source"` where the use came from (never a secret). A time
+//!   that cannot be read is an error, never "no usage".
 //! - exit 0: done; 3: the version does not exist; 75: temporary failure
 //!   (retried); anything else: failed. stderr is quoted in errors, with every
 //!   value the provider knows replaced by `<redacted>`.
@@ -19,9 +24,13 @@
 //! Idempotency of `create` per rotation id: the versions the list shows are
 //! recorded (intent) before running `create`, the new version (id and fields,
 //! sealed) right after. A replay returns the recorded version; if only the
-//! intent is there, versions that appeared since are deleted through `delete`
-//! (when `list` is configured), and `create` runs again with `"replay": true`
-//! so the command can clean up what only it can see.
+//! intent is there, versions that appeared since are revoked (when `list` is
+//! configured: `deactivate` first for an active one, when configured, then
+//! `delete`), and `create` runs again with `"replay": true` so the command
+//! can clean up what only it can see.
+//!
+//! `delete` follows the same order: with `list` and `deactivate` configured,
+//! an active version is deactivated before it is deleted.
 
 use crate::journal::{Created, External, Journal, create_once};
 use crate::util::{excerpt, redact};
@@ -324,6 +333,28 @@ impl CommandProvider {
         self.run(op, self.request(op, None, Some(version), false), Some(version)).await.map(|_| ())
     }
 
+    /// Deletes `version` in the revoke order: an active version (as listed,
+    /// or by `status` when the caller has it) is deactivated first when a
+    /// deactivate command is configured. NotFound when it is gone.
+    async fn revoke(&self, version: &str, status: Option<VersionStatus>) -> Result<(), ProviderError> {
+        if self.config.deactivate.is_some() {
+            let status = match status {
+                Some(s) => Some(s),
+                None => match self.list_versions().await? {
+                    Some(list) => match list.into_iter().find(|v| v.id == version) {
+                        Some(v) => Some(v.status),
+                        None => return Err(ProviderError::NotFound { provider: KIND, version: version.to_string() }),
+                    },
+                    None => None,
+                },
+            };
+            if status == Some(VersionStatus::Active) {
+                self.by_id(Op::Deactivate, version).await?;
+            }
+        }
+        self.by_id(Op::Delete, version).await
+    }
+
     async fn list_versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError> {
         if self.config.list.is_none() {
             return Ok(None);
@@ -360,6 +391,38 @@ impl CommandProvider {
         }
         Ok(Some(out))
     }
+}
+
+/// Reads `last_used`'s answer (see the module docs); the error names the key
+/// and what was found.
+fn parse_last_used(v: &Value) -> Result<LastUsed, String> {
+    use crate::timestamp::{TimeFormat, parse};
+    let stamp = match (v.get("last_used_ms"), v.get("last_used")) {
+        (Some(ms), _) if !ms.is_null() => {
+            parse(ms, TimeFormat::UnixMs).map_err(|e| format!("\"last_used_ms\": {e}"))?
+        }
+        (_, Some(Value::String(s))) if s == "never" => return Ok(LastUsed::Never),
+        (_, Some(Value::Null) | None) => return Ok(LastUsed::Unknown),
+        (_, Some(t)) => parse(t, TimeFormat::Auto).map_err(|e| format!("\"last_used\": {e} or \"never\" or null"))?,
+    };
+    let resolution_ms = match v.get("resolution_ms") {
+        None | Some(Value::Null) => stamp.resolution_ms,
+        Some(r) => r.as_i64().filter(|r| (1..=86_400_000).contains(r)).ok_or_else(|| {
+            format!(
+                "\"resolution_ms\": found {}, expected milliseconds from 1 to 86400000",
+                crate::timestamp::describe(r)
+            )
+        })?,
+    };
+    let source = match v.get("source") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.trim().is_empty() => None,
+        Some(Value::String(s)) => Some(excerpt(s, 200)),
+        Some(other) => {
+            return Err(format!("\"source\": found {}, expected a string", crate::timestamp::describe(other)));
+        }
+    };
+    Ok(LastUsed::at(stamp.at_ms, resolution_ms, source))
 }
 
 fn collect_strings(v: &Value, out: &mut Vec<String>) {
@@ -419,8 +482,8 @@ impl External for CommandProvider {
         self.list_versions().await
     }
 
-    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
-        match self.by_id(Op::Delete, id).await {
+    async fn delete_orphan(&self, orphan: &VersionInfo) -> Result<(), ProviderError> {
+        match self.revoke(&orphan.id, Some(orphan.status)).await {
             Ok(()) | Err(ProviderError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -463,11 +526,11 @@ impl Provider for CommandProvider {
     }
 
     async fn delete(&self, version: &str) -> Result<(), ProviderError> {
-        match self.by_id(Op::Delete, version).await {
-            Ok(()) | Err(ProviderError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
+        let result = self.revoke(version, None).await;
+        if matches!(result, Ok(()) | Err(ProviderError::NotFound { .. })) {
+            self.journal().forget_version(version)?;
         }
-        self.journal().forget_version(version)
+        result
     }
 
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {
@@ -482,15 +545,7 @@ impl Provider for CommandProvider {
         let what = format!("last_used command {}", self.config.last_used.as_ref().expect("configured")[0]);
         let v: Value = serde_json::from_slice(&run.stdout)
             .map_err(|_| ProviderError::failed(KIND, format!("{what} printed something that is not JSON")))?;
-        match v.get("last_used") {
-            Some(Value::String(s)) if s == "never" => Ok(LastUsed::Never),
-            Some(Value::Number(n)) if n.as_i64().is_some() => Ok(LastUsed::At(n.as_i64().unwrap_or_default())),
-            Some(Value::Null) | None => Ok(LastUsed::Unknown),
-            Some(_) => Err(ProviderError::failed(
-                KIND,
-                format!("{what}: \"last_used\" must be null, \"never\" or unix seconds"),
-            )),
-        }
+        parse_last_used(&v).map_err(|m| ProviderError::failed(KIND, format!("{what}: {version}: {m}")))
     }
 }
 
@@ -498,10 +553,12 @@ impl Provider for CommandProvider {
 mod tests {
     use super::*;
     use crate::testing::Mem;
+    use serde_json::json;
     use std::os::unix::fs::PermissionsExt;
 
     /// A fake key store in a directory, driven by a shell script (the way an
     /// operator would write one): keys are files `<id>` holding `status value`.
+    /// Like real key APIs, it refuses to delete an active key.
     const SCRIPT: &str = r#"#!/bin/sh
 set -eu
 req=$(cat)
@@ -525,7 +582,7 @@ deactivate|reactivate|delete)
   case "$1" in
     deactivate) echo "inactive $val" > "$f";;
     reactivate) echo "active $val" > "$f";;
-    delete) rm "$f";;
+    delete) case "$(cut -d' ' -f1 "$f")" in active) echo "key $v is active; deactivate first" >&2; exit 1;; esac; rm "$f";;
   esac
   ;;
 list)
@@ -580,8 +637,10 @@ esac
         assert_eq!(p.list().await.unwrap()[0].status, VersionStatus::Inactive);
         p.reactivate(&a.id).await.unwrap();
         p.delete(&a.id).await.unwrap();
-        p.delete(&a.id).await.unwrap(); // exit 3 = gone = done
+        // Gone (exit 3, or absent from the list): every operation says so.
+        assert!(matches!(p.delete(&a.id).await, Err(ProviderError::NotFound { .. })));
         assert!(matches!(p.deactivate(&a.id).await, Err(ProviderError::NotFound { .. })));
+        assert!(matches!(p.reactivate(&a.id).await, Err(ProviderError::NotFound { .. })));
         assert!(p.list().await.unwrap().is_empty());
         assert_eq!(p.last_used(&a.id).await.unwrap(), LastUsed::Unknown);
     }
@@ -628,6 +687,28 @@ esac
         let e = p.create(&req("rot-2")).await.unwrap_err();
         assert!(e.to_string().contains("did not finish within 2s"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn last_used_answers_are_read_with_resolution_and_source_or_refused() {
+        let lu = |v: Value| parse_last_used(&v);
+        assert_eq!(lu(json!({"last_used": 1714564800})).unwrap(), LastUsed::at(1_714_564_800_000, 1000, None));
+        assert_eq!(
+            lu(json!({"last_used": 1714564800.125, "source": "10.1.2.3 (host-7)"})).unwrap(),
+            LastUsed::at(1_714_564_800_125, 1, Some("10.1.2.3 (host-7)".into()))
+        );
+        assert_eq!(
+            lu(json!({"last_used": "2024-05-01T12:00:00Z", "resolution_ms": 60000})).unwrap(),
+            LastUsed::at(1_714_564_800_000, 60_000, None)
+        );
+        assert_eq!(lu(json!({"last_used_ms": 1714564800250i64})).unwrap(), LastUsed::at(1_714_564_800_250, 1, None));
+        assert_eq!(lu(json!({"last_used": "never"})).unwrap(), LastUsed::Never);
+        assert_eq!(lu(json!({"last_used": null})).unwrap(), LastUsed::Unknown);
+        let e = lu(json!({"last_used": true})).unwrap_err();
+        assert!(e.contains("\"last_used\": found the boolean true, expected"), "{e}");
+        assert!(lu(json!({"last_used": "soon"})).unwrap_err().contains("the string \"soon\""));
+        assert!(lu(json!({"last_used": 1, "resolution_ms": 0})).unwrap_err().contains("resolution_ms"));
+        assert!(lu(json!({"last_used": 1, "source": 7})).unwrap_err().contains("\"source\": found the number 7"));
     }
 
     #[test]

@@ -569,7 +569,8 @@ impl Engine {
                 let event = match with_retries(|| provider.last_used(&old)).await {
                     Ok(LastUsed::Unknown) => Event::UsageChecked { usage: Some(Usage::Unknown), error: None },
                     Ok(LastUsed::Never) => Event::UsageChecked { usage: Some(Usage::Never), error: None },
-                    Ok(LastUsed::At(t)) => Event::UsageChecked { usage: Some(Usage::At(t * 1000)), error: None },
+                    // The engine's Usage has no room yet for the resolution and source.
+                    Ok(LastUsed::At(u)) => Event::UsageChecked { usage: Some(Usage::At(u.at_ms)), error: None },
                     // Deleted at the provider: nothing can use it any more.
                     Err(ProviderError::NotFound { .. }) => {
                         Event::UsageChecked { usage: Some(Usage::Never), error: None }
