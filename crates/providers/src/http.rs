@@ -9,10 +9,21 @@
 //! recorded (intent) before the create request, the new key (id and fields,
 //! sealed) right after. A replay returns the recorded key; if only the intent
 //! is there (the answer was lost), every key the list shows that was not there
-//! before is deleted, then a key is created again. Without a list request an
+//! before is revoked, then a key is created again. Without a list request an
 //! orphan cannot be seen: the replay says so in its notes (audited). A
 //! response that created a key rekey cannot use (a field missing) has that key
 //! deleted at once.
+//!
+//! Revoke order: many key APIs refuse to delete an active key. Every delete
+//! (an orphan's, the old version's, an aborted new version's) deactivates an
+//! active key first when a deactivate request is configured — by the list's
+//! status when there is a list, else after a DELETE answered 409 Conflict.
+//! 404/410 on any id request is [`ProviderError::NotFound`].
+//!
+//! The list is read with JSON pointers: status values may be strings,
+//! booleans or numbers; times go through [`crate::timestamp`] (a value that
+//! cannot be read is an error naming the key, the setting and what was
+//! found); `last_used_source_pointer` gives the use's source.
 //!
 //! Errors name the request and the status, with a short excerpt of an error
 //! body; a successful create's body is never echoed (it holds the secret), and
@@ -141,7 +152,7 @@ pub struct ListSpec {
     pub created_pointer: Option<String>,
     /// How `created_pointer`'s value is written (default `auto`).
     #[serde(default)]
-    pub created_format: Option<TimeFormat>,
+    pub created_format: Option<String>,
     /// When the key was last used (see `last_used_format`); null or absent
     /// means never used.
     #[serde(default)]
@@ -149,7 +160,7 @@ pub struct ListSpec {
     /// `auto` (default: RFC 3339 or unix seconds, with a fraction or not),
     /// `rfc3339`, `unix` or `unix_ms`.
     #[serde(default)]
-    pub last_used_format: Option<TimeFormat>,
+    pub last_used_format: Option<String>,
     /// Where the last use came from (e.g. `/last_used_ip`), shown to the
     /// operator beside the time.
     #[serde(default)]
@@ -207,7 +218,19 @@ impl ListSpec {
                 return Err((f.into(), format!("has no effect without {pointer}")));
             }
         }
+        for (f, name) in
+            [("list.created_format", &self.created_format), ("list.last_used_format", &self.last_used_format)]
+        {
+            if let Some(name) = name {
+                TimeFormat::from_name(name).map_err(|m| (f.to_string(), m))?;
+            }
+        }
         Ok(())
+    }
+
+    /// A validated format setting (default `auto`).
+    fn format(name: &Option<String>) -> TimeFormat {
+        name.as_deref().and_then(|n| TimeFormat::from_name(n).ok()).unwrap_or_default()
     }
 
     /// Whether the status value `v` (at `status_pointer`) means active: equal
@@ -534,7 +557,8 @@ impl HttpProvider {
             let created_unix = match l.created_pointer.as_deref().and_then(|p| item.pointer(p).map(|v| (p, v))) {
                 None | Some((_, Value::Null)) => None,
                 Some((p, v)) => {
-                    let t = self.time_at(&what, &id, "list.created_pointer", p, v, l.created_format)?;
+                    let t =
+                        self.time_at(&what, &id, "list.created_pointer", p, v, ListSpec::format(&l.created_format))?;
                     Some(t.at_ms.div_euclid(1000))
                 }
             };
@@ -552,9 +576,9 @@ impl HttpProvider {
         setting: &str,
         p: &str,
         v: &Value,
-        format: Option<TimeFormat>,
+        format: TimeFormat,
     ) -> Result<crate::timestamp::Stamp, ProviderError> {
-        crate::timestamp::parse(v, format.unwrap_or_default()).map_err(|e| {
+        crate::timestamp::parse(v, format).map_err(|e| {
             let token = self.token().ok().flatten();
             let e = self.redact(&e, token.as_ref());
             ProviderError::failed(KIND, format!("{what}: key {id}: {setting} {p}: {e}"))
@@ -754,7 +778,8 @@ impl Provider for HttpProvider {
             None | Some(Value::Null) => LastUsed::Never,
             Some(v) => {
                 let what = format!("{} {}", l.method, self.url(&l.url, &[]));
-                let t = self.time_at(&what, version, "list.last_used_pointer", p, v, l.last_used_format)?;
+                let format = ListSpec::format(&l.last_used_format);
+                let t = self.time_at(&what, version, "list.last_used_pointer", p, v, format)?;
                 LastUsed::at(t.at_ms, t.resolution_ms, self.source_of(&item))
             }
         })
@@ -821,13 +846,12 @@ delete = {{ url = "/v1/keys/{{id}}" }}
             assert_eq!(f, field, "{extra}: {m}");
             assert!(m.contains(words), "{extra}: {m}");
         }
-        // A format that does not exist is refused when parsed, naming the choices.
-        let e = toml::from_str::<HttpConfig>(
-            "create = { url = \"http://h/k\", fields = { value = \"/s\" } }\ndelete = { url = \"http://h/k/{id}\" }\nlist = { url = \"http://h/k\", last_used_pointer = \"/t\", last_used_format = \"epoch\" }",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("epoch") && e.contains("unix_ms"), "{e}");
+        // A format that does not exist, naming the choices.
+        let (f, m) = list("last_used_pointer = \"/t\", last_used_format = \"epoch\"").validate().unwrap_err();
+        assert_eq!(f, "list.last_used_format");
+        assert!(m.contains("\"epoch\" is not a timestamp format") && m.contains("unix_ms"), "{m}");
+        let (f, _) = list("created_pointer = \"/c\", created_format = \"secs\"").validate().unwrap_err();
+        assert_eq!(f, "list.created_format");
     }
 
     #[test]

@@ -14,12 +14,12 @@
 //! (1 ms from three digits on); unix milliseconds → 1 ms. A fraction whose
 //! trailing zeros a serializer dropped reads coarser than it was, never finer.
 
-use serde::Deserialize;
 use serde_json::Value;
 
-/// How a timestamp field is written.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
+/// How a timestamp field is written. Configs name it as a string
+/// ([`TimeFormat::from_name`]) so that a wrong name is refused by `validate`
+/// with the exact field, not by serde somewhere inside the provider table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TimeFormat {
     /// RFC 3339 strings or unix seconds (see the module docs).
     #[default]
@@ -32,6 +32,19 @@ pub enum TimeFormat {
 }
 
 impl TimeFormat {
+    pub const NAMES: &'static str = "auto, rfc3339, unix or unix_ms";
+
+    /// The format called `name` in a config.
+    pub fn from_name(name: &str) -> Result<TimeFormat, String> {
+        Ok(match name {
+            "auto" => TimeFormat::Auto,
+            "rfc3339" => TimeFormat::Rfc3339,
+            "unix" => TimeFormat::Unix,
+            "unix_ms" => TimeFormat::UnixMs,
+            other => return Err(format!("{other:?} is not a timestamp format: expected {}", Self::NAMES)),
+        })
+    }
+
     /// What a value in this format looks like, for error messages.
     pub fn expected(self) -> &'static str {
         match self {
@@ -238,15 +251,11 @@ mod tests {
     }
 
     #[test]
-    fn formats_deserialize_from_their_config_names() {
-        #[derive(Deserialize)]
-        struct W {
-            f: TimeFormat,
-        }
-        let f = |s: &str| toml::from_str::<W>(&format!("f = \"{s}\"")).map(|w| w.f);
-        assert_eq!(f("unix_ms").unwrap(), TimeFormat::UnixMs);
-        assert_eq!(f("rfc3339").unwrap(), TimeFormat::Rfc3339);
-        let e = f("epoch").unwrap_err().to_string();
-        assert!(e.contains("unknown variant `epoch`") && e.contains("unix_ms"), "{e}");
+    fn formats_are_named_in_configs() {
+        assert_eq!(TimeFormat::from_name("unix_ms").unwrap(), TimeFormat::UnixMs);
+        assert_eq!(TimeFormat::from_name("rfc3339").unwrap(), TimeFormat::Rfc3339);
+        assert_eq!(TimeFormat::from_name("auto").unwrap(), TimeFormat::Auto);
+        let e = TimeFormat::from_name("epoch").unwrap_err();
+        assert_eq!(e, "\"epoch\" is not a timestamp format: expected auto, rfc3339, unix or unix_ms");
     }
 }
