@@ -86,6 +86,10 @@ pub struct CommandConfig {
     /// Working directory (default: the directory of the config file).
     #[serde(default)]
     pub working_dir: Option<PathBuf>,
+    /// The names of the fields `create` prints (optional): known before a
+    /// version exists (for dry runs), and checked on every create.
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -190,6 +194,19 @@ impl CommandConfig {
             && !d.is_dir()
         {
             return Err(("working_dir".into(), format!("{} is not a directory", d.display())));
+        }
+        if let Some(fields) = &self.fields {
+            if fields.is_empty() {
+                return Err(("fields".into(), "name at least one field (e.g. [\"value\"]), or leave it out".into()));
+            }
+            for (i, f) in fields.iter().enumerate() {
+                if f.is_empty() || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    return Err((
+                        format!("fields[{i}]"),
+                        format!("{f:?} is not a field name (letters, digits, _ and -)"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -491,7 +508,32 @@ impl External for CommandProvider {
 
     async fn create_new(&self, req: &CreateRequest, replay: bool) -> Result<(Created, Vec<String>), ProviderError> {
         let run = self.run(Op::Create, self.request(Op::Create, Some(req), None, replay), None).await?;
-        parse_created(&format!("create command {}", self.config.create[0]), &run.stdout)
+        let what = format!("create command {}", self.config.create[0]);
+        let (created, notes) = parse_created(&what, &run.stdout)?;
+        if let Some(declared) = &self.config.fields {
+            let mut printed: Vec<&str> = created.fields.iter().map(|(k, _)| k.as_str()).collect();
+            let mut want: Vec<&str> = declared.iter().map(String::as_str).collect();
+            printed.sort_unstable();
+            want.sort_unstable();
+            if printed != want {
+                // Its answer is not recorded: a replay (on resume) revokes what it made, if it can list.
+                let cleanup = if self.config.list.is_some() {
+                    "it is revoked when the rotation resumes"
+                } else {
+                    "delete it with the provider's own tools (no list command is configured)"
+                };
+                return Err(ProviderError::failed(
+                    KIND,
+                    format!(
+                        "{what} printed the fields {}, but provider.fields declares {}; version {}: {cleanup}",
+                        printed.join(", "),
+                        want.join(", "),
+                        created.id
+                    ),
+                ));
+            }
+        }
+        Ok((created, notes))
     }
 }
 
@@ -535,6 +577,10 @@ impl Provider for CommandProvider {
 
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {
         self.list_versions().await?.ok_or_else(|| ProviderError::failed(KIND, "no list command is configured"))
+    }
+
+    fn field_names(&self) -> Vec<String> {
+        self.config.fields.clone().unwrap_or_default()
     }
 
     async fn last_used(&self, version: &str) -> Result<LastUsed, ProviderError> {
@@ -612,6 +658,7 @@ esac
             pass_env: vec![],
             env: [("KEYS_DIR".to_string(), dir.path().join("db").display().to_string())].into(),
             working_dir: None,
+            fields: None,
         };
         config.resolve_paths(dir.path());
         config.validate().unwrap();
@@ -662,6 +709,31 @@ esac
         assert_eq!(list[0].id, v.id);
         assert!(v.notes.iter().any(|n| n.starts_with("deleted version k1-rot-7")), "{:?}", v.notes);
         assert!(v.notes.contains(&"replay=true".to_string()), "{:?}", v.notes);
+    }
+
+    #[tokio::test]
+    async fn declared_fields_are_known_before_a_create_and_checked_after() {
+        let (_dir, mut config) = setup();
+        assert!(CommandProvider::new(config.clone(), Arc::new(Mem::default())).unwrap().field_names().is_empty());
+        config.fields = Some(vec!["value".into()]);
+        config.validate().unwrap();
+        let p = CommandProvider::new(config.clone(), Arc::new(Mem::default())).unwrap();
+        assert_eq!(p.field_names(), ["value"]);
+        p.create(&req("rot-1")).await.unwrap();
+        config.fields = Some(vec!["token".into()]);
+        let state = Arc::new(Mem::default());
+        let p = CommandProvider::new(config.clone(), state.clone()).unwrap();
+        let e = p.create(&req("rot-2")).await.unwrap_err().to_string();
+        assert!(e.contains("printed the fields value, but provider.fields declares token"), "{e}");
+        assert!(e.contains("revoked when the rotation resumes") && !e.contains("sv_"), "{e}");
+        // Fixed and resumed: the refused version is revoked, one version made.
+        config.fields = Some(vec!["value".into()]);
+        let p = CommandProvider::new(config.clone(), state).unwrap();
+        let v = p.create(&req("rot-2")).await.unwrap();
+        let ids: Vec<String> = p.list().await.unwrap().into_iter().map(|v| v.id).collect();
+        assert_eq!(ids.iter().filter(|i| i.contains("rot-2")).collect::<Vec<_>>(), [&v.id]);
+        config.fields = Some(vec!["a b".into()]);
+        assert_eq!(config.validate().unwrap_err().0, "fields[0]");
     }
 
     #[tokio::test]
