@@ -331,6 +331,11 @@ impl DemoApi {
     }
 
     /// `GET /v1/whoami` with a key: 200 if the API accepts it.
+    /// What the API logged so far (one line per call, with its status; never a secret).
+    pub fn logs(&self) -> String {
+        read_log(&self._server.log)
+    }
+
     pub fn whoami(&self, key: &str) -> u16 {
         let auth = format!("Bearer {key}");
         http(&self.addr, "GET", "/v1/whoami", &[("Authorization", &auth)], b"").expect("whoami").0

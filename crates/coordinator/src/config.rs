@@ -325,6 +325,39 @@ master_key_file = "/etc/rekey/master.key"
         assert!(e.contains("declared twice"), "{e}");
     }
 
+    /// A grace policy that cannot work is refused at load; unset, it follows the provider.
+    #[test]
+    fn reactivate_on_grace_use_needs_a_provider_that_can_reactivate() {
+        let p = Path::new("/etc/rekey/coordinator.toml");
+        let secret = |reactivate: &str, grace: &str| {
+            format!(
+                "{OK}\n[[secret]]\nname = \"saas\"\nall_agents = true\n[secret.provider]\nkind = \"http\"\n\
+                 base_url = \"http://127.0.0.1:9\"\ntoken_env = \"PATH\"\n\
+                 create = {{ url = \"/v1/keys\", fields = {{ value = \"/secret\" }} }}\n\
+                 delete = {{ url = \"/v1/keys/{{id}}\" }}\ndeactivate = {{ url = \"/v1/keys/{{id}}/off\" }}\n{reactivate}\
+                 [secret.revocation]\n{grace}"
+            )
+        };
+        let e = Config::from_str(p, &secret("", "on_use_during_grace = \"reactivate\"\n")).unwrap_err().to_string();
+        assert!(
+            e.contains("coordinator.toml")
+                && e.contains("revocation.on_use_during_grace")
+                && e.contains("configure provider.reactivate"),
+            "{e}"
+        );
+        let c = Config::from_str(p, &secret("", "")).unwrap();
+        assert_eq!(
+            c.secrets[0].policy.grace_use,
+            crate::engine::machine::GraceUse::Proceed,
+            "unset: what the provider can"
+        );
+        let with = "reactivate = { url = \"/v1/keys/{id}/on\" }\n";
+        let c = Config::from_str(p, &secret(with, "")).unwrap();
+        assert_eq!(c.secrets[0].policy.grace_use, crate::engine::machine::GraceUse::Reactivate);
+        let e = Config::from_str(p, &secret(with, "on_use_after_switch = \"maybe\"\n")).unwrap_err().to_string();
+        assert!(e.contains("revocation.on_use_after_switch") && e.contains("\"hold\" or \"revoke\""), "{e}");
+    }
+
     #[test]
     fn errors_name_file_and_field() {
         let p = Path::new("/etc/rekey/coordinator.toml");

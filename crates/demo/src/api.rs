@@ -7,7 +7,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::RngCore;
 use rekey_common::secret::SecretBytes;
-use rekey_common::time::now_unix;
+use rekey_common::time::{now_unix, now_unix_ms};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,26 +29,44 @@ pub struct KeyRecord {
     pub status: Status,
     pub created_at: i64,
     pub last_used_at: Option<i64>,
+    /// The last use to the millisecond (`last_used_at` is its whole second).
+    #[serde(default)]
+    pub last_used_ms: Option<i64>,
+    /// The `User-Agent` of the last use (where it came from, as the API saw it).
+    #[serde(default)]
+    pub last_used_by: Option<String>,
 }
 
-/// A key as listed: no secret, no digest.
+/// A key as listed: no secret, no digest. The same facts in the shapes real
+/// APIs use, so the `http` provider can be tested against each: a status
+/// string and a boolean, whole seconds, fractional seconds, milliseconds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct KeyView {
     pub id: String,
     pub name: String,
     pub status: Status,
+    pub enabled: bool,
     pub created_at: i64,
     pub last_used_at: Option<i64>,
+    /// Unix seconds with a fraction (milliseconds).
+    pub last_used_unix: Option<f64>,
+    pub last_used_at_ms: Option<i64>,
+    pub last_used_by: Option<String>,
 }
 
 impl From<&KeyRecord> for KeyView {
     fn from(k: &KeyRecord) -> Self {
+        let ms = k.last_used_ms.or(k.last_used_at.map(|s| s * 1000));
         KeyView {
             id: k.id.clone(),
             name: k.name.clone(),
             status: k.status,
+            enabled: k.status == Status::Active,
             created_at: k.created_at,
             last_used_at: k.last_used_at,
+            last_used_unix: ms.map(|ms| ms as f64 / 1000.0),
+            last_used_at_ms: ms,
+            last_used_by: k.last_used_by.clone(),
         }
     }
 }
@@ -56,6 +74,14 @@ impl From<&KeyRecord> for KeyView {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Persisted {
     keys: BTreeMap<String, KeyRecord>,
+}
+
+/// Why a delete was refused.
+#[derive(Debug, PartialEq)]
+pub enum DeleteRefused {
+    NotFound,
+    /// The key is active: deactivate it first.
+    Active,
 }
 
 /// Why a `whoami` was refused.
@@ -114,6 +140,8 @@ impl Keys {
             status: Status::Active,
             created_at: now,
             last_used_at: None,
+            last_used_ms: None,
+            last_used_by: None,
         };
         self.data.keys.insert(id, rec.clone());
         self.save();
@@ -134,22 +162,31 @@ impl Keys {
         Some(view)
     }
 
-    pub fn delete(&mut self, id: &str) -> bool {
-        let found = self.data.keys.remove(id).is_some();
-        if found {
-            self.save();
+    /// Deletes an inactive key. An active key is refused, as real key APIs
+    /// do: it must be deactivated first.
+    pub fn delete(&mut self, id: &str) -> Result<(), DeleteRefused> {
+        match self.data.keys.get(id).map(|k| k.status) {
+            None => Err(DeleteRefused::NotFound),
+            Some(Status::Active) => Err(DeleteRefused::Active),
+            Some(Status::Inactive) => {
+                self.data.keys.remove(id);
+                self.save();
+                Ok(())
+            }
         }
-        found
     }
 
-    /// The key a secret belongs to, if active; records its use.
-    pub fn authenticate(&mut self, secret: &[u8], now: i64) -> Result<KeyView, Rejection> {
+    /// The key a secret belongs to, if active; records its use (at
+    /// `now_ms`, by `agent`, the caller's `User-Agent`).
+    pub fn authenticate(&mut self, secret: &[u8], now_ms: i64, agent: Option<&str>) -> Result<KeyView, Rejection> {
         let d = digest(secret);
         let rec = self.data.keys.values_mut().find(|k| k.secret_sha256 == d).ok_or(Rejection::Unknown)?;
         if rec.status != Status::Active {
             return Err(Rejection::Inactive(rec.id.clone()));
         }
-        rec.last_used_at = Some(now);
+        rec.last_used_at = Some(now_ms.div_euclid(1000));
+        rec.last_used_ms = Some(now_ms);
+        rec.last_used_by = agent.map(|a| a.chars().take(100).collect());
         let view = KeyView::from(&*rec);
         self.save();
         Ok(view)
@@ -246,11 +283,17 @@ async fn activate(_: Admin, State(s): State<AppState>, Path(id): Path<String>) -
 }
 
 async fn delete_key(_: Admin, State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    if s.keys.lock().expect("keys lock").delete(&id) {
-        tracing::info!(%id, "key deleted");
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        error(StatusCode::NOT_FOUND, &format!("no key {id}"))
+    let result = s.keys.lock().expect("keys lock").delete(&id);
+    match result {
+        Ok(()) => {
+            tracing::info!(%id, "key deleted");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(DeleteRefused::Active) => {
+            tracing::warn!(%id, "delete refused: key is active");
+            error(StatusCode::CONFLICT, "key is active; deactivate first")
+        }
+        Err(DeleteRefused::NotFound) => error(StatusCode::NOT_FOUND, &format!("no key {id}")),
     }
 }
 
@@ -259,7 +302,8 @@ async fn whoami(State(s): State<AppState>, headers: HeaderMap) -> Response {
         tracing::info!("whoami refused: no bearer token");
         return error(StatusCode::UNAUTHORIZED, "bearer token required");
     };
-    let result = s.keys.lock().expect("keys lock").authenticate(token, now_unix());
+    let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok());
+    let result = s.keys.lock().expect("keys lock").authenticate(token, now_unix_ms(), agent);
     match result {
         Ok(view) => {
             tracing::info!(id = %view.id, "whoami accepted");
@@ -308,21 +352,29 @@ mod tests {
         let (rec, secret) = keys.create("web", 100);
         assert!(rec.id.starts_with("key_"));
         assert!(crate::credentials::is_demo_key(secret.expose()));
-        assert_eq!(keys.authenticate(secret.expose(), 200).unwrap().last_used_at, Some(200));
-        assert_eq!(keys.authenticate(b"dk_nope", 200), Err(Rejection::Unknown));
+        let used = keys.authenticate(secret.expose(), 200_250, Some("host-1 curl")).unwrap();
+        assert_eq!(
+            (used.last_used_at, used.last_used_at_ms, used.last_used_unix),
+            (Some(200), Some(200_250), Some(200.25))
+        );
+        assert_eq!((used.enabled, used.last_used_by.as_deref()), (true, Some("host-1 curl")));
+        assert_eq!(keys.authenticate(b"dk_nope", 200_000, None), Err(Rejection::Unknown));
 
         let stored = std::fs::read_to_string(&path).unwrap();
         assert!(!stored.contains(std::str::from_utf8(secret.expose()).unwrap()), "{stored}");
 
+        assert_eq!(keys.delete(&rec.id), Err(DeleteRefused::Active), "an active key is not deleted");
         keys.set_status(&rec.id, Status::Inactive).unwrap();
-        assert_eq!(keys.authenticate(secret.expose(), 300), Err(Rejection::Inactive(rec.id.clone())));
+        assert_eq!(keys.authenticate(secret.expose(), 300_000, None), Err(Rejection::Inactive(rec.id.clone())));
         // Reloaded from disk.
         let mut again = Keys::open(Some(path)).unwrap();
-        assert_eq!(again.list()[0].status, Status::Inactive);
+        assert_eq!((again.list()[0].status, again.list()[0].enabled), (Status::Inactive, false));
+        assert_eq!(again.list()[0].last_used_by.as_deref(), Some("host-1 curl"));
         again.set_status(&rec.id, Status::Active).unwrap();
-        assert!(again.authenticate(secret.expose(), 400).is_ok());
-        assert!(again.delete(&rec.id));
-        assert!(!again.delete(&rec.id));
+        assert!(again.authenticate(secret.expose(), 400_000, None).is_ok());
+        again.set_status(&rec.id, Status::Inactive).unwrap();
+        assert_eq!(again.delete(&rec.id), Ok(()));
+        assert_eq!(again.delete(&rec.id), Err(DeleteRefused::NotFound));
         assert!(again.list().is_empty());
     }
 }

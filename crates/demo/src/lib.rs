@@ -4,11 +4,14 @@
 //!   Admin calls carry `Authorization: Bearer ADMIN_TOKEN` (from
 //!   `--admin-token-file` or `REKEY_DEMO_ADMIN_TOKEN`):
 //!   `POST /v1/keys {"name"}` → 201 `{"id": "key_…", "secret": "dk_…", "created_at"}`
-//!   (the only time the secret is shown), `GET /v1/keys` (no secrets),
+//!   (the only time the secret is shown), `GET /v1/keys` (no secrets; status
+//!   as a string and as `enabled`, last use in whole seconds, fractional
+//!   seconds and milliseconds, and `last_used_by`, the caller's User-Agent),
 //!   `POST /v1/keys/{id}/deactivate`, `POST /v1/keys/{id}/activate`,
-//!   `DELETE /v1/keys/{id}`. Clients call `GET /v1/whoami` with
+//!   `DELETE /v1/keys/{id}` (409 `key is active; deactivate first` while the
+//!   key is active, as real key APIs answer). Clients call `GET /v1/whoami` with
 //!   `Authorization: Bearer <key secret>`: 200 `{"id", "name"}` for an active
-//!   key (recording `last_used_at`), 401 otherwise. Only SHA-256 digests of
+//!   key (recording its use), 401 otherwise. Only SHA-256 digests of
 //!   key secrets are kept (`--state FILE` persists them as JSON). Every call
 //!   is logged, never a secret.
 //!

@@ -299,6 +299,24 @@ where
     }
 }
 
+/// IAM does not document the granularity of `LastUsedDate`: the resolution
+/// is the precision of the timestamp it answered (whole seconds, or
+/// milliseconds when it carries a fraction).
+fn resolution_ms(d: &aws_sdk_iam::primitives::DateTime) -> i64 {
+    if d.subsec_nanos() == 0 { 1000 } else { 1 }
+}
+
+/// `GetAccessKeyLastUsed`'s service and region in words (`N/A` is left out).
+fn use_source(service: &str, region: &str) -> Option<String> {
+    let known = |s: &str| !s.is_empty() && s != "N/A";
+    match (known(service), known(region)) {
+        (true, true) => Some(format!("{service} in {region}")),
+        (true, false) => Some(service.to_string()),
+        (false, true) => Some(format!("region {region}")),
+        (false, false) => None,
+    }
+}
+
 fn is_no_such_entity<E: ProvideErrorMetadata, R: RawResponse>(e: &SdkError<E, R>) -> bool {
     code_and_message(e).is_some_and(|(code, _, _)| code == "NoSuchEntity")
 }
@@ -383,11 +401,12 @@ impl AwsIam {
             .collect())
     }
 
+    /// `DeleteAccessKey` (IAM deletes an active key as well); NotFound when it is gone.
     async fn delete_key(&self, id: &str) -> Result<(), ProviderError> {
         match self.client().await?.delete_access_key().user_name(&self.config.user_name).access_key_id(id).send().await
         {
             Ok(_) => Ok(()),
-            Err(e) if is_no_such_entity(&e) => Ok(()),
+            Err(e) if is_no_such_entity(&e) => Err(ProviderError::NotFound { provider: KIND, version: id.to_string() }),
             Err(e) => Err(aws_error(&format!("DeleteAccessKey {id}"), e)),
         }
     }
@@ -446,7 +465,10 @@ impl AwsIam {
         let mut notes = Vec::new();
         // One is enough to make room; delete the oldest stale key.
         let victim = stale.iter().min_by_key(|k| k.created_unix.unwrap_or(i64::MAX)).expect("non-empty");
-        self.delete_key(&victim.id).await?;
+        match self.delete_key(&victim.id).await {
+            Ok(()) | Err(ProviderError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
         tracing::info!(user = %user, key = %victim.id, "deleted stale inactive access key to make room");
         notes.push(format!(
             "deleted stale inactive access key {} of user {user} to make room for the new key (IAM allows two per user)",
@@ -470,8 +492,11 @@ impl External for AwsIam {
         self.keys().await.map(Some)
     }
 
-    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
-        self.delete_key(id).await
+    async fn delete_orphan(&self, orphan: &VersionInfo) -> Result<(), ProviderError> {
+        match self.delete_key(&orphan.id).await {
+            Ok(()) | Err(ProviderError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn orphan_name(&self, id: &str) -> String {
@@ -542,8 +567,15 @@ impl Provider for AwsIam {
     }
 
     async fn delete(&self, version: &str) -> Result<(), ProviderError> {
-        self.delete_key(version).await?;
-        self.journal().forget_version(version)
+        let result = self.delete_key(version).await;
+        if matches!(result, Ok(()) | Err(ProviderError::NotFound { .. })) {
+            self.journal().forget_version(version)?;
+        }
+        result
+    }
+
+    fn field_names(&self) -> Vec<String> {
+        vec!["access_key_id".into(), "secret_access_key".into()]
     }
 
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {
@@ -552,8 +584,14 @@ impl Provider for AwsIam {
 
     async fn last_used(&self, version: &str) -> Result<LastUsed, ProviderError> {
         match self.client().await?.get_access_key_last_used().access_key_id(version).send().await {
-            Ok(out) => Ok(match out.access_key_last_used().and_then(|l| l.last_used_date()) {
-                Some(d) => LastUsed::At(d.secs()),
+            Ok(out) => Ok(match out.access_key_last_used() {
+                Some(l) => match l.last_used_date() {
+                    Some(d) => {
+                        let at_ms = d.secs().saturating_mul(1000) + i64::from(d.subsec_nanos() / 1_000_000);
+                        LastUsed::at(at_ms, resolution_ms(d), use_source(l.service_name(), l.region()))
+                    }
+                    None => LastUsed::Never,
+                },
                 None => LastUsed::Never,
             }),
             Err(e) if is_no_such_entity(&e) => Err(ProviderError::NotFound { provider: KIND, version: version.into() }),
@@ -599,6 +637,16 @@ mod tests {
         assert_eq!(xml_tag(body, "Code").as_deref(), Some("InvalidClientTokenId"));
         assert_eq!(xml_tag(body, "Message").as_deref(), Some("bad"));
         assert_eq!(xml_tag(body, "Type"), None);
+    }
+
+    #[test]
+    fn the_source_of_a_use_names_service_and_region() {
+        assert_eq!(use_source("s3", "eu-west-1").as_deref(), Some("s3 in eu-west-1"));
+        assert_eq!(use_source("iam", "N/A").as_deref(), Some("iam"));
+        assert_eq!(use_source("N/A", "N/A"), None);
+        let whole = aws_sdk_iam::primitives::DateTime::from_secs(1_714_564_800);
+        assert_eq!(resolution_ms(&whole), 1000);
+        assert_eq!(resolution_ms(&aws_sdk_iam::primitives::DateTime::from_millis(1_714_564_800_250)), 1);
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! - stdin: `{"op", "secret", "rotation_id", "previous_version", "version", "replay"}`
 //! - `create` prints `{"id": "...", "fields": {"name": "value", ...}, "notes": [...]}`
 //! - `list` prints `{"versions": [{"id", "status": "active"|"inactive", "created_unix"}]}`
-//! - `last_used` prints `{"last_used": null | "never" | UNIX_SECONDS}`
+//! - `last_used` prints `{"last_used": null | "never" | TIME, "source": "…"}`
+//!   where TIME is unix seconds (an integer, or with a fraction) or an RFC
+//!   3339 string, or `{"last_used_ms": UNIX_MS}`; optional `"resolution_ms"`
+//!   says how coarse the time is (default: as written, see [`crate::timestamp`]),
+//!   optional `"source"` where the use came from (never a secret). A time
+//!   that cannot be read is an error, never "no usage".
 //! - exit 0: done; 3: the version does not exist; 75: temporary failure
 //!   (retried); anything else: failed. stderr is quoted in errors, with every
 //!   value the provider knows replaced by `<redacted>`.
@@ -19,9 +24,13 @@
 //! Idempotency of `create` per rotation id: the versions the list shows are
 //! recorded (intent) before running `create`, the new version (id and fields,
 //! sealed) right after. A replay returns the recorded version; if only the
-//! intent is there, versions that appeared since are deleted through `delete`
-//! (when `list` is configured), and `create` runs again with `"replay": true`
-//! so the command can clean up what only it can see.
+//! intent is there, versions that appeared since are revoked (when `list` is
+//! configured: `deactivate` first for an active one, when configured, then
+//! `delete`), and `create` runs again with `"replay": true` so the command
+//! can clean up what only it can see.
+//!
+//! `delete` follows the same order: with `list` and `deactivate` configured,
+//! an active version is deactivated before it is deleted.
 
 use crate::journal::{Created, External, Journal, create_once};
 use crate::util::{excerpt, redact};
@@ -77,6 +86,10 @@ pub struct CommandConfig {
     /// Working directory (default: the directory of the config file).
     #[serde(default)]
     pub working_dir: Option<PathBuf>,
+    /// The names of the fields `create` prints (optional): known before a
+    /// version exists (for dry runs), and checked on every create.
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -181,6 +194,19 @@ impl CommandConfig {
             && !d.is_dir()
         {
             return Err(("working_dir".into(), format!("{} is not a directory", d.display())));
+        }
+        if let Some(fields) = &self.fields {
+            if fields.is_empty() {
+                return Err(("fields".into(), "name at least one field (e.g. [\"value\"]), or leave it out".into()));
+            }
+            for (i, f) in fields.iter().enumerate() {
+                if f.is_empty() || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    return Err((
+                        format!("fields[{i}]"),
+                        format!("{f:?} is not a field name (letters, digits, _ and -)"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -324,6 +350,28 @@ impl CommandProvider {
         self.run(op, self.request(op, None, Some(version), false), Some(version)).await.map(|_| ())
     }
 
+    /// Deletes `version` in the revoke order: an active version (as listed,
+    /// or by `status` when the caller has it) is deactivated first when a
+    /// deactivate command is configured. NotFound when it is gone.
+    async fn revoke(&self, version: &str, status: Option<VersionStatus>) -> Result<(), ProviderError> {
+        if self.config.deactivate.is_some() {
+            let status = match status {
+                Some(s) => Some(s),
+                None => match self.list_versions().await? {
+                    Some(list) => match list.into_iter().find(|v| v.id == version) {
+                        Some(v) => Some(v.status),
+                        None => return Err(ProviderError::NotFound { provider: KIND, version: version.to_string() }),
+                    },
+                    None => None,
+                },
+            };
+            if status == Some(VersionStatus::Active) {
+                self.by_id(Op::Deactivate, version).await?;
+            }
+        }
+        self.by_id(Op::Delete, version).await
+    }
+
     async fn list_versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError> {
         if self.config.list.is_none() {
             return Ok(None);
@@ -360,6 +408,38 @@ impl CommandProvider {
         }
         Ok(Some(out))
     }
+}
+
+/// Reads `last_used`'s answer (see the module docs); the error names the key
+/// and what was found.
+fn parse_last_used(v: &Value) -> Result<LastUsed, String> {
+    use crate::timestamp::{TimeFormat, parse};
+    let stamp = match (v.get("last_used_ms"), v.get("last_used")) {
+        (Some(ms), _) if !ms.is_null() => {
+            parse(ms, TimeFormat::UnixMs).map_err(|e| format!("\"last_used_ms\": {e}"))?
+        }
+        (_, Some(Value::String(s))) if s == "never" => return Ok(LastUsed::Never),
+        (_, Some(Value::Null) | None) => return Ok(LastUsed::Unknown),
+        (_, Some(t)) => parse(t, TimeFormat::Auto).map_err(|e| format!("\"last_used\": {e} or \"never\" or null"))?,
+    };
+    let resolution_ms = match v.get("resolution_ms") {
+        None | Some(Value::Null) => stamp.resolution_ms,
+        Some(r) => r.as_i64().filter(|r| (1..=86_400_000).contains(r)).ok_or_else(|| {
+            format!(
+                "\"resolution_ms\": found {}, expected milliseconds from 1 to 86400000",
+                crate::timestamp::describe(r)
+            )
+        })?,
+    };
+    let source = match v.get("source") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.trim().is_empty() => None,
+        Some(Value::String(s)) => Some(excerpt(s, 200)),
+        Some(other) => {
+            return Err(format!("\"source\": found {}, expected a string", crate::timestamp::describe(other)));
+        }
+    };
+    Ok(LastUsed::at(stamp.at_ms, resolution_ms, source))
 }
 
 fn collect_strings(v: &Value, out: &mut Vec<String>) {
@@ -419,8 +499,8 @@ impl External for CommandProvider {
         self.list_versions().await
     }
 
-    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
-        match self.by_id(Op::Delete, id).await {
+    async fn delete_orphan(&self, orphan: &VersionInfo) -> Result<(), ProviderError> {
+        match self.revoke(&orphan.id, Some(orphan.status)).await {
             Ok(()) | Err(ProviderError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -428,7 +508,32 @@ impl External for CommandProvider {
 
     async fn create_new(&self, req: &CreateRequest, replay: bool) -> Result<(Created, Vec<String>), ProviderError> {
         let run = self.run(Op::Create, self.request(Op::Create, Some(req), None, replay), None).await?;
-        parse_created(&format!("create command {}", self.config.create[0]), &run.stdout)
+        let what = format!("create command {}", self.config.create[0]);
+        let (created, notes) = parse_created(&what, &run.stdout)?;
+        if let Some(declared) = &self.config.fields {
+            let mut printed: Vec<&str> = created.fields.iter().map(|(k, _)| k.as_str()).collect();
+            let mut want: Vec<&str> = declared.iter().map(String::as_str).collect();
+            printed.sort_unstable();
+            want.sort_unstable();
+            if printed != want {
+                // Its answer is not recorded: a replay (on resume) revokes what it made, if it can list.
+                let cleanup = if self.config.list.is_some() {
+                    "it is revoked when the rotation resumes"
+                } else {
+                    "delete it with the provider's own tools (no list command is configured)"
+                };
+                return Err(ProviderError::failed(
+                    KIND,
+                    format!(
+                        "{what} printed the fields {}, but provider.fields declares {}; version {}: {cleanup}",
+                        printed.join(", "),
+                        want.join(", "),
+                        created.id
+                    ),
+                ));
+            }
+        }
+        Ok((created, notes))
     }
 }
 
@@ -463,15 +568,19 @@ impl Provider for CommandProvider {
     }
 
     async fn delete(&self, version: &str) -> Result<(), ProviderError> {
-        match self.by_id(Op::Delete, version).await {
-            Ok(()) | Err(ProviderError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
+        let result = self.revoke(version, None).await;
+        if matches!(result, Ok(()) | Err(ProviderError::NotFound { .. })) {
+            self.journal().forget_version(version)?;
         }
-        self.journal().forget_version(version)
+        result
     }
 
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {
         self.list_versions().await?.ok_or_else(|| ProviderError::failed(KIND, "no list command is configured"))
+    }
+
+    fn field_names(&self) -> Vec<String> {
+        self.config.fields.clone().unwrap_or_default()
     }
 
     async fn last_used(&self, version: &str) -> Result<LastUsed, ProviderError> {
@@ -482,15 +591,7 @@ impl Provider for CommandProvider {
         let what = format!("last_used command {}", self.config.last_used.as_ref().expect("configured")[0]);
         let v: Value = serde_json::from_slice(&run.stdout)
             .map_err(|_| ProviderError::failed(KIND, format!("{what} printed something that is not JSON")))?;
-        match v.get("last_used") {
-            Some(Value::String(s)) if s == "never" => Ok(LastUsed::Never),
-            Some(Value::Number(n)) if n.as_i64().is_some() => Ok(LastUsed::At(n.as_i64().unwrap_or_default())),
-            Some(Value::Null) | None => Ok(LastUsed::Unknown),
-            Some(_) => Err(ProviderError::failed(
-                KIND,
-                format!("{what}: \"last_used\" must be null, \"never\" or unix seconds"),
-            )),
-        }
+        parse_last_used(&v).map_err(|m| ProviderError::failed(KIND, format!("{what}: {version}: {m}")))
     }
 }
 
@@ -498,10 +599,12 @@ impl Provider for CommandProvider {
 mod tests {
     use super::*;
     use crate::testing::Mem;
+    use serde_json::json;
     use std::os::unix::fs::PermissionsExt;
 
     /// A fake key store in a directory, driven by a shell script (the way an
     /// operator would write one): keys are files `<id>` holding `status value`.
+    /// Like real key APIs, it refuses to delete an active key.
     const SCRIPT: &str = r#"#!/bin/sh
 set -eu
 req=$(cat)
@@ -525,7 +628,7 @@ deactivate|reactivate|delete)
   case "$1" in
     deactivate) echo "inactive $val" > "$f";;
     reactivate) echo "active $val" > "$f";;
-    delete) rm "$f";;
+    delete) case "$(cut -d' ' -f1 "$f")" in active) echo "key $v is active; deactivate first" >&2; exit 1;; esac; rm "$f";;
   esac
   ;;
 list)
@@ -555,6 +658,7 @@ esac
             pass_env: vec![],
             env: [("KEYS_DIR".to_string(), dir.path().join("db").display().to_string())].into(),
             working_dir: None,
+            fields: None,
         };
         config.resolve_paths(dir.path());
         config.validate().unwrap();
@@ -580,8 +684,10 @@ esac
         assert_eq!(p.list().await.unwrap()[0].status, VersionStatus::Inactive);
         p.reactivate(&a.id).await.unwrap();
         p.delete(&a.id).await.unwrap();
-        p.delete(&a.id).await.unwrap(); // exit 3 = gone = done
+        // Gone (exit 3, or absent from the list): every operation says so.
+        assert!(matches!(p.delete(&a.id).await, Err(ProviderError::NotFound { .. })));
         assert!(matches!(p.deactivate(&a.id).await, Err(ProviderError::NotFound { .. })));
+        assert!(matches!(p.reactivate(&a.id).await, Err(ProviderError::NotFound { .. })));
         assert!(p.list().await.unwrap().is_empty());
         assert_eq!(p.last_used(&a.id).await.unwrap(), LastUsed::Unknown);
     }
@@ -603,6 +709,31 @@ esac
         assert_eq!(list[0].id, v.id);
         assert!(v.notes.iter().any(|n| n.starts_with("deleted version k1-rot-7")), "{:?}", v.notes);
         assert!(v.notes.contains(&"replay=true".to_string()), "{:?}", v.notes);
+    }
+
+    #[tokio::test]
+    async fn declared_fields_are_known_before_a_create_and_checked_after() {
+        let (_dir, mut config) = setup();
+        assert!(CommandProvider::new(config.clone(), Arc::new(Mem::default())).unwrap().field_names().is_empty());
+        config.fields = Some(vec!["value".into()]);
+        config.validate().unwrap();
+        let p = CommandProvider::new(config.clone(), Arc::new(Mem::default())).unwrap();
+        assert_eq!(p.field_names(), ["value"]);
+        p.create(&req("rot-1")).await.unwrap();
+        config.fields = Some(vec!["token".into()]);
+        let state = Arc::new(Mem::default());
+        let p = CommandProvider::new(config.clone(), state.clone()).unwrap();
+        let e = p.create(&req("rot-2")).await.unwrap_err().to_string();
+        assert!(e.contains("printed the fields value, but provider.fields declares token"), "{e}");
+        assert!(e.contains("revoked when the rotation resumes") && !e.contains("sv_"), "{e}");
+        // Fixed and resumed: the refused version is revoked, one version made.
+        config.fields = Some(vec!["value".into()]);
+        let p = CommandProvider::new(config.clone(), state).unwrap();
+        let v = p.create(&req("rot-2")).await.unwrap();
+        let ids: Vec<String> = p.list().await.unwrap().into_iter().map(|v| v.id).collect();
+        assert_eq!(ids.iter().filter(|i| i.contains("rot-2")).collect::<Vec<_>>(), [&v.id]);
+        config.fields = Some(vec!["a b".into()]);
+        assert_eq!(config.validate().unwrap_err().0, "fields[0]");
     }
 
     #[tokio::test]
@@ -628,6 +759,28 @@ esac
         let e = p.create(&req("rot-2")).await.unwrap_err();
         assert!(e.to_string().contains("did not finish within 2s"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn last_used_answers_are_read_with_resolution_and_source_or_refused() {
+        let lu = |v: Value| parse_last_used(&v);
+        assert_eq!(lu(json!({"last_used": 1714564800})).unwrap(), LastUsed::at(1_714_564_800_000, 1000, None));
+        assert_eq!(
+            lu(json!({"last_used": 1714564800.125, "source": "10.1.2.3 (host-7)"})).unwrap(),
+            LastUsed::at(1_714_564_800_125, 1, Some("10.1.2.3 (host-7)".into()))
+        );
+        assert_eq!(
+            lu(json!({"last_used": "2024-05-01T12:00:00Z", "resolution_ms": 60000})).unwrap(),
+            LastUsed::at(1_714_564_800_000, 60_000, None)
+        );
+        assert_eq!(lu(json!({"last_used_ms": 1714564800250i64})).unwrap(), LastUsed::at(1_714_564_800_250, 1, None));
+        assert_eq!(lu(json!({"last_used": "never"})).unwrap(), LastUsed::Never);
+        assert_eq!(lu(json!({"last_used": null})).unwrap(), LastUsed::Unknown);
+        let e = lu(json!({"last_used": true})).unwrap_err();
+        assert!(e.contains("\"last_used\": found the boolean true, expected"), "{e}");
+        assert!(lu(json!({"last_used": "soon"})).unwrap_err().contains("the string \"soon\""));
+        assert!(lu(json!({"last_used": 1, "resolution_ms": 0})).unwrap_err().contains("resolution_ms"));
+        assert!(lu(json!({"last_used": 1, "source": 7})).unwrap_err().contains("\"source\": found the number 7"));
     }
 
     #[test]

@@ -9,10 +9,21 @@
 //! recorded (intent) before the create request, the new key (id and fields,
 //! sealed) right after. A replay returns the recorded key; if only the intent
 //! is there (the answer was lost), every key the list shows that was not there
-//! before is deleted, then a key is created again. Without a list request an
+//! before is revoked, then a key is created again. Without a list request an
 //! orphan cannot be seen: the replay says so in its notes (audited). A
 //! response that created a key rekey cannot use (a field missing) has that key
 //! deleted at once.
+//!
+//! Revoke order: many key APIs refuse to delete an active key. Every delete
+//! (an orphan's, the old version's, an aborted new version's) deactivates an
+//! active key first when a deactivate request is configured — by the list's
+//! status when there is a list, else after a DELETE answered 409 Conflict.
+//! 404/410 on any id request is [`ProviderError::NotFound`].
+//!
+//! The list is read with JSON pointers: status values may be strings,
+//! booleans or numbers; times go through [`crate::timestamp`] (a value that
+//! cannot be read is an error naming the key, the setting and what was
+//! found); `last_used_source_pointer` gives the use's source.
 //!
 //! Errors name the request and the status, with a short excerpt of an error
 //! body; a successful create's body is never echoed (it holds the secret), and
@@ -20,6 +31,7 @@
 
 use crate::credential::Source;
 use crate::journal::{Created, External, Journal, create_once};
+use crate::timestamp::TimeFormat;
 use crate::util::{excerpt, fill, redact};
 use crate::{
     CreateRequest, FieldError, LastUsed, NewVersion, Provider, ProviderError, ProviderState, VersionInfo, VersionStatus,
@@ -53,8 +65,8 @@ fn get() -> String {
 fn slash_id() -> String {
     "/id".into()
 }
-fn active() -> Vec<String> {
-    vec!["active".into()]
+fn active() -> Vec<Value> {
+    vec![Value::String("active".into())]
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -131,15 +143,28 @@ pub struct ListSpec {
     pub id_pointer: String,
     #[serde(default)]
     pub status_pointer: Option<String>,
-    /// Status values meaning active (default `["active"]`); anything else is inactive.
+    /// Status values meaning active (default `["active"]`): strings, booleans
+    /// or numbers (`[true]`, `["enabled"]`, `[1]`); anything else is inactive.
     #[serde(default = "active")]
-    pub active_values: Vec<String>,
-    /// Unix seconds or an RFC 3339 string.
+    pub active_values: Vec<Value>,
+    /// When the key was created (see `created_format`).
     #[serde(default)]
     pub created_pointer: Option<String>,
-    /// Unix seconds or an RFC 3339 string; null means never used.
+    /// How `created_pointer`'s value is written (default `auto`).
+    #[serde(default)]
+    pub created_format: Option<String>,
+    /// When the key was last used (see `last_used_format`); null or absent
+    /// means never used.
     #[serde(default)]
     pub last_used_pointer: Option<String>,
+    /// `auto` (default: RFC 3339 or unix seconds, with a fraction or not),
+    /// `rfc3339`, `unix` or `unix_ms`.
+    #[serde(default)]
+    pub last_used_format: Option<String>,
+    /// Where the last use came from (e.g. `/last_used_ip`), shown to the
+    /// operator beside the time.
+    #[serde(default)]
+    pub last_used_source_pointer: Option<String>,
 }
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -153,10 +178,75 @@ fn check_method(field: &str, m: &str) -> Result<(), FieldError> {
 }
 
 fn check_pointer(field: &str, p: &str) -> Result<(), FieldError> {
-    if p.is_empty() || p.starts_with('/') {
+    crate::util::json_pointer(field, p, true)
+}
+
+impl ListSpec {
+    /// The pointers and values the list reads: each one able to yield what it is for.
+    fn validate(&self) -> Result<(), FieldError> {
+        check_pointer("list.items_pointer", &self.items_pointer)?;
+        check_pointer("list.id_pointer", &self.id_pointer)?;
+        for (f, p) in [
+            ("list.status_pointer", &self.status_pointer),
+            ("list.created_pointer", &self.created_pointer),
+            ("list.last_used_pointer", &self.last_used_pointer),
+            ("list.last_used_source_pointer", &self.last_used_source_pointer),
+        ] {
+            if let Some(p) = p {
+                // An item is an object: the whole item is never a time, a status or a source.
+                crate::util::json_pointer(f, p, false)?;
+            }
+        }
+        if self.active_values.is_empty() {
+            return Err(("list.active_values".into(), "list at least one value meaning active".into()));
+        }
+        for (i, v) in self.active_values.iter().enumerate() {
+            if !matches!(v, Value::String(_) | Value::Bool(_) | Value::Number(_)) {
+                return Err((
+                    format!("list.active_values[{i}]"),
+                    format!("found {}, expected a string, a boolean or a number", crate::timestamp::describe(v)),
+                ));
+            }
+        }
+        let (created, used) = (self.created_pointer.is_some(), self.last_used_pointer.is_some());
+        for (f, set, pointed, pointer) in [
+            ("list.created_format", self.created_format.is_some(), created, "list.created_pointer"),
+            ("list.last_used_format", self.last_used_format.is_some(), used, "list.last_used_pointer"),
+            ("list.last_used_source_pointer", self.last_used_source_pointer.is_some(), used, "list.last_used_pointer"),
+        ] {
+            if set && !pointed {
+                return Err((f.into(), format!("has no effect without {pointer}")));
+            }
+        }
+        for (f, name) in
+            [("list.created_format", &self.created_format), ("list.last_used_format", &self.last_used_format)]
+        {
+            if let Some(name) = name {
+                TimeFormat::from_name(name).map_err(|m| (f.to_string(), m))?;
+            }
+        }
         Ok(())
-    } else {
-        Err((field.into(), format!("{p:?} is not a JSON pointer (e.g. /data/id)")))
+    }
+
+    /// A validated format setting (default `auto`).
+    fn format(name: &Option<String>) -> TimeFormat {
+        name.as_deref().and_then(|n| TimeFormat::from_name(n).ok()).unwrap_or_default()
+    }
+
+    /// Whether the status value `v` (at `status_pointer`) means active: equal
+    /// as JSON, or as text (`"true"` matches `true`, `"1"` matches `1`).
+    fn is_active(&self, v: &Value) -> bool {
+        let text = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        self.active_values.iter().any(|a| {
+            a == v
+                || matches!((a.as_f64(), v.as_f64()), (Some(x), Some(y)) if x == y)
+                || (text(a).is_some() && text(a) == text(v))
+        })
     }
 }
 
@@ -234,17 +324,7 @@ impl HttpConfig {
         if let Some(l) = &self.list {
             check_method("list.method", &l.method)?;
             url_ok("list.url", &l.url)?;
-            check_pointer("list.items_pointer", &l.items_pointer)?;
-            check_pointer("list.id_pointer", &l.id_pointer)?;
-            for (f, p) in [
-                ("list.status_pointer", &l.status_pointer),
-                ("list.created_pointer", &l.created_pointer),
-                ("list.last_used_pointer", &l.last_used_pointer),
-            ] {
-                if let Some(p) = p {
-                    check_pointer(f, p)?;
-                }
-            }
+            l.validate()?;
         }
         Ok(())
     }
@@ -284,18 +364,6 @@ fn scalar_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn time_of(v: &Value) -> Option<i64> {
-    match v {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => humantime::parse_rfc3339_weak(s.trim_end_matches('Z').split('.').next()?)
-            .ok()?
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_secs() as i64),
         _ => None,
     }
 }
@@ -421,22 +489,29 @@ impl HttpProvider {
 
     /// Runs an id request (delete, deactivate, reactivate); 404 is NotFound.
     async fn by_id(&self, spec: &RequestSpec, default_method: &str, id: &str) -> Result<(), ProviderError> {
+        self.by_id_unless(spec, default_method, id, None).await.map(|_| ())
+    }
+
+    /// [`Self::by_id`], except that an answer with status `unless` is
+    /// returned as `Ok(false)` instead of an error.
+    async fn by_id_unless(
+        &self,
+        spec: &RequestSpec,
+        default_method: &str,
+        id: &str,
+        unless: Option<reqwest::StatusCode>,
+    ) -> Result<bool, ProviderError> {
         let method = spec.method.as_deref().unwrap_or(default_method);
         let url = self.url(&spec.url, &[("id", id)]);
         let r = self.send(method, &url, None).await?;
         if r.status.is_success() {
-            Ok(())
+            Ok(true)
         } else if r.status == reqwest::StatusCode::NOT_FOUND || r.status == reqwest::StatusCode::GONE {
             Err(ProviderError::NotFound { provider: KIND, version: id.to_string() })
+        } else if Some(r.status) == unless {
+            Ok(false)
         } else {
             Err(self.status_error(&format!("{method} {url}"), &r))
-        }
-    }
-
-    async fn delete_id(&self, id: &str) -> Result<(), ProviderError> {
-        match self.by_id(&self.config.delete, "DELETE", id).await {
-            Err(ProviderError::NotFound { .. }) => Ok(()),
-            other => other,
         }
     }
 
@@ -465,15 +540,95 @@ impl HttpProvider {
             })?;
             let status = match &l.status_pointer {
                 None => VersionStatus::Active,
-                Some(p) => match item.pointer(p).and_then(scalar_string) {
-                    Some(s) if l.active_values.contains(&s) => VersionStatus::Active,
-                    _ => VersionStatus::Inactive,
+                Some(p) => match item.pointer(p) {
+                    Some(v) if l.is_active(v) => VersionStatus::Active,
+                    Some(_) => VersionStatus::Inactive,
+                    None => {
+                        return Err(ProviderError::failed(
+                            KIND,
+                            format!(
+                                "{what}: key {id} has no status at {p} ({}); check list.status_pointer",
+                                shape(item)
+                            ),
+                        ));
+                    }
                 },
             };
-            let created_unix = l.created_pointer.as_deref().and_then(|p| item.pointer(p)).and_then(time_of);
+            let created_unix = match l.created_pointer.as_deref().and_then(|p| item.pointer(p).map(|v| (p, v))) {
+                None | Some((_, Value::Null)) => None,
+                Some((p, v)) => {
+                    let t =
+                        self.time_at(&what, &id, "list.created_pointer", p, v, ListSpec::format(&l.created_format))?;
+                    Some(t.at_ms.div_euclid(1000))
+                }
+            };
             out.push((VersionInfo { id, status, created_unix }, item.clone()));
         }
         Ok(Some(out))
+    }
+
+    /// Reads a timestamp of key `id` at pointer `p`; an unreadable value is
+    /// an error naming the setting, the pointer and what was found.
+    fn time_at(
+        &self,
+        what: &str,
+        id: &str,
+        setting: &str,
+        p: &str,
+        v: &Value,
+        format: TimeFormat,
+    ) -> Result<crate::timestamp::Stamp, ProviderError> {
+        crate::timestamp::parse(v, format).map_err(|e| {
+            let token = self.token().ok().flatten();
+            let e = self.redact(&e, token.as_ref());
+            ProviderError::failed(KIND, format!("{what}: key {id}: {setting} {p}: {e}"))
+        })
+    }
+
+    /// Where the last use came from, from `last_used_source_pointer` (a
+    /// scalar, redacted and cut short; anything else is not a source).
+    fn source_of(&self, item: &Value) -> Option<String> {
+        let p = self.config.list.as_ref()?.last_used_source_pointer.as_deref()?;
+        let text = match item.pointer(p)? {
+            Value::String(s) if !s.trim().is_empty() => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        let token = self.token().ok().flatten();
+        Some(self.redact(&excerpt(&text, 200), token.as_ref()))
+    }
+
+    /// Deletes key `id` in the API's revoke order: an active key is
+    /// deactivated first when a deactivate request is configured (with a
+    /// list, its status says whether; without one, a DELETE answered 409
+    /// Conflict is retried after deactivating). NotFound when it is gone.
+    async fn revoke(&self, id: &str, listed: Option<VersionStatus>) -> Result<(), ProviderError> {
+        let status = match (listed, &self.config.deactivate) {
+            (Some(s), _) => Some(s),
+            (None, Some(_)) if self.config.list.is_some() => {
+                let items = self.list_items().await?.unwrap_or_default();
+                match items.into_iter().find(|(v, _)| v.id == id) {
+                    Some((v, _)) => Some(v.status),
+                    None => return Err(ProviderError::NotFound { provider: KIND, version: id.to_string() }),
+                }
+            }
+            _ => None,
+        };
+        if let (Some(VersionStatus::Active), Some(spec)) = (status, &self.config.deactivate) {
+            self.by_id(spec, "POST", id).await?;
+            tracing::info!(key = %id, "deactivated before deleting");
+        }
+        let fallback = match (status, &self.config.deactivate) {
+            (None, Some(spec)) => Some(spec),
+            _ => None,
+        };
+        let conflict = fallback.map(|_| reqwest::StatusCode::CONFLICT);
+        if self.by_id_unless(&self.config.delete, "DELETE", id, conflict).await? {
+            return Ok(());
+        }
+        // 409: the API wants the key deactivated first.
+        self.by_id(fallback.expect("409 only tolerated with a deactivate request"), "POST", id).await?;
+        self.by_id(&self.config.delete, "DELETE", id).await
     }
 }
 
@@ -493,8 +648,11 @@ impl External for HttpProvider {
         Ok(self.list_items().await?.map(|items| items.into_iter().map(|(v, _)| v).collect()))
     }
 
-    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
-        self.delete_id(id).await
+    async fn delete_orphan(&self, orphan: &VersionInfo) -> Result<(), ProviderError> {
+        match self.revoke(&orphan.id, Some(orphan.status)).await {
+            Err(ProviderError::NotFound { .. }) => Ok(()),
+            other => other,
+        }
     }
 
     fn unlisted_orphan_note(&self) -> Option<String> {
@@ -540,8 +698,8 @@ impl External for HttpProvider {
             match v.pointer(p).and_then(scalar_string) {
                 Some(s) => fields.push((name.clone(), s)),
                 None => {
-                    let cleanup = match self.delete_id(&id).await {
-                        Ok(()) => format!("the key {id} it created was deleted"),
+                    let cleanup = match self.revoke(&id, None).await {
+                        Ok(()) | Err(ProviderError::NotFound { .. }) => format!("the key {id} it created was deleted"),
                         Err(e) => format!("deleting the key {id} it created failed too: {e}"),
                     };
                     return Err(ProviderError::failed(
@@ -594,8 +752,11 @@ impl Provider for HttpProvider {
     }
 
     async fn delete(&self, version: &str) -> Result<(), ProviderError> {
-        self.delete_id(version).await?;
-        self.journal().forget_version(version)
+        let result = self.revoke(version, None).await;
+        if matches!(result, Ok(()) | Err(ProviderError::NotFound { .. })) {
+            self.journal().forget_version(version)?;
+        }
+        result
     }
 
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {
@@ -606,18 +767,26 @@ impl Provider for HttpProvider {
     }
 
     async fn last_used(&self, version: &str) -> Result<LastUsed, ProviderError> {
-        let Some(p) = self.config.list.as_ref().and_then(|l| l.last_used_pointer.clone()) else {
-            return Ok(LastUsed::Unknown);
-        };
+        let Some(l) = &self.config.list else { return Ok(LastUsed::Unknown) };
+        let Some(p) = &l.last_used_pointer else { return Ok(LastUsed::Unknown) };
         let items = self.list_items().await?.unwrap_or_default();
         let (_, item) = items
             .into_iter()
             .find(|(v, _)| v.id == version)
             .ok_or_else(|| ProviderError::NotFound { provider: KIND, version: version.to_string() })?;
-        Ok(match item.pointer(&p) {
+        Ok(match item.pointer(p) {
             None | Some(Value::Null) => LastUsed::Never,
-            Some(v) => time_of(v).map(LastUsed::At).unwrap_or(LastUsed::Unknown),
+            Some(v) => {
+                let what = format!("{} {}", l.method, self.url(&l.url, &[]));
+                let format = ListSpec::format(&l.last_used_format);
+                let t = self.time_at(&what, version, "list.last_used_pointer", p, v, format)?;
+                LastUsed::at(t.at_ms, t.resolution_ms, self.source_of(&item))
+            }
         })
+    }
+
+    fn field_names(&self) -> Vec<String> {
+        self.config.create.fields.keys().cloned().collect()
     }
 }
 
@@ -659,12 +828,215 @@ delete = {{ url = "/v1/keys/{{id}}" }}
     }
 
     #[test]
+    fn usage_settings_that_can_never_yield_a_time_are_refused_naming_the_field() {
+        let list = |extra: &str| demo_config(&format!("list = {{ url = \"/v1/keys\", {extra} }}"));
+        list("last_used_pointer = \"/last_used_at\", last_used_format = \"unix_ms\"").validate().unwrap();
+        let cases = [
+            ("last_used_pointer = \"last_used_at\"", "list.last_used_pointer", "must start with /"),
+            ("last_used_pointer = \"\"", "list.last_used_pointer", "not be empty"),
+            ("last_used_pointer = \"/a~2b\"", "list.last_used_pointer", "~0"),
+            ("created_pointer = \"created\"", "list.created_pointer", "must start with /"),
+            ("last_used_format = \"unix\"", "list.last_used_format", "without list.last_used_pointer"),
+            ("last_used_source_pointer = \"/ip\"", "list.last_used_source_pointer", "without list.last_used_pointer"),
+            ("active_values = []", "list.active_values", "at least one"),
+            ("active_values = [{ a = 1 }]", "list.active_values[0]", "expected a string, a boolean or a number"),
+        ];
+        for (extra, field, words) in cases {
+            let (f, m) = list(extra).validate().unwrap_err();
+            assert_eq!(f, field, "{extra}: {m}");
+            assert!(m.contains(words), "{extra}: {m}");
+        }
+        // A format that does not exist, naming the choices.
+        let (f, m) = list("last_used_pointer = \"/t\", last_used_format = \"epoch\"").validate().unwrap_err();
+        assert_eq!(f, "list.last_used_format");
+        assert!(m.contains("\"epoch\" is not a timestamp format") && m.contains("unix_ms"), "{m}");
+        let (f, _) = list("created_pointer = \"/c\", created_format = \"secs\"").validate().unwrap_err();
+        assert_eq!(f, "list.created_format");
+    }
+
+    #[test]
+    fn status_values_match_strings_booleans_and_numbers() {
+        let spec = |values: &str| {
+            demo_config(&format!("list = {{ url = \"/k\", status_pointer = \"/s\", active_values = {values} }}"))
+                .list
+                .unwrap()
+        };
+        use serde_json::json;
+        assert!(spec("[true]").is_active(&json!(true)) && !spec("[true]").is_active(&json!(false)));
+        assert!(spec("[1]").is_active(&json!(1)) && spec("[1]").is_active(&json!(1.0)));
+        assert!(!spec("[1]").is_active(&json!(0)));
+        assert!(spec("[\"enabled\"]").is_active(&json!("enabled")));
+        assert!(spec("[\"true\"]").is_active(&json!(true)), "text equality of scalars");
+        assert!(!spec("[\"active\"]").is_active(&json!(null)));
+        assert!(spec("[\"active\", \"ACTIVE\"]").is_active(&json!("ACTIVE")));
+    }
+
+    /// A real HTTP server on loopback answering from `route` (method, path)
+    /// → (status line, JSON body); records every request line.
+    fn serve(
+        route: impl Fn(&str, &str) -> (&'static str, String) + Send + Sync + 'static,
+    ) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (seen2, route) = (seen.clone(), Arc::new(route));
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(100).flatten() {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                let mut len = 0;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let _ = r.read_exact(&mut vec![0; len]);
+                let mut parts = line.split_whitespace();
+                let (m, p) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                let (status, body) = route(&m, &p);
+                seen2.lock().unwrap().push(format!("{m} {p} {}", &status[..3]));
+                let mut conn = conn;
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (url, seen)
+    }
+
+    fn provider(url: &str, extra: &str) -> HttpProvider {
+        let mut c = demo_config(extra);
+        c.base_url = Some(url.to_string());
+        c.validate().unwrap();
+        HttpProvider::new(c, Arc::new(crate::testing::Mem::default())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn booleans_numbers_epochs_and_fractions_are_read_from_a_real_server() {
+        let body = serde_json::json!({ "data": [
+            { "id": "k1", "enabled": true, "created": 1714564800, "used": 1714564900.25, "ip": "10.0.0.7" },
+            { "id": "k2", "enabled": false, "created": "2024-05-01T12:00:00Z", "used": null },
+            { "id": "k3", "enabled": 1, "created": 1714564800.5, "used": "yesterday" },
+            { "id": "k4", "enabled": true, "created": 1714564800, "used": 1714564900250i64 },
+        ]})
+        .to_string();
+        let (url, _) = serve(move |_, _| ("200 OK", body.clone()));
+        let p = provider(
+            &url,
+            "list = { url = \"/v1/keys\", items_pointer = \"/data\", status_pointer = \"/enabled\", active_values = [true, 1], created_pointer = \"/created\", last_used_pointer = \"/used\", last_used_source_pointer = \"/ip\" }",
+        );
+        let list = p.list().await.unwrap();
+        let got: Vec<(&str, VersionStatus, Option<i64>)> =
+            list.iter().map(|v| (v.id.as_str(), v.status, v.created_unix)).collect();
+        use VersionStatus::{Active, Inactive};
+        assert_eq!(
+            got,
+            [
+                ("k1", Active, Some(1714564800)),
+                ("k2", Inactive, Some(1714564800)),
+                ("k3", Active, Some(1714564800)),
+                ("k4", Active, Some(1714564800))
+            ]
+        );
+        assert_eq!(p.last_used("k1").await.unwrap(), LastUsed::at(1_714_564_900_250, 10, Some("10.0.0.7".into())));
+        assert_eq!(p.last_used("k2").await.unwrap(), LastUsed::Never);
+        // Present but unreadable: an error naming the key, the pointer and what was found.
+        let e = p.last_used("k3").await.unwrap_err().to_string();
+        assert!(e.contains("key k3: list.last_used_pointer /used: found the string \"yesterday\""), "{e}");
+        let e = p.last_used("k4").await.unwrap_err().to_string();
+        assert!(e.contains("unix_ms"), "milliseconds are not guessed: {e}");
+        assert!(matches!(p.last_used("k9").await, Err(ProviderError::NotFound { .. })));
+        assert_eq!(p.field_names(), ["value"]);
+    }
+
+    #[tokio::test]
+    async fn milliseconds_read_with_their_format_and_a_missing_status_is_an_error() {
+        let body = r#"[{"id":"k1","state":"on","used":1714564900250}]"#;
+        let (url, _) = serve(move |_, _| ("200 OK", body.to_string()));
+        let p =
+            provider(&url, "list = { url = \"/k\", last_used_pointer = \"/used\", last_used_format = \"unix_ms\" }");
+        assert_eq!(p.last_used("k1").await.unwrap(), LastUsed::at(1_714_564_900_250, 1, None));
+        let p = provider(&url, "list = { url = \"/k\", status_pointer = \"/status\" }");
+        let e = p.list().await.unwrap_err().to_string();
+        assert!(e.contains("key k1 has no status at /status"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn delete_follows_the_revoke_order_with_and_without_a_list() {
+        // An API that refuses to delete an active key, like the demo API.
+        let state = Arc::new(std::sync::Mutex::new(BTreeMap::from([
+            ("a".to_string(), true),
+            ("b".to_string(), true),
+            ("c".to_string(), false),
+        ])));
+        let st = state.clone();
+        let (url, seen) = serve(move |m, p| {
+            let mut keys = st.lock().unwrap();
+            let id = p.trim_start_matches("/v1/keys/").trim_end_matches("/deactivate").to_string();
+            match (m, p.ends_with("/deactivate")) {
+                ("GET", _) => {
+                    let items: Vec<Value> = keys
+                        .iter()
+                        .map(|(k, a)| serde_json::json!({ "id": k, "status": if *a { "active" } else { "inactive" } }))
+                        .collect();
+                    ("200 OK", Value::Array(items).to_string())
+                }
+                (_, true) => match keys.get_mut(&id) {
+                    Some(a) => {
+                        *a = false;
+                        ("200 OK", "{}".into())
+                    }
+                    None => ("404 Not Found", "{}".into()),
+                },
+                _ => match keys.get(&id) {
+                    Some(true) => ("409 Conflict", r#"{"error":"key is active; deactivate first"}"#.into()),
+                    Some(false) => {
+                        keys.remove(&id);
+                        ("204 No Content", String::new())
+                    }
+                    None => ("404 Not Found", "{}".into()),
+                },
+            }
+        });
+        let deactivate = "deactivate = { url = \"/v1/keys/{id}/deactivate\" }";
+        let with_list =
+            provider(&url, &format!("{deactivate}\nlist = {{ url = \"/v1/keys\", status_pointer = \"/status\" }}"));
+        with_list.delete("a").await.unwrap();
+        with_list.delete("c").await.unwrap();
+        assert!(matches!(with_list.delete("a").await, Err(ProviderError::NotFound { .. })));
+        let requests = std::mem::take(&mut *seen.lock().unwrap());
+        assert!(!requests.iter().any(|r| r.ends_with(" 409")), "a refused DELETE with a list: {requests:?}");
+        assert!(requests.contains(&"POST /v1/keys/a/deactivate 200".to_string()), "{requests:?}");
+        assert!(
+            !requests.iter().any(|r| r.starts_with("POST /v1/keys/c/")),
+            "an inactive key is not deactivated again"
+        );
+        // Without a list, the API's 409 tells rekey to deactivate first.
+        let no_list = provider(&url, deactivate);
+        no_list.delete("b").await.unwrap();
+        assert!(matches!(no_list.delete("b").await, Err(ProviderError::NotFound { .. })));
+        assert!(state.lock().unwrap().is_empty());
+        // Without a deactivate request, the refusal is the error.
+        state.lock().unwrap().insert("d".into(), true);
+        let e = provider(&url, "").delete("d").await.unwrap_err().to_string();
+        assert!(e.contains("409 Conflict") && e.contains("deactivate first"), "{e}");
+        assert!(matches!(provider(&url, "").deactivate("d").await, Err(ProviderError::Failed { .. })));
+        assert!(matches!(no_list.deactivate("zz").await, Err(ProviderError::NotFound { .. })));
+    }
+
+    #[test]
     fn templates_fill_and_encode() {
         let p = HttpProvider::new(demo_config(""), Arc::new(crate::testing::Mem::default())).unwrap();
         assert_eq!(p.url("/v1/keys/{id}", &[("id", "a b/c")]), "http://127.0.0.1:9/v1/keys/a%20b%2Fc");
         let body = fill_json(p.config.create.body.as_ref().unwrap(), &[("secret", "s"), ("rotation_id", "rot-1")]);
         assert_eq!(body, serde_json::json!({ "name": "rekey-s-rot-1" }));
-        assert_eq!(time_of(&serde_json::json!("1970-01-01T00:00:10Z")), Some(10));
-        assert_eq!(time_of(&serde_json::json!(12)), Some(12));
     }
 }

@@ -9,8 +9,11 @@
 //!
 //! A replay finds either the created version (returned as is) or only the
 //! intent: then the external call may or may not have happened and its answer
-//! is lost, so the provider finds what appeared since the intent and deletes
-//! it (its secret is unrecoverable) before creating again.
+//! is lost, so the provider finds what appeared since the intent and revokes
+//! it in the provider's own order — deactivated first where the API refuses
+//! to delete an active key, then deleted (its secret is unrecoverable, so it
+//! cannot be adopted) — before creating exactly one again. A revocation that
+//! fails halfway (deactivated, not deleted) is finished by the next replay.
 //!
 //! [`create_once`] is that procedure, written once for every provider whose
 //! versions live at an external API and can be listed ([`External`]: `command`,
@@ -151,8 +154,9 @@ pub trait External: Sync {
     /// The versions that exist now; `None` when the provider cannot list them.
     async fn versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError>;
 
-    /// Deletes a version an interrupted attempt created; one already gone is fine.
-    async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError>;
+    /// Revokes a version an interrupted attempt created, as listed (with its
+    /// status), in the provider's revoke order; one already gone is fine.
+    async fn delete_orphan(&self, orphan: &VersionInfo) -> Result<(), ProviderError>;
 
     /// The external call: the new version and notes about it. `replay`: an
     /// earlier attempt of this rotation was interrupted before its answer was
@@ -241,7 +245,7 @@ async fn delete_orphans<P: External>(
         return Ok(());
     };
     for v in listed.iter().filter(|v| !a.existing.contains(&v.id)) {
-        p.delete_orphan(&v.id).await?;
+        p.delete_orphan(v).await?;
         let name = p.orphan_name(&v.id);
         tracing::warn!("deleted {name} orphaned by an interrupted create");
         notes.push(format!(
@@ -315,8 +319,8 @@ mod tests {
         async fn versions(&self) -> Result<Option<Vec<VersionInfo>>, ProviderError> {
             Ok(self.listable.then(|| self.keys.lock().unwrap().clone()))
         }
-        async fn delete_orphan(&self, id: &str) -> Result<(), ProviderError> {
-            self.keys.lock().unwrap().retain(|v| v.id != id);
+        async fn delete_orphan(&self, orphan: &VersionInfo) -> Result<(), ProviderError> {
+            self.keys.lock().unwrap().retain(|v| v.id != orphan.id);
             Ok(())
         }
         fn unlisted_orphan_note(&self) -> Option<String> {

@@ -15,8 +15,17 @@
 //!   version it already made for that rotation, or cleans up what it cannot
 //!   return and makes one — never two live new versions. The external
 //!   providers keep a [`journal`] in their [`ProviderState`] for this.
-//! - `deactivate`, `reactivate` and `delete` are idempotent (deleting a
-//!   version that is already gone succeeds).
+//! - `deactivate`, `reactivate` and `delete` of a version that exists are
+//!   idempotent; of a version that no longer exists they return
+//!   [`ProviderError::NotFound`] in every provider (the engine records "already
+//!   gone" and treats it as revoked).
+//! - `delete` follows the provider's own revoke order: where the API refuses
+//!   to delete an active key, it deactivates first.
+//! - `list` returns every version with its status (where the provider can
+//!   list: [`ProviderConfig::can_list`]).
+//! - `last_used` reports a [`Use`] with its resolution and, where the
+//!   provider says, its source; a timestamp that is present but cannot be
+//!   read is an error, never "no usage".
 //! - Errors carry the provider's precise reason and never a secret value.
 //! - Credentials a provider needs come from a file (mode 0600 checked) or an
 //!   environment variable ([`credential`]), never from the config text.
@@ -32,6 +41,7 @@ pub mod credential;
 pub mod http;
 pub mod journal;
 pub mod random;
+pub mod timestamp;
 mod util;
 pub mod vault;
 
@@ -78,13 +88,46 @@ pub struct VersionInfo {
 }
 
 /// What a provider knows about the last use of a version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", content = "at", rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum LastUsed {
     /// The provider does not report usage.
     Unknown,
     Never,
-    At(i64),
+    At(Use),
+}
+
+/// One reported use of a version: when, how precisely, and from where.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Use {
+    /// Unix milliseconds, as the provider reported it (truncated to its resolution).
+    pub at_ms: i64,
+    /// How coarse the provider's timestamp is: 1000 for whole seconds, 1 for
+    /// milliseconds. The use happened somewhere in `[at_ms, at_ms + resolution_ms)`.
+    pub resolution_ms: i64,
+    /// Where the use came from, in words (e.g. `iam in us-east-1`, a source
+    /// address), when the provider says. Never a secret value.
+    pub source: Option<String>,
+}
+
+impl Use {
+    /// The latest instant the use may have happened (for comparisons that
+    /// must be conservative: a use in the same second as an event counts as
+    /// after it).
+    pub fn latest_ms(&self) -> i64 {
+        self.at_ms.saturating_add(self.resolution_ms.max(1) - 1)
+    }
+
+    /// Whether the use may have happened at or after `t_ms`.
+    pub fn may_be_at_or_after(&self, t_ms: i64) -> bool {
+        self.latest_ms() >= t_ms
+    }
+}
+
+impl LastUsed {
+    pub fn at(at_ms: i64, resolution_ms: i64, source: Option<String>) -> LastUsed {
+        LastUsed::At(Use { at_ms, resolution_ms, source })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +239,36 @@ impl ProviderConfig {
             ProviderConfig::Http(c) => c.can_deactivate(),
             ProviderConfig::Command(c) => c.can_deactivate(),
             _ => true,
+        }
+    }
+
+    /// Whether a deactivated version can be made active again (the engine
+    /// refuses `on_use_during_grace = "reactivate"` without it).
+    pub fn can_reactivate(&self) -> bool {
+        match self {
+            ProviderConfig::Http(c) => c.reactivate.is_some(),
+            ProviderConfig::Command(c) => c.reactivate.is_some(),
+            _ => true,
+        }
+    }
+
+    /// Whether the provider can list its versions (the engine reconciles
+    /// with the list before generating and before revoking).
+    pub fn can_list(&self) -> bool {
+        match self {
+            ProviderConfig::Http(c) => c.list.is_some(),
+            ProviderConfig::Command(c) => c.list.is_some(),
+            _ => true,
+        }
+    }
+
+    /// Whether the provider reports when a version was last used.
+    pub fn reports_usage(&self) -> bool {
+        match self {
+            ProviderConfig::AwsIam(_) => true,
+            ProviderConfig::Http(c) => c.list.as_ref().is_some_and(|l| l.last_used_pointer.is_some()),
+            ProviderConfig::Command(c) => c.last_used.is_some(),
+            ProviderConfig::Random(_) | ProviderConfig::Vault(_) => false,
         }
     }
 

@@ -74,6 +74,14 @@ impl RandomConfig {
         }
     }
 
+    /// The names of the fields [`Self::generate`] makes.
+    pub fn field_names(&self) -> Vec<String> {
+        match self.format {
+            Format::Token => vec!["value".into()],
+            Format::IdSecret => vec!["id".into(), "secret".into()],
+        }
+    }
+
     /// A new value: `[("value", ..)]`, or `[("id", ..), ("secret", ..)]` for `id-secret`.
     pub fn generate(&self) -> Result<Vec<(String, String)>, String> {
         let value = format!("{}{}", self.prefix, random_string(&self.chars(), self.length)?);
@@ -210,7 +218,14 @@ impl Provider for Random {
     }
 
     async fn delete(&self, version: &str) -> Result<(), ProviderError> {
+        if self.load(version)?.is_none() {
+            return Err(ProviderError::NotFound { provider: KIND, version: version.to_string() });
+        }
         self.state.remove(&format!("v/{version}")).map_err(state_err)
+    }
+
+    fn field_names(&self) -> Vec<String> {
+        self.config.field_names()
     }
 
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {
@@ -253,9 +268,12 @@ mod tests {
         assert_eq!(l.iter().find(|x| x.id == a.id).unwrap().status, VersionStatus::Inactive);
         p.reactivate(&a.id).await.unwrap();
         p.delete(&a.id).await.unwrap();
-        p.delete(&a.id).await.unwrap(); // idempotent
         assert_eq!(p.list().await.unwrap().len(), 1);
+        // Gone: every operation on it says so.
+        assert!(matches!(p.delete(&a.id).await, Err(ProviderError::NotFound { .. })));
         assert!(matches!(p.deactivate(&a.id).await, Err(ProviderError::NotFound { .. })));
+        assert!(matches!(p.reactivate(&a.id).await, Err(ProviderError::NotFound { .. })));
+        assert_eq!(p.field_names(), ["value"]);
     }
 
     #[tokio::test]

@@ -60,6 +60,30 @@ pub(crate) fn resolve_opt(base: &Path, p: &mut Option<PathBuf>) {
     }
 }
 
+/// Checks that `p` is a JSON pointer (RFC 6901): empty (the whole document,
+/// only where `allow_empty`) or `/`-separated tokens where `~` is only ever
+/// `~0` or `~1`.
+pub(crate) fn json_pointer(field: &str, p: &str, allow_empty: bool) -> Result<(), (String, String)> {
+    let example = "e.g. /data/last_used_at";
+    if p.is_empty() {
+        return if allow_empty {
+            Ok(())
+        } else {
+            Err((field.into(), format!("must point inside each item ({example}), not be empty")))
+        };
+    }
+    if !p.starts_with('/') {
+        return Err((field.into(), format!("{p:?} is not a JSON pointer: it must start with / ({example})")));
+    }
+    let bytes = p.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'~' && !matches!(bytes.get(i + 1), Some(b'0' | b'1')) {
+            return Err((field.into(), format!("{p:?} is not a JSON pointer: ~ must be written ~0 (and / as ~1)")));
+        }
+    }
+    Ok(())
+}
+
 /// Replaces `{name}` placeholders in `template` with `vars` (unknown names stay as they are).
 pub(crate) fn fill(template: &str, vars: &[(&str, &str)]) -> String {
     let mut out = template.to_string();
@@ -84,6 +108,16 @@ mod tests {
     fn excerpts_are_one_line_and_bounded() {
         assert_eq!(excerpt("a\n  b\tc", 10), "a b c");
         assert_eq!(excerpt("abcdefghijkl", 5), "abcde…");
+    }
+
+    #[test]
+    fn json_pointers_are_checked() {
+        assert!(json_pointer("f", "/a/b~0c~1d", false).is_ok());
+        assert!(json_pointer("f", "", true).is_ok());
+        assert_eq!(json_pointer("f", "", false).unwrap_err().0, "f");
+        assert!(json_pointer("f", "a/b", true).unwrap_err().1.contains("must start with /"));
+        assert!(json_pointer("f", "/a~2", true).unwrap_err().1.contains("~0"));
+        assert!(json_pointer("f", "/a~", true).is_err());
     }
 
     #[test]

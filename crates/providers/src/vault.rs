@@ -673,10 +673,20 @@ impl Provider for VaultProvider {
         }
     }
 
+    /// Destroys the KV version; NotFound when it never existed or is destroyed already.
     async fn delete(&self, version: &str) -> Result<(), ProviderError> {
         let n = parse_version(version)?;
-        self.session.versions_op(self.path(), VersionsOp::Destroy, n).await?;
-        self.journal().forget_version(version)
+        let m = self.session.metadata(self.path()).await?;
+        let live = m.as_ref().and_then(|m| m.versions.get(&n)).is_some_and(|v| !v.destroyed);
+        if live {
+            self.session.versions_op(self.path(), VersionsOp::Destroy, n).await?;
+        }
+        self.journal().forget_version(version)?;
+        if live { Ok(()) } else { Err(ProviderError::NotFound { provider: KIND, version: version.to_string() }) }
+    }
+
+    fn field_names(&self) -> Vec<String> {
+        self.config.generate.field_names()
     }
 
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {

@@ -412,19 +412,29 @@ fn aws_iam_create_replayed_after_a_crash_never_leaves_a_third_key() {
     assert_eq!(w.keys_now().len(), 2);
     // The new key is usable at once; the status operations are idempotent.
     let secret = String::from_utf8(v.fields["secret_access_key"].expose().to_vec()).unwrap();
+    let before_ms = rekey_common::time::now_unix_ms();
     assert_eq!(w.get_user_with(&v.id, &secret), Ok(()));
-    assert!(matches!(
-        rt.block_on(p.last_used(&v.id)).unwrap(),
-        rekey_providers::LastUsed::Never | rekey_providers::LastUsed::At(_)
-    ));
+    // moto records the use: when (to the millisecond: its answer carries a
+    // fraction, so the resolution says 1 ms), and where (service and region).
+    match rt.block_on(p.last_used(&v.id)).unwrap() {
+        rekey_providers::LastUsed::At(u) => {
+            assert!(u.resolution_ms == 1 || (u.resolution_ms == 1000 && u.at_ms % 1000 == 0), "{u:?}");
+            assert!(u.may_be_at_or_after(before_ms) && u.at_ms <= rekey_common::time::now_unix_ms(), "{u:?}");
+            assert_eq!(u.source.as_deref(), Some("iam in us-east-1"), "{u:?}");
+        }
+        other => panic!("the use was not reported: {other:?}"),
+    }
+    assert_eq!(p.field_names(), ["access_key_id", "secret_access_key"]);
     rt.block_on(p.deactivate(&current)).unwrap();
     rt.block_on(p.deactivate(&current)).unwrap();
     let list = rt.block_on(p.list()).unwrap();
     assert_eq!(list.iter().find(|k| k.id == current).unwrap().status, VersionStatus::Inactive);
     rt.block_on(p.delete(&current)).unwrap();
-    rt.block_on(p.delete(&current)).unwrap();
+    // Gone: every operation on it says NotFound (the engine records it as revoked).
+    assert!(matches!(rt.block_on(p.delete(&current)), Err(ProviderError::NotFound { .. })));
     assert!(matches!(rt.block_on(p.last_used(&current)), Err(ProviderError::NotFound { .. })));
     assert!(matches!(rt.block_on(p.deactivate(&current)), Err(ProviderError::NotFound { .. })));
+    assert!(matches!(rt.block_on(p.reactivate(&current)), Err(ProviderError::NotFound { .. })));
     assert_eq!(w.keys_now(), vec![(v.id.clone(), true)]);
 }
 
@@ -571,9 +581,14 @@ fn the_vault_provider_replays_a_lost_write_without_a_second_version() {
         assert_eq!(list.iter().find(|x| x.id == "kv-1").unwrap().status, VersionStatus::Inactive);
         p.reactivate("kv-1").await.unwrap();
         p.delete("kv-1").await.unwrap();
-        p.delete("kv-1").await.unwrap();
         assert_eq!(p.list().await.unwrap().iter().map(|x| x.id.as_str()).collect::<Vec<_>>(), vec!["kv-2"]);
-        assert!(matches!(p.deactivate("kv-1").await, Err(ProviderError::NotFound { .. })));
+        // Destroyed, or never written: NotFound for every operation.
+        for gone in ["kv-1", "kv-9"] {
+            assert!(matches!(p.delete(gone).await, Err(ProviderError::NotFound { .. })), "{gone}");
+            assert!(matches!(p.deactivate(gone).await, Err(ProviderError::NotFound { .. })), "{gone}");
+            assert!(matches!(p.reactivate(gone).await, Err(ProviderError::NotFound { .. })), "{gone}");
+        }
+        assert_eq!(p.field_names(), ["value"]);
         assert_eq!(p.current().await.unwrap().unwrap().id, "kv-2");
     });
 }
@@ -628,6 +643,158 @@ fn the_http_provider_rotates_demo_api_keys() {
     assert_eq!(ids, vec![new_id.as_str()]);
     assert!(keys[0]["name"].as_str().unwrap().starts_with("rekey-saas-rot-"), "{keys}");
     assert_no_secret_leaked(&f.c, &f.agents, &[], &[&old_secret, &api.admin_token]);
+}
+
+/// The demo API's config for the `http` provider, as a JSON provider config.
+fn demo_provider_json(api: &DemoApi, list: Value) -> Value {
+    json!({
+        "kind": "http", "base_url": api.url, "token_file": api.admin_token_file, "timeout": "5s",
+        "create": { "url": "/v1/keys", "body": { "name": "rekey-{secret}-{rotation_id}" }, "fields": { "value": "/secret" } },
+        "delete": { "url": "/v1/keys/{id}" },
+        "deactivate": { "url": "/v1/keys/{id}/deactivate" },
+        "reactivate": { "url": "/v1/keys/{id}/activate" },
+        "list": list,
+    })
+}
+
+/// #19: rekeyd killed while the create call was in flight leaves an *active*
+/// orphan at an API that refuses to delete active keys (the demo API answers
+/// 409). The replay of `create` with the same rotation id revokes the orphan
+/// in the API's order (deactivate, then delete) and makes exactly one new
+/// key: no refused DELETE, no second new key.
+#[test]
+fn an_active_orphan_is_deactivated_before_it_is_deleted_and_one_key_is_made() {
+    let api = DemoApi::start();
+    let (_, k0) = api.admin("POST", "/v1/keys", Some(json!({ "name": "initial" })));
+    let old = k0["id"].as_str().unwrap().to_string();
+    let state = Arc::new(MemState::default());
+    let list = json!({ "url": "/v1/keys", "status_pointer": "/status" });
+    let p = provider_from(demo_provider_json(&api, list), state.clone());
+    let keys = || -> Vec<(String, String)> {
+        let (_, ks) = api.admin("GET", "/v1/keys", None);
+        ks.as_array()
+            .unwrap()
+            .iter()
+            .map(|k| (k["id"].as_str().unwrap().into(), k["status"].as_str().unwrap().into()))
+            .collect()
+    };
+    block_on(async {
+        // The create call succeeds at the API, rekeyd dies before recording its answer.
+        *state.crash_before_recording.lock().unwrap() = true;
+        assert!(matches!(p.create(&req("rot-crash", Some(&old))).await, Err(ProviderError::State { .. })));
+        *state.crash_before_recording.lock().unwrap() = false;
+        let orphan: Vec<(String, String)> = keys().into_iter().filter(|(id, _)| *id != old).collect();
+        assert_eq!(orphan.len(), 1, "the interrupted call created a key");
+        assert_eq!(orphan[0].1, "active", "the orphan is active, as the API made it");
+        let orphan = orphan[0].0.clone();
+
+        let v = p.create(&req("rot-crash", Some(&old))).await.unwrap();
+        assert!(v.notes.iter().any(|n| n.contains(&format!("deleted key {orphan}"))), "{:?}", v.notes);
+        let now = keys();
+        assert_eq!(now.len(), 2, "the old key and exactly one new key: {now:?}");
+        assert!(now.contains(&(old.clone(), "active".into())) && now.contains(&(v.id.clone(), "active".into())));
+        // The new key works; a further replay returns it and creates nothing.
+        let value = String::from_utf8(v.fields["value"].expose().to_vec()).unwrap();
+        assert_eq!(api.whoami(&value), 200);
+        assert_eq!(p.create(&req("rot-crash", Some(&old))).await.unwrap().id, v.id);
+        assert_eq!(keys().len(), 2);
+    });
+    let log = api.logs();
+    let deletes: Vec<&str> = log.lines().filter(|l| l.contains("DELETE") && l.contains("status=")).collect();
+    assert_eq!(deletes.len(), 1, "one DELETE, of the orphan: {log}");
+    assert!(deletes[0].contains(&orphan_path(&log)) && deletes[0].contains("status=204"), "{log}");
+    assert!(!log.contains("status=409"), "the API refused a DELETE:\n{log}");
+}
+
+/// The path of the only deactivate call in a demo API log, as a DELETE path.
+fn orphan_path(log: &str) -> String {
+    let line = log.lines().find(|l| l.contains("/deactivate") && l.contains("status=200")).expect("a deactivate call");
+    let path = line.split("path=").nth(1).unwrap().split_whitespace().next().unwrap();
+    path.trim_end_matches("/deactivate").to_string()
+}
+
+/// #16/#19: the demo API's list in the shapes real APIs use — a boolean
+/// status, unix seconds with a fraction, milliseconds — read exactly, with
+/// the use's source (the caller's User-Agent); a pointer to a string that is
+/// not a time is an error, not "no usage".
+#[test]
+fn the_http_provider_reads_booleans_fractions_milliseconds_and_the_source_of_a_use() {
+    let api = DemoApi::start();
+    let (_, k) = api.admin("POST", "/v1/keys", Some(json!({ "name": "billing" })));
+    let (id, secret) = (k["id"].as_str().unwrap().to_string(), k["secret"].as_str().unwrap().to_string());
+    let (_, k2) = api.admin("POST", "/v1/keys", Some(json!({ "name": "spare" })));
+    let spare = k2["id"].as_str().unwrap().to_string();
+    assert_eq!(api.admin("POST", &format!("/v1/keys/{spare}/deactivate"), None).0, 200);
+    let build = |list: Value| provider_from(demo_provider_json(&api, list), Arc::new(MemState::default()));
+    let fractional = build(json!({
+        "url": "/v1/keys", "status_pointer": "/enabled", "active_values": [true], "created_pointer": "/created_at",
+        "last_used_pointer": "/last_used_unix", "last_used_source_pointer": "/last_used_by",
+    }));
+    let millis = build(json!({
+        "url": "/v1/keys", "status_pointer": "/enabled", "active_values": [true],
+        "last_used_pointer": "/last_used_at_ms", "last_used_format": "unix_ms",
+    }));
+    let wrong = build(json!({ "url": "/v1/keys", "last_used_pointer": "/name" }));
+    block_on(async {
+        let list = fractional.list().await.unwrap();
+        let status = |i: &str| list.iter().find(|v| v.id == i).map(|v| v.status);
+        assert_eq!((status(&id), status(&spare)), (Some(VersionStatus::Active), Some(VersionStatus::Inactive)));
+        assert!(list.iter().all(|v| v.created_unix.is_some_and(|t| t > 1_600_000_000)), "{list:?}");
+        assert_eq!(fractional.last_used(&id).await.unwrap(), rekey_providers::LastUsed::Never);
+
+        let before = rekey_common::time::now_unix_ms();
+        let auth = format!("Bearer {secret}");
+        let ua = [("Authorization", auth.as_str()), ("User-Agent", "billing-worker/2.1 host-7")];
+        let (st, _) = rekey_tests::fixtures::http(&api.addr, "GET", "/v1/whoami", &ua, b"").unwrap();
+        assert_eq!(st, 200);
+        let after = rekey_common::time::now_unix_ms();
+        let rekey_providers::LastUsed::At(f) = fractional.last_used(&id).await.unwrap() else { panic!("no use") };
+        assert!(
+            f.resolution_ms <= 100 && f.at_ms >= before - 1 && f.at_ms <= after,
+            "{f:?} not in [{before}, {after}]"
+        );
+        assert_eq!(f.source.as_deref(), Some("billing-worker/2.1 host-7"));
+        let rekey_providers::LastUsed::At(m) = millis.last_used(&id).await.unwrap() else { panic!("no use") };
+        assert_eq!((m.resolution_ms, m.source.as_deref()), (1, None));
+        assert!(m.at_ms >= before && m.at_ms <= after && (m.at_ms - f.at_ms).abs() <= 1, "{m:?} vs {f:?}");
+        let e = wrong.last_used(&id).await.unwrap_err().to_string();
+        assert!(e.contains(&format!("key {id}: list.last_used_pointer /name: found the string \"billing\"")), "{e}");
+    });
+    assert!(!api.logs().contains(&secret));
+}
+
+/// #16: a usage setting that can never yield a time is refused when the
+/// config is loaded, naming the file, the secret, the field and what is expected.
+#[test]
+fn a_usage_pointer_that_can_never_yield_a_time_is_refused_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("api.token");
+    write_secret_file(&token, "t");
+    let path = tmp.path().join("coordinator.toml");
+    let config = |list: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nmaster_key_file = \"master.key\"\n\n[[secret]]\nname = \"saas\"\nall_agents = true\n[secret.provider]\nkind = \"http\"\nbase_url = \"http://127.0.0.1:1\"\ntoken_file = \"{}\"\ncreate = {{ url = \"/v1/keys\", fields = {{ value = \"/secret\" }} }}\ndelete = {{ url = \"/v1/keys/{{id}}\" }}\ndeactivate = {{ url = \"/v1/keys/{{id}}/deactivate\" }}\nlist = {{ url = \"/v1/keys\", {list} }}\n",
+            token.display()
+        )
+    };
+    let load = |list: &str| rekey_coordinator::config::Config::from_str(&path, &config(list)).map(|_| ());
+    load("last_used_pointer = \"/last_used_at\", last_used_format = \"unix\"").unwrap();
+    for (list, words) in [
+        ("last_used_pointer = \"last_used_at\"", &["provider.list.last_used_pointer", "must start with /"][..]),
+        ("last_used_pointer = \"\"", &["provider.list.last_used_pointer", "not be empty"]),
+        ("last_used_format = \"unix\"", &["provider.list.last_used_format", "without list.last_used_pointer"]),
+        (
+            "last_used_pointer = \"/t\", last_used_format = \"epoch\"",
+            &["provider.list.last_used_format", "epoch", "unix_ms"],
+        ),
+        ("status_pointer = \"/s\", active_values = []", &["provider.list.active_values", "at least one"]),
+    ] {
+        let e = load(list).unwrap_err().to_string();
+        assert!(e.contains("coordinator.toml"), "{e}");
+        for w in words {
+            assert!(e.contains(w), "{w:?} not in {e:?}");
+        }
+    }
 }
 
 /// A stand-in API that misbehaves by path prefix: `/5xx` answers 503, `/slow`

@@ -106,9 +106,11 @@ struct RawRevocation {
     /// How coarse the provider's usage timestamps are (AWS: up to hours).
     #[serde(default = "no_time")]
     usage_granularity: String,
-    /// `reactivate` (alert, reactivate the old version, halt) or `proceed` (alert only).
-    #[serde(default = "reactivate")]
-    on_use_during_grace: String,
+    /// `reactivate` (alert, reactivate the old version, halt) or `proceed`
+    /// (alert only). Unset: `reactivate` where the provider can reactivate,
+    /// else `proceed`.
+    #[serde(default)]
+    on_use_during_grace: Option<String>,
     /// `hold` (alert, hold revocation until an operator decides) or `revoke`
     /// (alert, revoke anyway) when the old version is used after every host switched.
     #[serde(default = "hold")]
@@ -120,9 +122,6 @@ struct RawRevocation {
 
 fn three_days() -> String {
     "72h".into()
-}
-fn reactivate() -> String {
-    "reactivate".into()
 }
 fn one_minute() -> String {
     "1m".into()
@@ -140,7 +139,7 @@ impl Default for RawRevocation {
             monitor: three_days(),
             require_evidence: true,
             usage_granularity: no_time(),
-            on_use_during_grace: reactivate(),
+            on_use_during_grace: None,
             on_use_after_switch: hold(),
             check_every: one_minute(),
         }
@@ -238,10 +237,23 @@ fn policy(path: &Path, at: &dyn Fn(&str) -> String, s: &RawSecret) -> Result<Pol
         monitor_ms: duration_ms(path, &at("revocation.monitor"), &s.revocation.monitor)?,
         require_evidence: s.revocation.require_evidence,
         usage_granularity_ms: duration_ms(path, &at("revocation.usage_granularity"), &s.revocation.usage_granularity)?,
-        grace_use: match s.revocation.on_use_during_grace.as_str() {
-            "reactivate" => super::machine::GraceUse::Reactivate,
-            "proceed" => super::machine::GraceUse::Proceed,
-            other => {
+        grace_use: match s.revocation.on_use_during_grace.as_deref() {
+            None if s.provider.can_reactivate() => super::machine::GraceUse::Reactivate,
+            None => super::machine::GraceUse::Proceed,
+            Some("reactivate") if s.revocation.deactivate && !s.provider.can_reactivate() => {
+                return Err(ConfigError::field(
+                    path,
+                    at("revocation.on_use_during_grace"),
+                    format!(
+                        "\"reactivate\" needs a reactivate operation and the {} provider has none configured: \
+                         configure provider.reactivate, or set on_use_during_grace = \"proceed\"",
+                        s.provider.kind()
+                    ),
+                ));
+            }
+            Some("reactivate") => super::machine::GraceUse::Reactivate,
+            Some("proceed") => super::machine::GraceUse::Proceed,
+            Some(other) => {
                 return Err(ConfigError::field(
                     path,
                     at("revocation.on_use_during_grace"),

@@ -597,8 +597,8 @@ impl Engine {
                 let (usage, detail, error) = match with_retries(|| provider.last_used(&old)).await {
                     Ok(LastUsed::Unknown) => (Some(Usage::Unknown), UseDetail::default(), None),
                     Ok(LastUsed::Never) => (Some(Usage::Never), UseDetail::default(), None),
-                    Ok(LastUsed::At(t)) => {
-                        (Some(Usage::At(t * 1000)), UseDetail { resolution_ms: 1000, source: None }, None)
+                    Ok(LastUsed::At(u)) => {
+                        (Some(Usage::At(u.at_ms)), UseDetail { resolution_ms: u.resolution_ms, source: u.source }, None)
                     }
                     // Deleted at the provider: nothing can use it any more.
                     Err(ProviderError::NotFound { .. }) => (Some(Usage::Gone), UseDetail::default(), None),
