@@ -357,13 +357,10 @@ impl CommandProvider {
         if self.config.deactivate.is_some() {
             let status = match status {
                 Some(s) => Some(s),
-                None => match self.list_versions().await? {
-                    Some(list) => match list.into_iter().find(|v| v.id == version) {
-                        Some(v) => Some(v.status),
-                        None => return Err(ProviderError::NotFound { provider: KIND, version: version.to_string() }),
-                    },
-                    None => None,
-                },
+                // Absent from the list: `delete` decides (exit 3 = gone).
+                None => {
+                    self.list_versions().await?.and_then(|l| l.into_iter().find(|v| v.id == version)).map(|v| v.status)
+                }
             };
             if status == Some(VersionStatus::Active) {
                 self.by_id(Op::Deactivate, version).await?;

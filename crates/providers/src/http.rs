@@ -600,17 +600,16 @@ impl HttpProvider {
 
     /// Deletes key `id` in the API's revoke order: an active key is
     /// deactivated first when a deactivate request is configured (with a
-    /// list, its status says whether; without one, a DELETE answered 409
-    /// Conflict is retried after deactivating). NotFound when it is gone.
+    /// list, its status says whether; without one, or for a key the list
+    /// does not show, a DELETE answered 409 Conflict is retried after
+    /// deactivating). NotFound when the API says it is gone.
     async fn revoke(&self, id: &str, listed: Option<VersionStatus>) -> Result<(), ProviderError> {
         let status = match (listed, &self.config.deactivate) {
             (Some(s), _) => Some(s),
+            // Absent from the list (which may be paginated): the DELETE decides.
             (None, Some(_)) if self.config.list.is_some() => {
                 let items = self.list_items().await?.unwrap_or_default();
-                match items.into_iter().find(|(v, _)| v.id == id) {
-                    Some((v, _)) => Some(v.status),
-                    None => return Err(ProviderError::NotFound { provider: KIND, version: id.to_string() }),
-                }
+                items.into_iter().find(|(v, _)| v.id == id).map(|(v, _)| v.status)
             }
             _ => None,
         };

@@ -176,11 +176,20 @@ pub trait Provider: Send + Sync + 'static {
     }
 
     async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError>;
+    /// [`ProviderError::NotFound`] when the version no longer exists.
     async fn deactivate(&self, version: &str) -> Result<(), ProviderError>;
+    /// [`ProviderError::NotFound`] when the version no longer exists.
     async fn reactivate(&self, version: &str) -> Result<(), ProviderError>;
+    /// Removes the version for good, in the provider's revoke order
+    /// (deactivating an active one first where the provider requires it);
+    /// [`ProviderError::NotFound`] when it no longer exists.
     async fn delete(&self, version: &str) -> Result<(), ProviderError>;
+    /// Every version with its status (an error where the provider is not
+    /// configured to list: see [`ProviderConfig::can_list`]).
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError>;
 
+    /// When the version was last used, as precisely as the provider says
+    /// and from where; [`ProviderError::NotFound`] when it no longer exists.
     async fn last_used(&self, _version: &str) -> Result<LastUsed, ProviderError> {
         Ok(LastUsed::Unknown)
     }
@@ -375,6 +384,39 @@ pub(crate) mod testing {
         fn keys(&self) -> Result<Vec<String>, String> {
             Ok(self.0.lock().unwrap().keys().cloned().collect())
         }
+    }
+
+    #[test]
+    fn a_use_in_the_same_second_counts_as_at_or_after_it() {
+        let whole = Use { at_ms: 10_000, resolution_ms: 1000, source: None };
+        assert_eq!(whole.latest_ms(), 10_999);
+        assert!(whole.may_be_at_or_after(10_500), "a whole-second use may be after a switch in its second");
+        assert!(!whole.may_be_at_or_after(11_000));
+        let exact = Use { at_ms: 10_000, resolution_ms: 1, source: None };
+        assert!(exact.may_be_at_or_after(10_000) && !exact.may_be_at_or_after(10_001));
+    }
+
+    #[test]
+    fn capabilities_follow_the_configured_operations() {
+        #[derive(Deserialize)]
+        struct W {
+            provider: ProviderConfig,
+        }
+        let http = |extra: &str| {
+            toml::from_str::<W>(&format!(
+                "provider = {{ kind = \"http\", create = {{ url = \"http://h/k\", fields = {{ value = \"/s\" }} }}, delete = {{ url = \"http://h/k/{{id}}\" }} {extra} }}"
+            ))
+            .unwrap()
+            .provider
+        };
+        let bare = http("");
+        assert!(!bare.can_reactivate() && !bare.can_list() && !bare.reports_usage() && !bare.can_deactivate());
+        let full = http(
+            ", reactivate = { url = \"http://h/k/{id}/on\" }, list = { url = \"http://h/k\", last_used_pointer = \"/t\" }",
+        );
+        assert!(full.can_reactivate() && full.can_list() && full.reports_usage());
+        let random = toml::from_str::<W>("provider = { kind = \"random\" }").unwrap().provider;
+        assert!(random.can_reactivate() && random.can_list() && !random.reports_usage());
     }
 
     #[test]

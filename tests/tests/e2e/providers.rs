@@ -759,8 +759,16 @@ fn the_http_provider_reads_booleans_fractions_milliseconds_and_the_source_of_a_u
         assert!(m.at_ms >= before && m.at_ms <= after && (m.at_ms - f.at_ms).abs() <= 1, "{m:?} vs {f:?}");
         let e = wrong.last_used(&id).await.unwrap_err().to_string();
         assert!(e.contains(&format!("key {id}: list.last_used_pointer /name: found the string \"billing\"")), "{e}");
+        // Deleting the active key (as an abort deletes a new version) follows
+        // the API's order; then it is gone, and every provider says so alike.
+        fractional.delete(&id).await.unwrap();
+        assert!(matches!(fractional.delete(&id).await, Err(ProviderError::NotFound { .. })));
+        assert!(matches!(fractional.deactivate(&id).await, Err(ProviderError::NotFound { .. })));
+        assert!(matches!(fractional.last_used(&id).await, Err(ProviderError::NotFound { .. })));
     });
-    assert!(!api.logs().contains(&secret));
+    let log = api.logs();
+    assert!(!log.contains(&secret));
+    assert!(!log.contains("status=409"), "a refused DELETE:\n{log}");
 }
 
 /// #16: a usage setting that can never yield a time is refused when the
