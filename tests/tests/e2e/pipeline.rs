@@ -108,7 +108,12 @@ fn an_agent_killed_mid_apply_rolls_back_on_restart_and_reports_the_truth() {
         std::fs::remove_file(&block).unwrap();
         a.start();
         // Recovery restores the old file byte for byte and tells the truth.
-        let r = wait_state(&c, &id, &[RotationState::Halted]);
+        // The rollout halts on the host's "failed"; its "rolled back" follows.
+        wait_state(&c, &id, &[RotationState::Halted]);
+        wait_for(&format!("{step}: host-1 rolled back"), || {
+            c.rotation(&id).hosts["host-1"].state == HostState::RolledBack
+        });
+        let r = c.rotation(&id);
         assert_eq!(std::fs::read(&conf).unwrap(), before, "{step}: old content not restored");
         let h = &r.hosts["host-1"];
         assert_eq!(h.state, HostState::RolledBack, "{step}: {r:#?}");

@@ -728,9 +728,7 @@ async fn provider_call(
         ProviderOp::Create => create_version(p, sinks, state, rot).await,
         ProviderOp::DeactivateOld => {
             let old = rot.old_version.as_deref().ok_or("no old version")?;
-            if reconcile_before_revoking(p, state, rot, old).await == Reality::Gone {
-                return Ok(Event::OldGone { op });
-            }
+            audit_drift_before_revoking(p, state, rot, old).await;
             gone_or_done(op, with_retries(|| p.deactivate(old)).await)
         }
         ProviderOp::DeleteOld => {
@@ -764,24 +762,17 @@ fn gone_or_done(op: ProviderOp, r: Result<(), ProviderError>) -> Result<Event, S
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reality {
-    /// The provider lists the old version (or cannot list): go ahead.
-    Present,
-    /// The provider's list has no such version.
-    Gone,
-}
-
-/// Before revoking, looks at what the provider really holds: the old version
-/// missing is reported (it counts as revoked), and active versions rekey did
-/// not make are audited as drift (left alone: rekey never revokes a version
-/// it did not rotate out).
-async fn reconcile_before_revoking(p: &dyn Provider, state: &EngineState, rot: &Rotation, old: &str) -> Reality {
+/// Before revoking, looks at what the provider really holds: active versions
+/// rekey did not make are audited as drift (left alone: rekey never revokes a
+/// version it did not rotate out). An old version already gone is learned
+/// from the provider's own answer to the deactivation (`NotFound`), never
+/// from its absence in a list, which may be paginated.
+async fn audit_drift_before_revoking(p: &dyn Provider, state: &EngineState, rot: &Rotation, old: &str) {
     let versions = match with_retries(|| p.list()).await {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %Chain(&e), "cannot list the provider's versions before revoking; going ahead");
-            return Reality::Present;
+            return;
         }
     };
     let drift: Vec<&str> = versions
@@ -804,7 +795,6 @@ async fn reconcile_before_revoking(p: &dyn Provider, state: &EngineState, rot: &
             tracing::error!(error = %Chain(&e), "cannot audit provider drift");
         }
     }
-    if versions.is_empty() || versions.iter().any(|v| v.id == old) { Reality::Present } else { Reality::Gone }
 }
 
 /// Agents that may receive `spec`: enrolled, not revoked, declaring it in
