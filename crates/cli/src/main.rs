@@ -566,7 +566,7 @@ async fn watch(client: &mut Client, out: Output, id: &str) -> Result<()> {
                 }
                 return Ok(());
             }
-            RotationState::Halted | RotationState::Aborted | RotationState::Abandoned => {
+            RotationState::Halted | RotationState::Aborted => {
                 if out == Output::Json {
                     print_json(&v);
                 }

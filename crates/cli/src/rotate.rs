@@ -100,7 +100,14 @@ pub fn summary(r: &RotationView) -> String {
 pub fn print_rotation(r: &RotationView) {
     println!("rotation   {}", cell(&r.id));
     println!("secret     {}", cell(&r.secret));
-    println!("state      {}{}", r.state, if r.paused { " (paused)" } else { "" });
+    let note = if r.paused {
+        " (paused)"
+    } else if r.abandoned() {
+        " (abandoned by an operator: nothing was rolled back)"
+    } else {
+        ""
+    };
+    println!("state      {}{note}", r.state);
     println!("progress   {}", summary(r));
     println!("versions   {} → {}", opt(r.old_version.as_deref()), opt(r.new_version.as_deref()));
     println!("started    {} by {}", at_ms(r.created_ms), cell(&r.started_by));

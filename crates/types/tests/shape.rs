@@ -523,7 +523,7 @@ fn enum_spellings_are_the_documented_ones() {
             .iter()
             .map(|s| serde_json::to_value(s).unwrap().as_str().unwrap().to_string())
             .collect()),
-        "planned generating rolling_out halted verified deactivating grace deleting monitoring completed aborting aborted abandoned"
+        "planned generating rolling_out halted verified deactivating grace deleting monitoring completed aborting aborted"
     );
     assert_eq!(
         all(HostState::ALL.iter().map(|s| s.to_string()).collect()),

@@ -160,9 +160,10 @@ fn a_planted_symlink_fails_the_rotation_on_that_host_and_leaves_the_target_alone
 
     let id = c.cli_ok(&["rotate", "start", SECRET]).trim().to_string();
     let mut r = Value::Null;
-    wait_for(&format!("{id} halted"), || {
+    // The rollout halts on the host's "failed"; its "rolled back" follows.
+    wait_for(&format!("{id} halted, host-1 rolled back"), || {
         r = c.cli_json(&["rotate", "status", &id]);
-        r["state"] == "halted"
+        r["state"] == "halted" && r["hosts"]["host-1"]["state"] == "rolled_back"
     });
     let h = &r["hosts"]["host-1"];
     assert_eq!(h["state"], "rolled_back", "{r:#}");

@@ -35,7 +35,8 @@ impl From<machine::RotationState> for view::RotationState {
             S::Completed => Self::Completed,
             S::Aborting => Self::Aborting,
             S::Aborted => Self::Aborted,
-            S::Abandoned => Self::Abandoned,
+            // v1 has no `abandoned` value: `aborted` with an `abandon` decision.
+            S::Abandoned => Self::Aborted,
         }
     }
 }
@@ -72,7 +73,8 @@ impl From<machine::Usage> for view::Usage {
             machine::Usage::Unknown => Self::Unknown,
             machine::Usage::Never => Self::Never,
             machine::Usage::At(t) => Self::At(t),
-            machine::Usage::Gone => Self::Gone,
+            // v1 has no `gone` value: nothing can use it any more (the verdict says why).
+            machine::Usage::Gone => Self::Never,
         }
     }
 }

@@ -9,7 +9,8 @@ string_enum! {
     /// Where a rotation stands in its lifecycle:
     /// `planned → generating → rolling_out → verified → deactivating → grace
     /// → deleting → monitoring → completed`, or `halted`, or
-    /// `aborting → aborted`, or `abandoned` by an operator.
+    /// `aborting → aborted` (or abandoned by an operator: `aborted` with an
+    /// `abandon` decision).
     pub enum RotationState {
         /// Created, nothing asked of the provider yet.
         Planned = "planned",
@@ -34,18 +35,17 @@ string_enum! {
         Completed = "completed",
         /// Hosts are rolling back and the new version is being deleted.
         Aborting = "aborting",
-        /// Ended by an operator; the old version is what every host runs.
+        /// Ended by an operator: rolled back (`abort`: the old version is
+        /// what every host runs), or abandoned (a `decisions` entry of kind
+        /// `abandon`: rekey stopped acting and touched nothing more).
         Aborted = "aborted",
-        /// An operator stopped it (`rekey rotate abandon`): rekey stopped
-        /// acting, the provider and the hosts stay as they were.
-        Abandoned = "abandoned",
     }
 }
 
 impl RotationState {
-    /// Completed, aborted or abandoned: nothing more will happen.
+    /// Completed or aborted (abandoned included): nothing more will happen.
     pub fn is_terminal(self) -> bool {
-        matches!(self, RotationState::Completed | RotationState::Aborted | RotationState::Abandoned)
+        matches!(self, RotationState::Completed | RotationState::Aborted)
     }
 }
 
@@ -152,7 +152,7 @@ string_enum! {
 
 /// What the provider said about the old version's last use:
 /// `{"kind": "unknown"}`, `{"kind": "never"}`, `{"kind": "at", "at_ms": T}`
-/// or `{"kind": "gone"}`.
+/// (a version already gone at the provider reads `never`; the verdict says so).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "at_ms")]
 pub enum Usage {
@@ -162,8 +162,6 @@ pub enum Usage {
     Never,
     /// Last used at this time (Unix ms).
     At(i64),
-    /// The version no longer exists at the provider (removed outside rekey).
-    Gone,
 }
 
 /// The rollout and revocation policy, fixed when the rotation started.
@@ -335,6 +333,13 @@ pub struct RotationView {
     /// What an operator can do now, with the exact commands.
     #[serde(default)]
     pub exits: Vec<ExitView>,
+}
+
+impl RotationView {
+    /// An operator abandoned it: `aborted`, but nothing was rolled back.
+    pub fn abandoned(&self) -> bool {
+        self.state == RotationState::Aborted && self.decisions.iter().any(|d| d.kind == DecisionKind::Abandon)
+    }
 }
 
 impl RotationView {
