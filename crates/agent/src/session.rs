@@ -21,6 +21,7 @@ use crate::dispatch::{Command, Dispatcher};
 use crate::identity::{Identity, IdentityError};
 use crate::outbox::Outbox;
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::preflight::Preflights;
 use crate::scan::Scans;
 use rand::Rng;
 use rcgen::{CertificateParams, KeyPair};
@@ -202,17 +203,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     }
     let dispatcher = Dispatcher::start(pipeline.clone());
-    let scans = Scans::new(&config);
-    let result = sessions(&config, &pipeline, &dispatcher, &scans, &shutdown).await;
+    let side = Side { scans: Scans::new(&config), preflights: Preflights::new(&config) };
+    let result = sessions(&config, &pipeline, &dispatcher, &side, &shutdown).await;
     dispatcher.shutdown(APPLY_DRAIN).await;
     result
+}
+
+/// What a session hands to tasks of their own: scans and dry runs.
+struct Side {
+    scans: Scans,
+    preflights: Preflights,
 }
 
 async fn sessions(
     config: &AgentConfig,
     pipeline: &Pipeline,
     dispatcher: &Dispatcher,
-    scans: &Scans,
+    side: &Side,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
@@ -223,7 +230,7 @@ async fn sessions(
         if identity.cert.not_after_unix <= now {
             return Err(expired(config, &identity));
         }
-        match session(config, &identity, shutdown, pipeline, dispatcher, scans).await? {
+        match session(config, &identity, shutdown, pipeline, dispatcher, side).await? {
             End::Shutdown => return Ok(()),
             End::Lost { established, why } => {
                 if !wait_to_reconnect(&mut backoff, established, &why, shutdown).await {
@@ -271,7 +278,7 @@ async fn session(
     shutdown: &CancellationToken,
     pipeline: &Pipeline,
     dispatcher: &Dispatcher,
-    scans: &Scans,
+    side: &Side,
 ) -> Result<End, AgentError> {
     let addr = config.coordinator.clone().unwrap_or_else(|| identity.enrollment.coordinator.clone());
     if addr.is_empty() {
@@ -287,7 +294,8 @@ async fn session(
     let live = Live {
         config,
         dispatcher,
-        scans,
+        scans: &side.scans,
+        preflights: &side.preflights,
         outbox: pipeline.outbox().clone(),
         out_tx,
         session_done,
@@ -352,6 +360,7 @@ struct Live<'a> {
     config: &'a AgentConfig,
     dispatcher: &'a Dispatcher,
     scans: &'a Scans,
+    preflights: &'a Preflights,
     outbox: Outbox,
     out_tx: mpsc::Sender<AgentMessage>,
     /// Cancelled when the session ends: its side tasks (a scan) stop.
@@ -470,8 +479,8 @@ impl Live<'_> {
                 self.scans.spawn(req, self.out_tx.clone(), self.session_done.clone());
             }
             Some(Msg::Preflight(p)) => {
-                // Not implemented yet: answered by a later change (`rekey rotate plan`).
                 tracing::info!(secret = %p.secret, request = %p.request_id, "preflight requested");
+                self.preflights.spawn(p, self.out_tx.clone(), self.session_done.clone());
             }
             None => tracing::warn!("empty message from coordinator ignored"),
         }
@@ -582,6 +591,7 @@ mod tests {
         outbox: Outbox,
         dispatcher: Dispatcher,
         scans: Scans,
+        preflights: Preflights,
         shutdown: CancellationToken,
         /// Unix seconds: this base plus the (paused) time since the start.
         clock: Box<dyn Fn() -> i64 + Sync>,
@@ -597,6 +607,7 @@ mod tests {
         let start = Instant::now();
         Harness {
             scans: Scans::new(&config),
+            preflights: Preflights::new(&config),
             dispatcher: Dispatcher::start(pipeline),
             _dir: dir,
             config,
@@ -621,6 +632,7 @@ mod tests {
                 config: &self.config,
                 dispatcher: &self.dispatcher,
                 scans: &self.scans,
+                preflights: &self.preflights,
                 outbox: self.outbox.clone(),
                 out_tx,
                 session_done: self.shutdown.child_token(),

@@ -540,6 +540,7 @@ pub async fn check_health(h: &HealthConfig, values: &CommandValues<'_>, scrub: &
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn sh(script: &str) -> CommandSpec {
         CommandSpec::plain(vec!["/bin/sh".into(), "-c".into(), script.into()])
@@ -697,5 +698,121 @@ mod tests {
         assert_eq!(st.signal(), Some(Signal::SIGHUP as i32));
         let e = restart(&r, &none(), &Scrubber::default()).await.unwrap_err();
         assert!(e.to_string().contains("is not running"), "{e}");
+    }
+
+    /// A real https server (rustls, a certificate for 127.0.0.1 signed by an
+    /// rcgen CA) answering every GET with `body`. Returns its address and
+    /// the CA's PEM.
+    async fn https_server(body: &'static str) -> (std::net::SocketAddr, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let resp =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    let _ = tls.write_all(resp.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (addr, ca_cert.pem())
+    }
+
+    fn https_config(dir: &Path, url: &str, ca_pem: Option<&str>, expect: &str) -> HealthConfig {
+        let mut text = format!(
+            "state_dir = 's'\n[[secret]]\nname = 'aws'\npublic_fields = ['access_key_id']\n[secret.health]\n\
+             kind = 'http'\nurl = '{url}'\nbody_contains = '{expect}'\nretries = 1\ntimeout = '5s'\n"
+        );
+        if let Some(pem) = ca_pem {
+            std::fs::write(dir.join("ca.pem"), pem).unwrap();
+            text.push_str("ca_file = 'ca.pem'\n");
+        }
+        let c = crate::config::AgentConfig::from_str(&dir.join("agent.toml"), &text).unwrap();
+        c.secret("aws").unwrap().health.clone().unwrap()
+    }
+
+    /// https health checks verify the server against the configured CA (or
+    /// the system roots) and can require the version's public fields.
+    #[tokio::test]
+    async fn https_checks_verify_the_server_and_match_the_new_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, ca_pem) = https_server("ok: serving access key AKIANEW1234\n").await;
+        let url = format!("https://127.0.0.1:{}/health", addr.port());
+        let fields =
+            Fields::from_pairs([("access_key_id", &b"AKIANEW1234"[..]), ("secret_access_key", &b"wJalr-secret"[..])]);
+        let new = CommandValues { version_id: "v2", fields: &fields, source: "the new version does not carry" };
+        let scrub = Scrubber::default();
+
+        let h = https_config(dir.path(), &url, Some(&ca_pem), "serving access key {{ access_key_id }}");
+        check_health(&h, &new, &scrub).await.unwrap();
+
+        // The service still reports the old key id: the check fails.
+        let old_fields = Fields::from_pairs([("access_key_id", &b"AKIAOLD0000"[..])]);
+        let old =
+            CommandValues { version_id: "v1", fields: &old_fields, source: "the previous version does not carry" };
+        let e = check_health(&h, &old, &scrub).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "health check {url} returned 200 without \"serving access key AKIAOLD0000\" in the body, 1 try"
+            )),
+            "{e}"
+        );
+
+        // Another CA: the handshake is refused.
+        let (_, other_ca) = https_server("x").await;
+        let h = https_config(dir.path(), &url, Some(&other_ca), "ok");
+        let e = check_health(&h, &new, &scrub).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("health check {url} failed: TLS handshake with 127.0.0.1:{}: ", addr.port())),
+            "{e}"
+        );
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+
+        // The system roots do not know the test CA either.
+        let h = https_config(dir.path(), &url, None, "ok");
+        assert!(check_health(&h, &new, &scrub).await.is_err());
+
+        // A config whose ca_file holds no certificate is refused at load.
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
+        let text = format!(
+            "state_dir = 's'\n[[secret]]\nname = 'a'\n[secret.health]\nkind = 'http'\nurl = '{url}'\nca_file = 'ca.pem'\n"
+        );
+        let e = crate::config::AgentConfig::from_str(&dir.path().join("agent.toml"), &text).unwrap_err().to_string();
+        assert!(
+            e.contains("field `secret[0].health.ca_file`") && e.contains("expected at least one PEM certificate"),
+            "{e}"
+        );
     }
 }

@@ -791,6 +791,34 @@ fn prepare(
     secret.files.iter().map(|f| prepare_file(f, fields, previous, previous_version, scrub)).collect()
 }
 
+/// What writing a declared file would do, found without writing anything
+/// (a preflight's dry run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilePlan {
+    /// The path that would be written (a followed symlink expanded).
+    pub path: PathBuf,
+    /// The file now; `None`: it does not exist and would be created.
+    pub before: Option<FileMeta>,
+    /// Mode and owner it would have (`None`: the agent's own).
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Resolves, reads and renders one declared file with `fields` (the
+/// previous version's `previous`), exactly as an apply would, and writes
+/// nothing. The error is one line, scrubbed of every value.
+pub fn dry_run_file(
+    f: &FileConfig,
+    fields: &Fields,
+    previous: &Fields,
+    previous_version: &str,
+    scrub: &Scrubber,
+) -> Result<FilePlan, String> {
+    let p = prepare_file(f, fields, previous, previous_version, scrub).map_err(|e| report_error(&e, scrub))?;
+    Ok(FilePlan { path: p.at.path, before: p.before, mode: p.mode, uid: p.uid, gid: p.gid })
+}
+
 /// Reads one declared file (resolved by [`chase`]), renders its new content
 /// and resolves the owner and mode it will have. No side effect.
 fn prepare_file(
