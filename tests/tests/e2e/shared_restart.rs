@@ -27,8 +27,8 @@ fn agent_config(dir: &std::path::Path) -> String {
         "mkdir {d}/restart.lock || {{ echo concurrent restart >&2; exit 1; }}; echo run >> {d}/restarts; sleep 0.3; rmdir {d}/restart.lock"
     );
     let health = format!("echo check >> {d}/checks; grep -q '^token = tok_' {d}/svc-api-key.conf");
-    let mut text = format!(
-        "state_dir = \"state\"\n[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n[apply]\nbatch_window = \"10s\"\n"
+    let mut text = String::from(
+        "state_dir = \"state\"\n[reconnect]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n[apply]\nbatch_window = \"10s\"\n",
     );
     for name in SECRETS {
         text.push_str(&format!(
