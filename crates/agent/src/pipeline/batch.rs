@@ -457,3 +457,88 @@ fn new_journal(d: &Delivery, held: String, prepared: &[Prepared]) -> Journal {
         started_at_ms: now_unix_ms(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentConfig;
+    use rekey_proto::v1::SecretField;
+
+    fn config(dir: &std::path::Path) -> AgentConfig {
+        let d = dir.display();
+        let restart = format!("echo run >> {d}/restarts; if [ -e {d}/block ]; then sleep 30; fi");
+        let mut text = "state_dir = 'state'\n".to_string();
+        for name in ["a", "b"] {
+            text.push_str(&format!(
+                "[[secret]]\nname = '{name}'\n[[secret.file]]\npath = '{d}/{name}.conf'\nkind = 'template'\n\
+                 template = '{name}={{{{ value }}}}'\n[secret.restart]\nkind = 'command'\ncommand = ['/bin/sh', '-c', {restart:?}]\n\
+                 [secret.health]\nkind = 'command'\ncommand = ['/bin/sh', '-c', 'echo check >> {d}/checks']\n"
+            ));
+        }
+        AgentConfig::from_str(&dir.join("agent.toml"), &text).unwrap()
+    }
+
+    fn delivery(secret: &str) -> Delivery {
+        Delivery {
+            rotation_id: "rot".into(),
+            secret: secret.into(),
+            version_id: format!("{secret}-v2"),
+            fields: vec![SecretField { name: "value".into(), value: format!("NEW-{secret}-VALUE").into_bytes() }],
+            ..Default::default()
+        }
+    }
+
+    fn count(path: &std::path::Path) -> usize {
+        std::fs::read_to_string(path).unwrap_or_default().lines().count()
+    }
+
+    /// Two secrets sharing a restart, delivered together: one restart, one
+    /// check (identical checks run once).
+    #[tokio::test]
+    async fn a_batch_restarts_and_checks_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Pipeline::open(&config(dir.path()), crate::outbox::Outbox::new()).unwrap();
+        let reports = p.deliver_together(vec![delivery("a"), delivery("b")]).await;
+        assert_eq!(reports.iter().filter(|r| r.stage == Stage::Healthy as i32).count(), 2, "{reports:?}");
+        assert_eq!((count(&dir.path().join("restarts")), count(&dir.path().join("checks"))), (1, 1));
+        assert_eq!(std::fs::read_to_string(dir.path().join("b.conf")).unwrap(), "b=NEW-b-VALUE");
+    }
+
+    /// The agent dies while a batch restarts: at start both secrets are
+    /// restored together, behind one more restart.
+    #[tokio::test]
+    async fn an_interrupted_batch_is_recovered_with_one_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for name in ["a", "b"] {
+            std::fs::write(d.join(format!("{name}.conf")), format!("{name}=OLD")).unwrap();
+        }
+        std::fs::write(d.join("block"), "").unwrap();
+        let p = Pipeline::open(&config(d), crate::outbox::Outbox::new()).unwrap();
+        let task = tokio::spawn(async move { p.deliver_together(vec![delivery("a"), delivery("b")]).await });
+        let deadline = std::time::Instant::now() + rekey_common::testing::budget();
+        while count(&d.join("restarts")) == 0 {
+            assert!(std::time::Instant::now() < deadline, "the restart never began");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert_eq!(std::fs::read_to_string(d.join("a.conf")).unwrap(), "a=NEW-a-VALUE");
+        std::fs::remove_file(d.join("block")).unwrap();
+
+        let p = Pipeline::open(&config(d), crate::outbox::Outbox::new()).unwrap();
+        let reports = p.recover().await;
+        for name in ["a", "b"] {
+            let mine: Vec<&StageReport> = reports.iter().filter(|r| r.secret == name).collect();
+            assert_eq!(mine.len(), 2, "{reports:?}");
+            assert_eq!(
+                mine[0].error,
+                format!("apply of {name}-v2 interrupted by agent restart at stage restarting; rolled back")
+            );
+            assert_eq!(mine[1].stage, Stage::RolledBack as i32);
+            assert_eq!(std::fs::read_to_string(d.join(format!("{name}.conf"))).unwrap(), format!("{name}=OLD"));
+        }
+        assert_eq!(count(&d.join("restarts")), 2, "the interrupted restart, then one for both rollbacks");
+        assert_eq!(count(&d.join("checks")), 1);
+    }
+}

@@ -495,6 +495,7 @@ impl Pipeline {
                 return made;
             }
         };
+        let mut interrupted: Vec<(String, Vec<Journal>)> = Vec::new();
         for item in journals {
             let j = match item {
                 Ok(j) => j,
@@ -507,13 +508,77 @@ impl Pipeline {
                     continue;
                 }
             };
+            if j.op == Op::Apply && j.stage != JournalStage::Committing {
+                // Undone with the other interrupted applies of its restart group.
+                let key = self.inner.config.restart_group(&j.secret);
+                match interrupted.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, js)) => js.push(j),
+                    None => interrupted.push((key, vec![j])),
+                }
+                continue;
+            }
             let lock = self.lock_for(&j.secret);
             let _serial = lock.lock().await;
             let restart = self.restart_lock(&self.inner.config.restart_group(&j.secret));
             let _restart = restart.lock().await;
             made.extend(self.recover_one(j, " by agent restart").await);
         }
+        for (key, js) in interrupted {
+            made.extend(self.recover_group(&key, js).await);
+        }
         self.remove_orphan_backups();
+        made
+    }
+
+    /// Interrupted applies of one restart group (a batch the agent was
+    /// applying when it died): every file restored, one restart, one check.
+    async fn recover_group(&self, key: &str, mut js: Vec<Journal>) -> Vec<StageReport> {
+        js.sort_by(|a, b| a.secret.cmp(&b.secret));
+        let mut _serial = Vec::with_capacity(js.len());
+        for j in &js {
+            _serial.push(self.lock_for(&j.secret).lock_owned().await);
+        }
+        let _restart = self.restart_lock(key).lock_owned().await;
+        let none = Fields::default();
+        let held: Vec<String> = js.iter().map(|j| j.previous_version_id.clone()).collect();
+        let whats: Vec<String> = js
+            .iter()
+            .map(|j| {
+                tracing::warn!(secret = %j.secret, version = %j.version_id, stage = j.stage.name(), "found an interrupted operation");
+                format!("apply of {} interrupted by agent restart at stage {}", j.version_id, j.stage.name())
+            })
+            .collect();
+        let mut reps: Vec<Reporter<'_>> =
+            js.iter().map(|j| Reporter::new(&self.inner.outbox, &j.rotation_id, &j.secret, &j.version_id)).collect();
+        let results = {
+            let mut items: Vec<(Option<&SecretConfig>, &mut Journal, CommandValues<'_>)> = js
+                .iter_mut()
+                .zip(&held)
+                .map(|(j, held)| {
+                    let values = CommandValues {
+                        version_id: held,
+                        fields: &none,
+                        source: "is not available when recovering an interrupted apply",
+                    };
+                    (self.inner.config.secret(&j.secret), j, values)
+                })
+                .collect();
+            self.undo_group(&mut items, &Scrubber::default()).await
+        };
+        let mut made = Vec::new();
+        for ((j, (rep, what)), result) in js.iter().zip(reps.iter_mut().zip(&whats)).zip(results) {
+            match result {
+                Ok(()) => {
+                    rep.failed(format!("{what}; rolled back"));
+                    rep.stage(Stage::RolledBack);
+                }
+                Err(e) => {
+                    self.forget(&j.secret);
+                    rep.failed(format!("{what}; rollback failed: {e}"));
+                }
+            }
+            made.append(&mut rep.made);
+        }
         made
     }
 
