@@ -3,14 +3,16 @@
 //! about two thirds of the certificate's lifetime.
 //!
 //! [`run`] first opens the apply pipeline and recovers what a crash
-//! interrupted, then starts the [`Dispatcher`] (one worker task per declared
-//! secret) which outlives every session: deliveries, rollbacks and purges
+//! interrupted, then starts the [`Dispatcher`] (one worker task per restart
+//! group) which outlives every session: deliveries, rollbacks and purges
 //! are queued to it and never block the stream, and an apply keeps running
 //! while the agent reconnects. Stage reports wait in the [`Outbox`] and go
 //! out after each `Welcome`; heartbeat acks tell which ones the coordinator
 //! has read. `Hello.applied` tells a (re)started coordinator what is applied.
-//! A scope scan ([`crate::scan`]) runs in a task of its own and answers on
-//! the session's outbound channel; it ends with the session.
+//! A scope scan ([`crate::scan`]) and a preflight dry run
+//! ([`crate::preflight`], `rekey rotate plan`) each run in a task of their
+//! own and answer on the session's outbound channel; they end with the
+//! session.
 //!
 //! Fatal conditions stop the agent with an actionable message instead of
 //! retrying forever: an expired certificate, a revoked agent, a protocol
@@ -769,5 +771,35 @@ mod tests {
         assert!(
             matches!(e, AgentError::Revoked { ref host, ref reason } if host == "host-1" && reason == "decommissioned")
         );
+    }
+
+    /// A preflight is answered once, with the request's id, on the stream.
+    #[tokio::test(start_paused = true)]
+    async fn a_preflight_is_answered_with_its_request_id() {
+        let h = harness();
+        let (live, in_tx, inbound, mut out) = h.live(86_400);
+        let start = Instant::now();
+        let driver = async {
+            in_tx.send(welcome(1_000)).await.unwrap();
+            let req = rekey_proto::v1::Preflight {
+                request_id: "plan-7".into(),
+                secret: "api".into(),
+                placeholder_fields: vec![rekey_proto::v1::SecretField { name: "value".into(), value: b"x".to_vec() }],
+                ..Default::default()
+            };
+            in_tx.send(from_coordinator(coordinator_message::Msg::Preflight(req))).await.unwrap();
+            let (result, _) = next(&mut out, start, |m| match m {
+                agent_message::Msg::PreflightResult(r) => Some(r),
+                _ => None,
+            })
+            .await;
+            h.shutdown.cancel();
+            result
+        };
+        let (end, result) = tokio::join!(live.run(inbound, &h.shutdown), driver);
+        assert!(matches!(end, Ok(End::Shutdown)));
+        assert_eq!((result.request_id.as_str(), result.secret.as_str()), ("plan-7", "api"));
+        assert_eq!(result.checks.len(), 1);
+        assert!(!result.checks[0].ok && result.checks[0].detail.starts_with("secret api is not declared in "));
     }
 }
