@@ -255,7 +255,7 @@ async fn health_check(
     let subject = format!("health {}", actions::target(&h.check));
     let h = HealthConfig { retries: h.retries.min(HEALTH_TRIES), ..h.clone() };
     let unchecked = match actions::expected_text(&h.check, values) {
-        Ok(None) if matches!(&h.check, crate::config::HealthCheck::Http { body_contains: Some(_), .. }) => {
+        Ok(None) if actions::expectation(&h.check).is_some() => {
             "; the expected text names the version and no current version is known, so it was not matched"
         }
         Ok(_) => "",
@@ -412,5 +412,25 @@ mod tests {
         let r = run(&c, request("api", None)).await;
         let h = by_subject(&r, "health command /bin/sleep");
         assert!(!h.ok && h.detail == format!("did not answer within {}s", HEALTH_BUDGET.as_secs()), "{h:?}");
+    }
+
+    /// The health check runs against the version running now: its expected
+    /// text names the current version (or, with none known, is skipped and
+    /// the detail says so).
+    #[tokio::test]
+    async fn the_health_check_expects_the_current_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(
+            dir.path(),
+            "[secret.health]\nkind = 'command'\ncommand = ['/bin/echo', 'serving v1']\noutput_contains = 'serving {{ version_id }}'\nretries = 1\n",
+        );
+        let r = run(&c, request("api", Some(("v1", "CURRENT-VALUE-1")))).await;
+        assert_eq!(by_subject(&r, "health").detail, "passes now", "{r:?}");
+        let r = run(&c, request("api", Some(("v0", "CURRENT-VALUE-0")))).await;
+        let h = by_subject(&r, "health");
+        assert!(!h.ok && h.detail.contains("exited 0 without \"serving v0\" in its output"), "{h:?}");
+        let r = run(&c, request("api", None)).await;
+        let h = by_subject(&r, "health");
+        assert!(h.ok && h.detail.ends_with("no current version is known, so it was not matched"), "{h:?}");
     }
 }

@@ -480,7 +480,8 @@ async fn check_once(
     }
 }
 
-fn expectation(check: &HealthCheck) -> Option<&Expect> {
+/// The check's expected text, if it has one (`body_contains`, `output_contains`).
+pub fn expectation(check: &HealthCheck) -> Option<&Expect> {
     match check {
         HealthCheck::Http { body_contains, .. } => body_contains.as_ref(),
         HealthCheck::Command { output_contains, .. } => output_contains.as_ref(),
@@ -499,7 +500,7 @@ pub fn expected_text(check: &HealthCheck, values: &CommandValues<'_>) -> Result<
             tracing::warn!(target = %target(check), "no version is known here: checking without the expected text");
             Ok(None)
         }
-        Err(why) => Err(format!("cannot be evaluated: its expected text {}: {why}", values.source)),
+        Err(why) => Err(format!("cannot be evaluated for version {:?}: {why}", values.version_id)),
     }
 }
 
@@ -814,5 +815,23 @@ mod tests {
             e.contains("field `secret[0].health.ca_file`") && e.contains("expected at least one PEM certificate"),
             "{e}"
         );
+    }
+
+    /// A version that lacks a field the expectation names cannot be checked:
+    /// said before anything runs.
+    #[test]
+    fn an_expectation_the_version_cannot_fill_is_an_error() {
+        let public = std::collections::BTreeSet::from(["access_key_id".to_string()]);
+        let e = Expect::parse("key {{ access_key_id }}", &public).unwrap();
+        let check = HealthCheck::Command { command: sh("true"), output_contains: Some(e) };
+        let fields = Fields::from_pairs([("value", &b"abcdef"[..])]);
+        let values = CommandValues { version_id: "v2", fields: &fields, source: "the new version does not carry" };
+        let err = expected_text(&check, &values).unwrap_err();
+        assert_eq!(
+            err,
+            "cannot be evaluated for version \"v2\": the checked version has no field access_key_id (it has value)"
+        );
+        // Nothing known at all (recovery): checked without the text.
+        assert_eq!(expected_text(&check, &none()).unwrap(), None);
     }
 }
