@@ -1017,13 +1017,8 @@ fn expect(
     text.map(|t| Expect::parse(&t, public).map_err(|e| ConfigError::field(path, field, e))).transpose()
 }
 
-fn validate_health(
-    path: &Path,
-    base: &Path,
-    field: &str,
-    h: RawHealth,
-    public: &BTreeSet<String>,
-) -> Result<HealthConfig, ConfigError> {
+/// Refuses the settings of another kind of health check (a `url` on a tcp check…).
+fn check_health_kind_fields(path: &Path, field: &str, h: &RawHealth) -> Result<(), ConfigError> {
     use RawHealthKind as K;
     if h.kind != K::Http {
         for (set, name) in [
@@ -1052,6 +1047,18 @@ fn validate_health(
             }
         }
     }
+    Ok(())
+}
+
+fn validate_health(
+    path: &Path,
+    base: &Path,
+    field: &str,
+    h: RawHealth,
+    public: &BTreeSet<String>,
+) -> Result<HealthConfig, ConfigError> {
+    use RawHealthKind as K;
+    check_health_kind_fields(path, field, &h)?;
     let check = match h.kind {
         K::Http => {
             let url = h.url.ok_or_else(|| required(path, format!("{field}.url"), "http"))?;
