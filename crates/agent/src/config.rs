@@ -29,6 +29,14 @@ struct RawConfig {
     #[serde(default, rename = "secret")]
     secrets: Vec<RawSecret>,
     scan: Option<RawScan>,
+    apply: Option<RawApply>,
+}
+
+/// `[apply]`: how deliveries of secrets that share a restart are batched.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApply {
+    batch_window: Option<String>,
 }
 
 /// `[scan]`: where and how far scope scans look beyond the declared files.
@@ -114,6 +122,10 @@ impl Default for RawReconnect {
 #[serde(deny_unknown_fields)]
 struct RawSecret {
     name: String,
+    /// Fields whose values are not secret (an AWS access key id): a health
+    /// check's expected body or output may name them.
+    #[serde(default)]
+    public_fields: Vec<String>,
     #[serde(default, rename = "file")]
     files: Vec<RawFile>,
     restart: Option<RawRestart>,
@@ -182,6 +194,8 @@ struct RawHealth {
     url: Option<String>,
     status: Option<u16>,
     body_contains: Option<String>,
+    ca_file: Option<PathBuf>,
+    output_contains: Option<String>,
     address: Option<String>,
     command: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
@@ -239,6 +253,8 @@ impl<'de> Deserialize<'de> for IdSpec {
 #[derive(Debug, Clone)]
 pub struct SecretConfig {
     pub name: String,
+    /// Fields declared not secret: health expectations may name them.
+    pub public_fields: BTreeSet<String>,
     /// Written in order; restored in reverse order on rollback.
     pub files: Vec<FileConfig>,
     pub restart: Option<RestartConfig>,
@@ -311,7 +327,7 @@ pub enum RestartAction {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     pub check: HealthCheck,
     /// Attempts in total (at least 1).
@@ -324,18 +340,36 @@ pub struct HealthConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum HealthCheck {
-    /// GET `url`; passes on `status` (and `body_contains`, if set).
-    Http { url: HttpUrl, status: u16, body_contains: Option<String> },
+    /// GET `url`; passes on `status` (and `body_contains`, if set). For an
+    /// https URL, `ca` is the configured CA bundle (`None`: the system roots).
+    Http { url: HttpUrl, status: u16, body_contains: Option<Expect>, ca: Option<CaBundle> },
     /// A TCP connection to `address` (host:port) succeeds.
     Tcp { address: String },
-    /// The command exits 0.
-    Command(CommandSpec),
+    /// The command exits 0 (and its stdout contains `output_contains`, if set).
+    Command { command: CommandSpec, output_contains: Option<Expect> },
 }
 
-/// A parsed `http://host:port/path` URL.
+pub use crate::pipeline::render::Expect;
+
+/// The certificates of a configured `ca_file` (DER), read and parsed at load.
+#[derive(Clone, PartialEq)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    pub certs: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for CaBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaBundle({}, {} certificates)", self.path.display(), self.certs.len())
+    }
+}
+
+/// A parsed `http[s]://host:port/path` URL.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpUrl {
     pub text: String,
+    /// `https`: TLS (rustls, ring) verified against the system roots or `ca_file`.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     /// Path and query, starting with `/`.
@@ -360,6 +394,9 @@ pub struct AgentConfig {
     pub secrets: Vec<SecretConfig>,
     /// Scope scans: extra roots and bounds (defaults when `[scan]` is absent).
     pub scan: ScanConfig,
+    /// How long a delivery of a secret that shares its restart with others
+    /// waits for theirs, so they are applied behind one restart.
+    pub batch_window: Duration,
 }
 
 /// Where a scope scan looks besides the declared files, and how far.
@@ -495,10 +532,25 @@ impl AgentConfig {
                 }
                 files.push(file);
             }
+            let public_fields = public_fields(path, i, s.public_fields)?;
             let restart = s.restart.map(|r| validate_restart(path, &format!("secret[{i}].restart"), r)).transpose()?;
-            let health = s.health.map(|h| validate_health(path, &format!("secret[{i}].health"), h)).transpose()?;
-            secrets.push(SecretConfig { name: s.name, files, restart, health });
+            let health = s
+                .health
+                .map(|h| validate_health(path, base, &format!("secret[{i}].health"), h, &public_fields))
+                .transpose()?;
+            secrets.push(SecretConfig { name: s.name, public_fields, files, restart, health });
         }
+        check_shared_restarts(path, &secrets)?;
+        let batch_window = match raw.apply.and_then(|a| a.batch_window) {
+            None => DEFAULT_BATCH_WINDOW,
+            Some(text) => {
+                let d = parse_duration(&text).map_err(|e| ConfigError::field(path, "apply.batch_window", e))?;
+                if d > MAX_BATCH_WINDOW {
+                    return Err(ConfigError::field(path, "apply.batch_window", "must be at most 60s"));
+                }
+                d
+            }
+        };
         Ok(AgentConfig {
             path: path.to_path_buf(),
             coordinator: raw.coordinator,
@@ -507,6 +559,7 @@ impl AgentConfig {
             max_backoff: raw.reconnect.max_backoff,
             secrets,
             scan: validate_scan(path, raw.scan)?,
+            batch_window,
         })
     }
 
@@ -517,6 +570,130 @@ impl AgentConfig {
     pub fn secret(&self, name: &str) -> Option<&SecretConfig> {
         self.secrets.iter().find(|s| s.name == name)
     }
+
+    /// The restart group of a secret: its restart's [`RestartAction::key`],
+    /// or (no restart) a group of its own.
+    pub fn restart_group(&self, secret: &str) -> String {
+        match self.secret(secret).and_then(|s| s.restart.as_ref()) {
+            Some(r) => r.action.key(),
+            None => format!("secret {secret}"),
+        }
+    }
+
+    /// The other declared secrets that share `secret`'s restart.
+    pub fn siblings(&self, secret: &str) -> Vec<String> {
+        let group = self.restart_group(secret);
+        self.secrets
+            .iter()
+            .filter(|s| s.name != secret && self.restart_group(&s.name) == group)
+            .map(|s| s.name.clone())
+            .collect()
+    }
+}
+
+/// Delivered secrets that share a restart wait this long for each other by default.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_secs(3);
+const MAX_BATCH_WINDOW: Duration = Duration::from_secs(60);
+
+impl RestartAction {
+    /// What "the same restart" means on a host: the same systemd unit
+    /// (`app` is `app.service`), the same command line, or the same pidfile.
+    /// Secrets with the same key are restarted once for a batch, and never
+    /// concurrently.
+    pub fn key(&self) -> String {
+        match self {
+            RestartAction::Systemd { unit } => format!("systemd {}", systemd_unit(unit)),
+            RestartAction::Command(spec) => format!("command {:?}", spec.argv),
+            RestartAction::Signal { pidfile, .. } => {
+                format!("signal {}", crate::pipeline::chase::normalize(pidfile).display())
+            }
+        }
+    }
+}
+
+/// systemd's own rule: a name without a unit type suffix is a service.
+fn systemd_unit(unit: &str) -> String {
+    const TYPES: [&str; 11] =
+        ["service", "socket", "target", "mount", "automount", "timer", "path", "slice", "scope", "device", "swap"];
+    match unit.rsplit_once('.') {
+        Some((_, t)) if TYPES.contains(&t) => unit.to_string(),
+        _ => format!("{unit}.service"),
+    }
+}
+
+/// `public_fields`: non-empty, distinct names.
+fn public_fields(path: &Path, i: usize, names: Vec<String>) -> Result<BTreeSet<String>, ConfigError> {
+    let mut out = BTreeSet::new();
+    for (k, n) in names.into_iter().enumerate() {
+        check_field_name(path, format!("secret[{i}].public_fields[{k}]"), &n)?;
+        if n == crate::pipeline::render::VERSION_ID {
+            return Err(ConfigError::field(
+                path,
+                format!("secret[{i}].public_fields[{k}]"),
+                "version_id is always available to health checks; list only the version's fields",
+            ));
+        }
+        out.insert(n);
+    }
+    Ok(out)
+}
+
+/// Secrets that share a restart are restarted once for all of them, so the
+/// restart must not depend on which one: no value through env or stdin, the
+/// same signal and executable.
+fn check_shared_restarts(path: &Path, secrets: &[SecretConfig]) -> Result<(), ConfigError> {
+    for (i, s) in secrets.iter().enumerate() {
+        let Some(r) = &s.restart else { continue };
+        let Some((j, first)) = secrets[..i]
+            .iter()
+            .enumerate()
+            .find_map(|(j, o)| o.restart.as_ref().filter(|o| o.action.key() == r.action.key()).map(|o| (j, o)))
+        else {
+            continue;
+        };
+        let err =
+            |field: &str, what: String| Err(ConfigError::field(path, format!("secret[{i}].restart.{field}"), what));
+        match (&r.action, &first.action) {
+            (RestartAction::Command(a), RestartAction::Command(b)) => {
+                for (spec, k) in [(a, i), (b, j)] {
+                    if !spec.env.is_empty() || spec.stdin.is_some() {
+                        return err(
+                            "command",
+                            format!(
+                                "secret[{i}] and secret[{j}] share this restart command, so it runs once for both; \
+                                 it cannot take a value from one secret's version (secret[{k}] sets env or stdin): \
+                                 let the command read the files instead"
+                            ),
+                        );
+                    }
+                }
+            }
+            (
+                RestartAction::Signal { signal: a, executable: ea, .. },
+                RestartAction::Signal { signal: b, executable: eb, .. },
+            ) => {
+                if a != b {
+                    return err(
+                        "signal",
+                        format!(
+                            "secret[{j}] signals the same pidfile with {b}: secrets that share a restart must send the same signal"
+                        ),
+                    );
+                }
+                if ea != eb {
+                    return err(
+                        "executable",
+                        format!(
+                            "secret[{j}] names {} for the same pidfile: expected the same executable",
+                            eb.display()
+                        ),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// "only valid with kind = ..." for a field set on the wrong kind.
@@ -789,18 +966,14 @@ fn parse_signal(name: &str) -> Option<nix::sys::signal::Signal> {
     })
 }
 
-/// Parses `http://host[:port]/path`; https is not supported (use a command check).
+/// Parses `http[s]://host[:port]/path`.
 fn parse_http_url(text: &str) -> Result<HttpUrl, String> {
     let uri: http::Uri = text.parse().map_err(|e| format!("invalid URL {text:?}: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "{text:?}: https health checks are not supported; check a local http endpoint or use kind = \"command\""
-            ));
-        }
-        _ => return Err(format!("expected an http:// URL, got {text:?}")),
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("expected an http:// or https:// URL, got {text:?}")),
+    };
     let authority = uri.authority().ok_or_else(|| format!("{text:?} has no host"))?;
     let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
     if host.is_empty() {
@@ -810,19 +983,50 @@ fn parse_http_url(text: &str) -> Result<HttpUrl, String> {
     let path = if path.is_empty() { "/".into() } else { path };
     Ok(HttpUrl {
         text: text.to_string(),
+        tls,
         host,
-        port: authority.port_u16().unwrap_or(80),
+        port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
         path,
         authority: authority.as_str().to_string(),
     })
 }
 
-fn validate_health(path: &Path, field: &str, h: RawHealth) -> Result<HealthConfig, ConfigError> {
+/// Reads a PEM CA bundle (relative to the config's directory): at least one certificate.
+fn ca_bundle(path: &Path, base: &Path, field: &str, file: PathBuf) -> Result<CaBundle, ConfigError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let file = base.join(file);
+    let bad = |what: String| ConfigError::field(path, format!("{field}.ca_file"), what);
+    let text = std::fs::read(&file).map_err(|e| bad(format!("cannot read {}: {e}", file.display())))?;
+    let certs: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&text)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(format!("{}: expected PEM certificates: {e}", file.display())))?;
+    if certs.is_empty() {
+        return Err(bad(format!("{}: expected at least one PEM certificate (BEGIN CERTIFICATE)", file.display())));
+    }
+    Ok(CaBundle { path: file, certs })
+}
+
+fn expect(
+    path: &Path,
+    field: String,
+    text: Option<String>,
+    public: &BTreeSet<String>,
+) -> Result<Option<Expect>, ConfigError> {
+    text.map(|t| Expect::parse(&t, public).map_err(|e| ConfigError::field(path, field, e))).transpose()
+}
+
+/// Refuses the settings of another kind of health check (a `url` on a tcp check…).
+fn check_health_kind_fields(path: &Path, field: &str, h: &RawHealth) -> Result<(), ConfigError> {
     use RawHealthKind as K;
     if h.kind != K::Http {
-        for (set, name) in
-            [(h.url.is_some(), "url"), (h.status.is_some(), "status"), (h.body_contains.is_some(), "body_contains")]
-        {
+        for (set, name) in [
+            (h.url.is_some(), "url"),
+            (h.status.is_some(), "status"),
+            (h.body_contains.is_some(), "body_contains"),
+            (h.ca_file.is_some(), "ca_file"),
+        ] {
             if set {
                 return Err(only_for(path, format!("{field}.{name}"), "http"));
             }
@@ -832,12 +1036,29 @@ fn validate_health(path: &Path, field: &str, h: RawHealth) -> Result<HealthConfi
         return Err(only_for(path, format!("{field}.address"), "tcp"));
     }
     if h.kind != K::Command {
-        for (set, name) in [(h.command.is_some(), "command"), (h.env.is_some(), "env"), (h.stdin.is_some(), "stdin")] {
+        for (set, name) in [
+            (h.command.is_some(), "command"),
+            (h.env.is_some(), "env"),
+            (h.stdin.is_some(), "stdin"),
+            (h.output_contains.is_some(), "output_contains"),
+        ] {
             if set {
                 return Err(only_for(path, format!("{field}.{name}"), "command"));
             }
         }
     }
+    Ok(())
+}
+
+fn validate_health(
+    path: &Path,
+    base: &Path,
+    field: &str,
+    h: RawHealth,
+    public: &BTreeSet<String>,
+) -> Result<HealthConfig, ConfigError> {
+    use RawHealthKind as K;
+    check_health_kind_fields(path, field, &h)?;
     let check = match h.kind {
         K::Http => {
             let url = h.url.ok_or_else(|| required(path, format!("{field}.url"), "http"))?;
@@ -850,7 +1071,12 @@ fn validate_health(path: &Path, field: &str, h: RawHealth) -> Result<HealthConfi
                     format!("expected an HTTP status code, got {status}"),
                 ));
             }
-            HealthCheck::Http { url, status, body_contains: h.body_contains }
+            if h.ca_file.is_some() && !url.tls {
+                return Err(ConfigError::field(path, format!("{field}.ca_file"), "only valid with an https:// url"));
+            }
+            let ca = h.ca_file.map(|f| ca_bundle(path, base, field, f)).transpose()?;
+            let body_contains = expect(path, format!("{field}.body_contains"), h.body_contains, public)?;
+            HealthCheck::Http { url, status, body_contains, ca }
         }
         K::Tcp => {
             let address = h.address.ok_or_else(|| required(path, format!("{field}.address"), "tcp"))?;
@@ -867,7 +1093,10 @@ fn validate_health(path: &Path, field: &str, h: RawHealth) -> Result<HealthConfi
             }
             HealthCheck::Tcp { address }
         }
-        K::Command => HealthCheck::Command(validate_command(path, field, h.command, h.env, h.stdin)?),
+        K::Command => HealthCheck::Command {
+            command: validate_command(path, field, h.command, h.env, h.stdin)?,
+            output_contains: expect(path, format!("{field}.output_contains"), h.output_contains, public)?,
+        },
     };
     let retries = h.retries.unwrap_or(DEFAULT_HEALTH_RETRIES);
     if retries == 0 {
@@ -988,9 +1217,10 @@ name = "svc"
         assert_eq!(cmd.stdin.as_deref(), Some("value"));
         let h = api.health.as_ref().unwrap();
         assert_eq!((h.retries, h.interval, h.timeout), (3, Duration::from_millis(500), Duration::from_secs(1)));
-        let HealthCheck::Http { url, status, body_contains } = &h.check else { panic!() };
+        let HealthCheck::Http { url, status, body_contains, ca } = &h.check else { panic!() };
         assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("127.0.0.1", 8080, "/health?deep=1"));
-        assert_eq!((*status, body_contains.as_deref()), (204, Some("ok")));
+        assert_eq!((*status, body_contains.as_ref().map(Expect::source)), (204, Some("ok")));
+        assert!(!url.tls && ca.is_none());
 
         let db = c.secret("db").unwrap();
         assert_eq!(
@@ -1119,8 +1349,37 @@ name = "svc"
                 "unknown field `shell`",
             ),
             (health("kind = 'http'"), "secret[0].health.url", "required"),
-            (health("kind = 'http'\nurl = 'https://x/health'"), "secret[0].health.url", "https health checks"),
-            (health("kind = 'http'\nurl = 'ftp://x/'"), "secret[0].health.url", "http:// URL"),
+            (health("kind = 'http'\nurl = 'ftp://x/'"), "secret[0].health.url", "http:// or https:// URL"),
+            (
+                health("kind = 'http'\nurl = 'http://x/'\nca_file = 'ca.pem'"),
+                "secret[0].health.ca_file",
+                "only valid with an https:// url",
+            ),
+            (
+                health("kind = 'http'\nurl = 'https://x/'\nca_file = '/no/such/ca.pem'"),
+                "secret[0].health.ca_file",
+                "cannot read /no/such/ca.pem",
+            ),
+            (
+                health("kind = 'http'\nurl = 'http://x/'\nbody_contains = 'key {{ secret_access_key }}'"),
+                "secret[0].health.body_contains",
+                "uses `secret_access_key`, which is not a public field: expected `version_id` or a field listed in this secret's public_fields (none is declared)",
+            ),
+            (
+                health("kind = 'command'\ncommand = ['x']\noutput_contains = '{{ value }}'"),
+                "secret[0].health.output_contains",
+                "uses `value`, which is not a public field",
+            ),
+            (
+                health("kind = 'tcp'\naddress = 'h:1'\noutput_contains = 'x'"),
+                "secret[0].health.output_contains",
+                "command",
+            ),
+            (
+                health("kind = 'http'\nurl = 'http://x/'\nbody_contains = '{{ version_id'"),
+                "secret[0].health.body_contains",
+                "invalid template",
+            ),
             (health("kind = 'http'\nurl = 'http://x/'\nstatus = 42"), "secret[0].health.status", "status code"),
             (health("kind = 'http'\nurl = 'http://x/'\naddress = 'a:1'"), "secret[0].health.address", "tcp"),
             (health("kind = 'tcp'\naddress = 'nohost'"), "secret[0].health.address", "HOST:PORT"),
@@ -1149,6 +1408,124 @@ name = "svc"
             assert!(e.contains(&format!("field `{field}`")), "expected field {field} in: {e}\n--- for ---\n{text}");
             assert!(e.contains(what), "expected {what:?} in: {e}\n--- for ---\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_str(Path::new("/etc/rekey/agent.toml"), &format!("state_dir = 's'\n{text}"))
+    }
+
+    fn secret(name: &str, restart: &str) -> String {
+        format!("[[secret]]\nname = '{name}'\n[secret.restart]\n{restart}\n")
+    }
+
+    /// "Shares a restart": the same unit (`app` is `app.service`), the same
+    /// command line, the same pidfile.
+    #[test]
+    fn restart_groups_follow_the_unit_the_command_or_the_pidfile() {
+        let c = parse(
+            &[
+                secret("a", "kind = 'systemd'\nunit = 'app'"),
+                secret("b", "kind = 'systemd'\nunit = 'app.service'"),
+                secret("c", "kind = 'systemd'\nunit = 'app.socket'"),
+                secret("d", "kind = 'command'\ncommand = ['/bin/restart', 'x']"),
+                secret("e", "kind = 'command'\ncommand = ['/bin/restart', 'x']\ntimeout = '5s'"),
+                secret("f", "kind = 'command'\ncommand = ['/bin/restart', 'y']"),
+                secret("g", "kind = 'signal'\npidfile = '/run/x/../app.pid'\nexecutable = '/bin/app'"),
+                secret("h", "kind = 'signal'\npidfile = '/run/app.pid'\nexecutable = '/bin/app'"),
+                "[[secret]]\nname = 'i'\n[[secret]]\nname = 'j'\n".into(),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(c.siblings("a"), ["b"]);
+        assert_eq!(c.restart_group("a"), "systemd app.service");
+        assert!(c.siblings("c").is_empty());
+        assert_eq!(c.siblings("d"), ["e"]);
+        assert!(c.siblings("f").is_empty());
+        assert_eq!(c.siblings("h"), ["g"]);
+        // No restart: a group of its own.
+        assert!(c.siblings("i").is_empty() && c.restart_group("i") != c.restart_group("j"));
+        assert_eq!(c.batch_window, DEFAULT_BATCH_WINDOW);
+        assert_eq!(parse("[apply]\nbatch_window = '500ms'").unwrap().batch_window, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_shared_restart_that_depends_on_one_secret_is_refused() {
+        for (text, field, what) in [
+            (
+                [
+                    secret("a", "kind = 'command'\ncommand = ['/bin/r']"),
+                    secret("b", "kind = 'command'\ncommand = ['/bin/r']\nenv = { K = 'value' }"),
+                ]
+                .concat(),
+                "secret[1].restart.command",
+                "secret[1] and secret[0] share this restart command, so it runs once for both; it cannot take a value from one secret's version (secret[1] sets env or stdin)",
+            ),
+            (
+                [
+                    secret("a", "kind = 'signal'\npidfile = '/p'\nexecutable = '/bin/x'"),
+                    secret("b", "kind = 'signal'\npidfile = '/p'\nexecutable = '/bin/x'\nsignal = 'USR1'"),
+                ]
+                .concat(),
+                "secret[1].restart.signal",
+                "secret[0] signals the same pidfile with SIGHUP",
+            ),
+            (
+                [
+                    secret("a", "kind = 'signal'\npidfile = '/p'\nexecutable = '/bin/x'"),
+                    secret("b", "kind = 'signal'\npidfile = '/p'\nexecutable = '/bin/y'"),
+                ]
+                .concat(),
+                "secret[1].restart.executable",
+                "secret[0] names /bin/x for the same pidfile",
+            ),
+            ("[apply]\nbatch_window = '2m'".into(), "apply.batch_window", "at most 60s"),
+            ("[apply]\nbatch_window = 'soon'".into(), "apply.batch_window", "invalid duration"),
+            ("[apply]\nwindow = '1s'".into(), "apply.window", "unknown field"),
+            ("[[secret]]\nname = 'a'\npublic_fields = ['']".into(), "secret[0].public_fields[0]", "name of a field"),
+            (
+                "[[secret]]\nname = 'a'\npublic_fields = ['version_id']".into(),
+                "secret[0].public_fields[0]",
+                "always available",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with("/etc/rekey/agent.toml: "), "{e}");
+            assert!(e.contains(&format!("field `{field}`")), "expected field {field} in: {e}");
+            assert!(e.contains(what), "expected {what:?} in: {e}");
+        }
+    }
+
+    /// A health check may name the version id and the public fields, never
+    /// another field.
+    #[test]
+    fn health_expectations_name_only_public_fields() {
+        let c = parse(
+            "[[secret]]\nname = 'aws'\npublic_fields = ['access_key_id']\n[secret.health]\nkind = 'http'\n\
+             url = 'https://127.0.0.1:8443/whoami'\nbody_contains = '{{ access_key_id }} {{ version_id }}'\n",
+        )
+        .unwrap();
+        let h = c.secret("aws").unwrap().health.as_ref().unwrap();
+        let HealthCheck::Http { url, body_contains: Some(e), .. } = &h.check else { panic!("{h:?}") };
+        assert!(url.tls && url.port == 8443);
+        let fields = crate::pipeline::render::Fields::from_pairs([
+            ("access_key_id", &b"AKIANEW"[..]),
+            ("secret_access_key", &b"s3cr3t-s3cr3t"[..]),
+        ]);
+        assert_eq!(e.render("v2", &fields).unwrap(), "AKIANEW v2");
+        let e = parse(
+            "[[secret]]\nname = 'aws'\npublic_fields = ['access_key_id']\n[secret.health]\nkind = 'http'\n\
+             url = 'http://x/'\nbody_contains = '{{ secret_access_key }}'\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("field `secret[0].health.body_contains`"), "{e}");
+        assert!(e.contains("uses `secret_access_key`, which is not a public field: expected `version_id` or a field listed in this secret's public_fields (access_key_id)"), "{e}");
     }
 }
 
@@ -1241,7 +1618,7 @@ mod example_tests {
             .map(|h| match h.check {
                 HealthCheck::Http { .. } => "http",
                 HealthCheck::Tcp { .. } => "tcp",
-                HealthCheck::Command(_) => "command",
+                HealthCheck::Command { .. } => "command",
             })
             .collect();
         assert_eq!(checks.len(), 3, "{checks:?}");

@@ -1,19 +1,27 @@
 //! Hands the coordinator's commands to the pipeline without ever blocking
-//! the session: one worker task per declared secret, fed through a bounded
-//! queue, so commands for a secret run in the order they arrived (a
-//! `Rollback` never overtakes the `Delivery` it undoes) and an apply keeps
-//! running when the session drops.
+//! the session: one worker task per restart group (the secrets that share a
+//! restart, or a secret alone: [`crate::config::AgentConfig::restart_group`]), fed through a
+//! bounded queue, so commands for a secret run in the order they arrived (a
+//! `Rollback` never overtakes the `Delivery` it undoes), the same service is
+//! never restarted by two commands at once, and an apply keeps running when
+//! the session drops.
+//!
+//! Batching: a delivery of a secret that shares its restart waits up to
+//! `[apply] batch_window` (3 s by default) for its siblings' deliveries —
+//! less as soon as every sibling's has arrived, or another command for the
+//! group comes in — and they are applied together behind one restart and
+//! one health check ([`Pipeline::deliver_together`]).
 
 use crate::pipeline::Pipeline;
 use rekey_proto::v1::{Delivery, Purge, Rollback};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-/// Commands queued per secret before new ones are refused.
+/// Commands queued per secret (of a restart group) before new ones are refused.
 pub const QUEUE_DEPTH: usize = 16;
 
 /// What the coordinator can ask of the pipeline.
@@ -45,17 +53,33 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Spawns one worker per secret the config declares.
+    /// Spawns one worker per restart group of the secrets the config declares.
     pub fn start(pipeline: Pipeline) -> Dispatcher {
         let tracker = TaskTracker::new();
         let stopping = CancellationToken::new();
         let abort = CancellationToken::new();
         let mut queues = HashMap::new();
-        for name in pipeline.config().secret_names() {
-            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-            let span = tracing::info_span!("apply", secret = %name);
-            tracker.spawn(worker(pipeline.clone(), rx, stopping.clone(), abort.clone()).instrument(span));
-            queues.insert(name, tx);
+        let config = pipeline.config();
+        let mut groups: Vec<(String, BTreeSet<String>)> = Vec::new();
+        for name in config.secret_names() {
+            let key = config.restart_group(&name);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, members)) => drop(members.insert(name)),
+                None => groups.push((key, BTreeSet::from([name]))),
+            }
+        }
+        for (key, members) in groups {
+            let (tx, rx) = mpsc::channel(QUEUE_DEPTH * members.len());
+            let span = if members.len() == 1 {
+                tracing::info_span!("apply", secret = %members.first().expect("one"))
+            } else {
+                tracing::info_span!("apply", restart = %key)
+            };
+            let w = Worker { pipeline: pipeline.clone(), members: members.clone(), window: config.batch_window };
+            tracker.spawn(w.run(rx, stopping.clone(), abort.clone()).instrument(span));
+            for m in members {
+                queues.insert(m, tx.clone());
+            }
         }
         Dispatcher { pipeline, queues, tracker, stopping, abort }
     }
@@ -103,29 +127,81 @@ impl Dispatcher {
     }
 }
 
-async fn worker(
+/// The worker of one restart group.
+struct Worker {
     pipeline: Pipeline,
-    mut rx: mpsc::Receiver<Command>,
-    stopping: CancellationToken,
-    abort: CancellationToken,
-) {
-    loop {
-        let cmd = tokio::select! {
-            biased;
-            _ = stopping.cancelled() => return,
-            cmd = rx.recv() => match cmd { Some(c) => c, None => return },
-        };
-        let run = async {
-            match cmd {
-                Command::Deliver(d) => drop(pipeline.deliver(d).await),
-                Command::Rollback(r) => drop(pipeline.rollback(r).await),
-                Command::Purge(p) => drop(pipeline.purge(p).await),
+    /// The group's secrets.
+    members: BTreeSet<String>,
+    window: Duration,
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::Receiver<Command>, stopping: CancellationToken, abort: CancellationToken) {
+        let mut next: Option<Command> = None;
+        loop {
+            let cmd = match next.take() {
+                Some(c) => c,
+                None => tokio::select! {
+                    biased;
+                    _ = stopping.cancelled() => return,
+                    cmd = rx.recv() => match cmd { Some(c) => c, None => return },
+                },
+            };
+            let pipeline = &self.pipeline;
+            let run = async {
+                match cmd {
+                    Command::Deliver(d) => {
+                        let batch = self.collect(d, &mut rx, &mut next, &stopping).await;
+                        drop(pipeline.deliver_together(batch).await)
+                    }
+                    Command::Rollback(r) => drop(pipeline.rollback(r).await),
+                    Command::Purge(p) => drop(pipeline.purge(p).await),
+                }
+            };
+            tokio::select! {
+                _ = abort.cancelled() => return,
+                () = run => {}
             }
-        };
-        tokio::select! {
-            _ = abort.cancelled() => return,
-            () = run => {}
         }
+    }
+
+    /// The deliveries to apply with `first`: its siblings' arriving within
+    /// the window. Stops early once every secret of the group has one, or
+    /// when another kind of command (or a second delivery of a secret
+    /// already in the batch) arrives: that one is kept in `next`, so the
+    /// order of each secret's commands is kept.
+    async fn collect(
+        &self,
+        first: Delivery,
+        rx: &mut mpsc::Receiver<Command>,
+        next: &mut Option<Command>,
+        stopping: &CancellationToken,
+    ) -> Vec<Delivery> {
+        let mut batch = vec![first];
+        if self.members.len() < 2 || self.window.is_zero() {
+            return batch;
+        }
+        let deadline = tokio::time::Instant::now() + self.window;
+        while batch.len() < self.members.len() {
+            tokio::select! {
+                biased;
+                _ = stopping.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Deliver(d)) if batch.iter().all(|b| b.secret != d.secret) => batch.push(d),
+                    Some(other) => {
+                        *next = Some(other);
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        if batch.len() > 1 {
+            let names: Vec<&str> = batch.iter().map(|d| d.secret.as_str()).collect();
+            tracing::info!(secrets = ?names, "deliveries batched behind one restart");
+        }
+        batch
     }
 }
 

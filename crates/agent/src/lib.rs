@@ -14,13 +14,17 @@
 //!
 //! Tasks and channels:
 //! - the session loop (one task; heartbeats and renewal are timers in it);
-//! - one apply worker per declared secret ([`dispatch`]), fed by a bounded
-//!   queue (16) from the session, outliving sessions;
+//! - one apply worker per restart group ([`dispatch`]: the secrets that share
+//!   a restart, or one secret), fed by a bounded queue (16 per secret) from
+//!   the session, outliving sessions; deliveries of a group that arrive
+//!   together are applied behind one restart;
 //! - the [`outbox`] of stage reports between them (bounded, latest per
 //!   rotation and secret), drained by the session after each `Welcome`;
 //! - at most one scope [`scan`] at a time (a task around a blocking thread,
 //!   bounded in files, depth, size and time), answering on the session's
-//!   outbound channel and ending with the session.
+//!   outbound channel and ending with the session;
+//! - at most four [`preflight`] dry runs at a time (`rekey rotate plan`), each
+//!   a bounded task answering on the session's outbound channel.
 
 pub mod config;
 pub mod dispatch;
@@ -28,5 +32,6 @@ pub mod enroll;
 pub mod identity;
 pub mod outbox;
 pub mod pipeline;
+pub mod preflight;
 pub mod scan;
 pub mod session;

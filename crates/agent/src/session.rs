@@ -3,14 +3,16 @@
 //! about two thirds of the certificate's lifetime.
 //!
 //! [`run`] first opens the apply pipeline and recovers what a crash
-//! interrupted, then starts the [`Dispatcher`] (one worker task per declared
-//! secret) which outlives every session: deliveries, rollbacks and purges
+//! interrupted, then starts the [`Dispatcher`] (one worker task per restart
+//! group) which outlives every session: deliveries, rollbacks and purges
 //! are queued to it and never block the stream, and an apply keeps running
 //! while the agent reconnects. Stage reports wait in the [`Outbox`] and go
 //! out after each `Welcome`; heartbeat acks tell which ones the coordinator
 //! has read. `Hello.applied` tells a (re)started coordinator what is applied.
-//! A scope scan ([`crate::scan`]) runs in a task of its own and answers on
-//! the session's outbound channel; it ends with the session.
+//! A scope scan ([`crate::scan`]) and a preflight dry run
+//! ([`crate::preflight`], `rekey rotate plan`) each run in a task of their
+//! own and answer on the session's outbound channel; they end with the
+//! session.
 //!
 //! Fatal conditions stop the agent with an actionable message instead of
 //! retrying forever: an expired certificate, a revoked agent, a protocol
@@ -21,6 +23,7 @@ use crate::dispatch::{Command, Dispatcher};
 use crate::identity::{Identity, IdentityError};
 use crate::outbox::Outbox;
 use crate::pipeline::{Pipeline, PipelineError};
+use crate::preflight::Preflights;
 use crate::scan::Scans;
 use rand::Rng;
 use rcgen::{CertificateParams, KeyPair};
@@ -202,17 +205,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     }
     let dispatcher = Dispatcher::start(pipeline.clone());
-    let scans = Scans::new(&config);
-    let result = sessions(&config, &pipeline, &dispatcher, &scans, &shutdown).await;
+    let side = Side { scans: Scans::new(&config), preflights: Preflights::new(&config) };
+    let result = sessions(&config, &pipeline, &dispatcher, &side, &shutdown).await;
     dispatcher.shutdown(APPLY_DRAIN).await;
     result
+}
+
+/// What a session hands to tasks of their own: scans and dry runs.
+struct Side {
+    scans: Scans,
+    preflights: Preflights,
 }
 
 async fn sessions(
     config: &AgentConfig,
     pipeline: &Pipeline,
     dispatcher: &Dispatcher,
-    scans: &Scans,
+    side: &Side,
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
@@ -223,7 +232,7 @@ async fn sessions(
         if identity.cert.not_after_unix <= now {
             return Err(expired(config, &identity));
         }
-        match session(config, &identity, shutdown, pipeline, dispatcher, scans).await? {
+        match session(config, &identity, shutdown, pipeline, dispatcher, side).await? {
             End::Shutdown => return Ok(()),
             End::Lost { established, why } => {
                 if !wait_to_reconnect(&mut backoff, established, &why, shutdown).await {
@@ -271,7 +280,7 @@ async fn session(
     shutdown: &CancellationToken,
     pipeline: &Pipeline,
     dispatcher: &Dispatcher,
-    scans: &Scans,
+    side: &Side,
 ) -> Result<End, AgentError> {
     let addr = config.coordinator.clone().unwrap_or_else(|| identity.enrollment.coordinator.clone());
     if addr.is_empty() {
@@ -287,7 +296,8 @@ async fn session(
     let live = Live {
         config,
         dispatcher,
-        scans,
+        scans: &side.scans,
+        preflights: &side.preflights,
         outbox: pipeline.outbox().clone(),
         out_tx,
         session_done,
@@ -352,6 +362,7 @@ struct Live<'a> {
     config: &'a AgentConfig,
     dispatcher: &'a Dispatcher,
     scans: &'a Scans,
+    preflights: &'a Preflights,
     outbox: Outbox,
     out_tx: mpsc::Sender<AgentMessage>,
     /// Cancelled when the session ends: its side tasks (a scan) stop.
@@ -470,8 +481,8 @@ impl Live<'_> {
                 self.scans.spawn(req, self.out_tx.clone(), self.session_done.clone());
             }
             Some(Msg::Preflight(p)) => {
-                // Not implemented yet: answered by a later change (`rekey rotate plan`).
                 tracing::info!(secret = %p.secret, request = %p.request_id, "preflight requested");
+                self.preflights.spawn(p, self.out_tx.clone(), self.session_done.clone());
             }
             None => tracing::warn!("empty message from coordinator ignored"),
         }
@@ -582,6 +593,7 @@ mod tests {
         outbox: Outbox,
         dispatcher: Dispatcher,
         scans: Scans,
+        preflights: Preflights,
         shutdown: CancellationToken,
         /// Unix seconds: this base plus the (paused) time since the start.
         clock: Box<dyn Fn() -> i64 + Sync>,
@@ -597,6 +609,7 @@ mod tests {
         let start = Instant::now();
         Harness {
             scans: Scans::new(&config),
+            preflights: Preflights::new(&config),
             dispatcher: Dispatcher::start(pipeline),
             _dir: dir,
             config,
@@ -621,6 +634,7 @@ mod tests {
                 config: &self.config,
                 dispatcher: &self.dispatcher,
                 scans: &self.scans,
+                preflights: &self.preflights,
                 outbox: self.outbox.clone(),
                 out_tx,
                 session_done: self.shutdown.child_token(),
@@ -757,5 +771,35 @@ mod tests {
         assert!(
             matches!(e, AgentError::Revoked { ref host, ref reason } if host == "host-1" && reason == "decommissioned")
         );
+    }
+
+    /// A preflight is answered once, with the request's id, on the stream.
+    #[tokio::test(start_paused = true)]
+    async fn a_preflight_is_answered_with_its_request_id() {
+        let h = harness();
+        let (live, in_tx, inbound, mut out) = h.live(86_400);
+        let start = Instant::now();
+        let driver = async {
+            in_tx.send(welcome(1_000)).await.unwrap();
+            let req = rekey_proto::v1::Preflight {
+                request_id: "plan-7".into(),
+                secret: "api".into(),
+                placeholder_fields: vec![rekey_proto::v1::SecretField { name: "value".into(), value: b"x".to_vec() }],
+                ..Default::default()
+            };
+            in_tx.send(from_coordinator(coordinator_message::Msg::Preflight(req))).await.unwrap();
+            let (result, _) = next(&mut out, start, |m| match m {
+                agent_message::Msg::PreflightResult(r) => Some(r),
+                _ => None,
+            })
+            .await;
+            h.shutdown.cancel();
+            result
+        };
+        let (end, result) = tokio::join!(live.run(inbound, &h.shutdown), driver);
+        assert!(matches!(end, Ok(End::Shutdown)));
+        assert_eq!((result.request_id.as_str(), result.secret.as_str()), ("plan-7", "api"));
+        assert_eq!(result.checks.len(), 1);
+        assert!(!result.checks[0].ok && result.checks[0].detail.starts_with("secret api is not declared in "));
     }
 }

@@ -372,6 +372,10 @@ use Stage::{Applied, Delivered, Failed, Healthy, Refused, Restarted, RolledBack}
 #[path = "pipeline/trust.rs"]
 mod trust;
 
+/// Secrets sharing a restart: one restart per batch, never two at once.
+#[path = "pipeline/shared.rs"]
+mod shared;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn good_delivery_reaches_healthy_with_the_right_fingerprint() {
     let host = Host::new();

@@ -15,3 +15,4 @@ mod security;
 mod security_agent;
 mod security_operators;
 mod security_scope;
+mod shared_restart;

@@ -7,8 +7,8 @@
 //! aborted apply) the whole process group is killed. Captured output is
 //! scrubbed of the versions' values before it is used in a message.
 
-use super::render::{Fields, Scrubber};
-use crate::config::{CommandSpec, HealthCheck, HealthConfig, HttpUrl, RestartAction, RestartConfig};
+use super::render::{Expect, Fields, Scrubber};
+use crate::config::{CaBundle, CommandSpec, HealthCheck, HealthConfig, HttpUrl, RestartAction, RestartConfig};
 use http_body_util::BodyExt;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
@@ -17,6 +17,7 @@ use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -145,7 +146,11 @@ async fn read_capped<R: AsyncRead + Unpin>(mut r: R) -> Vec<u8> {
 
 /// Values for a command, where they come from: the version being applied,
 /// or (rolling back) the previous one, or none (recovery after a crash).
+#[derive(Clone, Copy)]
 pub struct CommandValues<'a> {
+    /// The version these values are of ("" when not known), for health
+    /// expectations that name it.
+    pub version_id: &'a str,
     pub fields: &'a Fields,
     /// For the message when a field is missing: "the new version does not carry".
     pub source: &'a str,
@@ -158,6 +163,17 @@ pub async fn run_command(
     timeout: Duration,
     scrub: &Scrubber,
 ) -> Result<(), ActionError> {
+    run_command_output(spec, values, timeout, scrub).await.map(drop)
+}
+
+/// Runs a declared command to completion within `timeout`; its stdout
+/// (bounded) when it exits 0.
+pub async fn run_command_output(
+    spec: &CommandSpec,
+    values: &CommandValues<'_>,
+    timeout: Duration,
+    scrub: &Scrubber,
+) -> Result<Vec<u8>, ActionError> {
     let program = spec.program().to_string();
     let mut cmd = tokio::process::Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
@@ -210,7 +226,7 @@ pub async fn run_command(
     };
     let (stdout, stderr) = tokio::time::timeout(OUTPUT_GRACE, collect).await.unwrap_or_default();
     if status.success() {
-        return Ok(());
+        return Ok(stdout);
     }
     Err(ActionError::Exit { program, status, output: last_line(&stderr, &stdout, scrub) })
 }
@@ -302,12 +318,16 @@ pub async fn restart(r: &RestartConfig, values: &CommandValues<'_>, scrub: &Scru
 pub struct HealthFailure {
     pub target: String,
     pub last: String,
+    /// 0: the check could not be run at all (`last` says why).
     pub tries: u32,
     pub elapsed: Duration,
 }
 
 impl fmt::Display for HealthFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tries == 0 {
+            return write!(f, "health check {} {}", self.target, self.last);
+        }
         let tries = if self.tries == 1 { "1 try".to_string() } else { format!("{} tries", self.tries) };
         write!(f, "health check {} {}, {tries} over {}", self.target, self.last, fmt_duration(self.elapsed))
     }
@@ -315,19 +335,76 @@ impl fmt::Display for HealthFailure {
 
 impl std::error::Error for HealthFailure {}
 
-fn target(check: &HealthCheck) -> String {
+/// What a check is, for messages: the URL, `tcp HOST:PORT`, `command PROGRAM`.
+pub fn target(check: &HealthCheck) -> String {
     match check {
         HealthCheck::Http { url, .. } => url.to_string(),
         HealthCheck::Tcp { address } => format!("tcp {address}"),
-        HealthCheck::Command(spec) => format!("command {}", spec.program()),
+        HealthCheck::Command { command, .. } => format!("command {}", command.program()),
     }
 }
 
+/// The system's root certificates, read once.
+fn system_roots() -> Result<Arc<rustls::RootCertStore>, String> {
+    static ROOTS: OnceLock<Result<Arc<rustls::RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut store = rustls::RootCertStore::empty();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err("no system root certificate could be loaded; set ca_file".to_string());
+            }
+            Ok(Arc::new(store))
+        })
+        .clone()
+}
+
+/// TLS 1.2/1.3 with ring, verifying the server against `ca` or the system roots.
+fn tls_client(ca: Option<&CaBundle>) -> Result<tokio_rustls::TlsConnector, String> {
+    let roots = match ca {
+        None => system_roots()?,
+        Some(ca) => {
+            let mut store = rustls::RootCertStore::empty();
+            for der in &ca.certs {
+                store
+                    .add(rustls_pki_types::CertificateDer::from(der.clone()))
+                    .map_err(|e| format!("cannot use a certificate of {}: {e}", ca.path.display()))?;
+            }
+            Arc::new(store)
+        }
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
 /// One GET; returns the status and up to [`BODY_CAP`] of the body.
-async fn http_get(url: &HttpUrl) -> Result<(u16, Vec<u8>), String> {
+async fn http_get(url: &HttpUrl, ca: Option<&CaBundle>) -> Result<(u16, Vec<u8>), String> {
     let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| format!("failed: cannot connect to {}:{}: {e}", url.host, url.port))?;
+    if !url.tls {
+        return http_request(stream, url).await;
+    }
+    let connector = tls_client(ca).map_err(|e| format!("failed: {e}"))?;
+    let name = rustls_pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| format!("failed: {:?} is not a valid TLS server name: {e}", url.host))?;
+    let tls = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("failed: TLS handshake with {}:{}: {}", url.host, url.port, chain(&e)))?;
+    http_request(tls, url).await
+}
+
+async fn http_request<S>(stream: S, url: &HttpUrl) -> Result<(u16, Vec<u8>), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| format!("failed: {}", chain(&e)))?;
@@ -357,22 +434,24 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// One attempt: `Ok` if healthy, else what went wrong ("returned 503").
+/// `expected`: the check's expectation rendered for the version.
 async fn check_once(
     check: &HealthCheck,
+    expected: Option<&str>,
     values: &CommandValues<'_>,
     timeout: Duration,
     scrub: &Scrubber,
 ) -> Result<(), String> {
     match check {
-        HealthCheck::Http { url, status, body_contains } => {
-            let (got, body) = tokio::time::timeout(timeout, http_get(url))
+        HealthCheck::Http { url, status, ca, .. } => {
+            let (got, body) = tokio::time::timeout(timeout, http_get(url, ca.as_ref()))
                 .await
                 .map_err(|_| format!("timed out after {}", fmt_duration(timeout)))??;
             if got != *status {
                 return Err(format!("returned {got}"));
             }
-            if let Some(needle) = body_contains
-                && !String::from_utf8_lossy(&body).contains(needle.as_str())
+            if let Some(needle) = expected
+                && !String::from_utf8_lossy(&body).contains(needle)
             {
                 return Err(format!("returned {got} without {needle:?} in the body"));
             }
@@ -385,8 +464,13 @@ async fn check_once(
                 Err(_) => Err(format!("timed out after {}", fmt_duration(timeout))),
             }
         }
-        HealthCheck::Command(spec) => match run_command(spec, values, timeout, scrub).await {
-            Ok(()) => Ok(()),
+        HealthCheck::Command { command, .. } => match run_command_output(command, values, timeout, scrub).await {
+            Ok(out) => match expected {
+                Some(needle) if !String::from_utf8_lossy(&out).contains(needle) => {
+                    Err(format!("exited 0 without {needle:?} in its output"))
+                }
+                _ => Ok(()),
+            },
             Err(ActionError::Exit { status, output, .. }) => {
                 Err(format!("exited with {}{}", fmt_status(status), fmt_tail(&output)))
             }
@@ -396,12 +480,42 @@ async fn check_once(
     }
 }
 
+/// The check's expected text, if it has one (`body_contains`, `output_contains`).
+pub fn expectation(check: &HealthCheck) -> Option<&Expect> {
+    match check {
+        HealthCheck::Http { body_contains, .. } => body_contains.as_ref(),
+        HealthCheck::Command { output_contains, .. } => output_contains.as_ref(),
+        HealthCheck::Tcp { .. } => None,
+    }
+}
+
+/// The check's expected text for the version in `values`. With no version
+/// known at all (recovery after a crash) an expectation that names the
+/// version cannot be evaluated: the check then runs without it, and says so.
+pub fn expected_text(check: &HealthCheck, values: &CommandValues<'_>) -> Result<Option<String>, String> {
+    let Some(e) = expectation(check) else { return Ok(None) };
+    match e.render(values.version_id, values.fields) {
+        Ok(text) => Ok(Some(text)),
+        Err(_) if values.fields.is_empty() && !e.is_fixed() => {
+            tracing::warn!(target = %target(check), "no version is known here: checking without the expected text");
+            Ok(None)
+        }
+        Err(why) => Err(format!("cannot be evaluated for version {:?}: {why}", values.version_id)),
+    }
+}
+
 /// Checks until one attempt passes or `retries` attempts failed.
 pub async fn check_health(h: &HealthConfig, values: &CommandValues<'_>, scrub: &Scrubber) -> Result<(), HealthFailure> {
     let start = Instant::now();
+    let expected = expected_text(&h.check, values).map_err(|why| HealthFailure {
+        target: target(&h.check),
+        last: scrub.scrub(&why),
+        tries: 0,
+        elapsed: Duration::ZERO,
+    })?;
     let mut last = String::new();
     for attempt in 1..=h.retries {
-        match check_once(&h.check, values, h.timeout, scrub).await {
+        match check_once(&h.check, expected.as_deref(), values, h.timeout, scrub).await {
             Ok(()) => {
                 tracing::debug!(target = %target(&h.check), attempt, "health check passed");
                 return Ok(());
@@ -427,6 +541,7 @@ pub async fn check_health(h: &HealthConfig, values: &CommandValues<'_>, scrub: &
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn sh(script: &str) -> CommandSpec {
         CommandSpec::plain(vec!["/bin/sh".into(), "-c".into(), script.into()])
@@ -434,7 +549,7 @@ mod tests {
 
     fn none() -> CommandValues<'static> {
         static EMPTY: std::sync::OnceLock<Fields> = std::sync::OnceLock::new();
-        CommandValues { fields: EMPTY.get_or_init(Fields::default), source: "no version is available" }
+        CommandValues { version_id: "", fields: EMPTY.get_or_init(Fields::default), source: "no version is available" }
     }
 
     #[test]
@@ -454,7 +569,7 @@ mod tests {
         spec.env = BTreeMap::from([("API_KEY".to_string(), "value".to_string())]);
         spec.stdin = Some("value".into());
         let fields = Fields::from_pairs([("value", &b"s3cret-value"[..])]);
-        let values = CommandValues { fields: &fields, source: "the new version does not carry" };
+        let values = CommandValues { version_id: "v1", fields: &fields, source: "the new version does not carry" };
         run_command(&spec, &values, Duration::from_secs(5), &Scrubber::default()).await.unwrap();
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "s3cret-value|s3cret-value");
 
@@ -540,7 +655,11 @@ mod tests {
         let e = check_health(&h, &none(), &Scrubber::default()).await.unwrap_err().to_string();
         assert!(e.starts_with(&format!("health check tcp {addr} failed: ")) && e.contains(", 2 tries over "), "{e}");
 
-        let h = HealthConfig { check: HealthCheck::Command(sh("exit 4")), retries: 1, ..h };
+        let h = HealthConfig {
+            check: HealthCheck::Command { command: sh("exit 4"), output_contains: None },
+            retries: 1,
+            ..h
+        };
         let e = check_health(&h, &none(), &Scrubber::default()).await.unwrap_err().to_string();
         assert!(e.starts_with("health check command /bin/sh exited with status 4, 1 try over "), "{e}");
     }
@@ -580,5 +699,139 @@ mod tests {
         assert_eq!(st.signal(), Some(Signal::SIGHUP as i32));
         let e = restart(&r, &none(), &Scrubber::default()).await.unwrap_err();
         assert!(e.to_string().contains("is not running"), "{e}");
+    }
+
+    /// A real https server (rustls, a certificate for 127.0.0.1 signed by an
+    /// rcgen CA) answering every GET with `body`. Returns its address and
+    /// the CA's PEM.
+    async fn https_server(body: &'static str) -> (std::net::SocketAddr, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let resp =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    let _ = tls.write_all(resp.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (addr, ca_cert.pem())
+    }
+
+    fn https_config(dir: &Path, url: &str, ca_pem: Option<&str>, expect: &str) -> HealthConfig {
+        let mut text = format!(
+            "state_dir = 's'\n[[secret]]\nname = 'aws'\npublic_fields = ['access_key_id']\n[secret.health]\n\
+             kind = 'http'\nurl = '{url}'\nbody_contains = '{expect}'\nretries = 1\ntimeout = '5s'\n"
+        );
+        if let Some(pem) = ca_pem {
+            std::fs::write(dir.join("ca.pem"), pem).unwrap();
+            text.push_str("ca_file = 'ca.pem'\n");
+        }
+        let c = crate::config::AgentConfig::from_str(&dir.join("agent.toml"), &text).unwrap();
+        c.secret("aws").unwrap().health.clone().unwrap()
+    }
+
+    /// https health checks verify the server against the configured CA (or
+    /// the system roots) and can require the version's public fields.
+    #[tokio::test]
+    async fn https_checks_verify_the_server_and_match_the_new_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, ca_pem) = https_server("ok: serving access key AKIANEW1234\n").await;
+        let url = format!("https://127.0.0.1:{}/health", addr.port());
+        let fields =
+            Fields::from_pairs([("access_key_id", &b"AKIANEW1234"[..]), ("secret_access_key", &b"wJalr-secret"[..])]);
+        let new = CommandValues { version_id: "v2", fields: &fields, source: "the new version does not carry" };
+        let scrub = Scrubber::default();
+
+        let h = https_config(dir.path(), &url, Some(&ca_pem), "serving access key {{ access_key_id }}");
+        check_health(&h, &new, &scrub).await.unwrap();
+
+        // The service still reports the old key id: the check fails.
+        let old_fields = Fields::from_pairs([("access_key_id", &b"AKIAOLD0000"[..])]);
+        let old =
+            CommandValues { version_id: "v1", fields: &old_fields, source: "the previous version does not carry" };
+        let e = check_health(&h, &old, &scrub).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "health check {url} returned 200 without \"serving access key AKIAOLD0000\" in the body, 1 try"
+            )),
+            "{e}"
+        );
+
+        // Another CA: the handshake is refused.
+        let (_, other_ca) = https_server("x").await;
+        let h = https_config(dir.path(), &url, Some(&other_ca), "ok");
+        let e = check_health(&h, &new, &scrub).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("health check {url} failed: TLS handshake with 127.0.0.1:{}: ", addr.port())),
+            "{e}"
+        );
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+
+        // The system roots do not know the test CA either.
+        let h = https_config(dir.path(), &url, None, "ok");
+        assert!(check_health(&h, &new, &scrub).await.is_err());
+
+        // A config whose ca_file holds no certificate is refused at load.
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate\n").unwrap();
+        let text = format!(
+            "state_dir = 's'\n[[secret]]\nname = 'a'\n[secret.health]\nkind = 'http'\nurl = '{url}'\nca_file = 'ca.pem'\n"
+        );
+        let e = crate::config::AgentConfig::from_str(&dir.path().join("agent.toml"), &text).unwrap_err().to_string();
+        assert!(
+            e.contains("field `secret[0].health.ca_file`") && e.contains("expected at least one PEM certificate"),
+            "{e}"
+        );
+    }
+
+    /// A version that lacks a field the expectation names cannot be checked:
+    /// said before anything runs.
+    #[test]
+    fn an_expectation_the_version_cannot_fill_is_an_error() {
+        let public = std::collections::BTreeSet::from(["access_key_id".to_string()]);
+        let e = Expect::parse("key {{ access_key_id }}", &public).unwrap();
+        let check = HealthCheck::Command { command: sh("true"), output_contains: Some(e) };
+        let fields = Fields::from_pairs([("value", &b"abcdef"[..])]);
+        let values = CommandValues { version_id: "v2", fields: &fields, source: "the new version does not carry" };
+        let err = expected_text(&check, &values).unwrap_err();
+        assert_eq!(
+            err,
+            "cannot be evaluated for version \"v2\": the checked version has no field access_key_id (it has value)"
+        );
+        // Nothing known at all (recovery): checked without the text.
+        assert_eq!(expected_text(&check, &none()).unwrap(), None);
     }
 }

@@ -23,12 +23,13 @@
 //! [`Outbox`] for the session), so tests and callers can see what happened.
 
 pub mod actions;
+mod batch;
 pub mod chase;
 pub mod files;
 pub mod journal;
 pub mod render;
 
-use crate::config::{AgentConfig, SecretConfig};
+use crate::config::{AgentConfig, FileConfig, HealthConfig, RestartConfig, SecretConfig};
 use crate::outbox::Outbox;
 use actions::{ActionError, CommandValues, HealthFailure};
 use journal::{
@@ -264,6 +265,8 @@ struct Inner {
     applied: Mutex<AppliedState>,
     /// One lock per secret: applies, rollbacks and purges of a secret run one at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per restart group: the same restart never runs twice at once.
+    restart_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// (secret, version) deliveries being handled right now.
     in_flight: Mutex<HashSet<(String, String)>>,
     local_key: SecretBytes,
@@ -313,6 +316,7 @@ impl Pipeline {
                 outbox,
                 applied: Mutex::new(applied),
                 locks: Mutex::new(HashMap::new()),
+                restart_locks: Mutex::new(HashMap::new()),
                 in_flight: Mutex::new(HashSet::new()),
                 local_key,
             }),
@@ -383,193 +387,8 @@ impl Pipeline {
     }
 
     /// Applies a delivered version. Returns the reports it made.
-    pub async fn deliver(&self, mut d: Delivery) -> Vec<StageReport> {
-        let inner = &*self.inner;
-        let mut rep = Reporter::new(&inner.outbox, &d.rotation_id, &d.secret, &d.version_id);
-        let Some(secret) = inner.config.secret(&d.secret) else {
-            rep.refused(self.undeclared(&d.secret));
-            return rep.made;
-        };
-        if d.version_id.is_empty() {
-            rep.refused("the delivery carries no version id".into());
-            return rep.made;
-        }
-        let fields = match Fields::from_proto(std::mem::take(&mut d.fields)) {
-            Ok(f) if !f.is_empty() => f,
-            Ok(_) => {
-                rep.refused(format!("the delivery of version {} carries no field", d.version_id));
-                return rep.made;
-            }
-            Err(e) => {
-                rep.refused(format!("invalid delivery: {e}"));
-                return rep.made;
-            }
-        };
-        let previous = match Fields::from_proto(std::mem::take(&mut d.previous_fields)) {
-            Ok(f) => f,
-            Err(e) => {
-                rep.refused(format!("invalid delivery: previous version: {e}"));
-                return rep.made;
-            }
-        };
-        let key = (d.secret.clone(), d.version_id.clone());
-        if !inner.in_flight.lock().expect("in-flight lock").insert(key.clone()) {
-            tracing::info!(secret = %d.secret, version = %d.version_id, "duplicate delivery ignored: this version is being applied");
-            return rep.made;
-        }
-        let _flight = InFlight { inner, key };
-        let lock = self.lock_for(&d.secret);
-        let _serial = lock.lock().await;
-        if let Err(e) = self.settle_leftover(&d.secret).await {
-            rep.failed(e);
-            return rep.made;
-        }
-
-        let fingerprint = fields.fingerprint(&d.fingerprint_key);
-        let local_fingerprint = fields.fingerprint(inner.local_key.expose());
-        if let Some(rec) = self.applied_record(&d.secret)
-            && rec.version_id == d.version_id
-        {
-            if rec.local_fingerprint == local_fingerprint {
-                tracing::info!(secret = %d.secret, version = %d.version_id, "version already applied and healthy; nothing to do");
-                rep.healthy(fingerprint);
-                return rep.made;
-            }
-            tracing::warn!(secret = %d.secret, version = %d.version_id, "this version was applied with other values; applying it again");
-        }
-        rep.stage(Stage::Delivered);
-        self.apply(secret, &d, &fields, &previous, fingerprint, local_fingerprint, &mut rep).await;
-        rep.made
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn apply(
-        &self,
-        secret: &SecretConfig,
-        d: &Delivery,
-        fields: &Fields,
-        previous: &Fields,
-        fingerprint: String,
-        local_fingerprint: String,
-        rep: &mut Reporter<'_>,
-    ) {
-        let scrub = Scrubber::new(&[fields, previous]);
-        let held = if d.previous_version_id.is_empty() {
-            self.applied_record(&secret.name).map(|r| r.version_id).unwrap_or_default()
-        } else {
-            d.previous_version_id.clone()
-        };
-        // Everything that can fail without a side effect, first.
-        let prepared = match prepare(secret, fields, previous, &held, &scrub) {
-            Ok(p) => p,
-            Err(e) => {
-                rep.failed(report_error(&e, &scrub));
-                tracing::info!(secret = %secret.name, version = %d.version_id, "nothing was changed");
-                rep.stage(Stage::RolledBack);
-                return;
-            }
-        };
-        let mut j = Journal {
-            op: Op::Apply,
-            secret: secret.name.clone(),
-            rotation_id: d.rotation_id.clone(),
-            version_id: d.version_id.clone(),
-            previous_version_id: held,
-            stage: JournalStage::Prepared,
-            backup_dir: (!prepared.is_empty()).then(backup_set_name),
-            files: prepared
-                .iter()
-                .enumerate()
-                .map(|(i, p)| FileRecord {
-                    path: p.at.path.clone(),
-                    before: p.before,
-                    backup: p.old.as_ref().map(|_| i.to_string()),
-                    step: FileStep::Pending,
-                })
-                .collect(),
-            restarted: false,
-            fingerprint: None,
-            local_fingerprint: None,
-            started_at_ms: now_unix_ms(),
-        };
-        let new_values = CommandValues { fields, source: "the new version does not carry" };
-        let mut result = self.forward(secret, &mut j, &prepared, &new_values, &scrub, d.restart_jitter_ms, rep).await;
-        if result.is_ok() {
-            j.stage = JournalStage::Committing;
-            j.fingerprint = Some(fingerprint.clone());
-            j.local_fingerprint = Some(local_fingerprint);
-            result = self.journal(&j).and_then(|()| self.commit(&j));
-        }
-        let Err(e) = result else {
-            rep.healthy(fingerprint);
-            return;
-        };
-        let reason = report_error(&e, &scrub);
-        rep.failed(reason.clone());
-        let old_values = CommandValues { fields: previous, source: "the previous version does not carry" };
-        match self.undo(Some(secret), &mut j, &old_values, &scrub).await {
-            Ok(()) => rep.stage(Stage::RolledBack),
-            Err(e) => rep.failed(format!("{reason}; rollback failed: {}", report_error(&e, &scrub))),
-        }
-    }
-
-    /// Backups, files, restart, health check; the journal written before each.
-    #[allow(clippy::too_many_arguments)]
-    async fn forward(
-        &self,
-        secret: &SecretConfig,
-        j: &mut Journal,
-        prepared: &[Prepared],
-        values: &CommandValues<'_>,
-        scrub: &Scrubber,
-        jitter_ms: u64,
-        rep: &mut Reporter<'_>,
-    ) -> Result<(), StepError> {
-        let store = &self.inner.store;
-        self.journal(j)?;
-        if let Some(name) = &j.backup_dir {
-            let meta = BackupMeta {
-                secret: j.secret.clone(),
-                holds_version: j.previous_version_id.clone(),
-                for_version: j.version_id.clone(),
-                created_at_ms: now_unix_ms(),
-                files: j.files.clone(),
-            };
-            let contents: Vec<Option<&SecretBytes>> = prepared.iter().map(|p| p.old.as_ref()).collect();
-            store
-                .write_backups(&meta, name, &contents)
-                .map_err(|source| StepError::Backup { path: store.backup_dir(&j.secret, name), source })?;
-        }
-        j.stage = JournalStage::Applying;
-        for (i, p) in prepared.iter().enumerate() {
-            j.files[i].step = FileStep::Writing;
-            self.journal(j)?;
-            files::replace(&p.at, p.new.expose(), p.mode, p.uid, p.gid)
-                .map_err(|source| StepError::Write { path: p.at.path.clone(), source })?;
-            tracing::debug!(secret = %j.secret, path = %p.at.path.display(), mode = format!("{:o}", p.mode), "file written");
-        }
-        rep.stage(Stage::Applied);
-
-        if let Some(r) = &secret.restart {
-            let max = r.jitter.max(Duration::from_millis(jitter_ms)).min(MAX_JITTER);
-            if !max.is_zero() {
-                let wait = rand::rng().random_range(Duration::ZERO..=max);
-                tracing::info!(secret = %j.secret, wait_ms = wait.as_millis() as u64, "waiting before the restart (jitter)");
-                tokio::time::sleep(wait).await;
-            }
-            j.stage = JournalStage::Restarting;
-            j.restarted = true;
-            self.journal(j)?;
-            actions::restart(r, values, scrub).await.map_err(StepError::Restart)?;
-        }
-        rep.stage(Stage::Restarted);
-
-        if let Some(h) = &secret.health {
-            j.stage = JournalStage::CheckingHealth;
-            self.journal(j)?;
-            actions::check_health(h, values, scrub).await.map_err(StepError::Health)?;
-        }
-        Ok(())
+    pub async fn deliver(&self, d: Delivery) -> Vec<StageReport> {
+        self.deliver_together(vec![d]).await
     }
 
     /// Records a healthy version (journal at `committing`), drops the
@@ -615,55 +434,15 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Restores every file the journal marks as possibly written (reverse
-    /// order), then restarts and re-checks as needed. Once the files are
-    /// back, the backups and the journal go: a failing restart or health
-    /// check afterwards is reported, not retried.
+    /// Undoes one operation: [`Pipeline::undo_group`] of one.
     async fn undo(
         &self,
         secret: Option<&SecretConfig>,
         j: &mut Journal,
-        values: &CommandValues<'_>,
+        values: CommandValues<'_>,
         scrub: &Scrubber,
-    ) -> Result<(), StepError> {
-        let store = &self.inner.store;
-        j.stage = JournalStage::RollingBack;
-        if let Err(e) = self.journal(j) {
-            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot record the rollback; rolling back anyway");
-        }
-        let mut changed = j.restarted;
-        for rec in j.files.iter().rev() {
-            if rec.step == FileStep::Pending {
-                files::remove_temp(&rec.path);
-                continue;
-            }
-            changed = true;
-            self.restore_file(&j.secret, j.backup_dir.as_deref(), rec)?;
-            tracing::info!(secret = %j.secret, path = %rec.path.display(), "file restored");
-        }
-        if let Some(b) = &j.backup_dir
-            && let Err(e) = store.remove_backup_set(&j.secret, b)
-        {
-            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot remove a used backup");
-        }
-        if let Err(e) = store.remove_journal(&j.secret) {
-            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot remove the journal of a rollback");
-        }
-        let Some(secret) = secret else {
-            if changed {
-                tracing::warn!(secret = %j.secret, "secret no longer declared: files restored, no restart or health check to run");
-            }
-            return Ok(());
-        };
-        if j.restarted
-            && let Some(r) = &secret.restart
-        {
-            actions::restart(r, values, scrub).await.map_err(StepError::Restart)?;
-        }
-        if changed && let Some(h) = &secret.health {
-            actions::check_health(h, values, scrub).await.map_err(StepError::Health)?;
-        }
-        Ok(())
+    ) -> Result<(), String> {
+        self.undo_group(&mut [(secret, j, values)], scrub).await.pop().expect("one result")
     }
 
     /// Puts a file back. The journal holds the path that was written (a
@@ -716,6 +495,7 @@ impl Pipeline {
                 return made;
             }
         };
+        let mut interrupted: Vec<(String, Vec<Journal>)> = Vec::new();
         for item in journals {
             let j = match item {
                 Ok(j) => j,
@@ -728,11 +508,77 @@ impl Pipeline {
                     continue;
                 }
             };
+            if j.op == Op::Apply && j.stage != JournalStage::Committing {
+                // Undone with the other interrupted applies of its restart group.
+                let key = self.inner.config.restart_group(&j.secret);
+                match interrupted.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, js)) => js.push(j),
+                    None => interrupted.push((key, vec![j])),
+                }
+                continue;
+            }
             let lock = self.lock_for(&j.secret);
             let _serial = lock.lock().await;
+            let restart = self.restart_lock(&self.inner.config.restart_group(&j.secret));
+            let _restart = restart.lock().await;
             made.extend(self.recover_one(j, " by agent restart").await);
         }
+        for (key, js) in interrupted {
+            made.extend(self.recover_group(&key, js).await);
+        }
         self.remove_orphan_backups();
+        made
+    }
+
+    /// Interrupted applies of one restart group (a batch the agent was
+    /// applying when it died): every file restored, one restart, one check.
+    async fn recover_group(&self, key: &str, mut js: Vec<Journal>) -> Vec<StageReport> {
+        js.sort_by(|a, b| a.secret.cmp(&b.secret));
+        let mut _serial = Vec::with_capacity(js.len());
+        for j in &js {
+            _serial.push(self.lock_for(&j.secret).lock_owned().await);
+        }
+        let _restart = self.restart_lock(key).lock_owned().await;
+        let none = Fields::default();
+        let held: Vec<String> = js.iter().map(|j| j.previous_version_id.clone()).collect();
+        let whats: Vec<String> = js
+            .iter()
+            .map(|j| {
+                tracing::warn!(secret = %j.secret, version = %j.version_id, stage = j.stage.name(), "found an interrupted operation");
+                format!("apply of {} interrupted by agent restart at stage {}", j.version_id, j.stage.name())
+            })
+            .collect();
+        let mut reps: Vec<Reporter<'_>> =
+            js.iter().map(|j| Reporter::new(&self.inner.outbox, &j.rotation_id, &j.secret, &j.version_id)).collect();
+        let results = {
+            let mut items: Vec<(Option<&SecretConfig>, &mut Journal, CommandValues<'_>)> = js
+                .iter_mut()
+                .zip(&held)
+                .map(|(j, held)| {
+                    let values = CommandValues {
+                        version_id: held,
+                        fields: &none,
+                        source: "is not available when recovering an interrupted apply",
+                    };
+                    (self.inner.config.secret(&j.secret), j, values)
+                })
+                .collect();
+            self.undo_group(&mut items, &Scrubber::default()).await
+        };
+        let mut made = Vec::new();
+        for ((j, (rep, what)), result) in js.iter().zip(reps.iter_mut().zip(&whats)).zip(results) {
+            match result {
+                Ok(()) => {
+                    rep.failed(format!("{what}; rolled back"));
+                    rep.stage(Stage::RolledBack);
+                }
+                Err(e) => {
+                    self.forget(&j.secret);
+                    rep.failed(format!("{what}; rollback failed: {e}"));
+                }
+            }
+            made.append(&mut rep.made);
+        }
         made
     }
 
@@ -740,7 +586,12 @@ impl Pipeline {
         let mut rep = Reporter::new(&self.inner.outbox, &j.rotation_id, &j.secret, &j.version_id);
         let secret = self.inner.config.secret(&j.secret);
         let none = Fields::default();
-        let values = CommandValues { fields: &none, source: "is not available when recovering an interrupted apply" };
+        let held = j.previous_version_id.clone();
+        let values = CommandValues {
+            version_id: &held,
+            fields: &none,
+            source: "is not available when recovering an interrupted apply",
+        };
         let scrub = Scrubber::default();
         let at = j.stage.name();
         tracing::warn!(secret = %j.secret, version = %j.version_id, stage = at, "found an interrupted operation");
@@ -749,37 +600,37 @@ impl Pipeline {
                 Ok(()) => rep.healthy(j.fingerprint.clone().unwrap_or_default()),
                 Err(e) => {
                     let what = format!("apply of {} interrupted{cause} at stage {at}", j.version_id);
-                    match self.undo(secret, &mut j, &values, &scrub).await {
+                    match self.undo(secret, &mut j, values, &scrub).await {
                         Ok(()) => {
                             rep.failed(format!("{what}; cannot complete it: {}; rolled back", chain(&e)));
                             rep.stage(Stage::RolledBack);
                         }
-                        Err(e2) => rep.failed(format!("{what}; rollback failed: {}", chain(&e2))),
+                        Err(e2) => rep.failed(format!("{what}; rollback failed: {e2}")),
                     }
                 }
             },
             (Op::Apply, _) => {
                 let what = format!("apply of {} interrupted{cause} at stage {at}", j.version_id);
-                match self.undo(secret, &mut j, &values, &scrub).await {
+                match self.undo(secret, &mut j, values, &scrub).await {
                     Ok(()) => {
                         rep.failed(format!("{what}; rolled back"));
                         rep.stage(Stage::RolledBack);
                     }
                     Err(e) => {
                         self.forget(&j.secret);
-                        rep.failed(format!("{what}; rollback failed: {}", chain(&e)));
+                        rep.failed(format!("{what}; rollback failed: {e}"));
                     }
                 }
             }
             (Op::Rollback, _) => {
                 let what = format!("rollback of {} interrupted{cause}", j.version_id);
-                let result = self.undo(secret, &mut j, &values, &scrub).await;
+                let result = self.undo(secret, &mut j, values, &scrub).await;
                 self.rolled_back_to_previous(&j.secret, &j.version_id);
                 match result {
                     Ok(()) => rep.stage(Stage::RolledBack),
                     Err(e) => {
                         self.forget(&j.secret);
-                        rep.failed(format!("{what}; rollback failed: {}", chain(&e)));
+                        rep.failed(format!("{what}; rollback failed: {e}"));
                     }
                 }
             }
@@ -861,6 +712,8 @@ impl Pipeline {
         };
         let lock = self.lock_for(&r.secret);
         let _serial = lock.lock().await;
+        let restart = self.restart_lock(&self.inner.config.restart_group(&r.secret));
+        let _restart = restart.lock().await;
         if let Err(e) = self.settle_leftover(&r.secret).await {
             rep.failed(e);
             return rep.made;
@@ -913,15 +766,19 @@ impl Pipeline {
             return rep.made;
         }
         let none = Fields::default();
-        let values =
-            CommandValues { fields: &none, source: "is not available when the coordinator asks for a rollback" };
-        let result = self.undo(Some(secret), &mut j, &values, &Scrubber::default()).await;
+        let held = j.previous_version_id.clone();
+        let values = CommandValues {
+            version_id: &held,
+            fields: &none,
+            source: "is not available when the coordinator asks for a rollback",
+        };
+        let result = self.undo(Some(secret), &mut j, values, &Scrubber::default()).await;
         self.rolled_back_to_previous(&r.secret, &r.version_id);
         match result {
             Ok(()) => rep.stage(Stage::RolledBack),
             Err(e) => {
                 self.forget(&r.secret);
-                rep.failed(format!("rollback of {} failed: {}", r.version_id, chain(&e)));
+                rep.failed(format!("rollback of {} failed: {e}", r.version_id));
             }
         }
         rep.made
@@ -969,47 +826,94 @@ impl Pipeline {
     }
 }
 
-/// Reads and renders every declared file, and checks a signal restart's
-/// target. No side effect.
+/// Reads and renders every declared file, checks a signal restart's target
+/// and that the health check's expected text can be made for the new
+/// version. No side effect.
 fn prepare(
     secret: &SecretConfig,
     fields: &Fields,
     previous: &Fields,
+    version_id: &str,
     previous_version: &str,
     scrub: &Scrubber,
 ) -> Result<Vec<Prepared>, StepError> {
-    if let Some(crate::config::RestartConfig {
-        action: crate::config::RestartAction::Signal { pidfile, executable, .. },
-        ..
-    }) = &secret.restart
+    if let Some(RestartConfig { action: crate::config::RestartAction::Signal { pidfile, executable, .. }, .. }) =
+        &secret.restart
     {
         actions::signal_target(pidfile, executable).map_err(StepError::SignalTarget)?;
     }
-    let mut out = Vec::with_capacity(secret.files.len());
-    for f in &secret.files {
-        let cur = files::read_current(&f.path, f.follow_symlinks)
-            .map_err(|source| StepError::Read { path: f.path.clone(), source })?;
-        let new = render::render(&f.content, cur.content.as_ref(), fields, previous, previous_version, scrub)
-            .map_err(|source| StepError::Render { path: f.path.clone(), source })?;
-        let owner = |spec: &Option<crate::config::IdSpec>,
-                     which: &str,
-                     resolve: fn(&crate::config::IdSpec) -> Result<u32, String>,
-                     existing: Option<u32>| {
-            match spec {
-                Some(s) => resolve(s).map(Some).map_err(|message| StepError::Owner {
-                    path: f.path.clone(),
-                    field: format!("{}.{which}", f.field),
-                    message,
-                }),
-                None => Ok(existing),
-            }
-        };
-        let uid = owner(&f.owner, "owner", files::resolve_user, cur.meta.map(|m| m.uid))?;
-        let gid = owner(&f.group, "group", files::resolve_group, cur.meta.map(|m| m.gid))?;
-        let mode = f.mode.or(cur.meta.map(|m| m.mode)).unwrap_or(0o600);
-        out.push(Prepared { at: cur.at, before: cur.meta.map(FileMeta::from), old: cur.content, new, mode, uid, gid });
+    if let Some(h) = &secret.health {
+        let values = CommandValues { version_id, fields, source: "the new version does not carry" };
+        actions::expected_text(&h.check, &values).map_err(|last| {
+            StepError::Health(HealthFailure {
+                target: actions::target(&h.check),
+                last: scrub.scrub(&last),
+                tries: 0,
+                elapsed: Duration::ZERO,
+            })
+        })?;
     }
-    Ok(out)
+    secret.files.iter().map(|f| prepare_file(f, fields, previous, previous_version, scrub)).collect()
+}
+
+/// What writing a declared file would do, found without writing anything
+/// (a preflight's dry run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilePlan {
+    /// The path that would be written (a followed symlink expanded).
+    pub path: PathBuf,
+    /// The file now; `None`: it does not exist and would be created.
+    pub before: Option<FileMeta>,
+    /// Mode and owner it would have (`None`: the agent's own).
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Resolves, reads and renders one declared file with `fields` (the
+/// previous version's `previous`), exactly as an apply would, and writes
+/// nothing. The error is one line, scrubbed of every value.
+pub fn dry_run_file(
+    f: &FileConfig,
+    fields: &Fields,
+    previous: &Fields,
+    previous_version: &str,
+    scrub: &Scrubber,
+) -> Result<FilePlan, String> {
+    let p = prepare_file(f, fields, previous, previous_version, scrub).map_err(|e| report_error(&e, scrub))?;
+    Ok(FilePlan { path: p.at.path, before: p.before, mode: p.mode, uid: p.uid, gid: p.gid })
+}
+
+/// Reads one declared file (resolved by [`chase`]), renders its new content
+/// and resolves the owner and mode it will have. No side effect.
+fn prepare_file(
+    f: &FileConfig,
+    fields: &Fields,
+    previous: &Fields,
+    previous_version: &str,
+    scrub: &Scrubber,
+) -> Result<Prepared, StepError> {
+    let cur = files::read_current(&f.path, f.follow_symlinks)
+        .map_err(|source| StepError::Read { path: f.path.clone(), source })?;
+    let new = render::render(&f.content, cur.content.as_ref(), fields, previous, previous_version, scrub)
+        .map_err(|source| StepError::Render { path: f.path.clone(), source })?;
+    let owner = |spec: &Option<crate::config::IdSpec>,
+                 which: &str,
+                 resolve: fn(&crate::config::IdSpec) -> Result<u32, String>,
+                 existing: Option<u32>| {
+        match spec {
+            Some(s) => resolve(s).map(Some).map_err(|message| StepError::Owner {
+                path: f.path.clone(),
+                field: format!("{}.{which}", f.field),
+                message,
+            }),
+            None => Ok(existing),
+        }
+    };
+    let uid = owner(&f.owner, "owner", files::resolve_user, cur.meta.map(|m| m.uid))?;
+    let gid = owner(&f.group, "group", files::resolve_group, cur.meta.map(|m| m.gid))?;
+    let mode = f.mode.or(cur.meta.map(|m| m.mode)).unwrap_or(0o600);
+    Ok(Prepared { at: cur.at, before: cur.meta.map(FileMeta::from), old: cur.content, new, mode, uid, gid })
 }
 
 #[cfg(test)]

@@ -124,6 +124,8 @@ pub enum RenderError {
     EnvValue { field: String, key: String, why: &'static str },
     #[error("the file does not exist (kind = \"{kind}\" updates an existing file)")]
     Missing { kind: &'static str },
+    #[error("the expectation names the version id, which is not known here")]
+    NoVersionId,
 }
 
 fn environment() -> Environment<'static> {
@@ -168,6 +170,72 @@ pub fn render_template(source: &str, fields: &Fields, scrub: &Scrubber) -> Resul
     }
     let out = tmpl.render(Value::from(ctx)).map_err(|e| RenderError::Template(scrub.scrub(&e.to_string())))?;
     Ok(SecretBytes::new(out.into_bytes()))
+}
+
+/// The variable of an expectation that stands for the version's id.
+pub const VERSION_ID: &str = "version_id";
+
+/// A health check's expected text (`body_contains`, `output_contains`). It may
+/// name the version's id (`{{ version_id }}`) and the fields the secret
+/// declares public (`{{ access_key_id }}`), so a check can require that the
+/// service reports the *new* version; a secret field is refused at load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expect {
+    source: String,
+    /// The variables it uses.
+    names: BTreeSet<String>,
+}
+
+impl Expect {
+    /// Compiles `source`; every variable must be `version_id` or in `public`.
+    pub fn parse(source: &str, public: &BTreeSet<String>) -> Result<Expect, String> {
+        let env = environment();
+        let tmpl = env.template_from_str(source).map_err(|e| format!("invalid template: {e}"))?;
+        let names: BTreeSet<String> = tmpl.undeclared_variables(false).into_iter().collect();
+        for n in &names {
+            if n != VERSION_ID && !public.contains(n) {
+                let declared = if public.is_empty() {
+                    "none is declared".to_string()
+                } else {
+                    public.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+                };
+                return Err(format!(
+                    "uses `{n}`, which is not a public field: expected `{VERSION_ID}` or a field listed in \
+                     this secret's public_fields ({declared}); a secret field can never appear in a health check"
+                ));
+            }
+        }
+        Ok(Expect { source: source.to_string(), names })
+    }
+
+    /// Uses nothing of the version: the same text whatever is applied.
+    pub fn is_fixed(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The expected text for the version `version_id` with `fields`.
+    pub fn render(&self, version_id: &str, fields: &Fields) -> Result<String, RenderError> {
+        let mut ctx = BTreeMap::new();
+        for n in &self.names {
+            let v = if n == VERSION_ID {
+                if version_id.is_empty() {
+                    return Err(RenderError::NoVersionId);
+                }
+                version_id.to_string()
+            } else {
+                let (_, v) = fields.resolve(Some(n), "checked")?;
+                std::str::from_utf8(v.expose()).map_err(|_| RenderError::NotUtf8 { field: n.clone() })?.to_string()
+            };
+            ctx.insert(n.clone(), Value::from(v));
+        }
+        let env = environment();
+        let tmpl = env.template_from_str(&self.source).map_err(|e| RenderError::Template(e.to_string()))?;
+        tmpl.render(Value::from(ctx)).map_err(|e| RenderError::Template(e.to_string()))
+    }
 }
 
 /// Replaces every occurrence of the previous value of `field` (default: the
