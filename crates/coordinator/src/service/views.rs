@@ -80,6 +80,11 @@ impl From<&machine::Policy> for view::PolicyView {
         view::PolicyView {
             canary: p.canary,
             waves: p.waves.iter().copied().map(Into::into).collect(),
+            selector_waves: p
+                .selector_waves
+                .iter()
+                .map(|w| view::SelectorWaveView { selector: w.selector.clone(), pause_after: w.pause_after })
+                .collect(),
             failure_budget: p.failure_budget.into(),
             host_deadline_ms: p.host_deadline_ms,
             jitter_ms: p.jitter_ms,
@@ -147,6 +152,7 @@ impl From<&Rotation> for view::RotationView {
             new_version: r.new_version.clone(),
             expected_fingerprint: r.expected_fingerprint.clone(),
             waves: r.waves.clone(),
+            pause_after: r.pause_after.clone(),
             current_wave: r.current_wave,
             hosts: r.hosts.iter().map(|(n, h)| (n.clone(), h.into())).collect(),
             halt_reason: r.halt_reason.clone(),

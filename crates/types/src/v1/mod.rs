@@ -27,7 +27,7 @@ pub use incident::{CampaignState, IncidentSecretState, IncidentSecretView, Incid
 pub use operator::{OperatorRole, OperatorView};
 pub use rotation::{
     Amount, EvidenceView, ExclusionView, GraceUse, HostState, HostView, PolicyView, RotationState, RotationSummary,
-    RotationView, TimelineEntryView, Usage,
+    RotationView, SelectorWaveView, TimelineEntryView, Usage,
 };
 pub use scope::{
     NotSearchedView, OccurrenceView, ScanStatus, ScopeFileLine, ScopeFileVersion, ScopeFileView, ScopeHostView,
