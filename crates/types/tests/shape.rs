@@ -271,6 +271,12 @@ fn incident_view() {
             secrets,
             summary: [("completed".to_string(), 1), ("not_started".to_string(), 1), ("waiting".to_string(), 1)].into(),
             state: IncidentState::Running,
+            order: vec!["vendor-c".into(), "vendor-a".into(), "vendor-b".into()],
+            needs_operator: vec![
+                "vendor-b: not started: no agent consumes secret \"vendor-b\"; fix that and rotate it by hand \
+                 (`rekey rotate start vendor-b`), or close the incident"
+                    .into(),
+            ],
         },
     );
 }
