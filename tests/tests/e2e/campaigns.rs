@@ -208,6 +208,9 @@ fn a_staging_wave_goes_first_and_pauses_until_an_operator_resumes() {
     // production host was delivered to, and each of those deliveries was the
     // operator's resume (same actor and commit as the `resumed by` record).
     let audit = c.audit();
+    let started = audit.iter().find(|r| r.action == "rotation.start" && r.details["rotation"] == id.as_str()).unwrap();
+    assert_eq!(started.details["wave_kinds"], serde_json::json!(["canary", "env=staging", "50%", "100%"]));
+    assert_eq!(started.details["pause_after"], serde_json::json!([1]));
     let resumed = audit
         .iter()
         .find(|r| {

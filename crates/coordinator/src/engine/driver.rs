@@ -391,7 +391,7 @@ impl Engine {
             String::new(),
             now,
         );
-        rot.pause_after = plan.pause_after;
+        rot.pause_after = plan.pause_after.clone();
         // Sealed apart, never in the rotation record (nor any view of it).
         let mut fingerprint_key = [0u8; 32];
         rand::rng().fill(&mut fingerprint_key[..]);
@@ -401,7 +401,8 @@ impl Engine {
             vec![AuditEntry::new(
                 by,
                 "rotation.start",
-                serde_json::json!({ "rotation": id, "secret": secret, "old_version": old, "targets": targets, "waves": rot.waves }),
+                serde_json::json!({ "rotation": id, "secret": secret, "old_version": old, "targets": targets, "waves": rot.waves,
+                                    "wave_kinds": plan.kinds, "pause_after": plan.pause_after, "empty_selector_waves": plan.empty }),
             )],
         )?;
         tracing::info!(rotation = %id, %secret, targets = targets.len(), operator = %by, "rotation started");
