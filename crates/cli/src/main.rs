@@ -288,7 +288,7 @@ pub(crate) async fn connect_to(dir: &Path, coordinator: Option<String>) -> Resul
     Ok(Client { inner: AdminServiceClient::new(channel), addr })
 }
 
-fn print_json<T: Serialize + ?Sized>(v: &T) {
+pub(crate) fn print_json<T: Serialize + ?Sized>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("views serialize to json"));
 }
 
@@ -590,6 +590,10 @@ fn main() -> std::process::ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<incident::NeedsOperator>() => {
+            eprintln!("rekey: {}", one_line(e.as_ref()));
+            std::process::ExitCode::from(incident::EXIT_NEEDS_OPERATOR)
+        }
         Err(e) => {
             eprintln!("rekey: error: {}", one_line(e.as_ref()));
             std::process::ExitCode::FAILURE

@@ -281,7 +281,9 @@ selector = {{ env = "demo" }}
 {provider}
 [secret.rollout]
 canary = 1
-waves = ["50%", "100%"]
+# Percentages round down (at least one host per wave): with 5 hosts, the
+# canary, then 2, then 2.
+waves = ["60%", "100%"]
 failure_budget = 0
 host_deadline = "60s"
 jitter = "1s"

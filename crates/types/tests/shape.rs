@@ -84,6 +84,7 @@ fn rotation() -> RotationView {
         policy: PolicyView {
             canary: 1,
             waves: vec![Amount::Percent(50), Amount::Percent(100)],
+            selector_waves: vec![SelectorWaveView { selector: labels(&[("env", "staging")]), pause_after: true }],
             failure_budget: Amount::Count(0),
             host_deadline_ms: 20_000,
             jitter_ms: 0,
@@ -102,6 +103,7 @@ fn rotation() -> RotationView {
         expected_fingerprint: Some("hmac-sha256:5f2c0e".into()),
         waves: vec![vec!["host-1".into()], vec!["host-2".into(), "host-3".into()]],
         current_wave: 1,
+        pause_after: vec![0],
         hosts,
         halt_reason: Some("host-2 failed: health check returned 503 (failure budget 0)".into()),
         halted_from: Some(RotationState::RollingOut),
@@ -288,6 +290,12 @@ fn incident_view() {
             secrets,
             summary: [("completed".to_string(), 1), ("not_started".to_string(), 1), ("waiting".to_string(), 1)].into(),
             state: IncidentState::Running,
+            order: vec!["vendor-c".into(), "vendor-a".into(), "vendor-b".into()],
+            needs_operator: vec![
+                "vendor-b: not started: no agent consumes secret \"vendor-b\"; fix that and rotate it by hand \
+                 (`rekey rotate start vendor-b`), or close the incident"
+                    .into(),
+            ],
         },
     );
 }

@@ -21,7 +21,8 @@ provider = {{ kind = "random", length = 40, prefix = "ak_" }}
 selector = {{ env = "test" }}
 [secret.rollout]
 canary = 1
-waves = ["50%", "100%"]
+# Rounded down: 5 hosts are 1, 2, 2 (host-3 fails beside host-2; host-4 waits).
+waves = ["60%", "100%"]
 host_deadline = "20s"
 [secret.revocation]
 monitor = "0s"

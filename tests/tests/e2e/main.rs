@@ -3,6 +3,7 @@
 
 mod architecture;
 mod breach;
+mod campaigns;
 mod demo;
 mod engine;
 mod foundation;

@@ -4,7 +4,7 @@
 //! are relative to the config file.
 
 use super::machine::Policy;
-use super::plan::Amount;
+use super::plan::{Amount, SelectorWave};
 use rekey_common::config::ConfigError;
 use rekey_common::time::parse_duration;
 use rekey_providers::{ProviderConfig, SinkConfig};
@@ -32,6 +32,9 @@ pub(crate) struct RawSecret {
     /// written out, never implied by a missing selector.
     #[serde(default)]
     all_agents: bool,
+    /// Campaigns start higher priorities first (then catalog order).
+    #[serde(default)]
+    priority: i64,
     #[serde(default)]
     rollout: RawRollout,
     #[serde(default)]
@@ -50,8 +53,10 @@ enum RawAmount {
 struct RawRollout {
     #[serde(default = "one")]
     canary: usize,
+    /// Counts, percentages, or `{ selector = {..}, pause_after = bool }`
+    /// tables; checked by [`waves`] for an error that names the entry.
     #[serde(default = "all")]
-    waves: Vec<RawAmount>,
+    waves: Vec<toml::Value>,
     #[serde(default = "zero")]
     failure_budget: RawAmount,
     #[serde(default = "five_minutes")]
@@ -63,8 +68,8 @@ struct RawRollout {
 fn one() -> usize {
     1
 }
-fn all() -> Vec<RawAmount> {
-    vec![RawAmount::Str("100%".into())]
+fn all() -> Vec<toml::Value> {
+    vec![toml::Value::String("100%".into())]
 }
 fn zero() -> RawAmount {
     RawAmount::Int(0)
@@ -158,6 +163,8 @@ pub struct SecretSpec {
     /// that match it).
     pub hosts: Option<Vec<String>>,
     pub all_agents: bool,
+    /// Campaigns start higher priorities first (then catalog order).
+    pub priority: i64,
     pub policy: Policy,
 }
 
@@ -214,12 +221,128 @@ fn check_consumer_rule(path: &Path, at: &dyn Fn(&str) -> String, s: &RawSecret) 
     Ok(())
 }
 
+const WAVE_EXPECTED: &str =
+    "expected a host count (3), a percentage (\"25%\") or { selector = { label = \"value\" }, pause_after = true }";
+
+/// One `{ selector = {..}, pause_after = .. }` entry of `rollout.waves`.
+fn selector_wave(path: &Path, field: &str, t: &toml::Table, s: &RawSecret) -> Result<SelectorWave, ConfigError> {
+    if let Some(k) = t.keys().find(|k| !["selector", "pause_after"].contains(&k.as_str())) {
+        return Err(ConfigError::field(
+            path,
+            format!("{field}.{k}"),
+            format!("unknown key {k:?}: a wave table takes `selector` and `pause_after`"),
+        ));
+    }
+    let pause_after = match t.get("pause_after") {
+        None => false,
+        Some(toml::Value::Boolean(b)) => *b,
+        Some(v) => {
+            return Err(ConfigError::field(
+                path,
+                format!("{field}.pause_after"),
+                format!("expected true or false, got {v}"),
+            ));
+        }
+    };
+    let sel_field = format!("{field}.selector");
+    let Some(toml::Value::Table(sel)) = t.get("selector") else {
+        return Err(ConfigError::field(
+            path,
+            sel_field,
+            "expected a table of labels, e.g. selector = { env = \"staging\" }",
+        ));
+    };
+    if sel.is_empty() {
+        return Err(ConfigError::field(
+            path,
+            sel_field,
+            "an empty selector matches every host: name at least one label",
+        ));
+    }
+    let mut selector = BTreeMap::new();
+    for (k, v) in sel {
+        let (true, toml::Value::String(v)) = (!k.is_empty(), v) else {
+            return Err(ConfigError::field(
+                path,
+                format!("{sel_field}.{k}"),
+                "expected a label name and a string value",
+            ));
+        };
+        if s.selector.get(k).is_some_and(|want| want != v) {
+            return Err(ConfigError::field(
+                path,
+                format!("{sel_field}.{k}"),
+                format!(
+                    "the secret's own selector requires {k} = {:?}: this wave can never match a consumer",
+                    s.selector[k]
+                ),
+            ));
+        }
+        selector.insert(k.clone(), v.clone());
+    }
+    Ok(SelectorWave { selector, pause_after })
+}
+
+/// `rollout.waves`: selector waves first, then counts and percentages, each
+/// size larger than the one before of its kind (they are cumulative).
+fn waves(
+    path: &Path,
+    at: &dyn Fn(&str) -> String,
+    s: &RawSecret,
+) -> Result<(Vec<SelectorWave>, Vec<Amount>), ConfigError> {
+    let (mut selectors, mut sizes) = (Vec::<SelectorWave>::new(), Vec::<Amount>::new());
+    for (j, w) in s.rollout.waves.iter().enumerate() {
+        let field = at(&format!("rollout.waves[{j}]"));
+        let size = match w {
+            toml::Value::Table(t) => {
+                if !sizes.is_empty() {
+                    return Err(ConfigError::field(
+                        path,
+                        field,
+                        "selector waves go first, before any count or percentage",
+                    ));
+                }
+                let wave = selector_wave(path, &field, t, s)?;
+                if let Some(k) = selectors.iter().position(|x| x.selector == wave.selector) {
+                    return Err(ConfigError::field(
+                        path,
+                        field,
+                        format!("repeats waves[{k}]: it would never get a host"),
+                    ));
+                }
+                selectors.push(wave);
+                continue;
+            }
+            toml::Value::Integer(n) if *n >= 1 => Amount::Count(*n as usize),
+            toml::Value::String(x) => Amount::parse(x).map_err(|m| ConfigError::field(path, &field, m))?,
+            toml::Value::Integer(n) => {
+                return Err(ConfigError::field(path, field, format!("{n} hosts: a wave reaches at least 1 host")));
+            }
+            other => return Err(ConfigError::field(path, field, format!("{WAVE_EXPECTED}, got {other}"))),
+        };
+        if size == Amount::Percent(0) || size == Amount::Count(0) {
+            return Err(ConfigError::field(path, field, "a wave of 0 reaches no host: use at least 1 or \"1%\""));
+        }
+        let not_larger = |p: &&Amount| match (**p, size) {
+            (Amount::Count(a), Amount::Count(b)) => b <= a,
+            (Amount::Percent(a), Amount::Percent(b)) => b <= a,
+            _ => false,
+        };
+        if let Some(p) = sizes.iter().rev().find(not_larger) {
+            return Err(ConfigError::field(
+                path,
+                field,
+                format!("waves are cumulative: {size} must be larger than the {p} before it"),
+            ));
+        }
+        sizes.push(size);
+    }
+    Ok((selectors, sizes))
+}
+
 /// The rotation policy of one `[[secret]]` (its rollout and revocation tables).
 fn policy(path: &Path, at: &dyn Fn(&str) -> String, s: &RawSecret) -> Result<Policy, ConfigError> {
-    let mut waves = Vec::new();
-    for (j, w) in s.rollout.waves.iter().enumerate() {
-        waves.push(amount(path, &at(&format!("rollout.waves[{j}]")), w)?);
-    }
+    let (selector_waves, waves) = self::waves(path, at, s)?;
     let failure_budget = amount(path, &at("rollout.failure_budget"), &s.rollout.failure_budget)?;
     let host_deadline_ms = duration_ms(path, &at("rollout.host_deadline"), &s.rollout.host_deadline)?;
     if host_deadline_ms < 1000 {
@@ -228,6 +351,7 @@ fn policy(path: &Path, at: &dyn Fn(&str) -> String, s: &RawSecret) -> Result<Pol
     Ok(Policy {
         canary: s.rollout.canary,
         waves,
+        selector_waves,
         failure_budget,
         host_deadline_ms,
         jitter_ms: duration_ms(path, &at("rollout.jitter"), &s.rollout.jitter)? as u64,
@@ -313,6 +437,7 @@ pub(crate) fn validate(path: &Path, raw: Vec<RawSecret>) -> Result<Vec<SecretSpe
             selector: s.selector,
             hosts: s.hosts,
             all_agents: s.all_agents,
+            priority: s.priority,
             policy,
         });
     }
@@ -338,4 +463,78 @@ pub(crate) fn name_secret_in_error(e: ConfigError, text: &str) -> ConfigError {
         None => field,
     };
     ConfigError::Field { path, field, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::engine::plan::{Amount, SelectorWave};
+    use std::path::Path;
+
+    const PATH: &str = "/etc/rekey/coordinator.toml";
+
+    fn config(rollout: &str) -> Result<Config, String> {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nmaster_key_file = \"/nonexistent/master.key\"\n\
+             [[secret]]\nname = \"api-key\"\nselector = {{ app = \"web\" }}\nprovider = {{ kind = \"random\" }}\n\
+             [secret.rollout]\n{rollout}\n"
+        );
+        Config::from_str(Path::new(PATH), &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn selector_waves_parse_before_the_size_waves() {
+        let c =
+            config("canary = 1\nwaves = [{ selector = { env = \"staging\" }, pause_after = true }, \"25%\", \"100%\"]")
+                .unwrap();
+        let p = &c.secrets[0].policy;
+        assert_eq!(
+            p.selector_waves,
+            vec![SelectorWave { selector: [("env".to_string(), "staging".to_string())].into(), pause_after: true }]
+        );
+        assert_eq!(p.waves, vec![Amount::Percent(25), Amount::Percent(100)]);
+        assert_eq!(c.secrets[0].priority, 0);
+        let c = config("waves = [{ selector = { env = \"staging\", app = \"web\" } }, 3]").unwrap();
+        assert!(!c.secrets[0].policy.selector_waves[0].pause_after);
+    }
+
+    /// Each refusal names the file, the entry and what was expected.
+    #[test]
+    fn wave_specs_that_cannot_work_are_refused_at_load() {
+        let at = "secret[0] (\"api-key\").rollout.waves";
+        for (waves, field, needle) in [
+            ("[{ selector = {} }]", "[0].selector", "an empty selector matches every host"),
+            ("[{ pause_after = true }]", "[0].selector", "expected a table of labels"),
+            ("[{ selector = { env = \"staging\" }, pause = true }]", "[0].pause", "unknown key \"pause\""),
+            ("[{ selector = { env = 1 } }]", "[0].selector.env", "a string value"),
+            ("[{ selector = { env = \"s\" }, pause_after = \"yes\" }]", "[0].pause_after", "true or false"),
+            ("[{ selector = { app = \"db\" } }]", "[0].selector.app", "can never match a consumer"),
+            ("[\"0%\"]", "[0]", "a wave of 0 reaches no host"),
+            ("[0]", "[0]", "0 hosts"),
+            ("[-2]", "[0]", "-2 hosts"),
+            ("[\"150%\"]", "[0]", "over 100%"),
+            ("[true]", "[0]", "expected a host count"),
+            ("[\"50%\", \"25%\"]", "[1]", "cumulative: 25% must be larger than the 50%"),
+            ("[3, 3]", "[1]", "cumulative"),
+            ("[\"25%\", { selector = { env = \"staging\" } }]", "[1]", "selector waves go first"),
+            ("[{ selector = { env = \"a\" } }, { selector = { env = \"a\" } }]", "[1]", "repeats waves[0]"),
+        ] {
+            let e = config(&format!("waves = {waves}")).unwrap_err();
+            assert!(e.contains(PATH) && e.contains(&format!("{at}{field}")) && e.contains(needle), "{waves}: {e}");
+        }
+        // A count after a percentage cannot be compared at load: both are kept.
+        assert!(config("waves = [\"50%\", 3]").is_ok());
+    }
+
+    #[test]
+    fn priority_is_read_from_the_catalog() {
+        let text = String::from(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nmaster_key_file = \"/nonexistent/master.key\"\n\
+             [[secret]]\nname = \"fleet-key\"\npriority = 10\nall_agents = true\nprovider = { kind = \"random\" }\n",
+        );
+        assert_eq!(Config::from_str(Path::new(PATH), &text).unwrap().secrets[0].priority, 10);
+        let bad = text.replace("priority = 10", "priority = \"high\"");
+        let e = Config::from_str(Path::new(PATH), &bad).unwrap_err().to_string();
+        assert!(e.contains("priority"), "{e}");
+    }
 }

@@ -9,7 +9,7 @@
 
 use super::link::{AgentLink, Delivery};
 use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage, Usage, UseDetail};
-use super::plan::plan_waves;
+use super::plan::{Target, plan_waves};
 use super::state::{EngineState, StateError};
 use crate::alerts::Alerts;
 use crate::audit::AuditEntry;
@@ -391,7 +391,8 @@ impl Engine {
         if let Some(active) = record.active_rotation {
             return Err(EngineError::AlreadyRotating { secret: secret.to_string(), rotation: active });
         }
-        let targets = consumers(&self.store, &spec).map_err(|e| EngineError::State(StateError::Store(e)))?;
+        let consumers = consumer_targets(&self.store, &spec).map_err(|e| EngineError::State(StateError::Store(e)))?;
+        let targets: Vec<String> = consumers.iter().map(|t| t.name.clone()).collect();
         if targets.is_empty() {
             return Err(EngineError::NoConsumers(secret.to_string()));
         }
@@ -407,17 +408,18 @@ impl Engine {
         };
         let now = now_unix_ms();
         let id = format!("rot-{:x}{}", now / 1000, random_hex(3));
-        let waves = plan_waves(&targets, spec.policy.canary, &spec.policy.waves);
-        let rot = Rotation::new(
+        let plan = plan_waves(&consumers, spec.policy.canary, &spec.policy.selector_waves, &spec.policy.waves);
+        let mut rot = Rotation::new(
             id.clone(),
             secret.to_string(),
             by.to_string(),
             spec.policy.clone(),
             old.clone(),
-            waves,
+            plan.waves,
             String::new(),
             now,
         );
+        rot.pause_after = plan.pause_after.clone();
         // Sealed apart, never in the rotation record (nor any view of it).
         let mut fingerprint_key = [0u8; 32];
         rand::rng().fill(&mut fingerprint_key[..]);
@@ -427,7 +429,8 @@ impl Engine {
             vec![AuditEntry::new(
                 by,
                 "rotation.start",
-                serde_json::json!({ "rotation": id, "secret": secret, "old_version": old, "targets": targets, "waves": rot.waves }),
+                serde_json::json!({ "rotation": id, "secret": secret, "old_version": old, "targets": targets, "waves": rot.waves,
+                                    "wave_kinds": plan.kinds, "pause_after": plan.pause_after, "empty_selector_waves": plan.empty }),
             )],
         )?;
         tracing::info!(rotation = %id, %secret, targets = targets.len(), operator = %by, "rotation started");
@@ -800,7 +803,20 @@ async fn audit_drift_before_revoking(p: &dyn Provider, state: &EngineState, rot:
 /// Agents that may receive `spec`: enrolled, not revoked, declaring it in
 /// their own config, and selected by its labels.
 pub fn consumers(store: &Store, spec: &super::catalog::SecretSpec) -> Result<Vec<String>, crate::store::StoreError> {
-    Ok(store.list_agents()?.into_iter().filter(|a| is_consumer(a, spec)).map(|a| a.name).collect())
+    Ok(consumer_targets(store, spec)?.into_iter().map(|t| t.name).collect())
+}
+
+/// [`consumers`] with their labels, for the wave planner.
+pub fn consumer_targets(
+    store: &Store,
+    spec: &super::catalog::SecretSpec,
+) -> Result<Vec<Target>, crate::store::StoreError> {
+    Ok(store
+        .list_agents()?
+        .into_iter()
+        .filter(|a| is_consumer(a, spec))
+        .map(|a| Target { name: a.name, labels: a.labels })
+        .collect())
 }
 
 /// Whether `agent` may receive `spec` (see [`consumers`]).
@@ -811,7 +827,12 @@ pub fn is_consumer(agent: &crate::store::AgentRecord, spec: &super::catalog::Sec
 /// For status displays: is the rotation waiting on something outside rekey?
 pub fn waiting_on(rot: &Rotation) -> Option<String> {
     match rot.state {
-        RotationState::RollingOut if rot.paused => Some("paused by an operator".into()),
+        RotationState::RollingOut if rot.paused => Some(match rot.current_wave.checked_sub(1) {
+            Some(w) if rot.pause_after.contains(&w) && !rot.wave_started(rot.current_wave) => {
+                format!("paused after wave {w} (pause_after): check it, then `rekey rotate resume {}`", rot.id)
+            }
+            _ => "paused by an operator".into(),
+        }),
         RotationState::Halted => rot.halt_reason.clone(),
         RotationState::RollingOut => {
             let unreachable: Vec<_> = rot

@@ -63,6 +63,8 @@ pub struct EngineState {
     dek: Arc<Key>,
     /// Told the chain's head after every flushed append (none in unit tests).
     checkpoint: Option<Arc<crate::checkpoint::Checkpointer>>,
+    /// Bumped after every committed rotation change (campaigns wake on it).
+    rotation_changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StateError {
@@ -85,6 +87,7 @@ impl EngineState {
             incidents: db.open_tree("incidents")?,
             dek,
             checkpoint: None,
+            rotation_changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -200,7 +203,15 @@ impl EngineState {
             append_audit(audit_t, now, &audit)?;
             Ok(())
         })?;
-        self.flush_audited()
+        let flushed = self.flush_audited();
+        self.rotation_changes.send_modify(|n| *n = n.wrapping_add(1));
+        flushed
+    }
+
+    /// Changes whenever a rotation's change is committed: a campaign starts
+    /// its next secret as soon as a rollout slot frees, not on its next poll.
+    pub fn rotation_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rotation_changes.subscribe()
     }
 
     /// Writes an incident (campaign) and its audit records in one transaction.

@@ -482,7 +482,7 @@ impl AdminService for AdminSvc {
         let who = operator(self, &req, Rpc::OpenIncident)?.to_string();
         let r = req.into_inner();
         let concurrency = if r.concurrency == 0 { 1 } else { r.concurrency as usize };
-        let inc = self.campaigns.open(&r.name, &r.secrets, concurrency, &who).map_err(campaign_status)?;
+        let inc = self.campaigns.open(&r.name, &r.secrets, concurrency, &r.first, &who).map_err(campaign_status)?;
         Ok(json(&incident_view(self, &inc)?))
     }
 
@@ -639,9 +639,10 @@ fn operator_status(e: OperatorRefused) -> Status {
 fn campaign_status(e: CampaignError) -> Status {
     match e {
         CampaignError::Unknown(_) => Status::not_found(e.to_string()),
-        CampaignError::NoMatch(_) | CampaignError::BadName(_) | CampaignError::BadConcurrency => {
-            Status::invalid_argument(e.to_string())
-        }
+        CampaignError::NoMatch(_)
+        | CampaignError::BadName(_)
+        | CampaignError::BadConcurrency
+        | CampaignError::FirstNotMatching { .. } => Status::invalid_argument(e.to_string()),
         CampaignError::Closed(_) => Status::failed_precondition(e.to_string()),
         CampaignError::State(_) => Status::internal(one_line(&e)),
     }

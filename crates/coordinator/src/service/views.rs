@@ -84,6 +84,11 @@ impl From<&machine::Policy> for view::PolicyView {
         view::PolicyView {
             canary: p.canary,
             waves: p.waves.iter().copied().map(Into::into).collect(),
+            selector_waves: p
+                .selector_waves
+                .iter()
+                .map(|w| view::SelectorWaveView { selector: w.selector.clone(), pause_after: w.pause_after })
+                .collect(),
             failure_budget: p.failure_budget.into(),
             host_deadline_ms: p.host_deadline_ms,
             jitter_ms: p.jitter_ms,
@@ -156,6 +161,7 @@ impl From<&Rotation> for view::RotationView {
             new_version: r.new_version.clone(),
             expected_fingerprint: r.expected_fingerprint.clone(),
             waves: r.waves.clone(),
+            pause_after: r.pause_after.clone(),
             current_wave: r.current_wave,
             hosts: r.hosts.iter().map(|(n, h)| (n.clone(), h.into())).collect(),
             halt_reason: r.halt_reason.clone(),
@@ -294,15 +300,38 @@ pub(crate) fn version(v: &VersionInfo, current: Option<&str>) -> view::VersionVi
     }
 }
 
+/// What only an operator can settle about one secret of an incident, if anything.
+fn needs_operator(name: &str, p: &crate::engine::incident::SecretProgress, rot: Option<&Rotation>) -> Option<String> {
+    match (rot, &p.error) {
+        (None, Some(error)) => Some(format!(
+            "{name}: not started: {error}; fix that and rotate it by hand (`rekey rotate start {name}`), or close the incident"
+        )),
+        (Some(r), _) if r.state == machine::RotationState::Halted => Some(format!(
+            "{name}: rotation {} halted: {}",
+            r.id,
+            r.halt_reason.as_deref().unwrap_or("see `rekey rotate status`")
+        )),
+        (Some(r), _) if r.paused && r.state == machine::RotationState::RollingOut => {
+            Some(format!("{name}: rotation {} {}", r.id, waiting_on(r).unwrap_or_default()))
+        }
+        _ => None,
+    }
+}
+
 /// An incident with the live state of each of its rotations; `rotation`
-/// looks a rotation up by id.
+/// looks a rotation up by id. It is `done` only once every secret's rotation
+/// ended: a secret that could not start keeps it open and is listed in
+/// `needs_operator`.
 pub(crate) fn incident<E>(
     inc: &Incident,
     mut rotation: impl FnMut(&str) -> Result<Option<Rotation>, E>,
 ) -> Result<view::IncidentView, E> {
     let mut secrets = std::collections::BTreeMap::new();
     let mut summary: std::collections::BTreeMap<String, usize> = Default::default();
-    for (name, p) in &inc.secrets {
+    let mut needs = Vec::new();
+    let order = inc.start_order();
+    for name in &order {
+        let p = &inc.secrets[name];
         let rot = match &p.rotation {
             Some(id) => rotation(id)?,
             None => None,
@@ -313,6 +342,7 @@ pub(crate) fn incident<E>(
             (None, None) => view::IncidentSecretState::Campaign(view::CampaignState::Waiting),
         };
         *summary.entry(state.as_str().to_string()).or_default() += 1;
+        needs.extend(needs_operator(name, p, rot.as_ref()).filter(|_| inc.is_open()));
         secrets.insert(
             name.clone(),
             view::IncidentSecretView {
@@ -325,7 +355,7 @@ pub(crate) fn incident<E>(
             },
         );
     }
-    let done = |s: &str| matches!(s, "completed" | "monitoring" | "not_started" | "aborted");
+    let done = |s: &str| matches!(s, "completed" | "monitoring" | "aborted");
     let state = if !inc.is_open() {
         view::IncidentState::Closed
     } else if summary.keys().all(|k| done(k)) {
@@ -345,6 +375,8 @@ pub(crate) fn incident<E>(
         secrets,
         summary,
         state,
+        order,
+        needs_operator: needs,
     })
 }
 
@@ -666,6 +698,7 @@ mod tests {
                 ("c".to_string(), progress(None, None)),
             ]
             .into(),
+            order: vec!["c".into(), "a".into()],
         };
         let lookup = |id: &str| -> Result<Option<Rotation>, ()> { Ok((id == "rot-1").then(|| r.clone())) };
         let v = serde_json::to_value(incident(&inc, lookup).unwrap()).unwrap();
@@ -685,11 +718,25 @@ mod tests {
                 },
                 "summary": {state: 1, "not_started": 1, "waiting": 1},
                 "state": "running",
+                // The given order first, then the secrets it does not name.
+                "order": ["c", "a", "b"],
+                "needs_operator": [
+                    "b: not started: no agent consumes secret \"b\"; fix that and rotate it by hand \
+                     (`rekey rotate start b`), or close the incident",
+                ],
             })
         );
+        // Everything else ended, but b never started: not done, and an operator is asked for.
         inc.secrets.remove("c");
         inc.secrets.remove("a");
-        assert_eq!(incident(&inc, lookup).unwrap().state, view::IncidentState::Done);
+        let v = incident(&inc, lookup).unwrap();
+        assert_eq!(v.state, view::IncidentState::Running);
+        assert_eq!(v.needs_operator.len(), 1);
+        inc.secrets.insert("b".into(), progress(Some("rot-1"), None));
+        let mut completed = r.clone();
+        completed.state = machine::RotationState::Completed;
+        let v = incident(&inc, |_| -> Result<Option<Rotation>, ()> { Ok(Some(completed.clone())) }).unwrap();
+        assert_eq!((v.state, v.needs_operator.len()), (view::IncidentState::Done, 0));
         inc.closed_ms = Some(9);
         assert_eq!(incident(&inc, lookup).unwrap().state, view::IncidentState::Closed);
     }

@@ -9,9 +9,11 @@ use std::collections::BTreeMap;
 string_enum! {
     /// Where a whole incident stands.
     pub enum IncidentState {
-        /// Some of its secrets are still waiting or rotating.
+        /// Not every secret's rotation has ended: some are waiting or
+        /// rotating, or could not start (`needs_operator` then says why).
         Running = "running",
-        /// Every secret's rotation ended (completed, monitoring, aborted) or could not start.
+        /// Every secret's rotation ended (completed, monitoring or aborted);
+        /// never while a secret was not started.
         Done = "done",
         /// An operator closed it: no further rotation is started for it.
         Closed = "closed",
@@ -89,4 +91,13 @@ pub struct IncidentView {
     /// How many secrets are in each state (keys as in `secrets[].state`).
     pub summary: BTreeMap<String, usize>,
     pub state: IncidentState,
+    /// The order its secrets are started in: `--first` names, then higher
+    /// catalog `priority`, then catalog order.
+    #[serde(default)]
+    pub order: Vec<String>,
+    /// What only an operator can settle, one line per secret (`SECRET: why`):
+    /// a secret that could not start, a halted rotation, a paused one.
+    /// Empty while the campaign can make progress on its own.
+    #[serde(default)]
+    pub needs_operator: Vec<String>,
 }

@@ -27,7 +27,8 @@ pub use incident::{CampaignState, IncidentSecretState, IncidentSecretView, Incid
 pub use operator::{OperatorRole, OperatorView};
 pub use rotation::{
     Amount, DecisionKind, DecisionView, EvidenceView, ExclusionView, ExitView, GraceUse, HostState, HostView,
-    PolicyView, RotationState, RotationSummary, RotationView, TimelineEntryView, Usage, UseAfterSwitch,
+    PolicyView, RotationState, RotationSummary, RotationView, SelectorWaveView, TimelineEntryView, Usage,
+    UseAfterSwitch,
 };
 pub use scope::{
     NotSearchedView, OccurrenceView, ScanStatus, ScopeFileLine, ScopeFileVersion, ScopeFileView, ScopeHostView,

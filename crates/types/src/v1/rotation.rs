@@ -164,13 +164,26 @@ pub enum Usage {
     At(i64),
 }
 
+/// A wave chosen by labels: `{"selector": {"env": "staging"}, "pause_after": true}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelectorWaveView {
+    /// Labels a host must carry (all of them); a host goes to the first wave it matches.
+    pub selector: BTreeMap<String, String>,
+    /// The rollout pauses for `rekey rotate resume` once this wave is confirmed.
+    pub pause_after: bool,
+}
+
 /// The rollout and revocation policy, fixed when the rotation started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyView {
     /// Hosts in the canary wave (0: no canary).
     pub canary: usize,
-    /// Cumulative sizes of the waves after the canary.
+    /// Cumulative sizes of the waves after the canary (and after the
+    /// selector waves), as shares of the hosts no selector wave took.
     pub waves: Vec<Amount>,
+    /// Waves chosen by labels, delivered first, in this order.
+    #[serde(default)]
+    pub selector_waves: Vec<SelectorWaveView>,
     /// Failed hosts tolerated before the rollout halts.
     pub failure_budget: Amount,
     /// How long a host may take to confirm before it counts as unreachable.
@@ -290,6 +303,10 @@ pub struct RotationView {
     /// Host names per wave; wave 0 is the canary when the policy has one.
     pub waves: Vec<Vec<String>>,
     pub current_wave: usize,
+    /// Waves (indices into `waves`) after which the rollout pauses for an
+    /// operator's `rekey rotate resume` (`pause_after` selector waves).
+    #[serde(default)]
+    pub pause_after: Vec<usize>,
     /// Host name → its state.
     pub hosts: BTreeMap<String, HostView>,
     /// Why the rotation is halted, and what to do about it.

@@ -513,6 +513,13 @@ fn advance_rollout(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) -> S
     }
     if upto + 1 < rot.waves.len() {
         rot.current_wave += 1;
+        if rot.pause_after.contains(&upto) {
+            // `pause_after`: the next wave waits for an operator's resume.
+            rot.paused = true;
+            let note = format!("wave {upto} confirmed; paused before wave {} (pause_after)", rot.current_wave);
+            rot.timeline.push(TimelineEntry { at_ms: now, state: rot.state, note });
+            return Step::Stop;
+        }
         let note = format!("wave {} of {} started", rot.current_wave, rot.waves.len() - 1);
         rot.timeline.push(TimelineEntry { at_ms: now, state: rot.state, note });
         return Step::Continue;

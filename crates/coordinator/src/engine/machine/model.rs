@@ -2,7 +2,7 @@
 //! actions. Plain types; the transitions live in [`super`] and the usage
 //! evidence in [`super::evidence`].
 
-use crate::engine::plan::Amount;
+use crate::engine::plan::{Amount, SelectorWave};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -138,6 +138,9 @@ pub enum Stage {
 pub struct Policy {
     pub canary: usize,
     pub waves: Vec<Amount>,
+    /// Waves chosen by labels, delivered before the size waves (`plan`).
+    #[serde(default)]
+    pub selector_waves: Vec<SelectorWave>,
     pub failure_budget: Amount,
     pub host_deadline_ms: i64,
     pub jitter_ms: u64,
@@ -271,6 +274,7 @@ impl Default for Policy {
         Policy {
             canary: 1,
             waves: vec![Amount::Percent(100)],
+            selector_waves: Vec::new(),
             failure_budget: Amount::Count(0),
             host_deadline_ms: 5 * 60_000,
             jitter_ms: 0,
@@ -369,6 +373,9 @@ pub struct Rotation {
     pub fingerprint_key: String,
     pub waves: Vec<Vec<String>>,
     pub current_wave: usize,
+    /// Waves after which the rollout pauses for an operator (`pause_after`).
+    #[serde(default)]
+    pub pause_after: Vec<usize>,
     pub hosts: BTreeMap<String, HostStatus>,
     /// Why the rotation is halted (and what to do about it).
     pub halt_reason: Option<String>,
@@ -600,6 +607,7 @@ impl Rotation {
             fingerprint_key,
             waves,
             current_wave: 0,
+            pause_after: Vec::new(),
             hosts,
             halt_reason: None,
             halted_from: None,
@@ -653,6 +661,11 @@ impl Rotation {
     }
 
     /// Whether the verification decision was made (also while halted after it).
+    /// Whether any host of wave `wave` was delivered to.
+    pub fn wave_started(&self, wave: usize) -> bool {
+        self.hosts.values().any(|h| h.wave == wave && h.state != HostState::Pending)
+    }
+
     pub fn verified(&self) -> bool {
         self.state.is_past_verification()
             || (self.state == RotationState::Halted

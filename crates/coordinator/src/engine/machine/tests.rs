@@ -9,7 +9,9 @@ fn hosts(n: usize) -> Vec<String> {
 }
 
 pub(super) fn rotation(n: usize, policy: Policy) -> Rotation {
-    let waves = crate::engine::plan::plan_waves(&hosts(n), policy.canary, &policy.waves);
+    let targets: Vec<_> =
+        hosts(n).into_iter().map(|name| crate::engine::plan::Target { name, labels: Default::default() }).collect();
+    let waves = crate::engine::plan::plan_waves(&targets, policy.canary, &policy.selector_waves, &policy.waves).waves;
     Rotation::new(
         "rot-1".into(),
         "api-key".into(),
@@ -284,6 +286,24 @@ fn operator_commands_are_refused_where_they_make_no_sense() {
     let mut r = rotation(1, policy());
     let e = handle(&mut r, Event::Exclude { host: "zz".into(), by: "op".into(), reason: "x".into() }, 0).unwrap_err();
     assert!(e.0.contains("not a target"));
+}
+
+#[test]
+fn a_pause_after_wave_holds_the_next_wave_until_resume() {
+    let mut r = rotation(5, policy());
+    r.pause_after = vec![1];
+    start(&mut r);
+    let a = all_healthy(&mut r, &["h1".into()], 3);
+    assert_eq!(delivers(&a), vec!["h2", "h3"], "no pause after the canary");
+    let a = all_healthy(&mut r, &["h2".into(), "h3".into()], 4);
+    assert!(delivers(&a).is_empty(), "wave 1 confirmed: paused before wave 2");
+    assert!(r.paused && r.current_wave == 2, "{r:?}");
+    assert!(r.timeline.last().unwrap().note.contains("pause_after"));
+    assert!(ev(&mut r, Event::Tick, 60_000).is_empty(), "a paused rollout stays paused");
+    let a = ev(&mut r, Event::Resume { by: "op".into() }, 5);
+    assert_eq!(delivers(&a), vec!["h4", "h5"]);
+    all_healthy(&mut r, &["h4".into(), "h5".into()], 6);
+    assert!(r.verified(), "{:?}", r.state);
 }
 
 #[test]
