@@ -37,17 +37,30 @@ pub fn print_completions(cmd: Command, shell: Shell) -> Result<(), ClidocError> 
     }
 }
 
-/// Writes `NAME.1` and one page per visible subcommand (`NAME-SUB.1`,
-/// `NAME-SUB-SUBSUB.1`, …) into `dir`, creating it. Returns the pages
-/// written, sorted.
+/// The man section of a binary: 1 for the operator CLI, 8 for the daemons
+/// (`rekeyd`, `rekey-agent`), which also keeps `rekey-agent.8` apart from
+/// the page of `rekey agent` (`rekey-agent.1`).
+pub fn man_section(binary: &str) -> &'static str {
+    if binary == "rekey" { "1" } else { "8" }
+}
+
+/// Writes `NAME.S` and one page per visible subcommand (`NAME-SUB.S`,
+/// `NAME-SUB-SUBSUB.S`, …) into `dir`, creating it, where S is the binary's
+/// [`man_section`]. Returns the pages written, sorted.
 pub fn write_man_pages(cmd: Command, dir: &Path) -> Result<Vec<PathBuf>, ClidocError> {
+    fn generate(cmd: Command, section: &str, dir: &Path, pages: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            generate(sub, section, dir, pages)?;
+        }
+        pages.push(clap_mangen::Man::new(cmd).section(section).generate_to(dir)?);
+        Ok(())
+    }
     std::fs::create_dir_all(dir).map_err(|source| ClidocError::CreateDir { dir: dir.to_path_buf(), source })?;
-    clap_mangen::generate_to(cmd, dir).map_err(|source| ClidocError::Write { dir: dir.to_path_buf(), source })?;
-    let mut pages: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| ClidocError::Write { dir: dir.to_path_buf(), source })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "1"))
-        .collect();
+    let section = man_section(cmd.get_name());
+    let mut cmd = cmd.disable_help_subcommand(true);
+    cmd.build();
+    let mut pages = Vec::new();
+    generate(cmd, section, dir, &mut pages).map_err(|source| ClidocError::Write { dir: dir.to_path_buf(), source })?;
     pages.sort();
     Ok(pages)
 }
@@ -77,9 +90,11 @@ mod tests {
         let out = dir.path().join("man1");
         let pages = write_man_pages(tool(), &out).unwrap();
         let names: Vec<String> = pages.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(names, ["tool-start.1", "tool.1"]);
-        let top = std::fs::read_to_string(out.join("tool.1")).unwrap();
-        assert!(top.contains(".TH tool 1") && top.contains("start"), "{top}");
+        assert_eq!(names, ["tool-start.8", "tool.8"], "a daemon's pages are in section 8");
+        let top = std::fs::read_to_string(out.join("tool.8")).unwrap();
+        assert!(top.contains(".TH tool 8") && top.contains("start"), "{top}");
+        let cli = write_man_pages(tool().name("rekey"), &dir.path().join("cli")).unwrap();
+        assert!(cli.iter().all(|p| p.extension().unwrap() == "1"), "the CLI's pages are in section 1: {cli:?}");
     }
 
     #[test]

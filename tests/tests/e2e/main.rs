@@ -7,6 +7,7 @@ mod engine;
 mod foundation;
 mod grpc;
 mod netns;
+mod packages;
 mod pipeline;
 mod providers;
 mod scope;
