@@ -4,22 +4,17 @@
 
 use crate::audit::AuditRecord;
 use crate::engine::machine::{HostState, Rotation};
-use rekey_common::time::format_unix;
+use rekey_common::time::{format_duration_ms, format_unix_ms};
 use serde_json::{Value, json};
 
+/// Times to the millisecond, as the records keep them: events a few hundred
+/// milliseconds apart (a use of the old key and the switch) keep their order.
 fn ts(ms: i64) -> String {
-    format_unix(ms / 1000)
+    format_unix_ms(ms)
 }
 
 fn dur(ms: i64) -> String {
-    let s = ms.max(0) / 1000;
-    if s < 120 {
-        format!("{s}s")
-    } else if s < 7200 {
-        format!("{}m", s / 60)
-    } else {
-        format!("{}h{}m", s / 3600, s % 3600 / 60)
-    }
+    format_duration_ms(ms)
 }
 
 /// The audit records that concern one rotation.
