@@ -10,6 +10,7 @@ mod netns;
 mod packages;
 mod pipeline;
 mod providers;
+mod reports;
 mod scope;
 mod security;
 mod security_agent;
