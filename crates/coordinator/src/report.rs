@@ -200,8 +200,17 @@ fn summary_md(out: &mut String, rot: &Rotation, j: &Value) {
     ));
 }
 
+/// A section heading with one blank line before it, whatever came before.
+fn heading(out: &mut String, title: &str) {
+    while !out.ends_with("\n\n") {
+        out.push('\n');
+    }
+    out.push_str(&format!("## {title}\n\n"));
+}
+
 fn timeline_md(out: &mut String, rot: &Rotation) {
-    out.push_str("## Timeline\n\n| time | state | event |\n|---|---|---|\n");
+    heading(out, "Timeline");
+    out.push_str("| time | state | event |\n|---|---|---|\n");
     for t in &rot.timeline {
         out.push_str(&format!("| {} | {} | {} |\n", ts(t.at_ms), t.state.as_str(), t.note.replace('|', "\\|")));
     }
@@ -315,7 +324,7 @@ fn evidence_md(out: &mut String, rot: &Rotation) {
 
 /// A section of plain sentences (the JSON report's lists of strings).
 fn list_md(out: &mut String, title: &str, lines: &Value) {
-    out.push_str(&format!("\n## {title}\n\n"));
+    heading(out, title);
     for l in items(lines) {
         out.push_str(&format!("- {}\n", text(l)));
     }
