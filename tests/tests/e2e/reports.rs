@@ -93,3 +93,62 @@ fn monitoring_an_adopted_key_reports_what_it_could_not_watch() {
     let json = c.cli_json(&["report", &id, "--format", "json"]);
     assert!(json["watched"].as_array().is_some_and(|w| w.len() >= 2), "{json:#}");
 }
+
+/// Issue 16 item 8: a consumer that keeps using the adopted key holds its
+/// revocation; alerts are numbered 1, 2, … across a coordinator restart (not
+/// 2000002 → 4000001), `rekey alerts` shows milliseconds, and `rekey secrets`
+/// shows the adopted key as current instead of `-`.
+#[test]
+fn alert_numbers_survive_a_restart_and_the_adopted_key_is_shown() {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let api = DemoApi::start();
+    let (status, k0) = api.admin("POST", "/v1/keys", Some(json!({ "name": "made by hand" })));
+    assert_eq!(status, 201, "{k0}");
+    let (adopted, old_secret) = (k0["id"].as_str().unwrap().to_string(), k0["secret"].as_str().unwrap().to_string());
+    let tmp = tempfile::Builder::new().prefix("rekey-alerts-").tempdir().unwrap();
+    let mut c = Coordinator::start(
+        &tmp.path().join("c"),
+        &catalog(&api, "grace = \"1s\"\nmonitor = \"0s\"\ncheck_every = \"1s\""),
+    );
+    let agent = ScriptedAgent::enroll(&c, tmp.path(), "host-1", &["saas"], &[]);
+    wait_for("agent connected", || c.is_connected(&agent.name));
+    // A forgotten consumer keeps using the old key.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let user = {
+        let (stop, addr) = (stop.clone(), api.addr.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let auth = format!("Bearer {old_secret}");
+                let _ = rekey_tests::fixtures::http(&addr, "GET", "/v1/whoami", &[("Authorization", &auth)], b"");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })
+    };
+    let id = c.cli_ok(&["rotate", "start", "saas"]).trim().to_string();
+    let r = wait_state(&c, &id, &[RotationState::Halted, RotationState::Completed, RotationState::Aborted]);
+    assert_eq!(r.state, RotationState::Halted, "use after the switch holds revocation: {r:#?}");
+    wait_for("an alert", || !c.alerts().is_empty());
+    let first: Vec<u64> = c.alerts().iter().map(|a| a.seq).collect();
+    assert_eq!(first.iter().min(), Some(&1), "alerts start at 1: {first:?}");
+
+    // The key rekey took from the provider is shown as current, and said to be adopted.
+    let s = c.secret("saas");
+    assert_eq!((s.current_version.as_deref(), s.current_version_adopted), (Some(adopted.as_str()), true));
+    let table = c.cli_ok(&["secrets"]);
+    assert!(table.contains(&format!("{adopted} (adopted)")), "{table}");
+
+    c.restart();
+    wait_for("agent back", || c.is_connected(&agent.name));
+    let before = c.alerts().len();
+    let _ = c.cli(&["rotate", "resume", &id]);
+    wait_for("an alert after the restart", || c.alerts().len() > before);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    user.join().unwrap();
+    let mut seqs: Vec<u64> = c.alerts().iter().map(|a| a.seq).collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "alert numbers are dense across the restart");
+    // Times to the millisecond: 2026-12-02T11:38:35.123Z.
+    let alerts = c.cli_ok(&["alerts"]);
+    let ms = alerts.split_whitespace().any(|w| w.len() == 24 && w.ends_with('Z') && w.as_bytes()[19] == b'.');
+    assert!(ms, "rekey alerts shows whole seconds:\n{alerts}");
+}
