@@ -161,6 +161,27 @@ enum RotateCmd {
         #[arg(long, value_parser = parse_interval, default_value = "300ms")]
         interval: std::time::Duration,
     },
+    /// Deactivate and delete the old version now, despite its use after the
+    /// switch (the operator decides; audited with who and why, in the report).
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Mark a rotation completed where it stands (every host confirmed); the
+    /// provider is left as it is. Audited with who and why.
+    Finish {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Stop a rotation in any state without touching the provider or the
+    /// hosts; frees the secret for a new rotation. Audited with who and why.
+    Abandon {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -545,6 +566,17 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
             output(out, &v, |v| println!("{host} excluded from {id}: {}", rotate::summary(v)));
         }
         RotateCmd::Watch { id, interval } => return watch_every(client, out, id, *interval).await,
+        RotateCmd::Revoke { id, reason } | RotateCmd::Finish { id, reason } | RotateCmd::Abandon { id, reason } => {
+            let (action, verb) = match cmd {
+                RotateCmd::Revoke { .. } => (Control::Revoke, "revoking the old version"),
+                RotateCmd::Finish { .. } => (Control::Finish, "finished"),
+                _ => (Control::Abandon, "abandoned"),
+            };
+            let mut req = control(id, action);
+            req.reason = reason.clone();
+            let v: RotationView = client.view(client.inner.clone().control_rotation(client.request(req)).await)?;
+            output(out, &v, |v| println!("{id} {verb}: {}", rotate::summary(v)));
+        }
     }
     Ok(())
 }
@@ -573,7 +605,7 @@ pub(crate) async fn watch_every(
                 }
                 return Ok(());
             }
-            RotationState::Halted | RotationState::Aborted => {
+            RotationState::Halted | RotationState::Aborted | RotationState::Abandoned => {
                 if out == Output::Json {
                     print_json(&v);
                 }

@@ -333,7 +333,11 @@ fn list_md(out: &mut String, title: &str, lines: &Value) {
 /// What a usage check returned, in words that keep "no data" apart from "no use".
 fn usage_text(e: &crate::engine::machine::EvidenceEntry) -> String {
     match (&e.usage, &e.error) {
-        (Some(Usage::At(ms)), _) => format!("last used {}", ts(*ms)),
+        (Some(Usage::At(ms)), _) => match &e.source {
+            Some(from) => format!("last used {} from {from}", ts(*ms)),
+            None => format!("last used {}", ts(*ms)),
+        },
+        (Some(Usage::Gone), _) => "the version no longer exists at the provider".into(),
         (Some(Usage::Never), _) => "the provider reported no use".into(),
         (Some(Usage::Unknown), _) => "the provider keeps no usage data".into(),
         (None, Some(err)) => format!("the check failed: {err}"),
@@ -380,12 +384,31 @@ pub fn outcome_lines(rot: &Rotation) -> Vec<String> {
         ),
         RotationState::Aborted => "Aborted: the rotation was abandoned; the old version stays the current one.".into(),
         RotationState::Aborting => "Aborting: hosts are being rolled back to the old version.".into(),
-        s => format!(
+        RotationState::Abandoned => {
+            format!("Abandoned: rekey stopped acting; the provider and the hosts were left as they were. {hosts}.")
+        }
+        s @ (RotationState::Planned
+        | RotationState::Generating
+        | RotationState::RollingOut
+        | RotationState::Verified
+        | RotationState::Deactivating
+        | RotationState::Grace
+        | RotationState::Deleting) => format!(
             "In progress: `{}` as of its last change ({}); {hosts} so far. This report is a snapshot: build it again when the rotation has ended.",
             s.as_str(),
             ts(rot.updated_ms)
         ),
     }];
+    for d in &rot.decisions {
+        out.push(format!(
+            "Operator decision `{}` by `{}` at {} (while `{}`): {}.",
+            d.kind.as_str(),
+            d.by,
+            ts(d.at_ms),
+            d.from.as_str(),
+            d.reason
+        ));
+    }
     if !t.rolled_back.is_empty() {
         out.push(format!("Rolled back to the old version: {}.", t.rolled_back.join(", ")));
     }
@@ -416,7 +439,9 @@ fn old_version_line(rot: &Rotation) -> String {
     let deleted = entered(RotationState::Deleting).is_some_and(|i| {
         rot.timeline[i..].iter().any(|e| matches!(e.state, RotationState::Monitoring | RotationState::Completed))
     });
-    if deleted {
+    if let Some(at) = rot.old_revoked_ms {
+        format!("The old version `{old}` was deleted at the provider (or found already gone) at {}.", ts(at))
+    } else if deleted {
         format!("The old version `{old}` was deleted at the provider.")
     } else if let Some(at) = rot.deactivated_ms {
         format!("The old version `{old}` was deactivated at {} and not deleted by rekey.", ts(at))
@@ -437,6 +462,8 @@ pub fn watched_lines(rot: &Rotation, audit: &[AuditRecord]) -> Vec<String> {
     let Some(monitoring) = entered(RotationState::Monitoring) else {
         let why = if rot.policy.monitor_ms == 0 {
             "the policy has no monitoring period (`monitor` is 0)".to_string()
+        } else if rot.state.is_terminal() {
+            format!("the rotation ended (`{}`) before its monitoring period", rot.state.as_str())
         } else {
             format!("the rotation has not reached its monitoring period (`{}`)", rot.state.as_str())
         };
@@ -467,10 +494,11 @@ fn usage_lines(rot: &Rotation, monitoring_from: Option<i64>) -> Vec<String> {
     let count = |f: &dyn Fn(&&crate::engine::machine::EvidenceEntry) -> bool| after.iter().filter(|e| f(e)).count();
     let used = count(&|e| matches!(e.usage, Some(Usage::At(_))));
     let never = count(&|e| e.usage == Some(Usage::Never));
+    let gone = count(&|e| e.usage == Some(Usage::Gone));
     let unknown = count(&|e| e.usage == Some(Usage::Unknown));
     let failed = count(&|e| e.usage.is_none());
     let mut out = vec![format!(
-        "{} usage checks of the old version `{old}` at the provider after the switch: {used} saw a use, {never} reported no use, {unknown} returned no usage data, {failed} failed.",
+        "{} usage checks of the old version `{old}` at the provider after the switch: {used} saw a use, {never} reported no use, {gone} found it gone, {unknown} returned no usage data, {failed} failed.",
         after.len()
     )];
     if unknown > 0 {
@@ -479,8 +507,12 @@ fn usage_lines(rot: &Rotation, monitoring_from: Option<i64>) -> Vec<String> {
                 .into(),
         );
     }
-    let blind =
-        after.iter().filter(|e| e.usage == Some(Usage::Never) && monitoring_from.is_some_and(|m| e.at_ms >= m)).count();
+    let blind = after
+        .iter()
+        .filter(|e| {
+            matches!(e.usage, Some(Usage::Never | Usage::Gone)) && monitoring_from.is_some_and(|m| e.at_ms >= m)
+        })
+        .count();
     if blind > 0 {
         out.push(format!(
             "{blind} of the checks that reported no use ran after the old version was deleted: a provider may report \
@@ -637,7 +669,7 @@ mod tests {
     //! one test per state whose report could lie.
 
     use super::*;
-    use crate::engine::machine::{EvidenceEntry, Policy, TimelineEntry};
+    use crate::engine::machine::{Decision, DecisionKind, EvidenceEntry, Policy, TimelineEntry};
 
     /// A rotation of `api-key` from `v1` to `v2` over these hosts, in `state`.
     fn rotation(state: RotationState, hosts: &[(&str, HostState)]) -> Rotation {
@@ -721,6 +753,31 @@ mod tests {
     }
 
     #[test]
+    fn an_abandoned_rotation_says_who_stopped_it_and_what_was_left() {
+        let mut r = rotation(RotationState::Abandoned, &[("h1", HostState::Healthy), ("h2", HostState::Failed)]);
+        r.deactivated_ms = Some(30_000);
+        r.decisions.push(Decision {
+            kind: DecisionKind::Abandon,
+            by: "operator/alice".into(),
+            reason: "the vendor rotated it by hand".into(),
+            at_ms: 60_000,
+            from: RotationState::Halted,
+            hosts_on_new: false,
+        });
+        let report = md(&r, &[]);
+        assert!(!report.contains("every target host confirmed") && !report.contains("Completed:"), "{report}");
+        for truth in [
+            "Abandoned: rekey stopped acting; the provider and the hosts were left as they were. 1 of 2 target hosts confirmed the new version `v2`.",
+            "Operator decision `abandon` by `operator/alice` at 1970-01-01T00:01:00.000Z (while `halted`): the vendor rotated it by hand.",
+            "Not confirmed: h2 (failed).",
+            "The old version `v1` was deactivated at 1970-01-01T00:00:30.000Z and not deleted by rekey.",
+            "No monitoring of the old version: the rotation ended (`abandoned`) before its monitoring period.",
+        ] {
+            assert!(report.contains(truth), "missing {truth:?}:\n{report}");
+        }
+    }
+
+    #[test]
     fn a_rotation_in_progress_is_a_snapshot_not_an_outcome() {
         let r = rotation(RotationState::RollingOut, &[("h1", HostState::Healthy), ("h2", HostState::Delivered)]);
         let report = md(&r, &[]);
@@ -770,6 +827,7 @@ mod tests {
             phase: RotationState::Monitoring,
             usage: Some(usage),
             error: None,
+            source: None,
             verdict: "no use since the switch".into(),
         };
         r.evidence = vec![check(43_000, Usage::Never), check(45_000, Usage::Never)];
@@ -785,7 +843,7 @@ mod tests {
         let report = md(&r, &[skipped]);
         for truth in [
             "## What was watched after the switch",
-            "2 usage checks of the old version `v1` at the provider after the switch: 0 saw a use, 2 reported no use, 0 returned no usage data, 0 failed.",
+            "2 usage checks of the old version `v1` at the provider after the switch: 0 saw a use, 2 reported no use, 0 found it gone, 0 returned no usage data, 0 failed.",
             "2 of the checks that reported no use ran after the old version was deleted: a provider may report nothing for a deleted version, so they could not see a use",
             "The fleet was NOT searched for leftover copies of the old value (from 1970-01-01T00:00:42.000Z): the old version v1 was not created by rekey.",
             "the provider reported no use — no use since the switch",

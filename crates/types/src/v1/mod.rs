@@ -26,8 +26,8 @@ pub use audit::{AlertKind, AlertView, AuditRecordView, AuditVerifyView, BrokenLi
 pub use incident::{CampaignState, IncidentSecretState, IncidentSecretView, IncidentState, IncidentView};
 pub use operator::{OperatorRole, OperatorView};
 pub use rotation::{
-    Amount, EvidenceView, ExclusionView, GraceUse, HostState, HostView, PolicyView, RotationState, RotationSummary,
-    RotationView, TimelineEntryView, Usage,
+    Amount, DecisionKind, DecisionView, EvidenceView, ExclusionView, ExitView, GraceUse, HostState, HostView,
+    PolicyView, RotationState, RotationSummary, RotationView, TimelineEntryView, Usage, UseAfterSwitch,
 };
 pub use scope::{
     NotSearchedView, OccurrenceView, ScanStatus, ScopeFileLine, ScopeFileVersion, ScopeFileView, ScopeHostView,
