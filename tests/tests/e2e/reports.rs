@@ -75,7 +75,7 @@ fn monitoring_an_adopted_key_reports_what_it_could_not_watch() {
         "The fleet was NOT searched for leftover copies of the old value (from ",
         &format!("the old version {adopted} was not created by rekey (it was adopted from the provider)"),
         "Rolled out: 1 of 1 target hosts confirmed the new version",
-        &format!("The old version `{adopted}` was deleted at the provider."),
+        &format!("The old version `{adopted}` was deleted at the provider"),
     ];
     for truth in truths {
         assert!(report.contains(truth), "the report lacks {truth:?}:\n{report}");
