@@ -2,7 +2,8 @@
 //! debug binaries the suite already has, then inspected with `dpkg-deb` —
 //! contents, modes, units, maintainer scripts — and the packaged CLI run.
 //! Needs cargo-deb; without it the test says so and skips, unless
-//! `REKEY_REQUIRE_DEB=1` (set by `.ci/run`) makes that a failure.
+//! `REKEY_REQUIRE_DEB=1` (set by `.ci/run`) makes that a failure. The
+//! completions and man pages themselves are checked without cargo-deb.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -178,4 +179,34 @@ fn check_maintainer_scripts(rekeyd: &Path, agent: &Path, tmp: &Path) {
     }
     let control = &d["control"];
     assert!(control.contains("Package: rekeyd") && control.contains("adduser"), "{control}");
+}
+
+/// Without cargo-deb too: every binary prints completions and writes man
+/// pages that name its subcommands, without a config or a coordinator.
+#[test]
+fn every_binary_generates_completions_and_man_pages_for_its_subcommands() {
+    let bins = rekey_tests::bins();
+    let tmp = tempfile::tempdir().unwrap();
+    for (bin, section, verbs) in [
+        (&bins.rekeyd, "8", &["init", "run", "fingerprint", "backup", "restore", "operator"][..]),
+        (&bins.agent, "8", &["enroll", "run"][..]),
+        (&bins.cli, "1", &["rotate", "scope", "incident", "alerts", "report"][..]),
+    ] {
+        let name = bin.file_name().unwrap().to_string_lossy().into_owned();
+        for shell in ["bash", "zsh", "fish"] {
+            let script = run(Command::new(bin).args(["completions", shell]));
+            for verb in verbs {
+                assert!(script.contains(verb), "{name} {shell} completions lack {verb}");
+            }
+        }
+        let dir = tmp.path().join(&name);
+        run(Command::new(bin).arg("man").arg("--out").arg(&dir));
+        for verb in verbs {
+            let page = dir.join(format!("{name}-{verb}.{section}"));
+            let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+            assert!(text.contains(&format!(".TH {name}-{verb} {section}")), "{}", page.display());
+        }
+        let top = std::fs::read_to_string(dir.join(format!("{name}.{section}"))).unwrap();
+        assert!(verbs.iter().all(|v| top.contains(v)), "{name}.{section} lists every verb");
+    }
 }
