@@ -12,6 +12,12 @@ test:
 fmt:
     cargo fmt --all
 
+# Debian packages of rekeyd (with the rekey CLI) and rekey-agent into
+# target/debian/ (needs `cargo install --locked cargo-deb`). PROFILE=dev
+# packages the debug build the tests use.
+deb PROFILE="release":
+    scripts/build-debs.sh {{PROFILE}}
+
 demo:
     cargo run --release --bin rekey -- demo
 

@@ -52,6 +52,17 @@ enum Command {
         #[arg(long, short, env = "REKEY_AGENT_CONFIG", default_value = "/etc/rekey/agent.toml")]
         config: PathBuf,
     },
+    /// Print a shell completion script (e.g. `rekey-agent completions bash`).
+    Completions {
+        #[arg(value_enum)]
+        shell: rekey_common::clidoc::Shell,
+    },
+    /// Write the man pages into a directory (used by the package build).
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +70,10 @@ fn main() -> std::process::ExitCode {
     // temp files) is ever group or world accessible, whatever its caller's umask.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { .. } | Command::Man { .. } => return clidoc(&cli.command),
+        _ => {}
+    }
     rekey_common::logging::init("info", cli.log_format == "json");
     rekey_common::tls::install_crypto_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
@@ -77,8 +92,28 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `completions SHELL` and `man --out DIR`: what describes the binary.
+fn clidoc(command: &Command) -> std::process::ExitCode {
+    use rekey_common::clidoc;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let done = match command {
+        Command::Completions { shell } => clidoc::print_completions(cmd, *shell),
+        Command::Man { out } => clidoc::write_man_pages(cmd, out)
+            .map(|pages| println!("wrote {} man pages into {}", pages.len(), out.display())),
+        _ => Ok(()),
+    };
+    match done {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rekey-agent: error: {}", rekey_common::error::Chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled before the runtime starts"),
         Command::Enroll { coordinator, token_file, token, ca_fingerprint, state_dir, force } => {
             let source = TokenSource::pick(token.as_deref(), token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
             if let TokenSource::Arg(_) = source {

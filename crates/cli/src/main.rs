@@ -4,6 +4,7 @@
 //! `rekey_types::v1` view; tables are printed from its typed fields and
 //! `-o json` prints the view itself (docs/views.md).
 
+mod clidoc;
 mod demo;
 mod incident;
 mod operator;
@@ -107,6 +108,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print a shell completion script (e.g. `rekey completions bash > /etc/bash_completion.d/rekey`).
+    Completions {
+        #[arg(value_enum)]
+        shell: rekey_common::clidoc::Shell,
+    },
+    /// Write the man pages (rekey.1, rekey-rotate-start.1, ...) into a directory (used by the package build).
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -117,6 +129,9 @@ enum RotateCmd {
         /// Follow the rotation until it completes, halts or aborts (exit 0 only if completed).
         #[arg(long)]
         wait: bool,
+        /// How often --wait asks for the rotation's state (e.g. 500ms, 2s).
+        #[arg(long, value_parser = parse_interval, default_value = "300ms")]
+        interval: std::time::Duration,
     },
     /// Show a rotation: state, wave, and every host's state, fingerprint and error.
     Status { id: String },
@@ -140,7 +155,12 @@ enum RotateCmd {
         reason: String,
     },
     /// Follow a rotation until it completes, halts or aborts.
-    Watch { id: String },
+    Watch {
+        id: String,
+        /// How often to ask for the rotation's state (e.g. 500ms, 2s).
+        #[arg(long, value_parser = parse_interval, default_value = "300ms")]
+        interval: std::time::Duration,
+    },
     /// Deactivate and delete the old version now, despite its use after the
     /// switch (the operator decides; audited with who and why, in the report).
     Revoke {
@@ -190,6 +210,15 @@ enum TokenCmd {
 enum AgentCmd {
     /// Revoke an agent: its certificate is refused from now on and its live session is closed.
     Revoke { name: String },
+}
+
+/// A poll interval: a duration between 100ms and 1h.
+pub(crate) fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("invalid interval {s:?}: expected between 100ms and 1h"));
+    }
+    Ok(d)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -301,8 +330,11 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    if let Command::Demo(args) = &cli.command {
-        return demo::run(args.clone()).await;
+    match &cli.command {
+        Command::Demo(args) => return demo::run(args.clone()).await,
+        Command::Completions { shell } => return clidoc::completions(*shell),
+        Command::Man { out } => return clidoc::man(out),
+        _ => {}
     }
     let mut client = connect(&cli).await?;
     let out = cli.output;
@@ -323,7 +355,9 @@ async fn run(cli: Cli) -> Result<()> {
                 )
             });
         }
-        Command::Demo(_) => unreachable!("handled before connecting"),
+        Command::Demo(_) | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled before connecting")
+        }
         Command::Secrets => {
             let v: Vec<SecretView> =
                 client.view(client.inner.clone().list_secrets(client.request(ListSecretsRequest {})).await)?;
@@ -492,14 +526,14 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
         reason: String::new(),
     };
     match cmd {
-        RotateCmd::Start { secret, wait } => {
+        RotateCmd::Start { secret, wait, interval } => {
             let req = client.request(StartRotationRequest { secret: secret.clone(), ..Default::default() });
             let v: RotationView = client.view(client.inner.clone().start_rotation(req).await)?;
             if *wait {
                 if out == Output::Table {
                     println!("rotation {} started", v.id);
                 }
-                return watch(client, out, &v.id).await;
+                return watch_every(client, out, &v.id, *interval).await;
             }
             output(out, &v, |v| println!("{}", v.id));
         }
@@ -531,7 +565,7 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
             let v: RotationView = client.view(client.inner.clone().control_rotation(client.request(req)).await)?;
             output(out, &v, |v| println!("{host} excluded from {id}: {}", rotate::summary(v)));
         }
-        RotateCmd::Watch { id } => return watch(client, out, id).await,
+        RotateCmd::Watch { id, interval } => return watch_every(client, out, id, *interval).await,
         RotateCmd::Revoke { id, reason } | RotateCmd::Finish { id, reason } | RotateCmd::Abandon { id, reason } => {
             let (action, verb) = match cmd {
                 RotateCmd::Revoke { .. } => (Control::Revoke, "revoking the old version"),
@@ -547,9 +581,14 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
     Ok(())
 }
 
-/// Polls a rotation, printing each change, until it completes (Ok), or
-/// halts or aborts (an error naming why).
-async fn watch(client: &mut Client, out: Output, id: &str) -> Result<()> {
+/// Polls a rotation every `interval`, printing each change, until it
+/// completes (Ok), or halts or aborts (an error naming why).
+pub(crate) async fn watch_every(
+    client: &mut Client,
+    out: Output,
+    id: &str,
+    interval: std::time::Duration,
+) -> Result<()> {
     let mut last = String::new();
     loop {
         let req = client.request(GetRotationRequest { id: id.to_string() });
@@ -573,10 +612,26 @@ async fn watch(client: &mut Client, out: Output, id: &str) -> Result<()> {
                 let why = v.halt_reason.as_deref().or(v.timeline.last().map(|e| e.note.as_str())).unwrap_or("");
                 bail!("rotation {id} {}: {why}", v.state);
             }
-            _ => tokio::time::sleep(std::time::Duration::from_millis(300)).await,
+            _ => tokio::time::sleep(interval).await,
         }
     }
 }
+
+/// An outcome a script reads from the exit code (not a failure of rekey):
+/// its message goes to stderr and the process exits with `code`.
+#[derive(Debug)]
+pub(crate) struct Exit {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -593,6 +648,11 @@ fn main() -> std::process::ExitCode {
         Err(e) if e.is::<incident::NeedsOperator>() => {
             eprintln!("rekey: {}", one_line(e.as_ref()));
             std::process::ExitCode::from(incident::EXIT_NEEDS_OPERATOR)
+        }
+        Err(e) if e.downcast_ref::<Exit>().is_some() => {
+            let exit = e.downcast_ref::<Exit>().expect("checked");
+            eprintln!("rekey: {}", exit.message);
+            std::process::ExitCode::from(exit.code)
         }
         Err(e) => {
             eprintln!("rekey: error: {}", one_line(e.as_ref()));

@@ -2,7 +2,7 @@
 //! the coordinator's views (`rekey_types::v1`) as tables.
 
 use crate::table::Table;
-use rekey_common::time::{format_relative, format_unix, now_unix};
+use rekey_common::time::{format_relative, format_unix, format_unix_ms, now_unix};
 use rekey_types::v1::{AlertView, AuditRecordView, RotationSummary, RotationView, SecretView, VersionView};
 use std::collections::BTreeMap;
 
@@ -20,8 +20,9 @@ fn ago_ms(ms: i64) -> String {
     format_relative(ms / 1000, now_unix())
 }
 
+/// Times kept in milliseconds are shown to the millisecond.
 fn at_ms(ms: i64) -> String {
-    format_unix(ms / 1000)
+    format_unix_ms(ms)
 }
 
 fn short_fp(v: Option<&str>) -> String {
@@ -47,7 +48,10 @@ pub fn print_secrets(items: &[SecretView]) {
         t.row([
             cell(&x.name),
             cell(&x.provider),
-            opt(x.current_version.as_deref()),
+            match (&x.current_version, x.current_version_adopted) {
+                (Some(v), true) => format!("{} (adopted)", cell(v)),
+                (v, _) => opt(v.as_deref()),
+            },
             if consumers.is_empty() { "none".into() } else { consumers },
             last,
         ]);

@@ -5,7 +5,7 @@
 
 use crate::rotate::{cell, opt};
 use crate::table::Table;
-use crate::{Client, Output, output};
+use crate::{Client, Exit, Output, output};
 use anyhow::Result;
 use rekey_common::time::parse_duration;
 use rekey_proto::v1::ScopeRequest;
@@ -26,7 +26,18 @@ pub struct ScopeArgs {
     /// How long to wait for the agents (at most 5m).
     #[arg(long, value_parser = parse_duration, default_value = "20s")]
     pub timeout: Duration,
+    /// For scripts: exit 3 if any searched value was found, 4 if nothing was
+    /// found but the scan was incomplete (a host did not answer or failed, a
+    /// scan stopped at a limit, a version could not be searched); 0 only for
+    /// a complete scan that found nothing.
+    #[arg(long)]
+    pub fail_on_found: bool,
 }
+
+/// `--fail-on-found`: something was found.
+pub const EXIT_FOUND: u8 = 3;
+/// `--fail-on-found`: nothing found, but not everything was looked at.
+pub const EXIT_INCOMPLETE: u8 = 4;
 
 pub async fn run(client: &Client, out: Output, args: &ScopeArgs) -> Result<()> {
     let req = client.request(ScopeRequest {
@@ -37,7 +48,41 @@ pub async fn run(client: &Client, out: Output, args: &ScopeArgs) -> Result<()> {
     });
     let v: ScopeView = client.view(client.inner.clone().scope(req).await)?;
     output(out, &v, print_map);
-    Ok(())
+    match args.fail_on_found.then(|| verdict(&v)).flatten() {
+        Some(exit) => Err(exit.into()),
+        None => Ok(()),
+    }
+}
+
+/// What `--fail-on-found` exits with: `None` for a complete scan that found nothing.
+fn verdict(v: &ScopeView) -> Option<Exit> {
+    let sum = &v.summary;
+    if sum.occurrences > 0 {
+        let message = format!(
+            "found {} on {} (--fail-on-found)",
+            plural(sum.occurrences as u64, "occurrence", "occurrences"),
+            list(&sum.hosts_with_value).join(", ")
+        );
+        return Some(Exit { code: EXIT_FOUND, message });
+    }
+    let mut gaps = Vec::new();
+    if !sum.not_answering.is_empty() {
+        gaps.push(format!("not answering: {}", list(&sum.not_answering).join(", ")));
+    }
+    if !sum.errors.is_empty() {
+        gaps.push(format!("scan failed on: {}", list(&sum.errors).join(", ")));
+    }
+    if !sum.truncated.is_empty() {
+        gaps.push(format!("stopped at a limit on: {}", list(&sum.truncated).join(", ")));
+    }
+    for n in &v.not_searched {
+        gaps.push(format!("{} ({}) not searched: {}", cell(&n.version), n.role, cell(&n.reason)));
+    }
+    if gaps.is_empty() {
+        return None;
+    }
+    let message = format!("nothing found, but the scan was incomplete ({}) (--fail-on-found)", gaps.join("; "));
+    Some(Exit { code: EXIT_INCOMPLETE, message })
 }
 
 fn list(v: &[String]) -> Vec<String> {
@@ -197,6 +242,35 @@ fn notes(v: &ScopeView) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn example() -> ScopeView {
+        serde_json::from_str(include_str!("../../types/tests/shape/scope.json")).unwrap()
+    }
+
+    #[test]
+    fn fail_on_found_tells_found_from_incomplete_from_clean() {
+        let mut v = example();
+        let found = verdict(&v).unwrap();
+        assert_eq!(found.code, EXIT_FOUND);
+        assert!(found.message.contains("3 occurrences on host-1"), "{}", found.message);
+
+        v.summary.occurrences = 0;
+        v.summary.hosts_with_value.clear();
+        let gaps = verdict(&v).unwrap();
+        assert_eq!(gaps.code, EXIT_INCOMPLETE);
+        assert!(gaps.message.contains("not answering: host-2"), "{}", gaps.message);
+        assert!(
+            gaps.message.contains("v-older (old) not searched: the old value is no longer held"),
+            "{}",
+            gaps.message
+        );
+
+        v.summary.not_answering.clear();
+        v.not_searched.clear();
+        assert!(verdict(&v).is_none(), "a complete scan that found nothing exits 0");
+        v.summary.truncated.push("host-1".into());
+        assert_eq!(verdict(&v).unwrap().code, EXIT_INCOMPLETE);
+    }
 
     #[test]
     fn lines_are_shortened() {

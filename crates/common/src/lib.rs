@@ -6,11 +6,13 @@
 //! - [`config`]: TOML loading whose errors name the file and the field.
 //! - [`error`]: an error and its causes on one line, for logs and messages.
 //! - [`fs`]: atomic file replacement (temp file 0600, fsync, rename, fsync of the directory).
+//! - [`clidoc`]: shell completions and man pages from a binary's clap definition.
 //! - [`time`] and [`logging`]: small helpers every binary uses the same way.
 //! - [`testing`]: the one wait budget the crates' and e2e tests derive deadlines from.
 //!
 //! Owns no tasks and no channels.
 
+pub mod clidoc;
 pub mod config;
 pub mod error;
 pub mod fs;

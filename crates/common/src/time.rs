@@ -21,6 +21,30 @@ pub fn format_unix(secs: i64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs as u64)).to_string()
 }
 
+/// RFC 3339 (UTC, milliseconds) for a Unix time in milliseconds, e.g.
+/// `2026-12-02T11:38:35.123Z`; `-` for zero (never happened). For records
+/// kept in milliseconds, where whole seconds would hide the order of events.
+pub fn format_unix_ms(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".to_string();
+    }
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms as u64)).to_string()
+}
+
+/// A duration in milliseconds as `0.250s`, `14.620s` under two minutes, then
+/// `3m`, `2h5m`: sub-second where it matters, coarse where it does not.
+pub fn format_duration_ms(ms: i64) -> String {
+    let ms = ms.max(0);
+    let s = ms / 1000;
+    if s < 120 {
+        format!("{s}.{:03}s", ms % 1000)
+    } else if s < 7200 {
+        format!("{}m{}s", s / 60, s % 60)
+    } else {
+        format!("{}h{}m", s / 3600, s % 3600 / 60)
+    }
+}
+
 /// "3m ago" / "in 23h" relative to `now`, coarse and readable.
 pub fn format_relative(secs: i64, now: i64) -> String {
     if secs <= 0 {
@@ -69,6 +93,16 @@ mod tests {
         assert_eq!(format_relative(100, 130), "30s ago");
         assert_eq!(format_relative(100 + 7200, 100), "in 2h");
         assert_eq!(format_relative(0, 100), "never");
+    }
+
+    #[test]
+    fn millisecond_times_keep_their_fraction() {
+        assert_eq!(format_unix_ms(1_764_675_515_123), "2025-12-02T11:38:35.123Z");
+        assert_eq!(format_unix_ms(0), "-");
+        assert_eq!(format_duration_ms(250), "0.250s");
+        assert_eq!(format_duration_ms(14_620), "14.620s");
+        assert_eq!(format_duration_ms(185_000), "3m5s");
+        assert_eq!(format_duration_ms(7_500_000), "2h5m");
     }
 
     #[test]

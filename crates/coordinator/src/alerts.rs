@@ -58,6 +58,10 @@ pub enum AlertError {
 #[derive(Clone)]
 pub struct Alerts {
     tree: sled::Tree,
+    /// The last alert number handed out (`LAST_SEQ`). Not sled's
+    /// `generate_id`, which reserves a block of ids per open and so jumps
+    /// after every restart (2000002 → 4000001): alert numbers are dense.
+    seq: sled::Tree,
     store: Store,
     /// Alerts waiting for the webhook task (none without a webhook).
     outbox: Option<mpsc::Sender<Alert>>,
@@ -66,6 +70,9 @@ pub struct Alerts {
 /// Alerts waiting for the webhook; beyond this, an alert is stored and
 /// logged but marked as not sent.
 const WEBHOOK_QUEUE: usize = 1024;
+/// The key of the last alert number in the `alert_seq` tree.
+const LAST_SEQ: &[u8] = b"last";
+
 /// Webhook deliveries (each with its retries) in flight at once.
 const WEBHOOK_CONCURRENCY: usize = 8;
 
@@ -87,11 +94,12 @@ impl Alerts {
     /// (run it under the supervisor).
     pub fn open(store: &Store, webhook: Option<Webhook>) -> Result<(Alerts, Option<WebhookSender>), AlertError> {
         let tree = store.db().open_tree("alerts")?;
+        let seq = store.db().open_tree("alert_seq")?;
         let Some(hook) = webhook else {
-            return Ok((Alerts { tree, store: store.clone(), outbox: None }, None));
+            return Ok((Alerts { tree, seq, store: store.clone(), outbox: None }, None));
         };
         let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-        let alerts = Alerts { tree, store: store.clone(), outbox: Some(tx) };
+        let alerts = Alerts { tree, seq, store: store.clone(), outbox: Some(tx) };
         Ok((alerts.clone(), Some(WebhookSender { hook, alerts, rx })))
     }
 
@@ -101,6 +109,31 @@ impl Alerts {
             .values()
             .map(|v| serde_json::from_slice(&v?).map_err(|e| AlertError::Corrupt(e.to_string())))
             .collect()
+    }
+
+    /// The next alert number: one more than the last handed out or stored
+    /// (stores written before this counter existed continue after their
+    /// highest alert), atomic across concurrent raisers.
+    fn next_seq(&self) -> Result<u64, AlertError> {
+        let stored = match self.tree.last()? {
+            Some((k, _)) => be_u64(&k)?,
+            None => 0,
+        };
+        let mut corrupt = None;
+        let next = self.seq.update_and_fetch(LAST_SEQ, |old| {
+            let last = match old.map(be_u64).transpose() {
+                Ok(v) => v.unwrap_or(0),
+                Err(e) => {
+                    corrupt = Some(e);
+                    0
+                }
+            };
+            Some(last.max(stored).saturating_add(1).to_be_bytes().to_vec())
+        })?;
+        if let Some(e) = corrupt {
+            return Err(e);
+        }
+        be_u64(&next.expect("update_and_fetch stored a value"))
     }
 
     /// Records an alert, logs it, and sends it to the webhook in the background.
@@ -113,7 +146,7 @@ impl Alerts {
         message: String,
         details: serde_json::Value,
     ) -> Result<Alert, AlertError> {
-        let seq = self.store.db().generate_id()? + 1;
+        let seq = self.next_seq()?;
         let alert = Alert {
             seq,
             at_ms: rekey_common::time::now_unix_ms(),
@@ -144,6 +177,11 @@ impl Alerts {
         self.store.flush().map_err(|e| AlertError::Corrupt(e.to_string()))?;
         Ok(())
     }
+}
+
+fn be_u64(b: &[u8]) -> Result<u64, AlertError> {
+    let a: [u8; 8] = b.try_into().map_err(|_| AlertError::Corrupt(format!("alert number of {} bytes", b.len())))?;
+    Ok(u64::from_be_bytes(a))
 }
 
 impl WebhookSender {
@@ -217,6 +255,62 @@ async fn deliver(hook: &Webhook, a: &Alert) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn raise(alerts: &Alerts) -> u64 {
+        let details = serde_json::json!({});
+        alerts.raise(AlertKind::LeftoverFound, Severity::Warning, "k", None, "m".into(), details).unwrap().seq
+    }
+
+    #[test]
+    fn alert_numbers_stay_dense_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let mut seen = Vec::new();
+        for _restart in 0..3 {
+            let store = Store::open(&path).unwrap();
+            let (alerts, _) = Alerts::open(&store, None).unwrap();
+            seen.push(raise(&alerts));
+            seen.push(raise(&alerts));
+            drop(alerts);
+            store.close().unwrap();
+        }
+        assert_eq!(seen, [1, 2, 3, 4, 5, 6], "one number after another, whatever the restarts");
+        let store = Store::open(&path).unwrap();
+        let (alerts, _) = Alerts::open(&store, None).unwrap();
+        let listed: Vec<u64> = alerts.list().unwrap().iter().map(|a| a.seq).collect();
+        assert_eq!(listed, [1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_store_numbered_by_generate_id_continues_after_its_highest_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let (alerts, _) = Alerts::open(&store, None).unwrap();
+        assert_eq!(raise(&alerts), 1);
+        // An alert stored by an older rekeyd under a jumped number, before the counter existed.
+        let mut jumped = alerts.list().unwrap()[0].clone();
+        jumped.seq = 4_000_001;
+        alerts.put(&jumped).unwrap();
+        alerts.seq.remove(LAST_SEQ).unwrap();
+        assert_eq!(raise(&alerts), 4_000_002, "never a number below one already shown");
+        assert_eq!(raise(&alerts), 4_000_003);
+    }
+
+    #[test]
+    fn concurrent_raisers_never_share_a_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let (alerts, _) = Alerts::open(&store, None).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let a = alerts.clone();
+                std::thread::spawn(move || (0..10).map(|_| raise(&a)).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut all: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort();
+        assert_eq!(all, (1..=40).collect::<Vec<_>>());
+    }
 
     #[test]
     fn signatures_are_hmac_sha256_hex() {

@@ -47,6 +47,17 @@ enum Command {
     /// Operator credentials made on the coordinator host.
     #[command(subcommand)]
     Operator(OperatorCmd),
+    /// Print a shell completion script (e.g. `rekeyd completions bash`).
+    Completions {
+        #[arg(value_enum)]
+        shell: rekey_common::clidoc::Shell,
+    },
+    /// Write the man pages into a directory (used by the package build).
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -86,8 +97,22 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // Need no config: they describe the binary, not a coordinator.
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            return Ok(rekey_common::clidoc::print_completions(cmd, *shell)?);
+        }
+        Some(Command::Man { out }) => {
+            let pages = rekey_common::clidoc::write_man_pages(<Cli as clap::CommandFactory>::command(), out)?;
+            println!("wrote {} man pages into {}", pages.len(), out.display());
+            return Ok(());
+        }
+        _ => {}
+    }
     let config = Config::from_file(&cli.config)?;
     match cli.command.unwrap_or(Command::Run) {
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled before the config is read"),
         // Read-only: creates nothing, works while rekeyd runs.
         Command::Fingerprint => {
             println!("{}", rekey_coordinator::server::fingerprint(&config)?);

@@ -7,7 +7,7 @@
 //! Tasks: one reconciler ([`Tripwire::run`]), which runs at most one scan at a time.
 
 use crate::alerts::{AlertKind, Alerts, Severity};
-use crate::engine::machine::Rotation;
+use crate::engine::machine::{Rotation, RotationState};
 use crate::engine::state::EngineState;
 use crate::scope::{self, ConsumerMap, Query, Scanner};
 use rekey_common::error::Chain;
@@ -37,7 +37,46 @@ impl Tripwire {
 /// (secret, version, host, path, line) of a leftover copy.
 type Copy = (String, String, String, String, u32);
 
+/// Why a monitored rotation's old value cannot be searched for, in words
+/// that say it is not watched: an old version rekey adopted from the provider
+/// was never held by the coordinator (there is no value to search for), which
+/// is not the same as a value forgotten at revocation.
+fn skip_reason(rot: &Rotation, rotations: &[Rotation], e: &scope::ScopeError) -> String {
+    let old = rot.old_version.as_deref().unwrap_or("-");
+    let created_by_rekey = rotations.iter().any(|r| r.id != rot.id && r.new_version.as_deref() == Some(old));
+    match e {
+        scope::ScopeError::OldValueForgotten { .. } | scope::ScopeError::ValueNotHeld { .. } if !created_by_rekey => {
+            format!(
+                "the old version {old} was not created by rekey (it was adopted from the provider), so the \
+                 coordinator never held its value: leftover copies of it are not watched"
+            )
+        }
+        _ => format!("{}: leftover copies of the old version {old} are not watched", Chain(e)),
+    }
+}
+
 impl Tripwire {
+    /// Logs a scan that could not run, and audits it once per rotation and
+    /// reason, so the rotation's report says what was not watched.
+    fn record_skip(
+        &self,
+        rot: &Rotation,
+        rotations: &[Rotation],
+        e: &scope::ScopeError,
+        skips: &mut BTreeSet<(String, String)>,
+    ) {
+        let reason = skip_reason(rot, rotations, e);
+        tracing::warn!(rotation = %rot.id, secret = %rot.secret, %reason, "tripwire scan skipped: not watched");
+        if !skips.insert((rot.id.clone(), reason.clone())) {
+            return;
+        }
+        let details = serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "reason": reason });
+        let entry = crate::audit::AuditEntry::new("rekeyd", "tripwire.skipped", details);
+        if let Err(e) = self.state.audit(rekey_common::time::now_unix_ms(), vec![entry]) {
+            tracing::error!(error = %Chain(&e), "cannot audit a skipped tripwire scan");
+        }
+    }
+
     /// One alert per leftover copy not alerted on before.
     fn alert_leftovers(&self, rot: &Rotation, map: &ConsumerMap, alerted: &mut BTreeSet<Copy>) {
         for o in &map.leftovers {
@@ -82,6 +121,8 @@ async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
     // (secret, version, host, path, line) already alerted on: one alert per copy,
     // whichever monitored rotation's scan finds it.
     let mut alerted: BTreeSet<Copy> = BTreeSet::new();
+    // (rotation, reason) of skipped scans already audited: once each, not every interval.
+    let mut skips: BTreeSet<(String, String)> = BTreeSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -94,23 +135,20 @@ async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
                 continue;
             }
         };
-        for rot in rotations.iter().filter(|r| r.state == crate::engine::machine::RotationState::Monitoring) {
+        for rot in rotations.iter().filter(|r| r.state == RotationState::Monitoring) {
             let every = Duration::from_millis(rot.policy.check_every_ms.max(1000) as u64);
             if last_scan.get(&rot.id).is_some_and(|t| t.elapsed() < every) {
                 continue;
             }
             last_scan.insert(rot.id.clone(), tokio::time::Instant::now());
-            let query = match Query::new(rot.secret.clone(), "old", rot.id.clone(), SCAN_TIMEOUT_SECONDS) {
-                Ok(q) => q,
-                Err(e) => {
-                    tracing::warn!(rotation = %rot.id, error = %Chain(&e), "tripwire scan not possible");
-                    continue;
-                }
+            let scanned = match Query::new(rot.secret.clone(), "old", rot.id.clone(), SCAN_TIMEOUT_SECONDS) {
+                Ok(query) => tripwire.scanner.run(&query).await,
+                Err(e) => Err(e),
             };
-            let map = match tripwire.scanner.run(&query).await {
+            let map = match scanned {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::info!(rotation = %rot.id, error = %Chain(&e), "tripwire scan skipped");
+                    tripwire.record_skip(rot, &rotations, &e, &mut skips);
                     continue;
                 }
             };
@@ -124,5 +162,6 @@ async fn run(tripwire: Tripwire, shutdown: CancellationToken) {
             tripwire.alert_leftovers(rot, &map, &mut alerted);
         }
         last_scan.retain(|id, _| rotations.iter().any(|r| &r.id == id));
+        skips.retain(|(id, _)| rotations.iter().any(|r| &r.id == id && r.state == RotationState::Monitoring));
     }
 }

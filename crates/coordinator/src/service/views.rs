@@ -245,12 +245,17 @@ pub(crate) fn secret(
     last: Option<&Rotation>,
     consumers: Vec<String>,
 ) -> view::SecretView {
+    // No completed rotation recorded a version yet: the one the last rotation
+    // took from the provider as its old version is still what the hosts run
+    // (until a rotation completes, the record is what changes).
+    let adopted = last.and_then(|r| r.old_version.clone());
     view::SecretView {
         name: spec.name.clone(),
         description: spec.description.clone(),
         provider: spec.provider.kind().to_string(),
         selector: spec.selector.clone(),
-        current_version: rec.current_version.clone(),
+        current_version: rec.current_version.clone().or(adopted.clone()),
+        current_version_adopted: rec.current_version.is_none() && adopted.is_some(),
         active_rotation: rec.active_rotation.clone(),
         last_rotation: last.map(|r| view::LastRotationView {
             id: r.id.clone(),
@@ -661,6 +666,35 @@ mod tests {
         let new = serde_json::to_value(view::RotationView::from(&r)).unwrap();
         assert_eq!(new, old);
         assert!(!serde_json::to_string(&view::RotationView::from(&r)).unwrap().contains("00ff"));
+    }
+
+    #[test]
+    fn a_secret_shows_the_version_a_rotation_adopted_until_one_completes() {
+        let spec = SecretSpec {
+            name: "api-key".into(),
+            description: String::new(),
+            provider: serde_json::from_value(json!({"kind": "random"})).unwrap(),
+            sinks: vec![],
+            selector: Default::default(),
+            hosts: None,
+            all_agents: false,
+            priority: 0,
+            policy: machine::Policy::default(),
+        };
+        let r = rotation();
+        let mut rec =
+            SecretRecord { name: "api-key".into(), active_rotation: Some(r.id.clone()), ..Default::default() };
+        let v = secret(&spec, &rec, Some(&r), vec![]);
+        assert_eq!(v.current_version.as_deref(), Some("v1"), "the provider's key rekey took as the old version");
+        assert!(v.current_version_adopted);
+
+        rec.current_version = Some("v2".into());
+        let v = secret(&spec, &rec, Some(&r), vec![]);
+        assert_eq!(v.current_version.as_deref(), Some("v2"));
+        assert!(!v.current_version_adopted, "a version a rotation installed is not adopted");
+
+        let v = secret(&spec, &SecretRecord::default(), None, vec![]);
+        assert_eq!((v.current_version, v.current_version_adopted), (None, false), "never rotated: unknown");
     }
 
     #[test]

@@ -23,8 +23,14 @@ pub struct SecretView {
     pub provider: String,
     /// Labels a host must carry to receive the secret (empty: every host that asks for it).
     pub selector: BTreeMap<String, String>,
-    /// The version the hosts run, once a rotation completed.
+    /// The version the hosts run: the one the last completed rotation
+    /// installed or, before any completed, the one rekey adopted from the
+    /// provider when a rotation started (`current_version_adopted`).
     pub current_version: Option<String>,
+    /// `current_version` was not created by rekey: a rotation adopted it from
+    /// the provider and none has completed yet. Absent in older documents.
+    #[serde(default)]
+    pub current_version_adopted: bool,
     /// The rotation in progress, if any (at most one per secret).
     pub active_rotation: Option<String>,
     pub last_rotation: Option<LastRotationView>,
