@@ -499,6 +499,77 @@ impl From<&scope::ConsumerMap> for view::ScopeView {
     }
 }
 
+/// A rotation's preflight (`rekey rotate plan`): hosts by wave with their
+/// checks, the provider's findings, and every problem.
+pub(crate) fn plan(p: &crate::preflight::Plan) -> view::PlanView {
+    use crate::preflight::{HostCheck, ProviderCheck};
+    let host = |name: &String| {
+        let (status, checks) = match p.hosts.get(name) {
+            Some(HostCheck::Answered(c)) if c.iter().all(|c| c.ok) => (view::PlanHostStatus::Ready, c.as_slice()),
+            Some(HostCheck::Answered(c)) => (view::PlanHostStatus::Failed, c.as_slice()),
+            Some(HostCheck::NotConnected(_)) => (view::PlanHostStatus::NotConnected, &[][..]),
+            Some(HostCheck::NoAnswer) | None => (view::PlanHostStatus::NoAnswer, &[][..]),
+        };
+        let checks = checks
+            .iter()
+            .map(|c| view::PlanCheckView { subject: c.subject.clone(), ok: c.ok, detail: c.detail.clone() })
+            .collect();
+        view::PlanHostView { name: name.clone(), status, checks }
+    };
+    let waves = p
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(index, w)| view::PlanWaveView {
+            index,
+            canary: index == 0 && p.canary,
+            hosts: w.iter().map(host).collect(),
+        })
+        .collect();
+    let provider = match &p.provider {
+        ProviderCheck::Listed { versions, reconciliation } => {
+            let mut sorted = versions.clone();
+            sorted.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
+            view::PlanProviderView {
+                kind: p.provider_kind.clone(),
+                listed: true,
+                error: None,
+                versions: sorted.iter().map(|v| version(v, p.recorded.as_deref())).collect(),
+                drift: reconciliation.unknown_active.clone(),
+                findings: reconciliation.findings(),
+            }
+        }
+        ProviderCheck::NotListable | ProviderCheck::Failed(_) => view::PlanProviderView {
+            kind: p.provider_kind.clone(),
+            listed: false,
+            error: Some(match &p.provider {
+                ProviderCheck::Failed(e) => e.clone(),
+                _ => "its config has no list request: nothing to reconcile with".into(),
+            }),
+            versions: vec![],
+            drift: vec![],
+            findings: vec![],
+        },
+    };
+    let problems: Vec<view::PlanProblemView> = p
+        .problems()
+        .into_iter()
+        .map(|x| view::PlanProblemView { host: x.host, subject: x.subject, detail: x.detail })
+        .collect();
+    view::PlanView {
+        secret: p.secret.clone(),
+        recorded_version: p.recorded.clone(),
+        old_version: p.old_version.clone(),
+        fields: p.fields.clone(),
+        provider,
+        waves,
+        ok: problems.is_empty(),
+        problems,
+        wait_seconds: p.wait.as_secs(),
+        elapsed_ms: p.elapsed_ms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The views keep the JSON the admin API answered before they existed:
