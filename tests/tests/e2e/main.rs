@@ -8,6 +8,7 @@ mod foundation;
 mod grpc;
 mod netns;
 mod pipeline;
+mod preflight;
 mod providers;
 mod scope;
 mod security;
