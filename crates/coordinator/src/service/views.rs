@@ -526,7 +526,7 @@ pub(crate) fn plan(p: &crate::preflight::Plan) -> view::PlanView {
             hosts: w.iter().map(host).collect(),
         })
         .collect();
-    let provider = match &p.provider {
+    let mut provider = match &p.provider {
         ProviderCheck::Listed { versions, reconciliation } => {
             let mut sorted = versions.clone();
             sorted.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
@@ -551,6 +551,13 @@ pub(crate) fn plan(p: &crate::preflight::Plan) -> view::PlanView {
             findings: vec![],
         },
     };
+    if p.fields.is_empty() {
+        provider.findings.push(
+            "field names unknown: the provider cannot tell them before a create and rekey holds no current version, \
+             so the dry run rendered without fields (a template naming one fails there, not necessarily at run time)"
+                .into(),
+        );
+    }
     let problems: Vec<view::PlanProblemView> = p
         .problems()
         .into_iter()
@@ -846,5 +853,47 @@ mod tests {
             delivery: "failed: 500".into(),
         };
         assert_eq!(serde_json::to_value(view::AlertView::from(&alert)).unwrap(), serde_json::to_value(&alert).unwrap());
+    }
+
+    #[test]
+    fn a_plan_shows_each_host_in_its_wave_with_its_status_and_every_problem() {
+        use crate::preflight::{HostCheck, Plan, ProviderCheck};
+        use std::collections::BTreeMap;
+        let check = |ok: bool| rekey_proto::v1::PreflightCheck {
+            subject: "file /srv/key.env".into(),
+            ok,
+            detail: if ok { "exists".into() } else { "does not exist".into() },
+        };
+        let listed = vec![VersionInfo { id: "v1".into(), status: VersionStatus::Active, created_unix: Some(1) }];
+        let reconciliation = crate::engine::reconcile::reconcile(Some("v1"), &Default::default(), &listed, None);
+        let p = Plan {
+            secret: "api-key".into(),
+            provider_kind: "random".into(),
+            recorded: Some("v1".into()),
+            old_version: Some("v1".into()),
+            provider: ProviderCheck::Listed { versions: listed, reconciliation },
+            fields: vec![],
+            waves: vec![vec!["a".into()], vec!["b".into(), "c".into()]],
+            canary: true,
+            hosts: BTreeMap::from([
+                ("a".to_string(), HostCheck::Answered(vec![check(true)])),
+                ("b".to_string(), HostCheck::Answered(vec![check(true), check(false)])),
+                ("c".to_string(), HostCheck::NoAnswer),
+            ]),
+            blockers: vec![],
+            wait: std::time::Duration::from_secs(20),
+            elapsed_ms: 5,
+        };
+        let v = plan(&p);
+        let statuses: Vec<(String, view::PlanHostStatus)> =
+            v.waves.iter().flat_map(|w| w.hosts.iter().map(|h| (h.name.clone(), h.status))).collect();
+        use view::PlanHostStatus::*;
+        assert_eq!(statuses, [("a".into(), Ready), ("b".into(), Failed), ("c".into(), NoAnswer)]);
+        assert!(v.waves[0].canary && !v.waves[1].canary);
+        assert!(!v.ok);
+        let hosts: Vec<Option<&str>> = v.problems.iter().map(|x| x.host.as_deref()).collect();
+        assert_eq!(hosts, [Some("b"), Some("c")]);
+        assert!(v.provider.listed && v.provider.versions[0].current);
+        assert!(v.provider.findings.iter().any(|f| f.starts_with("field names unknown")), "{:?}", v.provider.findings);
     }
 }
