@@ -157,6 +157,27 @@ enum RotateCmd {
     },
     /// Follow a rotation until it completes, halts or aborts.
     Watch { id: String },
+    /// Deactivate and delete the old version now, despite its use after the
+    /// switch (the operator decides; audited with who and why, in the report).
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Mark a rotation completed where it stands (every host confirmed); the
+    /// provider is left as it is. Audited with who and why.
+    Finish {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Stop a rotation in any state without touching the provider or the
+    /// hosts; frees the secret for a new rotation. Audited with who and why.
+    Abandon {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -531,6 +552,17 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
             output(out, &v, |v| println!("{host} excluded from {id}: {}", rotate::summary(v)));
         }
         RotateCmd::Watch { id } => return watch(client, out, id).await,
+        RotateCmd::Revoke { id, reason } | RotateCmd::Finish { id, reason } | RotateCmd::Abandon { id, reason } => {
+            let (action, verb) = match cmd {
+                RotateCmd::Revoke { .. } => (Control::Revoke, "revoking the old version"),
+                RotateCmd::Finish { .. } => (Control::Finish, "finished"),
+                _ => (Control::Abandon, "abandoned"),
+            };
+            let mut req = control(id, action);
+            req.reason = reason.clone();
+            let v: RotationView = client.view(client.inner.clone().control_rotation(client.request(req)).await)?;
+            output(out, &v, |v| println!("{id} {verb}: {}", rotate::summary(v)));
+        }
         RotateCmd::Plan { secret, wait } => {
             let req = client.request(PlanRotationRequest { secret: secret.clone(), wait_seconds: wait.unwrap_or(0) });
             let v: PlanView = client.view(client.inner.clone().plan_rotation(req).await)?;
@@ -562,7 +594,7 @@ async fn watch(client: &mut Client, out: Output, id: &str) -> Result<()> {
                 }
                 return Ok(());
             }
-            RotationState::Halted | RotationState::Aborted => {
+            RotationState::Halted | RotationState::Aborted | RotationState::Abandoned => {
                 if out == Output::Json {
                     print_json(&v);
                 }

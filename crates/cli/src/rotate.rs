@@ -133,10 +133,24 @@ pub fn print_rotation(r: &RotationView) {
             println!("  {}  {:<13} {}", at_ms(e.at_ms), e.phase, cell(&e.verdict));
         }
     }
+    if !r.decisions.is_empty() {
+        println!();
+        println!("operator decisions");
+        for d in &r.decisions {
+            println!("  {}  {:<8} by {}: {}", at_ms(d.at_ms), d.kind, cell(&d.by), cell(&d.reason));
+        }
+    }
     println!();
     println!("timeline");
     for e in &r.timeline {
         println!("  {}  {:<13} {}", at_ms(e.at_ms), e.state, cell(&e.note));
+    }
+    if !r.exits.is_empty() {
+        println!();
+        println!("what you can do now");
+        for e in &r.exits {
+            println!("  {:<52} {}", e.command, e.what);
+        }
     }
 }
 

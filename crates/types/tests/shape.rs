@@ -95,6 +95,7 @@ fn rotation() -> RotationView {
             usage_granularity_ms: 0,
             grace_use: GraceUse::Reactivate,
             check_every_ms: 60_000,
+            use_after_switch: UseAfterSwitch::Hold,
         },
         old_version: Some("v-old".into()),
         new_version: Some("v-new".into()),
@@ -118,6 +119,7 @@ fn rotation() -> RotationView {
                 phase: RotationState::RollingOut,
                 usage: Some(Usage::At(T0 - 5_000)),
                 error: None,
+                source: Some("iam in eu-west-1".into()),
                 verdict: "used before the switch".into(),
             },
             EvidenceView {
@@ -125,6 +127,7 @@ fn rotation() -> RotationView {
                 phase: RotationState::Verified,
                 usage: Some(Usage::Unknown),
                 error: None,
+                source: None,
                 verdict: "no usage data".into(),
             },
             EvidenceView {
@@ -132,6 +135,7 @@ fn rotation() -> RotationView {
                 phase: RotationState::Grace,
                 usage: None,
                 error: Some("provider unavailable".into()),
+                source: None,
                 verdict: "check failed".into(),
             },
         ],
@@ -144,6 +148,21 @@ fn rotation() -> RotationView {
         waiting_on: Some("host-2 failed: health check returned 503 (failure budget 0)".into()),
         blocking_hosts: vec![("host-2".into(), HostState::RolledBack)],
         failure_budget_hosts: 0,
+        evidence_since_ms: None,
+        old_revoked_ms: None,
+        decisions: vec![DecisionView {
+            kind: DecisionKind::Abandon,
+            by: "operator/admin".into(),
+            reason: "superseded by INC-43".into(),
+            at_ms: T0 + 31_000,
+            from: RotationState::Halted,
+            hosts_on_new: false,
+        }],
+        exits: vec![ExitView {
+            verb: "resume".into(),
+            command: "rekey rotate resume rot-3f9a1c".into(),
+            what: "retry the failed step or hosts".into(),
+        }],
     }
 }
 
@@ -579,7 +598,7 @@ fn enum_spellings_are_the_documented_ones() {
             .iter()
             .map(|s| serde_json::to_value(s).unwrap().as_str().unwrap().to_string())
             .collect()),
-        "planned generating rolling_out halted verified deactivating grace deleting monitoring completed aborting aborted"
+        "planned generating rolling_out halted verified deactivating grace deleting monitoring completed aborting aborted abandoned"
     );
     assert_eq!(
         all(HostState::ALL.iter().map(|s| s.to_string()).collect()),

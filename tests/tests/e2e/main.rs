@@ -2,6 +2,7 @@
 //! One test binary for the whole workspace keeps link time down.
 
 mod architecture;
+mod breach;
 mod demo;
 mod engine;
 mod foundation;

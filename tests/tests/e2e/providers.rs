@@ -17,14 +17,14 @@ use std::time::Duration;
 
 // ---------------------------------------------------------------- helpers
 
-struct Fleet {
-    tmp: tempfile::TempDir,
-    c: Coordinator,
-    agents: Vec<ScriptedAgent>,
+pub(crate) struct Fleet {
+    pub tmp: tempfile::TempDir,
+    pub c: Coordinator,
+    pub agents: Vec<ScriptedAgent>,
 }
 
 /// A coordinator with `catalog` and `n` scripted agents consuming `secrets`.
-fn fleet(n: usize, secrets: &[&str], catalog: impl FnOnce(&Path) -> String) -> Fleet {
+pub(crate) fn fleet(n: usize, secrets: &[&str], catalog: impl FnOnce(&Path) -> String) -> Fleet {
     rustls::crypto::ring::default_provider().install_default().ok();
     let tmp = tempfile::Builder::new().prefix("rekey-providers-").tempdir().unwrap();
     let c = Coordinator::start(&tmp.path().join("c"), &catalog(tmp.path()));
@@ -35,11 +35,11 @@ fn fleet(n: usize, secrets: &[&str], catalog: impl FnOnce(&Path) -> String) -> F
     Fleet { tmp, c, agents }
 }
 
-fn start(c: &Coordinator, secret: &str) -> String {
+pub(crate) fn start(c: &Coordinator, secret: &str) -> String {
     c.cli_ok(&["rotate", "start", secret]).trim().to_string()
 }
 
-fn wait_state(c: &Coordinator, id: &str, states: &[RotationState]) -> RotationView {
+pub(crate) fn wait_state(c: &Coordinator, id: &str, states: &[RotationState]) -> RotationView {
     let mut last = None;
     wait_for(&format!("rotation {id} to reach {states:?}"), || {
         let r = c.rotation(id);
@@ -157,7 +157,7 @@ fn req(rotation: &str, previous: Option<&str>) -> CreateRequest {
 
 // ---------------------------------------------------------------- AWS IAM on moto
 
-mod iam {
+pub(crate) mod iam {
     use super::*;
     use aws_sdk_iam::Client;
     use aws_sdk_iam::config::{BehaviorVersion, Credentials, Region};
@@ -961,12 +961,12 @@ fn a_vault_sink_logs_in_with_approle_and_writes_once_per_version() {
 // ---------------------------------------------------------------- breach response on moto
 
 /// A webhook receiver on loopback: records (signature header, body) of every POST.
-struct Hook {
-    url: String,
-    got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+pub(crate) struct Hook {
+    pub url: String,
+    pub got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
 
-fn hook() -> Hook {
+pub(crate) fn hook() -> Hook {
     use std::io::{BufRead, BufReader, Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", l.local_addr().unwrap());

@@ -109,6 +109,10 @@ struct RawRevocation {
     /// `reactivate` (alert, reactivate the old version, halt) or `proceed` (alert only).
     #[serde(default = "reactivate")]
     on_use_during_grace: String,
+    /// `hold` (alert, hold revocation until an operator decides) or `revoke`
+    /// (alert, revoke anyway) when the old version is used after every host switched.
+    #[serde(default = "hold")]
+    on_use_after_switch: String,
     /// How often usage is checked during grace and monitoring.
     #[serde(default = "one_minute")]
     check_every: String,
@@ -123,6 +127,9 @@ fn reactivate() -> String {
 fn one_minute() -> String {
     "1m".into()
 }
+fn hold() -> String {
+    "hold".into()
+}
 
 impl Default for RawRevocation {
     fn default() -> Self {
@@ -134,6 +141,7 @@ impl Default for RawRevocation {
             require_evidence: true,
             usage_granularity: no_time(),
             on_use_during_grace: reactivate(),
+            on_use_after_switch: hold(),
             check_every: one_minute(),
         }
     }
@@ -242,6 +250,17 @@ fn policy(path: &Path, at: &dyn Fn(&str) -> String, s: &RawSecret) -> Result<Pol
             }
         },
         check_every_ms: duration_ms(path, &at("revocation.check_every"), &s.revocation.check_every)?.max(1000),
+        use_after_switch: match s.revocation.on_use_after_switch.as_str() {
+            "hold" => super::machine::UseAfterSwitch::Hold,
+            "revoke" => super::machine::UseAfterSwitch::Revoke,
+            other => {
+                return Err(ConfigError::field(
+                    path,
+                    at("revocation.on_use_after_switch"),
+                    format!("expected \"hold\" or \"revoke\", got {other:?}"),
+                ));
+            }
+        },
     })
 }
 

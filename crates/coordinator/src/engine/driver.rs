@@ -8,7 +8,7 @@
 //! rotations). A 1 s tick drives deadlines and the grace/monitoring timers.
 
 use super::link::{AgentLink, Delivery};
-use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage, Usage};
+use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage, Usage, UseDetail};
 use super::plan::plan_waves;
 use super::reconcile::{OldVersion, reconcile, version_limit};
 use super::state::{EngineState, StateError};
@@ -21,7 +21,7 @@ use rekey_common::error::Chain;
 use rekey_common::secret::fingerprint_fields;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1;
-use rekey_providers::{CreateRequest, LastUsed, Provider, ProviderError, Sink, SinkWrite, VersionInfo};
+use rekey_providers::{CreateRequest, LastUsed, Provider, ProviderError, Sink, SinkWrite, VersionInfo, VersionStatus};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +31,11 @@ use tracing::Instrument;
 
 /// Retries of a retryable provider error before the rotation halts.
 const PROVIDER_ATTEMPTS: u32 = 3;
+/// The longest the engine sleeps between ticks; rotations with a sooner due
+/// time ([`machine::next_due`]) are woken then.
+const TICK: Duration = Duration::from_secs(1);
+/// The shortest: a due time already past never turns into a busy loop.
+const MIN_WAIT: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -209,6 +214,16 @@ fn audit_diff(before: &Rotation, after: &Rotation, actor: &str) -> Vec<AuditEntr
             ));
         }
     }
+    for d in after.decisions.iter().skip(before.decisions.len()) {
+        out.push(AuditEntry::new(
+            actor,
+            format!("rotation.decision.{}", d.kind.as_str()),
+            serde_json::json!({
+                "rotation": after.id, "secret": after.secret, "decision": d.kind.as_str(), "by": d.by,
+                "reason": d.reason, "from": d.from.as_str(), "hosts_on_new": d.hosts_on_new,
+            }),
+        ));
+    }
     for t in after.timeline.iter().skip(before.timeline.len()) {
         out.push(AuditEntry::new(
             actor,
@@ -282,7 +297,7 @@ impl Engine {
                 // A crash between completing and forgetting the revoked value: forget it now.
                 if rot.state == RotationState::Completed
                     && let Some(old) = &rot.old_version
-                    && rot.timeline.iter().any(|t| t.state == RotationState::Deleting)
+                    && (rot.old_revoked_ms.is_some() || rot.timeline.iter().any(|t| t.state == RotationState::Deleting))
                     && let Err(e) = self.state.remove_version(&rot.secret, old)
                 {
                     tracing::error!(rotation = %rot.id, error = %Chain(&e), "cannot forget the old value");
@@ -298,25 +313,38 @@ impl Engine {
             self.active.insert(id.clone(), after);
             self.run_actions(&id, actions, "rekeyd");
         }
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut wake = self.next_wake();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 cmd = self.rx.recv() => match cmd {
-                    Some(cmd) => self.on_command(cmd).await,
+                    Some(cmd) => {
+                        self.on_command(cmd).await;
+                        wake = wake.min(self.next_wake());
+                    }
                     None => return Ok(()),
                 },
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(wake) => {
+                    wake = tokio::time::Instant::now() + TICK;
                     let ids: Vec<String> = self.active.keys().cloned().collect();
                     for id in ids {
                         if let Err(e) = self.apply(&id, Event::Tick, "rekeyd") {
                             tracing::error!(rotation = %id, error = %Chain(&e), "tick failed");
                         }
                     }
+                    wake = wake.min(self.next_wake());
                 }
             }
         }
+    }
+
+    /// The soonest moment a rotation needs a tick (at most [`TICK`] away).
+    fn next_wake(&self) -> tokio::time::Instant {
+        let now_ms = now_unix_ms();
+        let soonest = self.active.values().filter_map(machine::next_due).min();
+        let wait = soonest
+            .map_or(TICK, |t| Duration::from_millis(t.saturating_sub(now_ms).max(0) as u64).clamp(MIN_WAIT, TICK));
+        tokio::time::Instant::now() + wait
     }
 
     async fn on_command(&mut self, cmd: Command) {
@@ -518,7 +546,7 @@ impl Engine {
             if after.state == RotationState::Completed
                 && before.state != RotationState::Completed
                 && let Some(old) = &after.old_version
-                && after.timeline.iter().any(|t| t.state == RotationState::Deleting)
+                && (after.old_revoked_ms.is_some() || after.timeline.iter().any(|t| t.state == RotationState::Deleting))
             {
                 // Monitoring is over: forget the revoked value.
                 if let Err(e) = self.state.remove_version(&after.secret, old) {
@@ -644,7 +672,7 @@ impl Engine {
         let (Some(provider), Some(old)) = (self.providers.get(&rot.secret).cloned(), rot.old_version.clone()) else {
             let _ = self.tx.try_send(Command::Provider {
                 id: rot.id.clone(),
-                event: Event::UsageChecked { usage: Some(Usage::Unknown), error: None },
+                event: Event::UsageChecked { usage: Some(Usage::Unknown), detail: UseDetail::default(), error: None },
             });
             return;
         };
@@ -653,16 +681,17 @@ impl Engine {
         let span = tracing::info_span!("usage", rotation = %rot.id, secret = %rot.secret, version = %old);
         tokio::spawn(
             async move {
-                let event = match with_retries(|| provider.last_used(&old)).await {
-                    Ok(LastUsed::Unknown) => Event::UsageChecked { usage: Some(Usage::Unknown), error: None },
-                    Ok(LastUsed::Never) => Event::UsageChecked { usage: Some(Usage::Never), error: None },
-                    Ok(LastUsed::At(t)) => Event::UsageChecked { usage: Some(Usage::At(t * 1000)), error: None },
-                    // Deleted at the provider: nothing can use it any more.
-                    Err(ProviderError::NotFound { .. }) => {
-                        Event::UsageChecked { usage: Some(Usage::Never), error: None }
+                let (usage, detail, error) = match with_retries(|| provider.last_used(&old)).await {
+                    Ok(LastUsed::Unknown) => (Some(Usage::Unknown), UseDetail::default(), None),
+                    Ok(LastUsed::Never) => (Some(Usage::Never), UseDetail::default(), None),
+                    Ok(LastUsed::At(t)) => {
+                        (Some(Usage::At(t * 1000)), UseDetail { resolution_ms: 1000, source: None }, None)
                     }
-                    Err(e) => Event::UsageChecked { usage: None, error: Some(e.to_string()) },
+                    // Deleted at the provider: nothing can use it any more.
+                    Err(ProviderError::NotFound { .. }) => (Some(Usage::Gone), UseDetail::default(), None),
+                    Err(e) => (None, UseDetail::default(), Some(e.to_string())),
                 };
+                let event = Event::UsageChecked { usage, detail, error };
                 tracing::info!(?event, "usage checked");
                 let _ = tx.send(Command::Provider { id, event }).await;
             }
@@ -786,23 +815,20 @@ async fn provider_call(
         ProviderOp::Create => create_version(p, sinks, state, rot).await,
         ProviderOp::DeactivateOld => {
             let old = rot.old_version.as_deref().ok_or("no old version")?;
-            with_retries(|| p.deactivate(old)).await.map_err(|e| e.to_string())?;
-            Ok(Event::ProviderDone { op })
+            if reconcile_before_revoking(p, state, rot, old).await == Reality::Gone {
+                return Ok(Event::OldGone { op });
+            }
+            gone_or_done(op, with_retries(|| p.deactivate(old)).await)
         }
         ProviderOp::DeleteOld => {
             let old = rot.old_version.as_deref().ok_or("no old version")?;
-            match with_retries(|| p.delete(old)).await {
-                Ok(()) | Err(ProviderError::NotFound { .. }) => {}
-                Err(e) => return Err(e.to_string()),
-            }
             // The sealed old value is kept until monitoring ends, for leftover
             // scans (`rekey scope --version old`); see `Engine::apply`.
-            Ok(Event::ProviderDone { op })
+            gone_or_done(op, with_retries(|| p.delete(old)).await)
         }
         ProviderOp::ReactivateOld => {
             let old = rot.old_version.as_deref().ok_or("no old version")?;
-            with_retries(|| p.reactivate(old)).await.map_err(|e| e.to_string())?;
-            Ok(Event::ProviderDone { op })
+            gone_or_done(op, with_retries(|| p.reactivate(old)).await)
         }
         ProviderOp::DeleteNew => {
             let new = rot.new_version.as_deref().ok_or("no new version")?;
@@ -814,6 +840,58 @@ async fn provider_call(
             Ok(Event::ProviderDone { op })
         }
     }
+}
+
+/// A call on the old version: done, or the version was already gone (counted as revoked).
+fn gone_or_done(op: ProviderOp, r: Result<(), ProviderError>) -> Result<Event, String> {
+    match r {
+        Ok(()) => Ok(Event::ProviderDone { op }),
+        Err(ProviderError::NotFound { .. }) => Ok(Event::OldGone { op }),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reality {
+    /// The provider lists the old version (or cannot list): go ahead.
+    Present,
+    /// The provider's list has no such version.
+    Gone,
+}
+
+/// Before revoking, looks at what the provider really holds: the old version
+/// missing is reported (it counts as revoked), and active versions rekey did
+/// not make are audited as drift (left alone: rekey never revokes a version
+/// it did not rotate out).
+async fn reconcile_before_revoking(p: &dyn Provider, state: &EngineState, rot: &Rotation, old: &str) -> Reality {
+    let versions = match with_retries(|| p.list()).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %Chain(&e), "cannot list the provider's versions before revoking; going ahead");
+            return Reality::Present;
+        }
+    };
+    let drift: Vec<&str> = versions
+        .iter()
+        .filter(|v| v.status == VersionStatus::Active)
+        .map(|v| v.id.as_str())
+        .filter(|id| *id != old && Some(*id) != rot.new_version.as_deref())
+        .collect();
+    if !drift.is_empty() {
+        tracing::warn!(?drift, "the provider holds active versions rekey did not make; left alone");
+        let entry = AuditEntry::new(
+            "rekeyd",
+            "provider.drift",
+            serde_json::json!({
+                "rotation": rot.id, "secret": rot.secret, "active_unknown": drift,
+                "note": "active versions rekey did not create: left alone; revoke them at the provider or rotate again",
+            }),
+        );
+        if let Err(e) = state.audit(now_unix_ms(), vec![entry]) {
+            tracing::error!(error = %Chain(&e), "cannot audit provider drift");
+        }
+    }
+    if versions.is_empty() || versions.iter().any(|v| v.id == old) { Reality::Present } else { Reality::Gone }
 }
 
 /// Agents that may receive `spec`: enrolled, not revoked, declaring it in

@@ -190,10 +190,7 @@ impl EngineState {
                 };
                 if rec.active_rotation.as_deref() == Some(rot.id.as_str()) {
                     rec.active_rotation = None;
-                    if matches!(
-                        rot.state,
-                        super::machine::RotationState::Completed | super::machine::RotationState::Monitoring
-                    ) {
+                    if rot.leaves_new_current() {
                         rec.current_version = rot.new_version.clone();
                         rec.last_completed_ms = Some(rot.updated_ms);
                     }

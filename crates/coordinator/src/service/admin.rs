@@ -14,7 +14,7 @@ use crate::engine::campaign::Campaigns;
 use crate::engine::campaign::{CampaignError, Incident};
 use crate::engine::driver::EngineHandle;
 use crate::engine::driver::{EngineError, StartOptions, consumers};
-use crate::engine::machine::{Event, Rotation};
+use crate::engine::machine::{DecisionKind, Event, Rotation};
 use crate::pki::Ca;
 use crate::preflight::{self, Preflight, PreflightError};
 use crate::scope::Scanner;
@@ -430,6 +430,20 @@ impl AdminService for AdminSvc {
                     ));
                 }
                 Event::Exclude { host: r.host, by: who.clone(), reason: r.reason }
+            }
+            Ok(c @ (Control::Revoke | Control::Finish | Control::Abandon)) => {
+                let kind = match c {
+                    Control::Revoke => DecisionKind::Revoke,
+                    Control::Finish => DecisionKind::Finish,
+                    _ => DecisionKind::Abandon,
+                };
+                if r.reason.trim().is_empty() {
+                    return Err(Status::invalid_argument(format!(
+                        "`{}` needs a reason (--reason TEXT): it goes to the audit log and the report",
+                        kind.as_str()
+                    )));
+                }
+                Event::Decide { kind, by: who.clone(), reason: r.reason }
             }
             _ => return Err(Status::invalid_argument(format!("unknown rotation control {}", r.action))),
         };

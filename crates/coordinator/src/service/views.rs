@@ -35,6 +35,7 @@ impl From<machine::RotationState> for view::RotationState {
             S::Completed => Self::Completed,
             S::Aborting => Self::Aborting,
             S::Aborted => Self::Aborted,
+            S::Abandoned => Self::Abandoned,
         }
     }
 }
@@ -71,6 +72,7 @@ impl From<machine::Usage> for view::Usage {
             machine::Usage::Unknown => Self::Unknown,
             machine::Usage::Never => Self::Never,
             machine::Usage::At(t) => Self::At(t),
+            machine::Usage::Gone => Self::Gone,
         }
     }
 }
@@ -94,6 +96,10 @@ impl From<&machine::Policy> for view::PolicyView {
                 machine::GraceUse::Proceed => view::GraceUse::Proceed,
             },
             check_every_ms: p.check_every_ms,
+            use_after_switch: match p.use_after_switch {
+                machine::UseAfterSwitch::Hold => view::UseAfterSwitch::Hold,
+                machine::UseAfterSwitch::Revoke => view::UseAfterSwitch::Revoke,
+            },
         }
     }
 }
@@ -126,6 +132,7 @@ impl From<&machine::EvidenceEntry> for view::EvidenceView {
             phase: e.phase.into(),
             usage: e.usage.map(Into::into),
             error: e.error.clone(),
+            source: e.source.clone(),
             verdict: e.verdict.clone(),
         }
     }
@@ -168,7 +175,34 @@ impl From<&Rotation> for view::RotationView {
             waiting_on: waiting_on(r),
             blocking_hosts: r.blocking_hosts().into_iter().map(|(h, s)| (h, s.into())).collect(),
             failure_budget_hosts: r.failure_budget(),
+            evidence_since_ms: r.evidence_since_ms,
+            old_revoked_ms: r.old_revoked_ms,
+            decisions: r.decisions.iter().map(Into::into).collect(),
+            exits: machine::exits(r).into_iter().map(Into::into).collect(),
         }
+    }
+}
+
+impl From<&machine::Decision> for view::DecisionView {
+    fn from(d: &machine::Decision) -> Self {
+        view::DecisionView {
+            kind: match d.kind {
+                machine::DecisionKind::Revoke => view::DecisionKind::Revoke,
+                machine::DecisionKind::Finish => view::DecisionKind::Finish,
+                machine::DecisionKind::Abandon => view::DecisionKind::Abandon,
+            },
+            by: d.by.clone(),
+            reason: d.reason.clone(),
+            at_ms: d.at_ms,
+            from: d.from.into(),
+            hosts_on_new: d.hosts_on_new,
+        }
+    }
+}
+
+impl From<machine::Exit> for view::ExitView {
+    fn from(e: machine::Exit) -> Self {
+        view::ExitView { verb: e.verb.to_string(), command: e.command, what: e.what.to_string() }
     }
 }
 
@@ -630,8 +664,19 @@ mod tests {
             phase: machine::RotationState::RollingOut,
             usage: Some(machine::Usage::At(5)),
             error: None,
+            source: Some("iam in us-east-1".into()),
             verdict: "used before the switch".into(),
         });
+        r.decisions.push(machine::Decision {
+            kind: machine::DecisionKind::Finish,
+            by: "operator/admin".into(),
+            reason: "done by hand".into(),
+            at_ms: 41,
+            from: machine::RotationState::Verified,
+            hosts_on_new: true,
+        });
+        r.evidence_since_ms = Some(42);
+        r.old_revoked_ms = Some(43);
         r.next_check_ms = Some(99);
         r.hosts.get_mut("h4").unwrap().exclusion =
             Some(Exclusion { by: "operator/bob".into(), reason: "gone".into(), at_ms: 50 });
@@ -648,6 +693,12 @@ mod tests {
         old["waiting_on"] = json!(waiting_on(&r));
         old["blocking_hosts"] = json!(r.blocking_hosts().into_iter().map(|(h, s)| (h, s.as_str())).collect::<Vec<_>>());
         old["failure_budget_hosts"] = json!(r.failure_budget());
+        old["exits"] = json!(
+            machine::exits(&r)
+                .into_iter()
+                .map(|e| json!({ "verb": e.verb, "command": e.command, "what": e.what }))
+                .collect::<Vec<_>>()
+        );
         let key = old.as_object_mut().unwrap().remove("fingerprint_key");
         assert_eq!(key, Some(json!("00ff")));
 

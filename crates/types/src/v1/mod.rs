@@ -30,8 +30,8 @@ pub use plan::{
     PlanCheckView, PlanHostStatus, PlanHostView, PlanProblemView, PlanProviderView, PlanView, PlanWaveView,
 };
 pub use rotation::{
-    Amount, EvidenceView, ExclusionView, GraceUse, HostState, HostView, PolicyView, RotationState, RotationSummary,
-    RotationView, TimelineEntryView, Usage,
+    Amount, DecisionKind, DecisionView, EvidenceView, ExclusionView, ExitView, GraceUse, HostState, HostView,
+    PolicyView, RotationState, RotationSummary, RotationView, TimelineEntryView, Usage, UseAfterSwitch,
 };
 pub use scope::{
     NotSearchedView, OccurrenceView, ScanStatus, ScopeFileLine, ScopeFileVersion, ScopeFileView, ScopeHostView,

@@ -9,7 +9,7 @@ string_enum! {
     /// Where a rotation stands in its lifecycle:
     /// `planned → generating → rolling_out → verified → deactivating → grace
     /// → deleting → monitoring → completed`, or `halted`, or
-    /// `aborting → aborted`.
+    /// `aborting → aborted`, or `abandoned` by an operator.
     pub enum RotationState {
         /// Created, nothing asked of the provider yet.
         Planned = "planned",
@@ -36,13 +36,16 @@ string_enum! {
         Aborting = "aborting",
         /// Ended by an operator; the old version is what every host runs.
         Aborted = "aborted",
+        /// An operator stopped it (`rekey rotate abandon`): rekey stopped
+        /// acting, the provider and the hosts stay as they were.
+        Abandoned = "abandoned",
     }
 }
 
 impl RotationState {
-    /// Completed or aborted: nothing more will happen.
+    /// Completed, aborted or abandoned: nothing more will happen.
     pub fn is_terminal(self) -> bool {
-        matches!(self, RotationState::Completed | RotationState::Aborted)
+        matches!(self, RotationState::Completed | RotationState::Aborted | RotationState::Abandoned)
     }
 }
 
@@ -91,6 +94,53 @@ impl std::fmt::Display for Amount {
 }
 
 string_enum! {
+    /// What a use of the old version after every target host switched does.
+    pub enum UseAfterSwitch {
+        /// Alert and hold revocation until an operator decides.
+        Hold = "hold",
+        /// Alert and revoke anyway.
+        Revoke = "revoke",
+    }
+}
+
+string_enum! {
+    /// An operator's decision that overrides the rotation's own course.
+    pub enum DecisionKind {
+        /// Revoke the old version now, despite the usage evidence.
+        Revoke = "revoke",
+        /// End as completed where it stands, the provider left as it is.
+        Finish = "finish",
+        /// Stop acting; the provider and the hosts stay as they are.
+        Abandon = "abandon",
+    }
+}
+
+/// An operator's decision, with who and why (also in the audit log and the report).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionView {
+    pub kind: DecisionKind,
+    /// The operator, as `operator/NAME`.
+    pub by: String,
+    pub reason: String,
+    pub at_ms: i64,
+    /// The state the rotation was in.
+    pub from: RotationState,
+    /// Whether every target host had confirmed the new version.
+    pub hosts_on_new: bool,
+}
+
+/// Something an operator can do to a rotation in its current state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitView {
+    /// `resume`, `revoke`, `finish`, `abandon`, `abort`, `pause`, `exclude`.
+    pub verb: String,
+    /// The exact command, e.g. `rekey rotate revoke rot-1 --reason "…"`.
+    pub command: String,
+    /// What it does, in words.
+    pub what: String,
+}
+
+string_enum! {
     /// What happens when the deactivated old version is used during grace.
     pub enum GraceUse {
         /// Alert, reactivate the old version and halt the rotation.
@@ -101,7 +151,8 @@ string_enum! {
 }
 
 /// What the provider said about the old version's last use:
-/// `{"kind": "unknown"}`, `{"kind": "never"}` or `{"kind": "at", "at_ms": T}`.
+/// `{"kind": "unknown"}`, `{"kind": "never"}`, `{"kind": "at", "at_ms": T}`
+/// or `{"kind": "gone"}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "at_ms")]
 pub enum Usage {
@@ -111,6 +162,8 @@ pub enum Usage {
     Never,
     /// Last used at this time (Unix ms).
     At(i64),
+    /// The version no longer exists at the provider (removed outside rekey).
+    Gone,
 }
 
 /// The rollout and revocation policy, fixed when the rotation started.
@@ -142,6 +195,13 @@ pub struct PolicyView {
     pub grace_use: GraceUse,
     /// How often usage is checked during grace and monitoring.
     pub check_every_ms: i64,
+    /// What a use of the old version after every host switched does.
+    #[serde(default = "hold")]
+    pub use_after_switch: UseAfterSwitch,
+}
+
+fn hold() -> UseAfterSwitch {
+    UseAfterSwitch::Hold
 }
 
 /// One usage check of the old version (revocation evidence, grace tripwire, monitoring).
@@ -154,6 +214,9 @@ pub struct EvidenceView {
     pub usage: Option<Usage>,
     /// Why the check failed, if it did.
     pub error: Option<String>,
+    /// Where the last use came from, when the provider says (service and region, a source address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// What rekey concluded, in words.
     pub verdict: String,
 }
@@ -260,6 +323,18 @@ pub struct RotationView {
     pub blocking_hosts: Vec<(String, HostState)>,
     /// How many failed hosts the failure budget tolerates for this rotation.
     pub failure_budget_hosts: usize,
+    /// Uses of the old version before this time no longer hold revocation (an operator resumed).
+    #[serde(default)]
+    pub evidence_since_ms: Option<i64>,
+    /// When the old version was deleted, or found already gone at the provider.
+    #[serde(default)]
+    pub old_revoked_ms: Option<i64>,
+    /// Operators' overriding decisions (revoke, finish, abandon), oldest first.
+    #[serde(default)]
+    pub decisions: Vec<DecisionView>,
+    /// What an operator can do now, with the exact commands.
+    #[serde(default)]
+    pub exits: Vec<ExitView>,
 }
 
 impl RotationView {

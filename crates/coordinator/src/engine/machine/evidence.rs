@@ -4,6 +4,7 @@
 use super::fmt_ms;
 use super::model::*;
 
+/// When the last target host confirmed the new version.
 pub(super) fn last_switch_ms(rot: &Rotation) -> i64 {
     rot.hosts
         .values()
@@ -13,14 +14,39 @@ pub(super) fn last_switch_ms(rot: &Rotation) -> i64 {
         .unwrap_or(rot.created_ms)
 }
 
+/// Uses of the old version from this time on hold revocation: the last
+/// switch, or an operator's resume after dealing with a consumer.
+pub(super) fn evidence_from_ms(rot: &Rotation) -> i64 {
+    last_switch_ms(rot).max(rot.evidence_since_ms.unwrap_or(i64::MIN))
+}
+
+/// Whether a use reported at `t` may have happened at or after `limit`: the
+/// provider's clock is coarse (a use stamped with the switch's second may
+/// have come after the switch), so the whole reported interval counts.
+fn may_be_at_or_after(t: i64, detail: &UseDetail, limit: i64) -> bool {
+    t + detail.resolution_ms.max(1) > limit
+}
+
 fn fmt_at(ms: i64) -> String {
-    rekey_common::time::format_unix(ms / 1000)
+    let base = rekey_common::time::format_unix(ms.div_euclid(1000));
+    match ms.rem_euclid(1000) {
+        0 => base,
+        frac => match base.strip_suffix('Z') {
+            Some(b) => format!("{b}.{frac:03}Z"),
+            None => format!("{base} +{frac}ms"),
+        },
+    }
+}
+
+fn from_source(detail: &UseDetail) -> String {
+    detail.source.as_deref().map(|s| format!(" from {s}")).unwrap_or_default()
 }
 
 /// The provider's answer to a usage check of the old version.
 pub(super) fn usage_checked(
     rot: &mut Rotation,
     usage: Option<Usage>,
+    detail: UseDetail,
     error: Option<String>,
     now: i64,
     actions: &mut Vec<Action>,
@@ -30,10 +56,22 @@ pub(super) fn usage_checked(
     }
     rot.usage_check_pending = false;
     let phase = rot.state;
-    let mut entry = EvidenceEntry { at_ms: now, phase, usage, error: error.clone(), verdict: String::new() };
+    let source = detail.source.clone();
+    let mut entry = EvidenceEntry { at_ms: now, phase, usage, error: error.clone(), source, verdict: String::new() };
+    if usage == Some(Usage::Gone) && error.is_none() {
+        let old = rot.old_version.clone().unwrap_or_default();
+        entry.verdict = format!("{old} no longer exists at the provider (removed outside rekey): counted as revoked");
+        if rot.old_revoked_ms.is_none() && matches!(phase, RotationState::Verified | RotationState::Grace) {
+            super::decide::old_gone(rot, "checking its usage", now, actions);
+        }
+        rot.evidence.push(entry);
+        return;
+    }
     match phase {
-        RotationState::Verified => before_revocation(rot, &mut entry, usage, error, now, actions),
-        RotationState::Grace | RotationState::Monitoring => while_watching(rot, &mut entry, usage, error, now, actions),
+        RotationState::Verified => before_revocation(rot, &mut entry, usage, &detail, error, now, actions),
+        RotationState::Grace | RotationState::Monitoring => {
+            while_watching(rot, &mut entry, usage, &detail, error, actions)
+        }
         _ => return,
     }
     rot.evidence.push(entry);
@@ -49,31 +87,49 @@ fn before_revocation(
     rot: &mut Rotation,
     entry: &mut EvidenceEntry,
     usage: Option<Usage>,
+    detail: &UseDetail,
     error: Option<String>,
     now: i64,
     actions: &mut Vec<Action>,
 ) {
     let old = rot.old_version.clone().unwrap_or_default();
-    let switch = last_switch_ms(rot);
+    let switch = evidence_from_ms(rot);
+    let since = if rot.evidence_since_ms.is_some_and(|t| t >= last_switch_ms(rot)) {
+        "an operator resumed"
+    } else {
+        "every target host had switched to the new version"
+    };
     let limit = switch + rot.policy.usage_granularity_ms;
     match (usage, &error) {
         (_, Some(e)) => {
             entry.verdict = format!("usage of {old} unknown ({e}); revocation held, checking again");
             rot.next_check_ms = Some(now + rot.policy.check_every_ms);
         }
-        (Some(Usage::At(t)), None) if t > limit => {
-            entry.verdict = format!(
-                "{old} was used at {} after every host had switched ({}): revocation held",
-                fmt_at(t),
-                fmt_at(switch)
-            );
+        (Some(Usage::At(t)), None) if may_be_at_or_after(t, detail, limit) => {
+            let used = format!("{old} of {} was used at {}{}", rot.secret, fmt_at(t), from_source(detail));
+            if rot.policy.use_after_switch == UseAfterSwitch::Revoke {
+                entry.verdict = format!(
+                    "{used}, after {since} ({}): revoking anyway (on_use_after_switch = revoke)",
+                    fmt_at(switch)
+                );
+                rot.evidence_ok = true;
+                let message = format!(
+                    "{used}, after {since} at {}: revoking it anyway, as the policy says \
+                     (on_use_after_switch = \"revoke\"); whoever still uses it is cut off — find them with `rekey scope {}`",
+                    fmt_at(switch),
+                    rot.secret
+                );
+                actions.push(Action::Alert { kind: AlertKind::OldVersionUsed, severity: Severity::Critical, message });
+                return;
+            }
+            entry.verdict = format!("{used}, after {since} ({}): revocation held", fmt_at(switch));
             let message = format!(
-                "{old} of {} was used at {}, after every target host had switched to the new version at {}: \
-                 an undeclared consumer? find it with `rekey scope {}`, then resume to check again",
-                rot.secret,
-                fmt_at(t),
+                "{used}, after {since} at {}: revocation held. An undeclared consumer or an attacker? \
+                 Find it with `rekey scope {}`, then `rekey rotate resume {id}` to check again from then; \
+                 or revoke it now: `rekey rotate revoke {id} --reason \"…\"`",
                 fmt_at(switch),
-                rot.secret
+                rot.secret,
+                id = rot.id
             );
             actions.push(Action::Alert {
                 kind: AlertKind::OldVersionUsed,
@@ -91,7 +147,7 @@ fn before_revocation(
             // after the switch, so a forgotten consumer shows up.
             let observed_until = limit + rot.policy.check_every_ms;
             let last = match u {
-                Usage::At(t) => format!("last used at {}, before every host switched", fmt_at(t)),
+                Usage::At(t) => format!("last used at {}{}, before {since}", fmt_at(t), from_source(detail)),
                 _ => "never used".to_string(),
             };
             if now >= observed_until {
@@ -111,13 +167,13 @@ fn while_watching(
     rot: &mut Rotation,
     entry: &mut EvidenceEntry,
     usage: Option<Usage>,
+    detail: &UseDetail,
     error: Option<String>,
-    now: i64,
     actions: &mut Vec<Action>,
 ) {
     let old = rot.old_version.clone().unwrap_or_default();
     let phase = rot.state;
-    rot.next_check_ms = Some(now + rot.policy.check_every_ms);
+    // The next check was scheduled when this one was issued (at its due time).
     let since = if phase == RotationState::Grace {
         rot.deactivated_ms
     } else {
@@ -125,16 +181,19 @@ fn while_watching(
     };
     match (usage, since) {
         (Some(Usage::At(t)), Some(since))
-            if t > since + rot.policy.usage_granularity_ms && rot.alerted_use_ms.is_none_or(|a| t > a) =>
+            if may_be_at_or_after(t, detail, since + rot.policy.usage_granularity_ms)
+                && rot.alerted_use_ms.is_none_or(|a| t > a) =>
         {
             rot.alerted_use_ms = Some(t);
             let what = if phase == RotationState::Grace { "deactivated" } else { "revoked" };
-            entry.verdict = format!("{old} used at {} after it was {what}", fmt_at(t));
-            let reactivate = phase == RotationState::Grace && rot.policy.grace_use == GraceUse::Reactivate;
+            entry.verdict = format!("{old} used at {}{} after it was {what}", fmt_at(t), from_source(detail));
+            let reactivate =
+                phase == RotationState::Grace && rot.policy.grace_use == GraceUse::Reactivate && !rot.revoke_forced();
             let message = format!(
-                "the {what} old version {old} of {} was used at {}{}",
+                "the {what} old version {old} of {} was used at {}{}{}",
                 rot.secret,
                 fmt_at(t),
+                from_source(detail),
                 if reactivate { "; reactivating it and halting the rotation" } else { "" }
             );
             actions.push(Action::Alert {

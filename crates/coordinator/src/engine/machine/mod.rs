@@ -10,10 +10,12 @@
 //! abort → hosts roll back → new version deleted → aborted
 //! ```
 
+mod decide;
 mod evidence;
 mod model;
 
-use evidence::{enter_monitoring, last_switch_ms, usage_checked};
+pub use decide::{Exit, exits};
+use evidence::{enter_monitoring, evidence_from_ms, usage_checked};
 pub use model::*;
 
 fn fmt_ms(ms: i64) -> String {
@@ -33,6 +35,17 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
         Event::Generated { version, fingerprint } => generated(rot, version, fingerprint, now),
         Event::ProviderDone { op } => provider_done(rot, op, now, &mut actions),
         Event::ProviderFailed { op, error } => provider_failed(rot, op, &error, now),
+        Event::OldGone { op } => {
+            let what = match (op, rot.state) {
+                (ProviderOp::DeactivateOld, RotationState::Deactivating) => Some("deactivating it"),
+                (ProviderOp::DeleteOld, RotationState::Deleting) => Some("deleting it"),
+                (ProviderOp::ReactivateOld, RotationState::Grace) if rot.reactivating => Some("reactivating it"),
+                _ => None, // late or duplicate
+            };
+            if let Some(what) = what {
+                decide::old_gone(rot, what, now, &mut actions);
+            }
+        }
         Event::Report { host, version, stage, fingerprint, error } => {
             report(rot, &host, &version, stage, fingerprint, error, now, &mut actions);
         }
@@ -48,11 +61,12 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
             }
         }
         Event::Tick => tick(rot, now, &mut actions),
-        Event::UsageChecked { usage, error } => usage_checked(rot, usage, error, now, &mut actions),
+        Event::UsageChecked { usage, detail, error } => usage_checked(rot, usage, detail, error, now, &mut actions),
         Event::Pause { by } => pause(rot, &by, now)?,
         Event::Resume { by } => resume(rot, &by, now, &mut actions)?,
         Event::Abort { by } => abort(rot, &by, now, &mut actions)?,
         Event::Exclude { host, by, reason } => exclude(rot, &host, by, reason, now)?,
+        Event::Decide { kind, by, reason } => decide::decide(rot, kind, by, reason, now, &mut actions)?,
     }
     advance(rot, now, &mut actions);
     rot.updated_ms = now;
@@ -88,6 +102,11 @@ fn provider_done(rot: &mut Rotation, op: ProviderOp, now: i64, actions: &mut Vec
             rot.halt_reason = Some(reason.clone());
             rot.goto(RotationState::Halted, reason, now);
         }
+        (ProviderOp::DeactivateOld, RotationState::Deactivating) if rot.revoke_forced() => {
+            rot.deactivated_ms = Some(now);
+            rot.goto(RotationState::Deleting, "old version deactivated; deleting it at once (revocation forced)", now);
+            actions.push(Action::DeleteOld);
+        }
         (ProviderOp::DeactivateOld, RotationState::Deactivating) => {
             rot.deactivated_ms = Some(now);
             rot.next_check_ms = Some(now + rot.policy.check_every_ms);
@@ -96,6 +115,7 @@ fn provider_done(rot: &mut Rotation, op: ProviderOp, now: i64, actions: &mut Vec
             rot.goto(RotationState::Grace, note, now);
         }
         (ProviderOp::DeleteOld, RotationState::Deleting) => {
+            rot.old_revoked_ms = Some(now);
             actions.push(Action::PurgeOld);
             enter_monitoring(rot, "old version deleted", now);
         }
@@ -117,14 +137,24 @@ fn provider_failed(rot: &mut Rotation, op: ProviderOp, error: &str, now: i64) {
     if rot.state != expected {
         return;
     }
-    if op == ProviderOp::ReactivateOld {
-        rot.reactivating = false;
-        rot.halted_from = Some(RotationState::Verified);
-    }
     if op == ProviderOp::DeleteNew {
         rot.delete_new_issued = false;
     }
-    rot.halt(format!("provider failed {what}: {error}; fix the cause, then resume (or abort)"), now);
+    let exits = if rot.verified() {
+        format!("resume, or decide: `rekey rotate revoke|finish|abandon {} --reason …`", rot.id)
+    } else {
+        "resume (or abort)".to_string()
+    };
+    let reason = format!("provider failed {what}: {error}; fix the cause, then {exits}");
+    if op == ProviderOp::ReactivateOld {
+        // The old version may be inactive or active: a resume gathers the
+        // evidence again before anything else is revoked.
+        rot.reactivating = false;
+        rot.evidence_ok = false;
+        rot.halt_from(RotationState::Verified, reason, now);
+    } else {
+        rot.halt(reason, now);
+    }
 }
 
 /// Deadlines: redeliveries due after a reconnect, hosts silent past theirs.
@@ -171,9 +201,14 @@ fn pause(rot: &mut Rotation, by: &str, now: i64) -> Result<(), Refusal> {
 fn exclude(rot: &mut Rotation, host: &str, by: String, reason: String, now: i64) -> Result<(), Refusal> {
     if rot.state.is_terminal() || rot.verified() {
         return Err(Refusal(format!(
-            "rotation {} is {}: exclusions only matter before verification",
-            rot.id,
-            rot.state.as_str()
+            "rotation {id} is {}: exclusions only matter before verification{}",
+            rot.state.as_str(),
+            if rot.state.is_terminal() {
+                ""
+            } else {
+                "; to revoke the old version despite its use: `rekey rotate revoke ID --reason …`"
+            },
+            id = rot.id
         )));
     }
     let h = rot
@@ -328,11 +363,17 @@ fn resume(rot: &mut Rotation, by: &str, now: i64, actions: &mut Vec<Action>) -> 
                     rot.goto(RotationState::Deactivating, format!("resumed by {by}: deactivating again"), now);
                     actions.push(Action::DeactivateOld);
                 }
-                RotationState::Verified => {
+                RotationState::Verified | RotationState::Grace => {
+                    // The operator dealt with the consumer: uses before now no longer hold revocation.
                     rot.evidence_ok = false;
                     rot.usage_check_pending = false;
                     rot.next_check_ms = None;
-                    rot.goto(RotationState::Verified, format!("resumed by {by}: checking usage evidence again"), now);
+                    rot.evidence_since_ms = Some(now);
+                    rot.goto(
+                        RotationState::Verified,
+                        format!("resumed by {by}: checking usage evidence again, counting from now"),
+                        now,
+                    );
                 }
                 RotationState::Deleting => {
                     rot.goto(RotationState::Deleting, format!("resumed by {by}: deleting again"), now);
@@ -377,8 +418,9 @@ fn abort(rot: &mut Rotation, by: &str, now: i64, actions: &mut Vec<Action>) -> R
         ))),
         RotationState::Halted if rot.halted_from.is_some_and(RotationState::is_past_verification) => {
             Err(Refusal(format!(
-                "rotation {} halted after every host confirmed the new version: resume it instead of aborting",
-                rot.id
+                "rotation {id} halted after every host confirmed the new version, so there is nothing to roll back: \
+                 resume it (`rekey rotate resume {id}`), or decide: `rekey rotate revoke|finish|abandon {id} --reason …`",
+                id = rot.id
             )))
         }
         RotationState::RollingOut | RotationState::Halted => {
@@ -400,9 +442,10 @@ fn abort(rot: &mut Rotation, by: &str, now: i64, actions: &mut Vec<Action>) -> R
         }
         RotationState::Aborting => Err(Refusal(format!("rotation {} is already aborting", rot.id))),
         s => Err(Refusal(format!(
-            "rotation {} is {}: every host already confirmed the new version, so there is nothing to roll back",
-            rot.id,
-            s.as_str()
+            "rotation {id} is {}: every host already confirmed the new version, so there is nothing to roll back; \
+             to end it now: `rekey rotate revoke|finish|abandon {id} --reason …`",
+            s.as_str(),
+            id = rot.id
         ))),
     }
 }
@@ -494,7 +537,7 @@ fn advance_verified(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) -> 
     let revoking = rot.policy.deactivate || rot.policy.delete;
     if rot.old_version.is_some() && revoking && rot.policy.require_evidence && !rot.evidence_ok {
         // Ask once the provider data has settled (its granularity after the switch).
-        let ready = last_switch_ms(rot) + rot.policy.usage_granularity_ms;
+        let ready = evidence_from_ms(rot) + rot.policy.usage_granularity_ms;
         let due = rot.next_check_ms.is_none_or(|t| now >= t);
         if !rot.usage_check_pending && now >= ready && due {
             rot.usage_check_pending = true;
@@ -571,6 +614,36 @@ fn advance_aborting(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) -> 
     Step::Stop
 }
 
+/// When this rotation next needs a [`Event::Tick`]: a usage check, the end of
+/// grace or monitoring, a redelivery or a host's deadline. The driver sleeps
+/// until the soonest of these, so windows last what the policy says.
+pub fn next_due(rot: &Rotation) -> Option<i64> {
+    let mut due = Vec::new();
+    match rot.state {
+        RotationState::Verified if !rot.evidence_ok && !rot.usage_check_pending => {
+            let ready = evidence_from_ms(rot) + rot.policy.usage_granularity_ms;
+            due.push(rot.next_check_ms.map_or(ready, |t| t.max(ready)));
+        }
+        // A check in flight or a reactivation: its answer comes as an event.
+        RotationState::Grace | RotationState::Monitoring if !rot.usage_check_pending && !rot.reactivating => {
+            if rot.old_version.is_some() {
+                due.extend(rot.next_check_ms);
+            }
+            due.extend(rot.phase_until_ms);
+        }
+        RotationState::RollingOut | RotationState::Halted => {
+            for h in rot.hosts.values() {
+                due.extend(h.redeliver_at_ms);
+                if h.state.in_flight() {
+                    due.extend(h.delivered_ms.map(|d| d + rot.policy.host_deadline_ms + 1));
+                }
+            }
+        }
+        _ => {}
+    }
+    due.into_iter().min()
+}
+
 /// What a coordinator restarted in the middle of this rotation must redo.
 /// Deliveries and rollbacks are redone as agents reconnect ([`Event::Connected`]).
 pub fn on_restart(rot: &mut Rotation, now: i64) -> Vec<Action> {
@@ -589,5 +662,7 @@ pub fn on_restart(rot: &mut Rotation, now: i64) -> Vec<Action> {
     actions
 }
 
+#[cfg(test)]
+mod decide_tests;
 #[cfg(test)]
 mod tests;

@@ -21,6 +21,9 @@ pub enum RotationState {
     Completed,
     Aborting,
     Aborted,
+    /// Ended by an operator's `abandon`: rekey stopped acting; the provider
+    /// and the hosts stay as they were.
+    Abandoned,
 }
 
 impl RotationState {
@@ -38,11 +41,12 @@ impl RotationState {
             RotationState::Completed => "completed",
             RotationState::Aborting => "aborting",
             RotationState::Aborted => "aborted",
+            RotationState::Abandoned => "abandoned",
         }
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, RotationState::Completed | RotationState::Aborted)
+        matches!(self, RotationState::Completed | RotationState::Aborted | RotationState::Abandoned)
     }
 
     /// States at or past verification: the old version may be touched, abort no longer makes sense.
@@ -155,6 +159,22 @@ pub struct Policy {
     /// How often usage is checked during grace and monitoring.
     #[serde(default = "one_minute")]
     pub check_every_ms: i64,
+    /// What a use of the old version after every host switched does to revocation.
+    #[serde(default)]
+    pub use_after_switch: UseAfterSwitch,
+}
+
+/// What a use of the old version after every target host switched does
+/// (`on_use_after_switch` in the catalog).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UseAfterSwitch {
+    /// Alert and hold revocation until an operator decides (routine rotations:
+    /// a forgotten consumer keeps working).
+    #[default]
+    Hold,
+    /// Alert and revoke anyway (a leaked key: whoever still uses it is cut off).
+    Revoke,
 }
 
 fn yes() -> bool {
@@ -183,6 +203,53 @@ pub enum Usage {
     Unknown,
     Never,
     At(i64),
+    /// The version no longer exists at the provider (removed outside rekey).
+    Gone,
+}
+
+/// What the provider added to a use: how coarse its clock is and where the use came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UseDetail {
+    /// A use reported at `t` may have happened anywhere in `[t, t + resolution_ms)`.
+    #[serde(default)]
+    pub resolution_ms: i64,
+    /// Where the use came from, as the provider says (service and region, a source address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// An operator's decision that overrides the rotation's own course, with who and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub kind: DecisionKind,
+    pub by: String,
+    pub reason: String,
+    pub at_ms: i64,
+    /// The state the rotation was in.
+    pub from: RotationState,
+    /// Whether every target host had confirmed the new version (or was excluded).
+    pub hosts_on_new: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// Revoke the old version now, despite the usage evidence.
+    Revoke,
+    /// End as completed where it stands; the provider is left as it is.
+    Finish,
+    /// Stop acting; the provider and the hosts stay as they are.
+    Abandon,
+}
+
+impl DecisionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionKind::Revoke => "revoke",
+            DecisionKind::Finish => "finish",
+            DecisionKind::Abandon => "abandon",
+        }
+    }
 }
 
 /// One usage check, as shown in status and reports.
@@ -192,6 +259,9 @@ pub struct EvidenceEntry {
     pub phase: RotationState,
     pub usage: Option<Usage>,
     pub error: Option<String>,
+    /// Where the last use came from, when the provider says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// What rekey concluded.
     pub verdict: String,
 }
@@ -212,6 +282,7 @@ impl Default for Policy {
             usage_granularity_ms: 0,
             grace_use: GraceUse::Reactivate,
             check_every_ms: 60_000,
+            use_after_switch: UseAfterSwitch::Hold,
         }
     }
 }
@@ -326,6 +397,16 @@ pub struct Rotation {
     /// The last use already alerted on (the same use is reported by every check).
     #[serde(default)]
     pub alerted_use_ms: Option<i64>,
+    /// Uses before this time are not held against revocation: an operator
+    /// resumed after dealing with a consumer, so evidence counts from then.
+    #[serde(default)]
+    pub evidence_since_ms: Option<i64>,
+    /// Operators' overriding decisions (revoke, finish, abandon), oldest first.
+    #[serde(default)]
+    pub decisions: Vec<Decision>,
+    /// When the old version was deleted (or found already gone at the provider).
+    #[serde(default)]
+    pub old_revoked_ms: Option<i64>,
 }
 
 /// How long after a reconnect a host that was mid-delivery is sent the
@@ -429,6 +510,11 @@ pub enum Event {
         op: ProviderOp,
         error: String,
     },
+    /// The old version was already gone at the provider when `op` came to it
+    /// (removed outside rekey): it counts as revoked.
+    OldGone {
+        op: ProviderOp,
+    },
     Report {
         host: String,
         version: String,
@@ -450,6 +536,7 @@ pub enum Event {
     /// The answer to [`Action::CheckUsage`] (or why there is none).
     UsageChecked {
         usage: Option<Usage>,
+        detail: UseDetail,
         error: Option<String>,
     },
     Pause {
@@ -463,6 +550,12 @@ pub enum Event {
     },
     Exclude {
         host: String,
+        by: String,
+        reason: String,
+    },
+    /// An operator's decision (revoke, finish, abandon); `reason` is required.
+    Decide {
+        kind: DecisionKind,
         by: String,
         reason: String,
     },
@@ -519,6 +612,9 @@ impl Rotation {
             deactivated_ms: None,
             reactivating: false,
             alerted_use_ms: None,
+            evidence_since_ms: None,
+            decisions: Vec::new(),
+            old_revoked_ms: None,
             timeline: vec![TimelineEntry { at_ms: now, state: RotationState::Planned, note: "planned".into() }],
         }
     }
@@ -530,9 +626,30 @@ impl Rotation {
     }
 
     pub(super) fn halt(&mut self, reason: String, now: i64) {
-        self.halted_from = Some(self.state);
+        self.halt_from(self.state, reason, now);
+    }
+
+    /// Halts, recording `from` as the state a resume redoes.
+    pub(super) fn halt_from(&mut self, from: RotationState, reason: String, now: i64) {
+        self.halted_from = Some(from);
         self.halt_reason = Some(reason.clone());
         self.goto(RotationState::Halted, reason, now);
+    }
+
+    /// An operator decided to revoke the old version despite the evidence.
+    pub fn revoke_forced(&self) -> bool {
+        self.decisions.iter().any(|d| d.kind == DecisionKind::Revoke)
+    }
+
+    /// Whether the secret's current version is the new one once this rotation ended.
+    pub fn leaves_new_current(&self) -> bool {
+        match self.state {
+            RotationState::Completed | RotationState::Monitoring => true,
+            RotationState::Abandoned => {
+                self.new_version.is_some() && self.decisions.last().is_some_and(|d| d.hosts_on_new)
+            }
+            _ => false,
+        }
     }
 
     /// Whether the verification decision was made (also while halted after it).

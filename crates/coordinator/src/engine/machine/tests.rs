@@ -8,7 +8,7 @@ fn hosts(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("h{i}")).collect()
 }
 
-fn rotation(n: usize, policy: Policy) -> Rotation {
+pub(super) fn rotation(n: usize, policy: Policy) -> Rotation {
     let waves = crate::engine::plan::plan_waves(&hosts(n), policy.canary, &policy.waves);
     Rotation::new(
         "rot-1".into(),
@@ -22,7 +22,7 @@ fn rotation(n: usize, policy: Policy) -> Rotation {
     )
 }
 
-fn ev(rot: &mut Rotation, e: Event, now: i64) -> Vec<Action> {
+pub(super) fn ev(rot: &mut Rotation, e: Event, now: i64) -> Vec<Action> {
     handle(rot, e, now).unwrap()
 }
 
@@ -36,7 +36,7 @@ fn report(host: &str, stage: Stage) -> Event {
     }
 }
 
-fn start(rot: &mut Rotation) -> Vec<Action> {
+pub(super) fn start(rot: &mut Rotation) -> Vec<Action> {
     assert_eq!(ev(rot, Event::Begin, 1), vec![Action::Create]);
     assert_eq!(rot.state, RotationState::Generating);
     ev(rot, Event::Generated { version: "v2".into(), fingerprint: FP.into() }, 2)
@@ -46,7 +46,7 @@ fn delivers(actions: &[Action]) -> Vec<String> {
     actions.iter().filter_map(|a| if let Action::Deliver { host } = a { Some(host.clone()) } else { None }).collect()
 }
 
-fn all_healthy(rot: &mut Rotation, hs: &[String], now: i64) -> Vec<Action> {
+pub(super) fn all_healthy(rot: &mut Rotation, hs: &[String], now: i64) -> Vec<Action> {
     let mut out = Vec::new();
     for h in hs {
         for st in [Stage::Delivered, Stage::Applied, Stage::Restarted, Stage::Healthy] {
@@ -349,12 +349,20 @@ fn revocation_waits_for_usage_evidence_and_holds_on_use_after_the_switch() {
     assert_eq!(ev(&mut r, Event::Tick, 1060), vec![Action::CheckUsage]);
     assert!(ev(&mut r, Event::Tick, 1065).is_empty(), "one check at a time");
     // Used before the switch (+ granularity): fine so far; observe one interval more.
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1050)), error: None }, 1070);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(1050)), detail: UseDetail::default(), error: None },
+        1070,
+    );
     assert!(a.is_empty(), "{a:?}");
     assert!(r.evidence[0].verdict.contains("observing until"), "{:?}", r.evidence);
     assert!(ev(&mut r, Event::Tick, 1090).is_empty());
     assert_eq!(ev(&mut r, Event::Tick, 1100), vec![Action::CheckUsage]);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1050)), error: None }, 1110);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(1050)), detail: UseDetail::default(), error: None },
+        1110,
+    );
     assert_eq!(a, vec![Action::DeactivateOld]);
     assert!(r.evidence[1].verdict.contains("no use since: ok"), "{:?}", r.evidence);
 
@@ -363,24 +371,54 @@ fn revocation_waits_for_usage_evidence_and_holds_on_use_after_the_switch() {
     start(&mut r);
     all_healthy(&mut r, &["h1".into()], 1000);
     ev(&mut r, Event::Tick, 1060);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1055)), error: None }, 1061);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(1055)), detail: UseDetail::default(), error: None },
+        1061,
+    );
     assert!(a.is_empty(), "use within the granularity after the switch is not held against it: {a:?}");
     ev(&mut r, Event::Tick, 1100);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1090)), error: None }, 1101);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(1090)), detail: UseDetail::default(), error: None },
+        1101,
+    );
     assert!(matches!(&a[..], [Action::Alert { kind, .. }] if *kind == AlertKind::OldVersionUsed), "{a:?}");
     assert_eq!(r.state, RotationState::Halted);
     assert!(r.halt_reason.as_deref().unwrap().contains("rekey scope"));
-    // Resume checks again (it does not skip the evidence).
+    assert!(r.halt_reason.as_deref().unwrap().contains(&format!("rekey rotate revoke {} --reason", r.id)));
+    // Resume checks again (it does not skip the evidence), counting from the
+    // operator's decision: the use that held it no longer does…
     let a = ev(&mut r, Event::Resume { by: "op".into() }, 7000);
-    assert_eq!(a, vec![Action::CheckUsage]);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1090)), error: None }, 7100);
-    assert!(matches!(&a[..], [Action::Alert { .. }]));
+    assert!(a.is_empty(), "the provider's granularity after the resume first: {a:?}");
+    assert_eq!(ev(&mut r, Event::Tick, 7060), vec![Action::CheckUsage]);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(1090)), detail: UseDetail::default(), error: None },
+        7070,
+    );
+    assert!(a.is_empty(), "{a:?}");
+    assert!(r.evidence.last().unwrap().verdict.contains("before an operator resumed"), "{:?}", r.evidence);
+    // …but a new use after it holds revocation again.
+    assert_eq!(ev(&mut r, Event::Tick, 7100), vec![Action::CheckUsage]);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(7090)), detail: UseDetail::default(), error: None },
+        7101,
+    );
+    assert!(matches!(&a[..], [Action::Alert { .. }]), "{a:?}");
+    assert_eq!(r.state, RotationState::Halted);
+    assert!(r.halt_reason.as_deref().unwrap().contains("after an operator resumed"), "{:?}", r.halt_reason);
     // A provider without usage data does not block (or delay) revocation.
     let mut r = rotation(1, p);
     start(&mut r);
     all_healthy(&mut r, &["h1".into()], 1000);
     ev(&mut r, Event::Tick, 1060);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::Unknown), error: None }, 1061);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::Unknown), detail: UseDetail::default(), error: None },
+        1061,
+    );
     assert_eq!(a, vec![Action::DeactivateOld]);
 }
 
@@ -393,10 +431,15 @@ fn use_during_grace_alerts_and_by_policy_reactivates_and_halts() {
     ev(&mut r, Event::ProviderDone { op: ProviderOp::DeactivateOld }, 100);
     assert_eq!(r.state, RotationState::Grace);
     assert_eq!(ev(&mut r, Event::Tick, 1100), vec![Action::CheckUsage]);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(50)), error: None }, 1150);
+    let a =
+        ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(50)), detail: UseDetail::default(), error: None }, 1150);
     assert!(a.is_empty(), "use before the deactivation is not an alert: {a:?}");
     assert_eq!(ev(&mut r, Event::Tick, 2200), vec![Action::CheckUsage]);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(2000)), error: None }, 2300);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(2000)), detail: UseDetail::default(), error: None },
+        2300,
+    );
     assert!(
         matches!(&a[0], Action::Alert { kind, severity, .. } if *kind == AlertKind::OldVersionUsedDuringGrace && *severity == Severity::Critical)
     );
@@ -414,11 +457,19 @@ fn use_during_grace_alerts_and_by_policy_reactivates_and_halts() {
     all_healthy(&mut r, &["h1".into()], 3);
     ev(&mut r, Event::ProviderDone { op: ProviderOp::DeactivateOld }, 100);
     ev(&mut r, Event::Tick, 1100);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1000)), error: None }, 1150);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(1000)), detail: UseDetail::default(), error: None },
+        1150,
+    );
     assert_eq!(a.len(), 1, "{a:?}");
     // A last check before deletion, then the old version goes.
     assert_eq!(ev(&mut r, Event::Tick, 10_100), vec![Action::CheckUsage]);
-    let a = ev(&mut r, Event::UsageChecked { usage: Some(Usage::At(1000)), error: None }, 10_150);
+    let a = ev(
+        &mut r,
+        Event::UsageChecked { usage: Some(Usage::At(1000)), detail: UseDetail::default(), error: None },
+        10_150,
+    );
     assert_eq!(a, vec![Action::DeleteOld]);
 }
 
@@ -466,9 +517,14 @@ fn arb_step(n: usize) -> impl Strategy<Value = Step> {
         1 => Just(Step::Ev(Event::Abort { by: "op".into() })),
         1 => host.prop_map(|h| Step::Ev(Event::Exclude { host: h, by: "op".into(), reason: "r".into() })),
         2 => Just(Step::Crash),
+        1 => prop_oneof![Just(DecisionKind::Revoke), Just(DecisionKind::Finish), Just(DecisionKind::Abandon)]
+            .prop_map(|kind| Step::Ev(Event::Decide { kind, by: "op".into(), reason: "r".into() })),
+        1 => prop_oneof![Just(ProviderOp::DeactivateOld), Just(ProviderOp::DeleteOld), Just(ProviderOp::ReactivateOld)]
+            .prop_map(|op| Step::Ev(Event::OldGone { op })),
         2 => prop_oneof![
-            Just(Some(Usage::Unknown)), Just(Some(Usage::Never)), (0i64..2000).prop_map(|t| Some(Usage::At(t))), Just(None)
-        ].prop_map(|usage| Step::Ev(Event::UsageChecked { usage, error: if usage.is_none() { Some("throttled".into()) } else { None } })),
+            Just(Some(Usage::Unknown)), Just(Some(Usage::Never)), (0i64..2000).prop_map(|t| Some(Usage::At(t))), Just(None),
+            Just(Some(Usage::Gone))
+        ].prop_map(|usage| Step::Ev(Event::UsageChecked { usage, detail: UseDetail::default(), error: if usage.is_none() { Some("throttled".into()) } else { None } })),
     ]
 }
 
@@ -534,6 +590,11 @@ proptest! {
                 }
             }
             prop_assert!(!delivered_since_delete_new, "delivered a version that is being deleted");
+            // No dead ends: every state that is not final offers an operator an exit.
+            prop_assert!(r.state.is_terminal() || !exits(&r).is_empty(), "no exit from {:?}", r.state);
+            if r.state.is_terminal() {
+                prop_assert!(!actions.iter().any(|a| matches!(a, Action::Create | Action::Deliver { .. })), "acting after the end");
+            }
             // Confirmations are never lost: a healthy host past verification stays confirmed.
             if r.state.is_past_verification() {
                 prop_assert!(r.gate_open() || r.state == RotationState::Halted);
