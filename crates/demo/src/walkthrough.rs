@@ -464,11 +464,6 @@ fn start_agent(w: &mut World, b: &Bins, h: &Host) -> Result<()> {
     )
 }
 
-fn restart_agent(w: &mut World, b: &Bins, h: &Host) -> Result<()> {
-    w.kill(&format!("agent-{}", h.name));
-    start_agent(w, b, h)
-}
-
 async fn wait_connected<A: Admin>(c: &mut A, n: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -529,11 +524,19 @@ impl<A: Admin> Demo<A> {
     }
 
     /// Rewrites a host's agent.toml as `setup` says and restarts its agent.
+    /// Waits until the coordinator has seen the old session end, so the
+    /// next plan asks the new agent rather than a dead session.
     async fn reconfigure(&mut self, i: usize, setup: Setup) -> Result<()> {
         let h = &self.hosts[i];
         std::fs::write(h.dir.join("agent.toml"), agent_toml(&self.b, h, &self.api.addr, setup))?;
-        restart_agent(&mut self.w, &self.b, h)?;
-        wait_connected(&mut self.c, self.hosts.len()).await
+        self.w.kill(&format!("agent-{}", h.name));
+        let n = self.hosts.len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.c.connected_agents().await? >= n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        start_agent(&mut self.w, &self.b, &self.hosts[i])?;
+        wait_connected(&mut self.c, n).await
     }
 
     /// `rekey rotate plan`, printed briefly: every wave's hosts, then each problem.
@@ -653,6 +656,11 @@ impl<A: Admin> Demo<A> {
 
         step(7, &format!("fix {bad} and resume: it gets the new version, then the old key is revoked"));
         self.reconfigure(i, Setup::Fine).await?;
+        // The demo API records use to the second, and the health checks just
+        // above used the old key: let that second pass, or the evidence could
+        // not tell that use from one after the switch (and would rightly hold
+        // revocation).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         self.c.resume(&r2).await?;
         let r2v = follow(&mut self.c, &r2, &SETTLED, seen).await?;
         if !matches!(r2v.state, RotationState::Monitoring | RotationState::Completed) {
