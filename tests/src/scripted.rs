@@ -2,7 +2,7 @@
 //! speaks the real protocol over real mTLS, but its apply step is a script
 //! (succeed, fail, hang) so tests can drive the engine into every corner.
 //! It keeps what it "applied" across reconnects and reports it in its hello,
-//! like the real agent.
+//! like the real agent, and answers dry runs (`Preflight`) with scripted checks.
 
 use crate::{Agent, Coordinator};
 use rekey_common::secret::fingerprint_fields;
@@ -10,7 +10,8 @@ use rekey_common::tls;
 use rekey_proto::PROTOCOL_VERSION;
 use rekey_proto::v1::agent_service_client::AgentServiceClient;
 use rekey_proto::v1::{
-    AgentMessage, AppliedVersion, Delivery, Heartbeat, Hello, Stage, StageReport, agent_message, coordinator_message,
+    AgentMessage, AppliedVersion, Delivery, Heartbeat, Hello, PreflightCheck, PreflightResult, Stage, StageReport,
+    agent_message, coordinator_message,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,9 @@ struct Shared {
     purges: Vec<(String, String)>,
     values_seen: Vec<Vec<u8>>,
     scans: Vec<rekey_proto::v1::ScanRequest>,
+    /// secret → the checks its dry run answers (default: one passing check).
+    preflight: BTreeMap<String, Vec<PreflightCheck>>,
+    preflights: Vec<rekey_proto::v1::Preflight>,
     connected: bool,
 }
 
@@ -75,6 +79,20 @@ impl ScriptedAgent {
     /// What this agent does with deliveries of `secret` from now on.
     pub fn set_behavior(&self, secret: &str, b: Behavior) {
         self.shared.lock().unwrap().behavior.insert(secret.to_string(), b);
+    }
+
+    /// What the dry run of `secret` answers from now on: (subject, ok, detail) each.
+    pub fn set_preflight(&self, secret: &str, checks: &[(&str, bool, &str)]) {
+        let checks = checks
+            .iter()
+            .map(|(s, ok, d)| PreflightCheck { subject: s.to_string(), ok: *ok, detail: d.to_string() })
+            .collect();
+        self.shared.lock().unwrap().preflight.insert(secret.to_string(), checks);
+    }
+
+    /// Every dry run asked of this agent.
+    pub fn preflights(&self) -> Vec<rekey_proto::v1::Preflight> {
+        self.shared.lock().unwrap().preflights.clone()
     }
 
     pub fn applied(&self, secret: &str) -> Option<(String, String)> {
@@ -270,6 +288,17 @@ async fn session(
                 let result = rekey_proto::v1::ScanResult { scan_id: req.scan_id.clone(), ..Default::default() };
                 shared.lock().unwrap().scans.push(req);
                 tx.send(AgentMessage { msg: Some(agent_message::Msg::ScanResult(result)) }).await?;
+            }
+            Some(coordinator_message::Msg::Preflight(p)) => {
+                let checks = {
+                    let mut s = shared.lock().unwrap();
+                    s.preflights.push(p.clone());
+                    s.preflight.get(&p.secret).cloned().unwrap_or_else(|| {
+                        vec![PreflightCheck { subject: "scripted dry run".into(), ok: true, detail: "ok".into() }]
+                    })
+                };
+                let r = PreflightResult { request_id: p.request_id, secret: p.secret, checks };
+                tx.send(AgentMessage { msg: Some(agent_message::Msg::PreflightResult(r)) }).await?;
             }
             Some(coordinator_message::Msg::Revoked(_)) => return Ok(()),
             _ => {}

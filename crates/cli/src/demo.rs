@@ -8,9 +8,9 @@ use anyhow::Result;
 use rekey_demo::walkthrough::Admin;
 use rekey_proto::v1::{
     Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest, ListAgentsRequest,
-    StartRotationRequest,
+    PlanRotationRequest, StartRotationRequest,
 };
-use rekey_types::v1::RotationView;
+use rekey_types::v1::{PlanView, RotationView};
 use std::path::Path;
 
 pub use rekey_demo::walkthrough::DemoArgs;
@@ -48,6 +48,11 @@ impl Admin for Client {
     async fn start_rotation(&mut self, secret: &str) -> Result<RotationView> {
         let req = self.request(StartRotationRequest { secret: secret.into(), ..Default::default() });
         self.view(self.inner.clone().start_rotation(req).await)
+    }
+
+    async fn plan_rotation(&mut self, secret: &str) -> Result<PlanView> {
+        let req = self.request(PlanRotationRequest { secret: secret.into(), wait_seconds: 0 });
+        self.view(self.inner.clone().plan_rotation(req).await)
     }
 
     async fn rotation(&mut self, id: &str) -> Result<RotationView> {

@@ -20,11 +20,11 @@ use rekey_proto::v1::admin_service_client::AdminServiceClient;
 use rekey_proto::v1::{
     BackupRequest, Control, ControlRotationRequest, CreateTokenRequest, GetReportRequest, GetRotationRequest,
     ListAgentsRequest, ListAlertsRequest, ListAuditRequest, ListRotationsRequest, ListSecretsRequest,
-    ListVersionsRequest, RevokeAgentRequest, StartRotationRequest, VerifyAuditRequest,
+    ListVersionsRequest, PlanRotationRequest, RevokeAgentRequest, StartRotationRequest, VerifyAuditRequest,
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use rekey_types::v1::{
-    AgentRevokedView, AgentView, AlertView, AuditRecordView, AuditVerifyView, JoinTokenView, RotationState,
+    AgentRevokedView, AgentView, AlertView, AuditRecordView, AuditVerifyView, JoinTokenView, PlanView, RotationState,
     RotationSummary, RotationView, SecretView, VersionView,
 };
 use serde::de::DeserializeOwned;
@@ -123,7 +123,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum RotateCmd {
-    /// Start rotating a secret; prints the rotation id.
+    /// Start rotating a secret; prints the rotation id. Runs the preflight
+    /// (`rotate plan`) first and refuses, with every problem, if it finds one.
     Start {
         secret: String,
         /// Follow the rotation until it completes, halts or aborts (exit 0 only if completed).
@@ -132,6 +133,21 @@ enum RotateCmd {
         /// How often --wait asks for the rotation's state (e.g. 500ms, 2s).
         #[arg(long, value_parser = parse_interval, default_value = "300ms")]
         interval: std::time::Duration,
+        /// Start even though the preflight would refuse (audited with --reason).
+        #[arg(long, requires = "reason")]
+        skip_preflight: bool,
+        /// Why the preflight is skipped; recorded in the audit log.
+        #[arg(long, requires = "skip_preflight")]
+        reason: Option<String>,
+    },
+    /// The preflight of a rotation, before any key exists: the provider
+    /// checked and reconciled, every consumer's dry run (files, restart,
+    /// health), the waves, and every problem. Exit 1 if there is a problem.
+    Plan {
+        secret: String,
+        /// How long to wait for the agents' dry runs, in seconds (default 20, at most 300).
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u32>,
     },
     /// Show a rotation: state, wave, and every host's state, fingerprint and error.
     Status { id: String },
@@ -526,8 +542,12 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
         reason: String::new(),
     };
     match cmd {
-        RotateCmd::Start { secret, wait, interval } => {
-            let req = client.request(StartRotationRequest { secret: secret.clone(), ..Default::default() });
+        RotateCmd::Start { secret, wait, interval, skip_preflight, reason } => {
+            let req = client.request(StartRotationRequest {
+                secret: secret.clone(),
+                skip_preflight: *skip_preflight,
+                reason: reason.clone().unwrap_or_default(),
+            });
             let v: RotationView = client.view(client.inner.clone().start_rotation(req).await)?;
             if *wait {
                 if out == Output::Table {
@@ -576,6 +596,14 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
             req.reason = reason.clone();
             let v: RotationView = client.view(client.inner.clone().control_rotation(client.request(req)).await)?;
             output(out, &v, |v| println!("{id} {verb}: {}", rotate::summary(v)));
+        }
+        RotateCmd::Plan { secret, wait } => {
+            let req = client.request(PlanRotationRequest { secret: secret.clone(), wait_seconds: wait.unwrap_or(0) });
+            let v: PlanView = client.view(client.inner.clone().plan_rotation(req).await)?;
+            output(out, &v, rotate::print_plan);
+            if !v.ok {
+                bail!("the plan of {secret} has {} problem(s): a rotation would be refused", v.problems.len());
+            }
         }
     }
     Ok(())

@@ -1,9 +1,11 @@
-//! `rekey secrets`, `rekey rotate ...`, `rekey alerts` and `rekey audit ...`:
+//! `rekey secrets`, `rekey rotate ...` (with `rotate plan`), `rekey alerts` and `rekey audit ...`:
 //! the coordinator's views (`rekey_types::v1`) as tables.
 
 use crate::table::Table;
 use rekey_common::time::{format_relative, format_unix, format_unix_ms, now_unix};
-use rekey_types::v1::{AlertView, AuditRecordView, RotationSummary, RotationView, SecretView, VersionView};
+use rekey_types::v1::{
+    AlertView, AuditRecordView, PlanHostStatus, PlanView, RotationSummary, RotationView, SecretView, VersionView,
+};
 use std::collections::BTreeMap;
 
 /// A text as a table cell: `-` when empty.
@@ -207,4 +209,52 @@ pub fn print_alerts(alerts: &[AlertView]) {
         ]);
     }
     print!("{t}");
+}
+
+/// `rekey rotate plan`: the provider, then each wave's hosts with their
+/// checks, then every problem (or that there is none).
+pub fn print_plan(p: &PlanView) {
+    println!("plan for {} (provider {}), no key generated", p.secret, p.provider.kind);
+    let old = opt(p.old_version.as_deref());
+    let recorded = opt(p.recorded_version.as_deref());
+    match &p.provider.error {
+        None => {
+            let active = p.provider.versions.iter().filter(|v| v.status.as_str() == "active").count();
+            println!(
+                "provider: {} version(s) listed, {active} active; recorded current {recorded}; old version {old}",
+                p.provider.versions.len()
+            );
+        }
+        Some(e) => println!("provider: not listed ({e}); recorded current {recorded}; old version {old}"),
+    }
+    for f in &p.provider.findings {
+        println!("  ! {f}");
+    }
+    let fields = if p.fields.is_empty() { "unknown".to_string() } else { p.fields.join(", ") };
+    println!("placeholder fields: {fields}");
+    for w in &p.waves {
+        let name = if w.canary { "canary".to_string() } else { format!("wave {}", w.index) };
+        println!("\n{name} ({} host(s))", w.hosts.len());
+        for h in &w.hosts {
+            let status = match h.status {
+                PlanHostStatus::Ready => "ready".to_string(),
+                s => s.as_str().to_uppercase().replace('_', " "),
+            };
+            println!("  {}  {status}", h.name);
+            for c in &h.checks {
+                println!("    {} {:<40} {}", if c.ok { "ok  " } else { "FAIL" }, c.subject, c.detail);
+            }
+        }
+    }
+    if p.problems.is_empty() {
+        println!("\nno problems: `rekey rotate start {}` would generate a key and roll it out as above", p.secret);
+        return;
+    }
+    println!("\nproblems ({}):", p.problems.len());
+    for x in &p.problems {
+        match &x.host {
+            Some(h) => println!("  - {h}: {}: {}", x.subject, x.detail),
+            None => println!("  - {}: {}", x.subject, x.detail),
+        }
+    }
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod crypto;
 pub mod engine;
 pub mod pki;
+pub mod preflight;
 pub mod report;
 pub mod scope;
 pub mod server;

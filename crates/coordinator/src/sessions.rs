@@ -40,11 +40,18 @@ pub struct Sessions {
     next_id: Arc<AtomicU64>,
     /// Checked before every message: a revoked certificate receives nothing.
     revoked: RevokedSerials,
+    /// Dry runs awaiting an answer: request id → (host asked, waiter).
+    preflights: Arc<Mutex<HashMap<String, PendingPreflight>>>,
 }
+
+/// Dry runs in flight at most; each is small and ends with its plan's wait.
+const MAX_PREFLIGHTS: usize = 4096;
+
+type PendingPreflight = (String, tokio::sync::oneshot::Sender<v1::PreflightResult>);
 
 impl Sessions {
     pub fn new(revoked: RevokedSerials) -> Sessions {
-        Sessions { inner: Arc::default(), next_id: Arc::default(), revoked }
+        Sessions { inner: Arc::default(), next_id: Arc::default(), revoked, preflights: Arc::default() }
     }
 
     pub fn next_id(&self) -> u64 {
@@ -112,6 +119,49 @@ impl Sessions {
             }
             None => false,
         }
+    }
+
+    /// An agent's dry-run answer: handed to the plan that asked that host, once.
+    /// An answer nobody waits for (late, duplicate, from another host) is dropped.
+    pub fn preflight_answer(&self, host: &str, result: v1::PreflightResult) {
+        let mut map = self.preflights.lock().expect("preflights lock");
+        match map.get(&result.request_id) {
+            Some((asked, _)) if asked == host => {
+                let (_, tx) = map.remove(&result.request_id).expect("present");
+                let _ = tx.send(result);
+            }
+            Some(_) => {
+                tracing::warn!(agent = %host, request = %result.request_id, "preflight answer from a host not asked dropped")
+            }
+            None => {
+                tracing::info!(agent = %host, request = %result.request_id, "preflight answer nobody waits for dropped")
+            }
+        }
+    }
+}
+
+impl crate::engine::link::PreflightLink for Sessions {
+    fn is_connected(&self, host: &str) -> bool {
+        Sessions::is_connected(self, host)
+    }
+
+    fn preflight(&self, host: &str, req: v1::Preflight) -> Result<crate::engine::link::PreflightAnswer, SendError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut map = self.preflights.lock().expect("preflights lock");
+            // Waiters that gave up (their plan timed out) leave no entry behind.
+            map.retain(|_, (_, tx)| !tx.is_closed());
+            if map.len() >= MAX_PREFLIGHTS {
+                return Err(SendError::Backpressure(host.to_string()));
+            }
+            map.insert(req.request_id.clone(), (host.to_string(), tx));
+        }
+        let id = req.request_id.clone();
+        let sent = self.send(host, message(v1::coordinator_message::Msg::Preflight(req)));
+        if sent.is_err() {
+            self.preflights.lock().expect("preflights lock").remove(&id);
+        }
+        sent.map(|()| rx)
     }
 }
 
@@ -229,5 +279,30 @@ mod tests {
         assert!(rx.try_recv().is_err());
         // Already revoked: the wait returns at once.
         revoked.revoked("0a").await;
+    }
+
+    #[tokio::test]
+    async fn a_preflight_answer_reaches_its_waiter_only_from_the_host_asked_and_once() {
+        use crate::engine::link::PreflightLink;
+        let sessions = Sessions::new(RevokedSerials::default());
+        let (h, mut rx) = handle("0b");
+        sessions.register("web-1", h);
+        let req = v1::Preflight { request_id: "pf-1".into(), secret: "api-key".into(), ..Default::default() };
+        let answer = sessions.preflight("web-1", req).unwrap();
+        let sent = rx.recv().await.unwrap().unwrap();
+        assert!(matches!(sent.msg, Some(v1::coordinator_message::Msg::Preflight(p)) if p.request_id == "pf-1"));
+        let result = |checks: usize| v1::PreflightResult {
+            request_id: "pf-1".into(),
+            secret: "api-key".into(),
+            checks: vec![v1::PreflightCheck::default(); checks],
+        };
+        // Another host cannot answer for web-1.
+        sessions.preflight_answer("web-2", result(5));
+        sessions.preflight_answer("web-1", result(1));
+        sessions.preflight_answer("web-1", result(2));
+        assert_eq!(answer.await.unwrap().checks.len(), 1);
+        // Not connected: refused, nothing left waiting.
+        assert!(matches!(sessions.preflight("web-9", v1::Preflight::default()), Err(SendError::NotConnected(_))));
+        assert!(sessions.preflights.lock().unwrap().is_empty());
     }
 }

@@ -3,10 +3,12 @@
 //! In a temporary directory it starts a real `rekeyd` (its own CA and
 //! store), the demo SaaS API, N real `rekey-agent`s enrolled over mTLS, each
 //! managing a real `rekey-demo-service` that authenticates to the API with a
-//! key; then it rotates that key twice with live progress — once cleanly,
-//! once with a misconfigured host that fails, rolls back and halts the
-//! rollout until the demo fixes it — and prints the incident report. Every
-//! process it started is stopped at the end (unless `--keep`).
+//! key; then it plans and rotates that key with live progress — once
+//! cleanly; then a `rotate plan` catches a misconfigured host before any key
+//! exists (and `rotate start` refuses), the demo fixes it; then a host whose
+//! mistake only shows at run time fails, rolls back and halts the rollout
+//! until the demo fixes it — and prints the incident report. Every process
+//! it started is stopped at the end (unless `--keep`).
 //!
 //! The `rekey` CLI owns the verb and the admin connection: it calls [`run`]
 //! with its own client behind [`Admin`], so this crate needs no gRPC stack
@@ -17,7 +19,7 @@ use crate::process::{self, free_port, spawn_logged, wait_until};
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nix::sys::signal::Signal;
-use rekey_types::v1::{HostState, RotationState, RotationView};
+use rekey_types::v1::{HostState, PlanHostStatus, PlanView, RotationState, RotationView};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,8 +53,11 @@ pub trait Admin: Sized {
     -> Result<(String, String)>;
     /// How many enrolled agents are connected now.
     async fn connected_agents(&mut self) -> Result<usize>;
-    /// Starts a rotation of `secret`; its view.
+    /// Starts a rotation of `secret` (the coordinator runs the preflight
+    /// first and refuses on a problem); its view.
     async fn start_rotation(&mut self, secret: &str) -> Result<RotationView>;
+    /// The preflight of a rotation of `secret` (`rekey rotate plan`).
+    async fn plan_rotation(&mut self, secret: &str) -> Result<PlanView>;
     /// A rotation's view.
     async fn rotation(&mut self, id: &str) -> Result<RotationView>;
     /// Resumes a halted rotation.
@@ -71,6 +76,7 @@ pub async fn run<A: Admin>(args: DemoArgs) -> Result<()> {
     let hosts = start_hosts(&mut w, &mut c, &b, &api, &coord, args.hosts).await?;
     let mut demo = Demo { w, b, api, c, hosts };
     let (r1, new_key) = demo.clean_rotation().await?;
+    demo.caught_by_the_plan().await?;
     let r2 = demo.failing_rotation(&new_key).await?;
     demo.report_and_hints(&r1, &r2, &op_dir).await
 }
@@ -232,11 +238,28 @@ fn service_cmd(b: &Bins, h: &Host, api: &str) -> Vec<String> {
     ]
 }
 
-/// The host's agent.toml; `broken` points it at a credentials file that does
-/// not exist (a typo an operator could make), so its apply fails.
-fn agent_toml(b: &Bins, h: &Host, api: &str, broken: bool) -> String {
+/// How a host's agent.toml is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Fine,
+    /// Names a credentials file that does not exist (a typo): any dry run sees it.
+    MissingFile,
+    /// Renders the key through a template with a stray `| upper`: the file,
+    /// the restart and the health check are all fine now; only the service's
+    /// next key is wrong, which the API refuses — a run-time failure.
+    MangledKey,
+}
+
+/// The host's agent.toml as `setup` says.
+fn agent_toml(b: &Bins, h: &Host, api: &str, setup: Setup) -> String {
     let d = h.dir.display();
-    let creds = if broken { format!("{d}/servce.env") } else { format!("{d}/service.env") };
+    let creds = if setup == Setup::MissingFile { format!("{d}/servce.env") } else { format!("{d}/service.env") };
+    let content = if setup == Setup::MangledKey {
+        "kind = \"template\"\n  template = \"# demo service credentials\\nDEMO_API_KEY={{ value | upper }}\\n\""
+            .to_string()
+    } else {
+        "kind = \"env-file\"\n  keys = { DEMO_API_KEY = \"value\" }".to_string()
+    };
     let cmd = service_cmd(b, h, api).iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
     format!(
         r#"# rekey-agent config for {name} (written by `rekey demo`)
@@ -249,8 +272,7 @@ max_backoff = "2s"
 name = "{SECRET}"
   [[secret.file]]
   path = "{creds}"
-  kind = "env-file"
-  keys = {{ DEMO_API_KEY = "value" }}
+  {content}
   [secret.restart]
   kind = "command"
   command = [{cmd}]
@@ -409,7 +431,7 @@ async fn start_hosts<A: Admin>(
         }
         w.service_pidfiles.push(h.dir.join("service.pid"));
         enroll(c, b, &h, coord).await?;
-        std::fs::write(h.dir.join("agent.toml"), agent_toml(b, &h, &api.addr, false))?;
+        std::fs::write(h.dir.join("agent.toml"), agent_toml(b, &h, &api.addr, Setup::Fine))?;
         start_agent(w, b, &h)?;
         println!(
             "   {}: service on 127.0.0.1:{} (health {}), agent enrolled over mTLS",
@@ -442,11 +464,6 @@ fn start_agent(w: &mut World, b: &Bins, h: &Host) -> Result<()> {
         &format!("agent-{}", h.name),
         Command::new(&b.agent).arg("run").arg("--config").arg(h.dir.join("agent.toml")),
     )
-}
-
-fn restart_agent(w: &mut World, b: &Bins, h: &Host) -> Result<()> {
-    w.kill(&format!("agent-{}", h.name));
-    start_agent(w, b, h)
 }
 
 async fn wait_connected<A: Admin>(c: &mut A, n: usize) -> Result<()> {
@@ -508,17 +525,61 @@ impl<A: Admin> Demo<A> {
         Ok(http(&self.api.addr, "GET", "/v1/whoami", key, "")?.0)
     }
 
-    /// Rewrites a host's agent.toml (`broken` or fixed) and restarts its agent.
-    async fn reconfigure(&mut self, i: usize, broken: bool) -> Result<()> {
+    /// Rewrites a host's agent.toml as `setup` says and restarts its agent.
+    /// Waits until the coordinator has seen the old session end, so the
+    /// next plan asks the new agent rather than a dead session.
+    async fn reconfigure(&mut self, i: usize, setup: Setup) -> Result<()> {
         let h = &self.hosts[i];
-        std::fs::write(h.dir.join("agent.toml"), agent_toml(&self.b, h, &self.api.addr, broken))?;
-        restart_agent(&mut self.w, &self.b, h)?;
-        wait_connected(&mut self.c, self.hosts.len()).await
+        std::fs::write(h.dir.join("agent.toml"), agent_toml(&self.b, h, &self.api.addr, setup))?;
+        self.w.kill(&format!("agent-{}", h.name));
+        let n = self.hosts.len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.c.connected_agents().await? >= n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        start_agent(&mut self.w, &self.b, &self.hosts[i])?;
+        wait_connected(&mut self.c, n).await
     }
 
-    /// Step 4: a clean rotation; returns its id and the new key.
+    /// `rekey rotate plan`, printed briefly: every wave's hosts, then each problem.
+    async fn plan(&mut self) -> Result<PlanView> {
+        let p = self.c.plan_rotation(SECRET).await?;
+        let listed = if p.provider.listed { "credentials work, versions listed" } else { "not listed" };
+        println!("   $ rekey rotate plan {SECRET}");
+        println!(
+            "   provider {}: {listed}; the key to replace: {}",
+            p.provider.kind,
+            p.old_version.as_deref().unwrap_or("-")
+        );
+        for w in &p.waves {
+            let hosts: Vec<String> = w
+                .hosts
+                .iter()
+                .map(|h| {
+                    if h.status == PlanHostStatus::Ready {
+                        h.name.clone()
+                    } else {
+                        format!("{} ({})", h.name, h.status)
+                    }
+                })
+                .collect();
+            let name = if w.canary { "canary".to_string() } else { format!("wave {}", w.index) };
+            println!("   {name:>7}: {}", hosts.join(", "));
+        }
+        for x in &p.problems {
+            println!("   problem: {}: {}: {}", x.host.as_deref().unwrap_or("-"), x.subject, x.detail);
+        }
+        Ok(p)
+    }
+
+    /// Step 4: a planned, clean rotation; returns its id and the new key.
     async fn clean_rotation(&mut self) -> Result<(String, String)> {
-        step(4, "rotate the API key: canary → waves → every service healthy → deactivate → grace → delete");
+        step(4, "plan, then rotate the API key: canary → waves → every service healthy → deactivate → grace → delete");
+        let p = self.plan().await?;
+        if !p.ok {
+            bail!("the plan of a healthy fleet found {} problem(s)", p.problems.len());
+        }
+        println!("   no problems: every host rendered its files and passed its checks with a placeholder key");
         let r1 = self.start().await?;
         let r1v = follow(&mut self.c, &r1, &SETTLED, 0).await?;
         if !matches!(r1v.state, RotationState::Monitoring | RotationState::Completed) {
@@ -537,14 +598,46 @@ impl<A: Admin> Demo<A> {
         Ok((r1, new_key))
     }
 
-    /// Steps 5 and 6: a rotation that halts on a misconfigured host, then
-    /// completes once it is fixed; returns its id.
+    /// Step 5: a misconfigured host caught by the plan before any key
+    /// exists; `rotate start` refuses too; the demo fixes it.
+    async fn caught_by_the_plan(&mut self) -> Result<()> {
+        let i = 1;
+        let bad = self.hosts[i].name.clone();
+        step(5, &format!("{bad} misconfigured (its agent.toml names a file that does not exist): the plan catches it"));
+        self.reconfigure(i, Setup::MissingFile).await?;
+        let p = self.plan().await?;
+        if p.ok || !p.problems.iter().any(|x| x.host.as_deref() == Some(bad.as_str())) {
+            bail!("the plan should have named {bad} as a problem");
+        }
+        match self.c.start_rotation(SECRET).await {
+            Ok(r) => bail!("rotate start should refuse while {bad} fails its preflight; it started {}", r.id),
+            Err(e) => {
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                println!("   $ rekey rotate start {SECRET}\n   refused: {first}");
+            }
+        }
+        println!("   caught by the preflight: no key was generated, nothing to roll back. Fixing {bad}.");
+        self.reconfigure(i, Setup::Fine).await
+    }
+
+    /// Steps 6 and 7: a rotation that halts on a host whose mistake only
+    /// shows at run time, then completes once it is fixed; returns its id.
     async fn failing_rotation(&mut self, new_key: &str) -> Result<String> {
         // The third host (the last with --hosts 2): never the canary.
         let i = 2.min(self.hosts.len() - 1);
         let bad = self.hosts[i].name.clone();
-        step(5, &format!("rotate again, with {bad} misconfigured (its agent.toml names a file that does not exist)"));
-        self.reconfigure(i, true).await?;
+        step(
+            6,
+            &format!(
+                "rotate again, with {bad} rendering the key through a template with a stray `| upper`: \
+                 it passes the plan (the file, restart and health check are fine now), only the real key is wrong"
+            ),
+        );
+        self.reconfigure(i, Setup::MangledKey).await?;
+        let p = self.plan().await?;
+        if !p.ok {
+            bail!("this mistake only shows at run time, yet the plan found {} problem(s)", p.problems.len());
+        }
         let r2 = self.start().await?;
         let r2v = follow(&mut self.c, &r2, &SETTLED, 0).await?;
         if r2v.state != RotationState::Halted {
@@ -552,7 +645,7 @@ impl<A: Admin> Demo<A> {
         }
         let seen = r2v.timeline.len();
         println!(
-            "   {bad} failed and rolled back by itself ({}); the rollout halted before revoking anything",
+            "   {bad} failed once its service restarted on the mangled key, and rolled back by itself ({}); the rollout halted before revoking anything",
             r2v.hosts.get(&bad).map_or("?", |h| h.state.as_str())
         );
         // The canary already runs the new key; the others still use the old one.
@@ -563,8 +656,13 @@ impl<A: Admin> Demo<A> {
         }
         check_all_healthy(&self.hosts)?;
 
-        step(6, &format!("fix {bad} and resume: it gets the new version, then the old key is revoked"));
-        self.reconfigure(i, false).await?;
+        step(7, &format!("fix {bad} and resume: it gets the new version, then the old key is revoked"));
+        self.reconfigure(i, Setup::Fine).await?;
+        // The demo API records use to the second, and the health checks just
+        // above used the old key: let that second pass, or the evidence could
+        // not tell that use from one after the switch (and would rightly hold
+        // revocation).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         self.c.resume(&r2).await?;
         let r2v = follow(&mut self.c, &r2, &SETTLED, seen).await?;
         if !matches!(r2v.state, RotationState::Monitoring | RotationState::Completed) {
@@ -579,30 +677,34 @@ impl<A: Admin> Demo<A> {
         Ok(r2)
     }
 
-    /// Step 7: the report, and where to look next.
+    /// Step 8: the report, and where to look next (only with `--keep`: the
+    /// directory and the processes are gone otherwise).
     async fn report_and_hints(&mut self, r1: &str, r2: &str, op_dir: &Path) -> Result<()> {
-        step(7, "the incident report (Markdown; `--format json` for machines)");
+        step(8, "the incident report (Markdown; `--format json` for machines)");
         let report = self.c.report(r2, "md").await?;
         println!("\n{report}");
 
+        let dir = self.w.dir.display();
+        if !self.w.keep {
+            println!("== where to look next");
+            println!("   rerun with --keep to leave everything running and explore it with `rekey` commands");
+            println!("\nstopping every process the demo started and removing {dir}");
+            return Ok(());
+        }
         println!("== where to look next");
         let op = op_dir.display();
         println!("   rekey --operator-dir {op} agents");
+        println!("   rekey --operator-dir {op} rotate plan {SECRET}");
         println!("   rekey --operator-dir {op} rotate list");
         println!("   rekey --operator-dir {op} rotate status {r2}");
         println!("   rekey --operator-dir {op} report {r1}");
         println!("   rekey --operator-dir {op} audit verify");
-        let dir = self.w.dir.display();
         println!("   logs and configs: {dir}");
-        if self.w.keep {
-            let pids: Vec<String> = self.w.children.iter().map(|(_, c)| c.id().to_string()).collect();
-            println!(
-                "\nleft running (--keep). Stop everything with:\n   kill {} $(cat {dir}/host-*/service.pid)",
-                pids.join(" ")
-            );
-        } else {
-            println!("\nstopping every process the demo started and removing {dir}");
-        }
+        let pids: Vec<String> = self.w.children.iter().map(|(_, c)| c.id().to_string()).collect();
+        println!(
+            "\nleft running (--keep). Stop everything with:\n   kill {} $(cat {dir}/host-*/service.pid)",
+            pids.join(" ")
+        );
         Ok(())
     }
 }

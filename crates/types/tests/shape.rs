@@ -531,6 +531,81 @@ fn scope_view() {
 }
 
 #[test]
+fn plan_view() {
+    let c =
+        |subject: &str, ok: bool, detail: &str| PlanCheckView { subject: subject.into(), ok, detail: detail.into() };
+    let missing = "does not exist (declared in agent.toml secret[0].file[0])";
+    check(
+        "plan",
+        &PlanView {
+            secret: "api-key".into(),
+            recorded_version: Some("k_1".into()),
+            old_version: Some("k_2".into()),
+            fields: vec!["value".into()],
+            provider: PlanProviderView {
+                kind: "http".into(),
+                listed: true,
+                error: None,
+                versions: vec![VersionView {
+                    id: "k_2".into(),
+                    status: VersionStatus::Active,
+                    created_unix: Some(1_760_000_000),
+                    current: false,
+                }],
+                drift: vec!["k_2".into()],
+                findings: vec![
+                    "the recorded current version k_1 is not at the provider (rotated outside rekey?): \
+                     the active version k_2 is taken as the old one"
+                        .into(),
+                ],
+            },
+            waves: vec![
+                PlanWaveView {
+                    index: 0,
+                    canary: true,
+                    hosts: vec![PlanHostView {
+                        name: "host-1".into(),
+                        status: PlanHostStatus::Ready,
+                        checks: vec![
+                            c("file /srv/app/key.env", true, "owner app:app, mode 0600"),
+                            c("restart systemd app.service", true, "unit exists"),
+                            c("health http://127.0.0.1:8080/health", true, "200"),
+                        ],
+                    }],
+                },
+                PlanWaveView {
+                    index: 1,
+                    canary: false,
+                    hosts: vec![
+                        PlanHostView {
+                            name: "host-2".into(),
+                            status: PlanHostStatus::Failed,
+                            checks: vec![c("file /srv/app/kye.env", false, missing)],
+                        },
+                        PlanHostView { name: "host-3".into(), status: PlanHostStatus::NotConnected, checks: vec![] },
+                    ],
+                },
+            ],
+            problems: vec![
+                PlanProblemView {
+                    host: Some("host-2".into()),
+                    subject: "file /srv/app/kye.env".into(),
+                    detail: missing.into(),
+                },
+                PlanProblemView {
+                    host: Some("host-3".into()),
+                    subject: "connection".into(),
+                    detail: "agent host-3 is not connected".into(),
+                },
+            ],
+            ok: false,
+            wait_seconds: 20,
+            elapsed_ms: 1_250,
+        },
+    );
+}
+
+#[test]
 fn enum_spellings_are_the_documented_ones() {
     let all = |v: Vec<String>| v.join(" ");
     assert_eq!(
@@ -557,6 +632,10 @@ fn enum_spellings_are_the_documented_ones() {
         "old_version_used old_version_used_during_grace old_version_used_after_revocation leftover_found"
     );
     assert_eq!(all(OperatorRole::ALL.iter().map(|s| s.to_string()).collect()), "admin rotator viewer");
+    assert_eq!(
+        all(PlanHostStatus::ALL.iter().map(|s| s.to_string()).collect()),
+        "ready failed not_connected no_answer"
+    );
     let waiting: IncidentSecretState = serde_json::from_str("\"waiting\"").unwrap();
     assert_eq!(waiting, IncidentSecretState::Campaign(CampaignState::Waiting));
     assert!(serde_json::from_str::<RotationState>("\"RollingOut\"").is_err());

@@ -1,5 +1,6 @@
 //! `rekey demo --hosts 3`, run as a newcomer would: to completion, exit 0,
-//! a report, and nothing left running.
+//! a report, and nothing left running. Needs the real agent's dry run (the
+//! agent branch): without it every host's preflight goes unanswered.
 
 use std::process::Command;
 
@@ -11,11 +12,18 @@ fn the_demo_runs_to_completion_and_cleans_up() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "rekey demo failed:\n{stdout}\n{stderr}");
 
-    // It did what it says: two rotations, a halt on the misconfigured host, a fix, a report.
+    // It did what it says: a plan, a clean rotation, a misconfigured host
+    // caught by the plan before any key exists (and a refused start), a
+    // run-time failure that halts and rolls back, a fix, a report.
     for expected in [
         "all 3 agents connected",
+        "$ rekey rotate plan demo-api-key",
+        "no problems",
         "old key",
         "(revoked)",
+        "problem: host-2: file",
+        "servce.env: does not exist",
+        "refused: the preflight of demo-api-key found 1 problem(s); no key was generated",
         "rolled back by itself",
         "host-3",
         "the previous key is now refused (401)",
@@ -27,8 +35,11 @@ fn the_demo_runs_to_completion_and_cleans_up() {
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in the demo output:\n{stdout}");
     }
-    // The failure the misconfigured host hit is in the report, with its reason.
-    assert!(stdout.contains("servce.env"), "the report should name the missing file:\n{stdout}");
+    // The run-time failure is in the report, with its reason.
+    assert!(stdout.contains("**host-3** failed"), "the report should name the failed host:\n{stdout}");
+    // Without --keep nothing is left to look at: the hints say to rerun with it.
+    assert!(stdout.contains("rerun with --keep"), "{stdout}");
+    assert!(!stdout.contains("--operator-dir"), "hints for a directory that is gone:\n{stdout}");
     // Live progress: every state of the lifecycle was shown.
     for state in ["rolling_out", "verified", "deactivating", "grace", "deleting", "monitoring"] {
         assert!(stdout.contains(state) || stderr.contains(state), "{state} never shown");

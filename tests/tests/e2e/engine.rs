@@ -63,6 +63,10 @@ fn start(c: &Coordinator, secret: &str) -> String {
     c.cli_ok(&["rotate", "start", secret]).trim().to_string()
 }
 
+fn start_skipping_preflight(c: &Coordinator, reason: &str) -> String {
+    c.cli_ok(&["rotate", "start", SECRET, "--skip-preflight", "--reason", reason]).trim().to_string()
+}
+
 fn wait_state(c: &Coordinator, id: &str, states: &[RotationState]) -> RotationView {
     let mut last = None;
     wait_for(&format!("rotation {id} to reach {states:?}"), || {
@@ -205,7 +209,8 @@ fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audit
     let v1 = f.agents[0].applied(SECRET).unwrap().0;
     f.agents[1].stop();
     wait_for("host-2 gone", || !f.c.is_connected("host-2"));
-    let id = start(&f.c, SECRET);
+    // The preflight would refuse a start with a consumer down: skipped, on purpose.
+    let id = start_skipping_preflight(&f.c, "host-2 is down: the unreachable path under test");
     wait_for("host-2 unreachable, the others healthy", || {
         let r = rotation(&f.c, &id);
         r.hosts["host-2"].state == HostState::Unreachable && r.hosts["host-3"].state == HostState::Healthy
@@ -224,7 +229,7 @@ fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audit
     // Next rotation: host-3 is gone for good; the operator excludes it.
     f.agents[2].stop();
     wait_for("host-3 gone", || !f.c.is_connected("host-3"));
-    let id = start(&f.c, SECRET);
+    let id = start_skipping_preflight(&f.c, "host-3 is gone for good");
     wait_for("host-3 unreachable", || rotation(&f.c, &id).hosts["host-3"].state == HostState::Unreachable);
     let out = f.c.cli(&["rotate", "exclude", &id, "host-3", "--reason", ""]);
     assert!(!out.status.success(), "an exclusion needs a reason");

@@ -158,7 +158,16 @@ fn a_planted_symlink_fails_the_rotation_on_that_host_and_leaves_the_target_alone
     a.start();
     wait_for("host-1 connected", || c.is_connected("host-1"));
 
-    let id = c.cli_ok(&["rotate", "start", SECRET]).trim().to_string();
+    // The preflight sees it first: the dry run resolves the path as an apply would.
+    let plan = c.cli(&["rotate", "plan", SECRET]);
+    let text = String::from_utf8_lossy(&plan.stdout).into_owned() + &String::from_utf8_lossy(&plan.stderr);
+    assert!(!plan.status.success() && text.contains("host-1") && text.contains("symlink"), "{text}");
+    assert!(!c.cli(&["rotate", "start", SECRET]).status.success(), "start refused while the plan has a problem");
+    // And the apply refuses it too, when an operator skips the preflight.
+    let id = c
+        .cli_ok(&["rotate", "start", SECRET, "--skip-preflight", "--reason", "test the apply's own check"])
+        .trim()
+        .to_string();
     let mut r = Value::Null;
     // The rollout halts on the host's "failed"; its "rolled back" follows.
     wait_for(&format!("{id} halted, host-1 rolled back"), || {

@@ -10,6 +10,7 @@
 use super::link::{AgentLink, Delivery};
 use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage, Usage, UseDetail};
 use super::plan::{Target, plan_waves};
+use super::reconcile::{OldVersion, reconcile, version_limit};
 use super::state::{EngineState, StateError};
 use crate::alerts::Alerts;
 use crate::audit::AuditEntry;
@@ -20,7 +21,7 @@ use rekey_common::error::Chain;
 use rekey_common::secret::fingerprint_fields;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1;
-use rekey_providers::{CreateRequest, LastUsed, Provider, ProviderError, Sink, SinkWrite, VersionStatus};
+use rekey_providers::{CreateRequest, LastUsed, Provider, ProviderError, Sink, SinkWrite, VersionInfo, VersionStatus};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,8 +81,18 @@ pub enum AgentEvent {
 
 type Reply = oneshot::Sender<Result<Rotation, EngineError>>;
 
+/// How an operator asked for a start (a campaign asks with the default).
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The preflight was skipped, and why: audited as `rotation.preflight_skipped`.
+    pub preflight_skipped: Option<String>,
+}
+
+/// How long a start waits for the provider's list of versions.
+const LIST_TIMEOUT: Duration = Duration::from_secs(30);
+
 enum Command {
-    Start { secret: String, by: String, reply: Reply },
+    Start { secret: String, by: String, opts: StartOptions, listing: Option<Vec<VersionInfo>>, reply: Reply },
     Operator { id: String, event: Event, by: String, reply: Reply },
     Agent(AgentEvent),
     Provider { id: String, event: Event },
@@ -106,11 +117,30 @@ impl EngineHandle {
     }
 
     pub async fn start(&self, secret: &str, by: &str) -> Result<Rotation, EngineError> {
+        self.start_with(secret, by, StartOptions::default()).await
+    }
+
+    /// Starts a rotation. The provider's versions are listed here, in the
+    /// caller's task (a slow provider never blocks the engine), so the engine
+    /// reconciles its record with them before generating anything.
+    pub async fn start_with(&self, secret: &str, by: &str, opts: StartOptions) -> Result<Rotation, EngineError> {
+        let listing = match self.providers.get(secret) {
+            Some(p) => match tokio::time::timeout(LIST_TIMEOUT, p.list()).await {
+                Ok(Ok(v)) => Some(v),
+                Ok(Err(e)) => {
+                    tracing::info!(%secret, error = %Chain(&e), "provider versions not listed: nothing to reconcile with");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(%secret, "provider versions not listed within 30s: nothing to reconcile with");
+                    None
+                }
+            },
+            None => None,
+        };
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Start { secret: secret.to_string(), by: by.to_string(), reply })
-            .await
-            .map_err(|_| EngineError::Stopped)?;
+        let cmd = Command::Start { secret: secret.to_string(), by: by.to_string(), opts, listing, reply };
+        self.tx.send(cmd).await.map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
@@ -319,8 +349,8 @@ impl Engine {
 
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Start { secret, by, reply } => {
-                let r = self.start(&secret, &by).await;
+            Command::Start { secret, by, opts, listing, reply } => {
+                let r = self.start(&secret, &by, opts, listing).await;
                 let _ = reply.send(r);
             }
             Command::Operator { id, event, by, reply } => {
@@ -385,7 +415,13 @@ impl Engine {
         }
     }
 
-    async fn start(&mut self, secret: &str, by: &str) -> Result<Rotation, EngineError> {
+    async fn start(
+        &mut self,
+        secret: &str,
+        by: &str,
+        opts: StartOptions,
+        listing: Option<Vec<VersionInfo>>,
+    ) -> Result<Rotation, EngineError> {
         let spec = self.config.secret(secret).ok_or_else(|| EngineError::UnknownSecret(secret.to_string()))?.clone();
         let record = self.state.get_secret(secret)?;
         if let Some(active) = record.active_rotation {
@@ -398,14 +434,7 @@ impl Engine {
         }
         let provider =
             self.providers.get(secret).cloned().ok_or_else(|| EngineError::UnknownSecret(secret.to_string()))?;
-        let old = match record.current_version {
-            Some(v) => Some(v),
-            None => provider
-                .current()
-                .await
-                .map_err(|source| EngineError::Provider { secret: secret.to_string(), source })?
-                .map(|v| v.id),
-        };
+        let (old, mut audit) = self.old_version(secret, record.current_version, listing, provider.as_ref()).await?;
         let now = now_unix_ms();
         let id = format!("rot-{:x}{}", now / 1000, random_hex(3));
         let plan = plan_waves(&consumers, spec.policy.canary, &spec.policy.selector_waves, &spec.policy.waves);
@@ -424,18 +453,76 @@ impl Engine {
         let mut fingerprint_key = [0u8; 32];
         rand::rng().fill(&mut fingerprint_key[..]);
         self.state.put_fingerprint_key(&id, &fingerprint_key)?;
-        self.state.begin(
-            &rot,
-            vec![AuditEntry::new(
+        audit.insert(
+            0,
+            AuditEntry::new(
                 by,
                 "rotation.start",
                 serde_json::json!({ "rotation": id, "secret": secret, "old_version": old, "targets": targets, "waves": rot.waves,
-                                    "wave_kinds": plan.kinds, "pause_after": plan.pause_after, "empty_selector_waves": plan.empty }),
-            )],
-        )?;
+                                "wave_kinds": plan.kinds, "pause_after": plan.pause_after, "empty_selector_waves": plan.empty }),
+            ),
+        );
+        for a in &mut audit {
+            a.details["rotation"] = serde_json::json!(id);
+        }
+        if let Some(reason) = opts.preflight_skipped {
+            audit.push(AuditEntry::new(
+                by,
+                "rotation.preflight_skipped",
+                serde_json::json!({ "rotation": id, "secret": secret, "by": by, "reason": reason }),
+            ));
+        }
+        self.state.begin(&rot, audit)?;
         tracing::info!(rotation = %id, %secret, targets = targets.len(), operator = %by, "rotation started");
         self.active.insert(id.clone(), rot);
         self.apply(&id, Event::Begin, by)
+    }
+
+    /// The version a new rotation replaces: rekey's record reconciled with
+    /// the provider's list when there is one (see `engine::reconcile`),
+    /// else the record, else the provider's current version. Drift goes to
+    /// the audit records returned (`rotation.drift`).
+    async fn old_version(
+        &self,
+        secret: &str,
+        recorded: Option<String>,
+        listing: Option<Vec<VersionInfo>>,
+        provider: &dyn Provider,
+    ) -> Result<(Option<String>, Vec<AuditEntry>), EngineError> {
+        let first = async || {
+            provider
+                .current()
+                .await
+                .map(|v| v.map(|v| v.id))
+                .map_err(|source| EngineError::Provider { secret: secret.to_string(), source })
+        };
+        let Some(versions) = listing else {
+            return Ok((if recorded.is_some() { recorded } else { first().await? }, Vec::new()));
+        };
+        let known = known_versions(&self.state, secret)?;
+        let r = reconcile(recorded.as_deref(), &known, &versions, version_limit(provider.kind()));
+        let old = match &r.old {
+            OldVersion::Ambiguous(_) => {
+                let why = r.problems().join("; ");
+                return Err(EngineError::Refused(format!("{why}; no rotation was started and no key generated")));
+            }
+            OldVersion::FirstRotation => first().await?,
+            _ => r.old_version().map(str::to_string),
+        };
+        let findings = r.findings();
+        let mut audit = Vec::new();
+        if r.recorded_missing || !r.unknown_active.is_empty() {
+            tracing::warn!(%secret, recorded = ?r.recorded, old = ?old, drift = ?r.unknown_active, "provider differs from rekey's record");
+            audit.push(AuditEntry::new(
+                "rekeyd",
+                "rotation.drift",
+                serde_json::json!({
+                    "secret": secret, "recorded_version": r.recorded, "recorded_missing": r.recorded_missing,
+                    "old_version": old, "unknown_active": r.unknown_active, "findings": findings,
+                }),
+            ));
+        }
+        Ok((old, audit))
     }
 
     fn persist(&self, before: &Rotation, after: &Rotation, actor: &str) -> Result<(), EngineError> {
@@ -817,6 +904,17 @@ pub fn consumer_targets(
         .filter(|a| is_consumer(a, spec))
         .map(|a| Target { name: a.name, labels: a.labels })
         .collect())
+}
+
+/// Every version of `secret` rekey made, replaced or recorded: what the
+/// reconciliation does not call drift.
+pub fn known_versions(state: &EngineState, secret: &str) -> Result<std::collections::BTreeSet<String>, StateError> {
+    let mut known: std::collections::BTreeSet<String> = state.get_secret(secret)?.current_version.into_iter().collect();
+    for r in state.list_rotations()?.into_iter().filter(|r| r.secret == secret) {
+        known.extend(r.old_version);
+        known.extend(r.new_version);
+    }
+    Ok(known)
 }
 
 /// Whether `agent` may receive `spec` (see [`consumers`]).

@@ -77,6 +77,8 @@ struct FakeProvider {
     /// While set, `create` records the call and then never answers (the
     /// coordinator dies with the call in flight).
     hang_create: std::sync::atomic::AtomicBool,
+    /// What `list` answers (nothing until a test sets it).
+    listing: Mutex<Vec<VersionInfo>>,
 }
 
 #[async_trait::async_trait]
@@ -117,7 +119,7 @@ impl Provider for FakeProvider {
         Ok(())
     }
     async fn list(&self) -> Result<Vec<VersionInfo>, ProviderError> {
-        Ok(vec![])
+        Ok(self.listing.lock().unwrap().clone())
     }
 }
 
@@ -194,7 +196,12 @@ monitor = "0s"
         );
         let config = Arc::new(Config::from_str(&dir.path().join("coordinator.toml"), &toml).unwrap());
         let log: Log = Arc::default();
-        let provider = Arc::new(FakeProvider { state: state.clone(), log: log.clone(), hang_create: false.into() });
+        let provider = Arc::new(FakeProvider {
+            state: state.clone(),
+            log: log.clone(),
+            hang_create: false.into(),
+            listing: Mutex::default(),
+        });
         let (handle, deliveries, stop, task) = spawn_engine(&config, &store, &state, &log, &provider);
         World { _dir: dir, store, state, config, log, provider, handle, deliveries, stop, task }
     }
@@ -343,4 +350,51 @@ async fn an_engine_killed_during_create_creates_again_for_the_same_rotation_and_
         (done.id.as_str(), done.new_version.as_deref()),
         (rot.id.as_str(), Some(format!("v-{}", rot.id).as_str()))
     );
+}
+
+fn active(ids: &[&str]) -> Vec<VersionInfo> {
+    ids.iter()
+        .map(|id| VersionInfo {
+            id: id.to_string(),
+            status: rekey_providers::VersionStatus::Active,
+            created_unix: None,
+        })
+        .collect()
+}
+
+/// Issue 19, case 1: the recorded version was rotated away outside rekey.
+/// The start takes the one active version as the old one (audited as drift)
+/// and revokes it; two unknown active versions are refused before any create.
+#[tokio::test]
+async fn a_start_reconciles_the_recorded_version_with_the_providers_list() {
+    let mut w = World::start(&["h1"]);
+    let first = w.handle.start(SECRET, "operator/test").await.unwrap();
+    w.answer_next(v1::Stage::Healthy).await;
+    w.wait_state(RotationState::Completed).await;
+    let recorded = w.state.get_secret(SECRET).unwrap().current_version.unwrap();
+    assert_eq!(recorded, format!("v-{}", first.id));
+
+    // Gone at the provider; another key, made by hand, is active.
+    *w.provider.listing.lock().unwrap() = active(&["v-by-hand"]);
+    let second = w.handle.start(SECRET, "operator/test").await.unwrap();
+    assert_eq!(second.old_version.as_deref(), Some("v-by-hand"));
+    let drift: Vec<_> = w.state.audit_records().unwrap().into_iter().filter(|r| r.action == "rotation.drift").collect();
+    assert_eq!(drift.len(), 1);
+    assert_eq!(drift[0].details["rotation"], second.id.as_str());
+    assert_eq!(drift[0].details["recorded_version"], recorded.as_str());
+    assert_eq!(drift[0].details["old_version"], "v-by-hand");
+    w.answer_next(v1::Stage::Healthy).await;
+    w.wait_state(RotationState::Completed).await;
+
+    // Two unknown active keys and the record gone: refused, nothing created.
+    *w.provider.listing.lock().unwrap() = active(&["v-x", "v-y"]);
+    let creates_before = actions(&w.log.lock().unwrap()).iter().filter(|a| **a == "create").count();
+    let err = w.handle.start(SECRET, "operator/test").await.unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Refused(m) if m.contains("v-x, v-y") && m.contains("no key generated")),
+        "{err}"
+    );
+    assert!(w.state.get_secret(SECRET).unwrap().active_rotation.is_none());
+    let log = w.stop().await;
+    assert_eq!(actions(&log).iter().filter(|a| **a == "create").count(), creates_before);
 }

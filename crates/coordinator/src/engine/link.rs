@@ -2,6 +2,8 @@
 //! and a presence check, nothing else. The live implementation
 //! ([`crate::sessions::Sessions`]) turns them into messages on the agents'
 //! session streams; tests put a fake behind it to run the driver alone.
+//! [`PreflightLink`] is the rotation plan's way to agents: a dry run out, one
+//! answer back.
 
 use rekey_providers::Fields;
 
@@ -42,4 +44,17 @@ pub trait AgentLink: Send + Sync + 'static {
     fn rollback(&self, host: &str, rotation_id: &str, secret: &str, version_id: &str) -> Result<(), LinkError>;
     /// Tell the host `version_id` is revoked: delete backups holding it.
     fn purge(&self, host: &str, secret: &str, version_id: &str) -> Result<(), LinkError>;
+}
+
+/// A dry run's answer from one agent, or nothing (the receiver errs) if the
+/// session ended before it answered.
+pub type PreflightAnswer = tokio::sync::oneshot::Receiver<rekey_proto::v1::PreflightResult>;
+
+/// How a rotation plan reaches agents: one dry run per host, answered once
+/// (by `request_id`). Separate from [`AgentLink`]: the driver never asks.
+pub trait PreflightLink: Send + Sync {
+    fn is_connected(&self, host: &str) -> bool;
+    /// Sends `req` to `host`; the answer with the same `request_id` from that
+    /// host (and no other) arrives on the receiver.
+    fn preflight(&self, host: &str, req: rekey_proto::v1::Preflight) -> Result<PreflightAnswer, LinkError>;
 }

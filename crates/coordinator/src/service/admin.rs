@@ -13,9 +13,10 @@ use crate::config::Config;
 use crate::engine::campaign::Campaigns;
 use crate::engine::campaign::{CampaignError, Incident};
 use crate::engine::driver::EngineHandle;
-use crate::engine::driver::{EngineError, consumers};
+use crate::engine::driver::{EngineError, StartOptions, consumers};
 use crate::engine::machine::{DecisionKind, Event, Rotation};
 use crate::pki::Ca;
+use crate::preflight::{self, Preflight, PreflightError};
 use crate::scope::Scanner;
 use crate::scope::{self, ScopeError};
 use crate::sessions::Sessions;
@@ -70,6 +71,7 @@ pub(crate) enum Rpc {
     RevokeAgent,
     ListSecrets,
     StartRotation,
+    PlanRotation,
     GetRotation,
     ListRotations,
     ControlRotation,
@@ -91,12 +93,13 @@ pub(crate) enum Rpc {
 
 impl Rpc {
     #[cfg(test)]
-    const ALL: [Rpc; 22] = [
+    const ALL: [Rpc; 23] = [
         Rpc::CreateToken,
         Rpc::ListAgents,
         Rpc::RevokeAgent,
         Rpc::ListSecrets,
         Rpc::StartRotation,
+        Rpc::PlanRotation,
         Rpc::GetRotation,
         Rpc::ListRotations,
         Rpc::ControlRotation,
@@ -124,6 +127,7 @@ impl Rpc {
             Rpc::RevokeAgent => "revoke an agent",
             Rpc::ListSecrets => "list secrets",
             Rpc::StartRotation => "start a rotation",
+            Rpc::PlanRotation => "plan a rotation",
             Rpc::GetRotation => "read a rotation",
             Rpc::ListRotations => "list rotations",
             Rpc::ControlRotation => "pause, resume, abort or exclude a host from a rotation",
@@ -163,7 +167,14 @@ pub(crate) fn required_role(rpc: Rpc) -> OperatorRole {
         | Rpc::GetReport
         | Rpc::VerifyAudit
         | Rpc::ListOperators => Viewer,
-        Rpc::StartRotation | Rpc::ControlRotation | Rpc::OpenIncident | Rpc::CloseIncident | Rpc::Scope => Rotator,
+        // A plan makes every consumer run its health check now and carries the
+        // current version to the consumers: as much as a start, short of a key.
+        Rpc::StartRotation
+        | Rpc::PlanRotation
+        | Rpc::ControlRotation
+        | Rpc::OpenIncident
+        | Rpc::CloseIncident
+        | Rpc::Scope => Rotator,
         // A backup holds every secret (sealed) and every credential record.
         Rpc::CreateToken | Rpc::RevokeAgent | Rpc::CreateOperator | Rpc::RevokeOperator | Rpc::Backup => Admin,
     }
@@ -352,15 +363,38 @@ impl AdminService for AdminSvc {
         Ok(json(&out))
     }
 
+    /// Runs the preflight first and refuses to generate a key while it finds
+    /// a problem, unless told to skip it with a reason (audited).
     async fn start_rotation(&self, req: Request<StartRotationRequest>) -> Result<Response<JsonResponse>, Status> {
-        let who = operator(self, &req, Rpc::StartRotation)?;
-        let secret = req.into_inner().secret;
-        self.rotation_json(self.engine.start(&secret, &who.to_string()).await)
+        let who = operator(self, &req, Rpc::StartRotation)?.to_string();
+        let r = req.into_inner();
+        let opts = if r.skip_preflight {
+            if r.reason.trim().is_empty() {
+                return Err(Status::invalid_argument(
+                    "skipping the preflight needs a reason (--reason TEXT): it goes to the audit log",
+                ));
+            }
+            tracing::warn!(operator = %who, secret = %r.secret, reason = %r.reason, "preflight skipped");
+            StartOptions { preflight_skipped: Some(r.reason) }
+        } else {
+            let plan = self.preflight().run(&r.secret, preflight::DEFAULT_WAIT).await.map_err(preflight_status)?;
+            let problems = plan.problems();
+            if !problems.is_empty() {
+                return Err(self.refuse_start(&who, &r.secret, &problems));
+            }
+            StartOptions::default()
+        };
+        self.rotation_json(self.engine.start_with(&r.secret, &who, opts).await)
     }
 
     async fn plan_rotation(&self, req: Request<PlanRotationRequest>) -> Result<Response<JsonResponse>, Status> {
-        operator(self, &req, Rpc::StartRotation)?;
-        Err(Status::unimplemented("rotation plans are not implemented yet"))
+        let who = operator(self, &req, Rpc::PlanRotation)?;
+        let r = req.into_inner();
+        let wait = preflight::wait_of(r.wait_seconds.into()).map_err(preflight_status)?;
+        let plan = self.preflight().run(&r.secret, wait).await.map_err(preflight_status)?;
+        let problems = plan.problems().len();
+        tracing::info!(operator = %who, secret = %r.secret, problems, elapsed_ms = plan.elapsed_ms, "rotation planned");
+        Ok(json(&views::plan(&plan)))
     }
 
     async fn get_rotation(&self, req: Request<GetRotationRequest>) -> Result<Response<JsonResponse>, Status> {
@@ -690,7 +724,41 @@ fn json<V: Serialize + ?Sized>(view: &V) -> Response<JsonResponse> {
     Response::new(JsonResponse { json: serde_json::to_string(view).expect("views serialize to json") })
 }
 
+fn preflight_status(e: PreflightError) -> Status {
+    match e {
+        PreflightError::UnknownSecret(_) => Status::not_found(e.to_string()),
+        PreflightError::BadWait(_) => Status::invalid_argument(e.to_string()),
+        PreflightError::State(_) | PreflightError::Store(_) => {
+            tracing::error!(error = %one_line(&e), "preflight failed");
+            Status::internal(one_line(&e))
+        }
+    }
+}
+
 impl AdminSvc {
+    fn preflight(&self) -> Preflight<'_> {
+        Preflight { config: &self.config, engine: &self.engine, store: &self.store, link: &self.sessions }
+    }
+
+    /// The refusal of a start whose preflight found problems (audited).
+    fn refuse_start(&self, who: &str, secret: &str, problems: &[preflight::Problem]) -> Status {
+        let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        tracing::warn!(operator = %who, %secret, problems = lines.len(), "start refused by the preflight");
+        super::audit_to(
+            self.engine.state(),
+            who,
+            "rotation.preflight_refused",
+            serde_json::json!({ "secret": secret, "problems": lines }),
+        );
+        Status::failed_precondition(format!(
+            "the preflight of {secret} found {} problem(s); no key was generated:\n  - {}\n\
+             fix them (`rekey rotate plan {secret}` shows the whole plan), or start anyway with \
+             --skip-preflight --reason TEXT (audited)",
+            lines.len(),
+            lines.join("\n  - ")
+        ))
+    }
+
     fn rotation_json(&self, r: Result<Rotation, EngineError>) -> Result<Response<JsonResponse>, Status> {
         r.map(|r| json(&RotationView::from(&r))).map_err(engine_status)
     }
@@ -736,7 +804,14 @@ mod tests {
         rotator.retain(|r| !read_only.contains(r));
         assert_eq!(
             rotator,
-            [Rpc::StartRotation, Rpc::ControlRotation, Rpc::OpenIncident, Rpc::CloseIncident, Rpc::Scope]
+            [
+                Rpc::StartRotation,
+                Rpc::PlanRotation,
+                Rpc::ControlRotation,
+                Rpc::OpenIncident,
+                Rpc::CloseIncident,
+                Rpc::Scope
+            ]
         );
         for admin_only in [Rpc::CreateToken, Rpc::RevokeAgent, Rpc::CreateOperator, Rpc::RevokeOperator, Rpc::Backup] {
             assert_eq!(required_role(admin_only), Admin, "{admin_only:?}");

@@ -294,9 +294,7 @@ async fn inbound_loop(
                 s.engine.agent_event(AgentEvent::Report { host: name.to_string(), report: r }).await;
             }
             Some(agent_message::Msg::ScanResult(r)) => s.scans.deliver(name, r),
-            Some(agent_message::Msg::PreflightResult(r)) => {
-                tracing::debug!(request = %r.request_id, "preflight result without a waiter ignored");
-            }
+            Some(agent_message::Msg::PreflightResult(r)) => s.sessions.preflight_answer(name, r),
             Some(agent_message::Msg::Hello(_)) => {
                 tracing::warn!("duplicate hello ignored");
             }

@@ -572,6 +572,84 @@ impl From<&scope::ConsumerMap> for view::ScopeView {
     }
 }
 
+/// A rotation's preflight (`rekey rotate plan`): hosts by wave with their
+/// checks, the provider's findings, and every problem.
+pub(crate) fn plan(p: &crate::preflight::Plan) -> view::PlanView {
+    use crate::preflight::{HostCheck, ProviderCheck};
+    let host = |name: &String| {
+        let (status, checks) = match p.hosts.get(name) {
+            Some(HostCheck::Answered(c)) if c.iter().all(|c| c.ok) => (view::PlanHostStatus::Ready, c.as_slice()),
+            Some(HostCheck::Answered(c)) => (view::PlanHostStatus::Failed, c.as_slice()),
+            Some(HostCheck::NotConnected(_)) => (view::PlanHostStatus::NotConnected, &[][..]),
+            Some(HostCheck::NoAnswer) | None => (view::PlanHostStatus::NoAnswer, &[][..]),
+        };
+        let checks = checks
+            .iter()
+            .map(|c| view::PlanCheckView { subject: c.subject.clone(), ok: c.ok, detail: c.detail.clone() })
+            .collect();
+        view::PlanHostView { name: name.clone(), status, checks }
+    };
+    let waves = p
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(index, w)| view::PlanWaveView {
+            index,
+            canary: index == 0 && p.canary,
+            hosts: w.iter().map(host).collect(),
+        })
+        .collect();
+    let mut provider = match &p.provider {
+        ProviderCheck::Listed { versions, reconciliation } => {
+            let mut sorted = versions.clone();
+            sorted.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
+            view::PlanProviderView {
+                kind: p.provider_kind.clone(),
+                listed: true,
+                error: None,
+                versions: sorted.iter().map(|v| version(v, p.recorded.as_deref())).collect(),
+                drift: reconciliation.unknown_active.clone(),
+                findings: reconciliation.findings(),
+            }
+        }
+        ProviderCheck::NotListable | ProviderCheck::Failed(_) => view::PlanProviderView {
+            kind: p.provider_kind.clone(),
+            listed: false,
+            error: Some(match &p.provider {
+                ProviderCheck::Failed(e) => e.clone(),
+                _ => "its config has no list request: nothing to reconcile with".into(),
+            }),
+            versions: vec![],
+            drift: vec![],
+            findings: vec![],
+        },
+    };
+    if p.fields.is_empty() {
+        provider.findings.push(
+            "field names unknown: the provider cannot tell them before a create and rekey holds no current version, \
+             so the dry run rendered without fields (a template naming one fails there, not necessarily at run time)"
+                .into(),
+        );
+    }
+    let problems: Vec<view::PlanProblemView> = p
+        .problems()
+        .into_iter()
+        .map(|x| view::PlanProblemView { host: x.host, subject: x.subject, detail: x.detail })
+        .collect();
+    view::PlanView {
+        secret: p.secret.clone(),
+        recorded_version: p.recorded.clone(),
+        old_version: p.old_version.clone(),
+        fields: p.fields.clone(),
+        provider,
+        waves,
+        ok: problems.is_empty(),
+        problems,
+        wait_seconds: p.wait.as_secs(),
+        elapsed_ms: p.elapsed_ms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The views keep the JSON the admin API answered before they existed:
@@ -909,5 +987,47 @@ mod tests {
             delivery: "failed: 500".into(),
         };
         assert_eq!(serde_json::to_value(view::AlertView::from(&alert)).unwrap(), serde_json::to_value(&alert).unwrap());
+    }
+
+    #[test]
+    fn a_plan_shows_each_host_in_its_wave_with_its_status_and_every_problem() {
+        use crate::preflight::{HostCheck, Plan, ProviderCheck};
+        use std::collections::BTreeMap;
+        let check = |ok: bool| rekey_proto::v1::PreflightCheck {
+            subject: "file /srv/key.env".into(),
+            ok,
+            detail: if ok { "exists".into() } else { "does not exist".into() },
+        };
+        let listed = vec![VersionInfo { id: "v1".into(), status: VersionStatus::Active, created_unix: Some(1) }];
+        let reconciliation = crate::engine::reconcile::reconcile(Some("v1"), &Default::default(), &listed, None);
+        let p = Plan {
+            secret: "api-key".into(),
+            provider_kind: "random".into(),
+            recorded: Some("v1".into()),
+            old_version: Some("v1".into()),
+            provider: ProviderCheck::Listed { versions: listed, reconciliation },
+            fields: vec![],
+            waves: vec![vec!["a".into()], vec!["b".into(), "c".into()]],
+            canary: true,
+            hosts: BTreeMap::from([
+                ("a".to_string(), HostCheck::Answered(vec![check(true)])),
+                ("b".to_string(), HostCheck::Answered(vec![check(true), check(false)])),
+                ("c".to_string(), HostCheck::NoAnswer),
+            ]),
+            blockers: vec![],
+            wait: std::time::Duration::from_secs(20),
+            elapsed_ms: 5,
+        };
+        let v = plan(&p);
+        let statuses: Vec<(String, view::PlanHostStatus)> =
+            v.waves.iter().flat_map(|w| w.hosts.iter().map(|h| (h.name.clone(), h.status))).collect();
+        use view::PlanHostStatus::*;
+        assert_eq!(statuses, [("a".into(), Ready), ("b".into(), Failed), ("c".into(), NoAnswer)]);
+        assert!(v.waves[0].canary && !v.waves[1].canary);
+        assert!(!v.ok);
+        let hosts: Vec<Option<&str>> = v.problems.iter().map(|x| x.host.as_deref()).collect();
+        assert_eq!(hosts, [Some("b"), Some("c")]);
+        assert!(v.provider.listed && v.provider.versions[0].current);
+        assert!(v.provider.findings.iter().any(|f| f.starts_with("field names unknown")), "{:?}", v.provider.findings);
     }
 }

@@ -17,6 +17,7 @@ mod agent;
 mod audit;
 mod incident;
 mod operator;
+mod plan;
 mod rotation;
 mod scope;
 mod secret;
@@ -25,6 +26,9 @@ pub use agent::{AgentRevokedView, AgentView, JoinTokenView};
 pub use audit::{AlertKind, AlertView, AuditRecordView, AuditVerifyView, BrokenLink, Severity};
 pub use incident::{CampaignState, IncidentSecretState, IncidentSecretView, IncidentState, IncidentView};
 pub use operator::{OperatorRole, OperatorView};
+pub use plan::{
+    PlanCheckView, PlanHostStatus, PlanHostView, PlanProblemView, PlanProviderView, PlanView, PlanWaveView,
+};
 pub use rotation::{
     Amount, DecisionKind, DecisionView, EvidenceView, ExclusionView, ExitView, GraceUse, HostState, HostView,
     PolicyView, RotationState, RotationSummary, RotationView, SelectorWaveView, TimelineEntryView, Usage,
