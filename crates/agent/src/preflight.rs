@@ -261,11 +261,26 @@ async fn health_check(
         Ok(_) => "",
         Err(why) => return check(subject, false, format!("{} ({})", scrub.scrub(&why), secret.name)),
     };
+    let first = values.version_id.is_empty();
     match tokio::time::timeout(HEALTH_BUDGET, actions::check_health(&h, values, scrub)).await {
         Ok(Ok(())) => check(subject, true, format!("passes now{unchecked}")),
+        // Nothing deployed yet: the service may not run before its first version.
+        Ok(Err(e)) if first => check(
+            subject,
+            true,
+            format!("fails now ({e}); not required before the first version is deployed — the apply checks it after"),
+        ),
         Ok(Err(e)) => {
             check(subject, false, format!("{e}: it must pass before the rotation (with the current version)"))
         }
+        Err(_) if first => check(
+            subject,
+            true,
+            format!(
+                "did not answer within {}s; not required before the first version is deployed",
+                HEALTH_BUDGET.as_secs()
+            ),
+        ),
         Err(_) => check(subject, false, format!("did not answer within {}s", HEALTH_BUDGET.as_secs())),
     }
 }
@@ -409,9 +424,13 @@ mod tests {
             dir.path(),
             "[secret.health]\nkind = 'command'\ncommand = ['/bin/sleep', '3600']\ntimeout = '1h'\nretries = 1\n",
         );
-        let r = run(&c, request("api", None)).await;
+        let r = run(&c, request("api", Some(("v1", "CURRENT-VALUE-1")))).await;
         let h = by_subject(&r, "health command /bin/sleep");
         assert!(!h.ok && h.detail == format!("did not answer within {}s", HEALTH_BUDGET.as_secs()), "{h:?}");
+        // Before a first version is deployed the service need not answer: noted, not a problem.
+        let r = run(&c, request("api", None)).await;
+        let h = by_subject(&r, "health command /bin/sleep");
+        assert!(h.ok && h.detail.contains("not required before the first version"), "{h:?}");
     }
 
     /// The health check runs against the version running now: its expected

@@ -333,7 +333,7 @@ create = {{ url = "/v1/keys", body = {{ name = "demo-services {{rotation_id}}" }
 delete = {{ url = "/v1/keys/{{id}}" }}
 deactivate = {{ url = "/v1/keys/{{id}}/deactivate" }}
 reactivate = {{ url = "/v1/keys/{{id}}/activate" }}
-list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at" }}
+list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at_ms", last_used_format = "unix_ms", last_used_source_pointer = "/last_used_by" }}
 "#,
         token = admin_token_file.display()
     )
@@ -658,11 +658,6 @@ impl<A: Admin> Demo<A> {
 
         step(7, &format!("fix {bad} and resume: it gets the new version, then the old key is revoked"));
         self.reconfigure(i, Setup::Fine).await?;
-        // The demo API records use to the second, and the health checks just
-        // above used the old key: let that second pass, or the evidence could
-        // not tell that use from one after the switch (and would rightly hold
-        // revocation).
-        tokio::time::sleep(Duration::from_millis(1200)).await;
         self.c.resume(&r2).await?;
         let r2v = follow(&mut self.c, &r2, &SETTLED, seen).await?;
         if !matches!(r2v.state, RotationState::Monitoring | RotationState::Completed) {

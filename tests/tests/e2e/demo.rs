@@ -22,7 +22,7 @@ fn the_demo_runs_to_completion_and_cleans_up() {
         "old key",
         "(revoked)",
         "problem: host-2: file",
-        "servce.env: does not exist",
+        "servce.env: the file does not exist",
         "refused: the preflight of demo-api-key found 1 problem(s); no key was generated",
         "rolled back by itself",
         "host-3",

@@ -101,7 +101,11 @@ fn an_agent_killed_mid_apply_rolls_back_on_restart_and_reports_the_truth() {
         let block = a.dir.join(format!("block-{step}"));
         let _ = std::fs::remove_file(&marker);
         std::fs::write(&block, "").unwrap();
-        let id = c.cli_ok(&["rotate", "start", SECRET]).trim().to_string();
+        // The service's health is blocked on purpose: its preflight would (rightly) refuse.
+        let id = c
+            .cli_ok(&["rotate", "start", SECRET, "--skip-preflight", "--reason", "the test blocks the service"])
+            .trim()
+            .to_string();
         wait_for(&format!("host-1 inside its {step}"), || marker.exists());
         assert_ne!(std::fs::read(&conf).unwrap(), before, "the new version is written before the restart");
         a.kill();

@@ -372,9 +372,15 @@ fn aws_iam_refuses_two_active_keys_naming_both_and_changes_nothing() {
     let f = fleet(1, &["aws-app"], |_| w.catalog("aws-app"));
     let out = f.c.cli(&["rotate", "start", "aws-app", "--wait"]);
     assert!(!out.status.success(), "a refused rotation must not exit 0");
-    let id = f.c.rotations(None)[0].id.clone();
-    let r = f.c.rotation(&id);
-    assert_eq!(r.state, RotationState::Halted, "{r:#?}");
+    // The start looks at the provider first: refused before any rotation exists.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&w.keys[0].0) && err.contains(&w.keys[1].0), "both keys named: {err}");
+    assert!(f.c.rotations(None).is_empty(), "no rotation was started");
+    // Skipping the preflight does not skip reality: the provider refuses to
+    // create a third key, the rotation halts naming both, nothing is created.
+    let id =
+        f.c.cli_ok(&["rotate", "start", "aws-app", "--skip-preflight", "--reason", "try anyway"]).trim().to_string();
+    let r = wait_state(&f.c, &id, &[RotationState::Halted]);
     let reason = r.halt_reason.as_deref().unwrap();
     assert!(
         reason.contains(&w.keys[0].0) && reason.contains(&w.keys[1].0) && reason.contains("two active access keys"),
@@ -606,7 +612,7 @@ create = {{ url = "/v1/keys", body = {{ name = "rekey-{{secret}}-{{rotation_id}}
 delete = {{ url = "/v1/keys/{{id}}" }}
 deactivate = {{ url = "/v1/keys/{{id}}/deactivate" }}
 reactivate = {{ url = "/v1/keys/{{id}}/activate" }}
-list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at" }}
+list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at_ms", last_used_format = "unix_ms", last_used_source_pointer = "/last_used_by" }}
 "#,
         token = token_file.display()
     )

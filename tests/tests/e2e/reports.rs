@@ -21,7 +21,7 @@ create = {{ url = "/v1/keys", body = {{ name = "rekey-{{secret}}-{{rotation_id}}
 delete = {{ url = "/v1/keys/{{id}}" }}
 deactivate = {{ url = "/v1/keys/{{id}}/deactivate" }}
 reactivate = {{ url = "/v1/keys/{{id}}/activate" }}
-list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at" }}
+list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at_ms", last_used_format = "unix_ms", last_used_source_pointer = "/last_used_by" }}
 [secret.revocation]
 {revocation}
 "#,
