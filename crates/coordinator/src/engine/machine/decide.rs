@@ -3,7 +3,6 @@
 //! acting), each with who and why; and [`exits`], the list of what an
 //! operator can do in each state, shown by `rekey rotate status`.
 
-use super::evidence::enter_monitoring;
 use super::model::*;
 
 /// Applies an operator's decision.
@@ -118,18 +117,6 @@ fn finish(rot: &mut Rotation, d: Decision, now: i64) -> Result<(), Refusal> {
     rot.phase_until_ms = None;
     rot.goto(RotationState::Completed, note, now);
     Ok(())
-}
-
-/// The old version was already gone when rekey came to it: counted as revoked.
-pub(super) fn old_gone(rot: &mut Rotation, what: &str, now: i64, actions: &mut Vec<Action>) {
-    let old = rot.old_version.clone().unwrap_or_default();
-    rot.reactivating = false;
-    rot.old_revoked_ms = Some(now);
-    actions.push(Action::PurgeOld);
-    let note = format!(
-        "old version {old} was already gone at the provider when {what} (removed outside rekey): counted as revoked"
-    );
-    enter_monitoring(rot, &note, now);
 }
 
 /// One thing an operator can do to a rotation in its current state.

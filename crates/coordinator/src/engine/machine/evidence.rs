@@ -62,7 +62,7 @@ pub(super) fn usage_checked(
         let old = rot.old_version.clone().unwrap_or_default();
         entry.verdict = format!("{old} no longer exists at the provider (removed outside rekey): counted as revoked");
         if rot.old_revoked_ms.is_none() && matches!(phase, RotationState::Verified | RotationState::Grace) {
-            super::decide::old_gone(rot, "checking its usage", now, actions);
+            old_gone(rot, "checking its usage", now, actions);
         }
         rot.evidence.push(entry);
         return;
@@ -229,4 +229,16 @@ pub(super) fn enter_monitoring(rot: &mut Rotation, note: &str, now: i64) {
         rot.phase_until_ms = None;
         rot.goto(RotationState::Completed, format!("{note}; completed"), now);
     }
+}
+
+/// The old version was already gone when rekey came to it: counted as revoked.
+pub(super) fn old_gone(rot: &mut Rotation, what: &str, now: i64, actions: &mut Vec<Action>) {
+    let old = rot.old_version.clone().unwrap_or_default();
+    rot.reactivating = false;
+    rot.old_revoked_ms = Some(now);
+    actions.push(Action::PurgeOld);
+    let note = format!(
+        "old version {old} was already gone at the provider when {what} (removed outside rekey): counted as revoked"
+    );
+    enter_monitoring(rot, &note, now);
 }

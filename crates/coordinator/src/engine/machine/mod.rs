@@ -43,7 +43,7 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
                 _ => None, // late or duplicate
             };
             if let Some(what) = what {
-                decide::old_gone(rot, what, now, &mut actions);
+                evidence::old_gone(rot, what, now, &mut actions);
             }
         }
         Event::Report { host, version, stage, fingerprint, error } => {
