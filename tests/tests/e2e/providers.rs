@@ -601,7 +601,7 @@ fn the_vault_provider_replays_a_lost_write_without_a_second_version() {
 
 // ---------------------------------------------------------------- http on the demo API
 
-fn demo_provider(base_url: &str, token_file: &Path) -> String {
+pub(crate) fn demo_provider(base_url: &str, token_file: &Path) -> String {
     format!(
         r#"[secret.provider]
 kind = "http"

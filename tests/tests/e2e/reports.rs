@@ -12,21 +12,10 @@ fn catalog(api: &DemoApi, revocation: &str) -> String {
         r#"[[secret]]
 name = "saas"
 all_agents = true
-[secret.provider]
-kind = "http"
-base_url = "{url}"
-token_file = "{token}"
-timeout = "5s"
-create = {{ url = "/v1/keys", body = {{ name = "rekey-{{secret}}-{{rotation_id}}" }}, id_pointer = "/id", fields = {{ value = "/secret" }} }}
-delete = {{ url = "/v1/keys/{{id}}" }}
-deactivate = {{ url = "/v1/keys/{{id}}/deactivate" }}
-reactivate = {{ url = "/v1/keys/{{id}}/activate" }}
-list = {{ url = "/v1/keys", status_pointer = "/status", created_pointer = "/created_at", last_used_pointer = "/last_used_at_ms", last_used_format = "unix_ms", last_used_source_pointer = "/last_used_by" }}
-[secret.revocation]
+{provider}[secret.revocation]
 {revocation}
 "#,
-        url = api.url,
-        token = api.admin_token_file.display()
+        provider = super::providers::demo_provider(&api.url, &api.admin_token_file)
     )
 }
 

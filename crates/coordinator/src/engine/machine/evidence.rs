@@ -27,14 +27,12 @@ fn may_be_at_or_after(t: i64, detail: &UseDetail, limit: i64) -> bool {
     t + detail.resolution_ms.max(1) > limit
 }
 
+/// Whole seconds as the provider gave them, milliseconds where there are some.
 fn fmt_at(ms: i64) -> String {
-    let base = rekey_common::time::format_unix(ms.div_euclid(1000));
-    match ms.rem_euclid(1000) {
-        0 => base,
-        frac => match base.strip_suffix('Z') {
-            Some(b) => format!("{b}.{frac:03}Z"),
-            None => format!("{base} +{frac}ms"),
-        },
+    if ms.rem_euclid(1000) == 0 {
+        rekey_common::time::format_unix(ms.div_euclid(1000))
+    } else {
+        rekey_common::time::format_unix_ms(ms)
     }
 }
 
