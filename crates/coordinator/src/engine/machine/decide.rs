@@ -77,8 +77,7 @@ fn revoke(rot: &mut Rotation, d: Decision, now: i64, actions: &mut Vec<Action>) 
             unconfirmed(rot)
         )));
     }
-    let from = if rot.state == RotationState::Halted { rot.halted_from.unwrap_or(rot.state) } else { rot.state };
-    if from == RotationState::Deleting && rot.state == RotationState::Deleting {
+    if rot.state == RotationState::Deleting {
         return Err(Refusal(format!("rotation {id} is already deleting the old version {old}")));
     }
     let note = format!("revocation of {old} forced by {}: {}", d.by, d.reason);
