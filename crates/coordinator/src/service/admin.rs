@@ -89,11 +89,13 @@ pub(crate) enum Rpc {
     ListOperators,
     RevokeOperator,
     Backup,
+    ListCoordinators,
+    WatchRotation,
 }
 
 impl Rpc {
     #[cfg(test)]
-    const ALL: [Rpc; 23] = [
+    const ALL: [Rpc; 25] = [
         Rpc::CreateToken,
         Rpc::ListAgents,
         Rpc::RevokeAgent,
@@ -117,6 +119,8 @@ impl Rpc {
         Rpc::ListOperators,
         Rpc::RevokeOperator,
         Rpc::Backup,
+        Rpc::ListCoordinators,
+        Rpc::WatchRotation,
     ];
 
     /// What the call does, for a refusal: "may not {what}".
@@ -145,6 +149,8 @@ impl Rpc {
             Rpc::ListOperators => "list operators",
             Rpc::RevokeOperator => "revoke an operator",
             Rpc::Backup => "take a backup of the store",
+            Rpc::ListCoordinators => "list the coordinators",
+            Rpc::WatchRotation => "watch a rotation",
         }
     }
 }
@@ -166,7 +172,9 @@ pub(crate) fn required_role(rpc: Rpc) -> OperatorRole {
         | Rpc::ListIncidents
         | Rpc::GetReport
         | Rpc::VerifyAudit
-        | Rpc::ListOperators => Viewer,
+        | Rpc::ListOperators
+        | Rpc::ListCoordinators
+        | Rpc::WatchRotation => Viewer,
         // A plan makes every consumer run its health check now and carries the
         // current version to the consumers: as much as a start, short of a key.
         Rpc::StartRotation
@@ -660,7 +668,26 @@ impl AdminService for AdminSvc {
         let records = self.engine.state().audit_records().map_err(|e| Status::internal(one_line(&e)))?;
         Ok(json(&AuditVerifyView::from(&crate::audit::verify(&records))))
     }
+
+    async fn list_coordinators(
+        &self,
+        req: Request<rekey_proto::v1::ListCoordinatorsRequest>,
+    ) -> Result<Response<JsonResponse>, Status> {
+        operator(self, &req, Rpc::ListCoordinators)?;
+        Err(Status::unimplemented("listing coordinators is not built yet"))
+    }
+
+    type WatchRotationStream = WatchStream;
+
+    async fn watch_rotation(&self, req: Request<GetRotationRequest>) -> Result<Response<WatchStream>, Status> {
+        operator(self, &req, Rpc::WatchRotation)?;
+        Err(Status::unimplemented("watching a rotation is not built yet"))
+    }
 }
+
+/// The stream of [`AdminService::watch_rotation`]: one JSON document per change.
+pub type WatchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<JsonResponse, Status>> + Send + 'static>>;
 
 fn operator_status(e: OperatorRefused) -> Status {
     match e {

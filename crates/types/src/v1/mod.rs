@@ -15,6 +15,7 @@
 
 mod agent;
 mod audit;
+mod coordinator;
 mod incident;
 mod operator;
 mod plan;
@@ -24,6 +25,7 @@ mod secret;
 
 pub use agent::{AgentRevokedView, AgentView, JoinTokenView};
 pub use audit::{AlertKind, AlertView, AuditRecordView, AuditVerifyView, BrokenLink, Severity};
+pub use coordinator::{CoordinatorsView, ReplicaView, StoreBackend};
 pub use incident::{CampaignState, IncidentSecretState, IncidentSecretView, IncidentState, IncidentView};
 pub use operator::{OperatorRole, OperatorView};
 pub use plan::{
