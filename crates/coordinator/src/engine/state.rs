@@ -1,4 +1,4 @@
-//! The engine's durable state, in the coordinator's sled database:
+//! The engine's durable state, in the coordinator's store (any backend):
 //! `rotations` (id → rotation), `secrets` (name → current version, active and
 //! last rotation), `versions` (secret/version → fields, sealed with the DEK),
 //! `provider_state` (per-secret provider data, sealed), `audit` (the chain).
@@ -9,35 +9,23 @@
 use super::machine::Rotation;
 use crate::audit::{AuditEntry, AuditRecord, GENESIS};
 use crate::crypto::Key;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Tree, Txn};
 use rekey_common::error::Chain;
 use rekey_common::secret::SecretBytes;
 use rekey_providers::{Fields, ProviderState};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("store i/o")]
-    Sled(#[from] sled::Error),
     #[error("corrupt {what}: {message}")]
     Corrupt { what: String, message: String },
     #[error("secret {secret} already has an active rotation {rotation}")]
     AlreadyRotating { secret: String, rotation: String },
     #[error("cannot seal or open {0}")]
     Crypto(String),
-}
-
-impl From<TransactionError<StateError>> for StateError {
-    fn from(e: TransactionError<StateError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StateError::Sled(e),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -52,14 +40,6 @@ pub struct SecretRecord {
 #[derive(Clone)]
 pub struct EngineState {
     store: Store,
-    rotations: sled::Tree,
-    secrets: sled::Tree,
-    versions: sled::Tree,
-    /// rotation id → its fingerprint key, sealed with the DEK.
-    fingerprint_keys: sled::Tree,
-    provider_state: sled::Tree,
-    audit: sled::Tree,
-    incidents: sled::Tree,
     dek: Arc<Key>,
     /// Told the chain's head after every flushed append (none in unit tests).
     checkpoint: Option<Arc<crate::checkpoint::Checkpointer>>,
@@ -75,16 +55,8 @@ const AUDIT_HEAD: &[u8] = b"head";
 
 impl EngineState {
     pub fn open(store: &Store, dek: Arc<Key>) -> Result<EngineState, StateError> {
-        let db = store.db();
         Ok(EngineState {
             store: store.clone(),
-            rotations: db.open_tree("rotations")?,
-            secrets: db.open_tree("secrets")?,
-            versions: db.open_tree("versions")?,
-            fingerprint_keys: db.open_tree("fingerprint_keys")?,
-            provider_state: db.open_tree("provider_state")?,
-            audit: db.open_tree("audit")?,
-            incidents: db.open_tree("incidents")?,
             dek,
             checkpoint: None,
             rotation_changes: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -100,20 +72,15 @@ impl EngineState {
 
     /// The audit chain's head as stored: (sequence, hash).
     pub fn audit_head(&self) -> Result<(u64, String), StateError> {
-        Ok(match self.audit.get(AUDIT_HEAD)? {
+        Ok(match self.store.get(Tree::Audit, AUDIT_HEAD)? {
             Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("audit head", e))?,
             None => (0, GENESIS.to_string()),
         })
     }
 
-    fn flush(&self) -> Result<(), StateError> {
-        Ok(self.store.flush()?)
-    }
-
-    /// Flushes, then moves the checkpoint to the chain's new head. A failed
+    /// Moves the checkpoint to the chain's new head. A failed
     /// checkpoint write leaves it behind the store (safe) and is logged.
     fn flush_audited(&self) -> Result<(), StateError> {
-        self.flush()?;
         if let Some(cp) = &self.checkpoint {
             let (seq, hash) = self.audit_head()?;
             if let Err(e) = cp.record(seq, &hash) {
@@ -126,25 +93,22 @@ impl EngineState {
     }
 
     pub fn get_rotation(&self, id: &str) -> Result<Option<Rotation>, StateError> {
-        self.rotations
-            .get(id)?
+        self.store
+            .get(Tree::Rotations, id.as_bytes())?
             .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&format!("rotation {id}"), e)))
             .transpose()
     }
 
     pub fn list_rotations(&self) -> Result<Vec<Rotation>, StateError> {
-        self.rotations
-            .iter()
-            .values()
-            .map(|v| {
-                let v = v?;
-                serde_json::from_slice(&v).map_err(|e| corrupt("rotation", e))
-            })
+        self.store
+            .scan(Tree::Rotations, b"")?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| corrupt("rotation", e)))
             .collect()
     }
 
     pub fn get_secret(&self, name: &str) -> Result<SecretRecord, StateError> {
-        Ok(match self.secrets.get(name)? {
+        Ok(match self.store.get(Tree::Secrets, name.as_bytes())? {
             Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt(&format!("secret {name}"), e))?,
             None => SecretRecord { name: name.to_string(), ..Default::default() },
         })
@@ -153,25 +117,16 @@ impl EngineState {
     /// Registers a new rotation as the secret's active one (refused if one is active).
     pub fn begin(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
         let now = rot.created_ms;
-        (&self.rotations, &self.secrets, &self.audit).transaction(|(rotations, secrets, audit_t)| {
-            let mut rec: SecretRecord = match secrets.get(rot.secret.as_bytes())? {
-                Some(v) => {
-                    serde_json::from_slice(&v).map_err(|e| ConflictableTransactionError::Abort(corrupt("secret", e)))?
-                }
-                None => SecretRecord { name: rot.secret.clone(), ..Default::default() },
-            };
+        self.store.transaction(true, |t| {
+            let mut rec = secret_in(t, &rot.secret)?;
             if let Some(active) = &rec.active_rotation {
-                return Err(ConflictableTransactionError::Abort(StateError::AlreadyRotating {
-                    secret: rot.secret.clone(),
-                    rotation: active.clone(),
-                }));
+                return Err(StateError::AlreadyRotating { secret: rot.secret.clone(), rotation: active.clone() });
             }
             rec.active_rotation = Some(rot.id.clone());
             rec.last_rotation = Some(rot.id.clone());
-            secrets.insert(rot.secret.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
-            rotations.insert(rot.id.as_bytes(), serde_json::to_vec(rot).expect("json"))?;
-            append_audit(audit_t, now, &audit)?;
-            Ok(())
+            t.put(Tree::Secrets, rot.secret.as_bytes(), &serde_json::to_vec(&rec).expect("json"))?;
+            t.put(Tree::Rotations, rot.id.as_bytes(), &serde_json::to_vec(rot).expect("json"))?;
+            append_audit(t, now, &audit)
         })?;
         self.flush_audited()
     }
@@ -181,27 +136,22 @@ impl EngineState {
     /// version when it completed).
     pub fn commit(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
         let now = rot.updated_ms;
-        (&self.rotations, &self.secrets, &self.audit).transaction(|(rotations, secrets, audit_t)| {
-            rotations.insert(rot.id.as_bytes(), serde_json::to_vec(rot).expect("json"))?;
+        self.store.transaction(true, |t| {
+            t.put(Tree::Rotations, rot.id.as_bytes(), &serde_json::to_vec(rot).expect("json"))?;
             // Completed, or monitoring (the rotation's work is done; it only watches):
             // the secret is free for its next rotation.
             if rot.state.is_terminal() || rot.state == super::machine::RotationState::Monitoring {
-                let mut rec: SecretRecord = match secrets.get(rot.secret.as_bytes())? {
-                    Some(v) => serde_json::from_slice(&v)
-                        .map_err(|e| ConflictableTransactionError::Abort(corrupt("secret", e)))?,
-                    None => SecretRecord { name: rot.secret.clone(), ..Default::default() },
-                };
+                let mut rec = secret_in(t, &rot.secret)?;
                 if rec.active_rotation.as_deref() == Some(rot.id.as_str()) {
                     rec.active_rotation = None;
                     if rot.leaves_new_current() {
                         rec.current_version = rot.new_version.clone();
                         rec.last_completed_ms = Some(rot.updated_ms);
                     }
-                    secrets.insert(rot.secret.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+                    t.put(Tree::Secrets, rot.secret.as_bytes(), &serde_json::to_vec(&rec).expect("json"))?;
                 }
             }
-            append_audit(audit_t, now, &audit)?;
-            Ok(())
+            append_audit(t, now, &audit)
         })?;
         let flushed = self.flush_audited();
         self.rotation_changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -217,46 +167,40 @@ impl EngineState {
     /// Writes an incident (campaign) and its audit records in one transaction.
     pub fn put_incident(&self, inc: &super::incident::Incident, audit: Vec<AuditEntry>) -> Result<(), StateError> {
         let now = rekey_common::time::now_unix_ms();
-        (&self.incidents, &self.audit).transaction(|(incidents, audit_t)| {
-            incidents.insert(inc.id.as_bytes(), serde_json::to_vec(inc).expect("json"))?;
-            append_audit(audit_t, now, &audit)?;
-            Ok(())
+        self.store.transaction(true, |t| {
+            t.put(Tree::Incidents, inc.id.as_bytes(), &serde_json::to_vec(inc).expect("json"))?;
+            append_audit(t, now, &audit)
         })?;
         self.flush_audited()
     }
 
     pub fn get_incident(&self, id: &str) -> Result<Option<super::incident::Incident>, StateError> {
-        self.incidents
-            .get(id)?
+        self.store
+            .get(Tree::Incidents, id.as_bytes())?
             .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&format!("incident {id}"), e)))
             .transpose()
     }
 
     pub fn list_incidents(&self) -> Result<Vec<super::incident::Incident>, StateError> {
-        self.incidents
-            .iter()
-            .values()
-            .map(|v| serde_json::from_slice(&v?).map_err(|e| corrupt("incident", e)))
+        self.store
+            .scan(Tree::Incidents, b"")?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| corrupt("incident", e)))
             .collect()
     }
 
     /// Appends audit records outside a rotation (e.g. agent revocation).
     pub fn audit(&self, now_ms: i64, entries: Vec<AuditEntry>) -> Result<(), StateError> {
-        self.audit.transaction(|t| append_audit(t, now_ms, &entries))?;
+        self.store.transaction(true, |t| append_audit(t, now_ms, &entries))?;
         self.flush_audited()
     }
 
     pub fn audit_records(&self) -> Result<Vec<AuditRecord>, StateError> {
-        self.audit
-            .iter()
-            .filter_map(|kv| match kv {
-                Ok((k, _)) if k.as_ref() == AUDIT_HEAD => None,
-                other => Some(other),
-            })
-            .map(|kv| {
-                let (_, v) = kv?;
-                serde_json::from_slice(&v).map_err(|e| corrupt("audit record", e))
-            })
+        self.store
+            .scan(Tree::Audit, b"")?
+            .into_iter()
+            .filter(|(k, _)| k.as_slice() != AUDIT_HEAD)
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| corrupt("audit record", e)))
             .collect()
     }
 
@@ -264,8 +208,7 @@ impl EngineState {
     /// tampering is detected.
     #[doc(hidden)]
     pub fn tamper_audit_record(&self, rec: &AuditRecord) -> Result<(), StateError> {
-        self.audit.insert(rec.seq.to_be_bytes(), serde_json::to_vec(rec).expect("json"))?;
-        self.flush()
+        Ok(self.store.put(Tree::Audit, &rec.seq.to_be_bytes(), &serde_json::to_vec(rec).expect("json"))?)
     }
 
     fn version_key(secret: &str, version: &str) -> String {
@@ -281,13 +224,12 @@ impl EngineState {
             .dek
             .seal(&format!("rekey/version/{key}"), plain.expose())
             .map_err(|e| StateError::Crypto(e.to_string()))?;
-        self.versions.insert(key.as_bytes(), sealed)?;
-        self.flush()
+        Ok(self.store.put(Tree::Versions, key.as_bytes(), &sealed)?)
     }
 
     pub fn get_version(&self, secret: &str, version: &str) -> Result<Option<Fields>, StateError> {
         let key = Self::version_key(secret, version);
-        let Some(sealed) = self.versions.get(key.as_bytes())? else { return Ok(None) };
+        let Some(sealed) = self.store.get(Tree::Versions, key.as_bytes())? else { return Ok(None) };
         let plain =
             self.dek.open(&format!("rekey/version/{key}"), &sealed).map_err(|e| StateError::Crypto(e.to_string()))?;
         let pairs: Vec<(String, String)> =
@@ -306,14 +248,13 @@ impl EngineState {
             .dek
             .seal(&format!("rekey/fingerprint-key/{rotation}"), key)
             .map_err(|e| StateError::Crypto(e.to_string()))?;
-        self.fingerprint_keys.insert(rotation.as_bytes(), sealed)?;
-        self.flush()
+        Ok(self.store.put(Tree::FingerprintKeys, rotation.as_bytes(), &sealed)?)
     }
 
     /// The key of a rotation's fingerprints: the sealed one, or for a
     /// rotation recorded before keys were sealed, the one in its record.
     pub fn fingerprint_key(&self, rot: &Rotation) -> Result<SecretBytes, StateError> {
-        match self.fingerprint_keys.get(rot.id.as_bytes())? {
+        match self.store.get(Tree::FingerprintKeys, rot.id.as_bytes())? {
             Some(sealed) => self
                 .dek
                 .open(&format!("rekey/fingerprint-key/{}", rot.id), &sealed)
@@ -324,14 +265,12 @@ impl EngineState {
 
     /// Forgets a revoked version's value.
     pub fn remove_version(&self, secret: &str, version: &str) -> Result<(), StateError> {
-        self.versions.remove(Self::version_key(secret, version).as_bytes())?;
-        self.flush()
+        Ok(self.store.remove(Tree::Versions, Self::version_key(secret, version).as_bytes())?)
     }
 
     /// The sealed key-value space given to the provider of `secret`.
     pub fn provider_state(&self, secret: &str) -> Arc<dyn ProviderState> {
         Arc::new(SealedProviderState {
-            tree: self.provider_state.clone(),
             store: self.store.clone(),
             prefix: format!("{secret}\u{0}"),
             dek: self.dek.clone(),
@@ -339,31 +278,34 @@ impl EngineState {
     }
 }
 
-fn append_audit(
-    t: &sled::transaction::TransactionalTree,
-    now_ms: i64,
-    entries: &[AuditEntry],
-) -> Result<(), ConflictableTransactionError<StateError>> {
+/// A secret's record as the transaction sees it (a default one if none).
+fn secret_in(t: &mut dyn Txn, name: &str) -> Result<SecretRecord, StateError> {
+    Ok(match t.get(Tree::Secrets, name.as_bytes())? {
+        Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("secret", e))?,
+        None => SecretRecord { name: name.to_string(), ..Default::default() },
+    })
+}
+
+/// Appends `entries` to the audit chain inside the caller's transaction.
+pub(crate) fn append_audit(t: &mut dyn Txn, now_ms: i64, entries: &[AuditEntry]) -> Result<(), StateError> {
     if entries.is_empty() {
         return Ok(());
     }
-    let (mut seq, mut prev) = match t.get(AUDIT_HEAD)? {
-        Some(v) => serde_json::from_slice::<(u64, String)>(&v)
-            .map_err(|e| ConflictableTransactionError::Abort(corrupt("audit head", e)))?,
+    let (mut seq, mut prev) = match t.get(Tree::Audit, AUDIT_HEAD)? {
+        Some(v) => serde_json::from_slice::<(u64, String)>(&v).map_err(|e| corrupt("audit head", e))?,
         None => (0, GENESIS.to_string()),
     };
     for e in entries {
         seq += 1;
         let rec = AuditRecord::seal(seq, now_ms, e.clone(), &prev);
         prev = rec.hash.clone();
-        t.insert(&seq.to_be_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+        t.put(Tree::Audit, &seq.to_be_bytes(), &serde_json::to_vec(&rec).expect("json"))?;
     }
-    t.insert(AUDIT_HEAD, serde_json::to_vec(&(seq, prev)).expect("json"))?;
+    t.put(Tree::Audit, AUDIT_HEAD, &serde_json::to_vec(&(seq, prev)).expect("json"))?;
     Ok(())
 }
 
 struct SealedProviderState {
-    tree: sled::Tree,
     store: Store,
     prefix: String,
     dek: Arc<Key>,
@@ -372,28 +314,27 @@ struct SealedProviderState {
 impl ProviderState for SealedProviderState {
     fn get(&self, key: &str) -> Result<Option<SecretBytes>, String> {
         let k = format!("{}{key}", self.prefix);
-        let Some(v) = self.tree.get(k.as_bytes()).map_err(|e| e.to_string())? else { return Ok(None) };
+        let Some(v) = self.store.get(Tree::ProviderState, k.as_bytes()).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
         self.dek.open(&format!("rekey/provider/{k}"), &v).map(Some).map_err(|e| e.to_string())
     }
     fn put(&self, key: &str, value: &[u8]) -> Result<(), String> {
         let k = format!("{}{key}", self.prefix);
         let sealed = self.dek.seal(&format!("rekey/provider/{k}"), value).map_err(|e| e.to_string())?;
-        self.tree.insert(k.as_bytes(), sealed).map_err(|e| e.to_string())?;
-        self.store.flush().map_err(|e| e.to_string())
+        self.store.put(Tree::ProviderState, k.as_bytes(), &sealed).map_err(|e| e.to_string())
     }
     fn remove(&self, key: &str) -> Result<(), String> {
-        self.tree.remove(format!("{}{key}", self.prefix).as_bytes()).map_err(|e| e.to_string())?;
-        self.store.flush().map_err(|e| e.to_string())
+        self.store.remove(Tree::ProviderState, format!("{}{key}", self.prefix).as_bytes()).map_err(|e| e.to_string())
     }
     fn keys(&self) -> Result<Vec<String>, String> {
-        self.tree
-            .scan_prefix(self.prefix.as_bytes())
-            .keys()
-            .map(|k| {
-                let k = k.map_err(|e| e.to_string())?;
-                Ok(String::from_utf8_lossy(&k[self.prefix.len()..]).into_owned())
-            })
-            .collect()
+        Ok(self
+            .store
+            .scan(Tree::ProviderState, self.prefix.as_bytes())
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[self.prefix.len()..]).into_owned())
+            .collect())
     }
 }
 
@@ -418,7 +359,7 @@ mod fingerprint_key_tests {
         state.put_fingerprint_key(&new.id, &fresh).unwrap();
         assert_eq!(state.fingerprint_key(&new).unwrap().expose(), &fresh);
         assert!(!serde_json::to_string(&new).unwrap().contains("fingerprint_key"));
-        let raw = state.fingerprint_keys.get(b"rot-new").unwrap().unwrap();
+        let raw = store.get(Tree::FingerprintKeys, b"rot-new").unwrap().unwrap();
         assert!(!raw.windows(fresh.len()).any(|w| w == fresh), "stored in plaintext");
     }
 }
