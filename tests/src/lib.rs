@@ -101,12 +101,24 @@ pub fn free_port() -> u16 {
 
 pub use process::read_log;
 
+/// Where a test coordinator keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The embedded default: sled in the data dir.
+    Sled,
+    /// A real PostgreSQL server of its own (`pgserver`), one database.
+    Postgres,
+}
+
 /// A real `rekeyd` process with its own data dir and master key.
 pub struct Coordinator {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub port: u16,
     pub log: PathBuf,
+    pub store: StoreKind,
+    /// The PostgreSQL server of a [`StoreKind::Postgres`] coordinator.
+    pub postgres: Option<postgres::Postgres>,
     child: Option<Child>,
     starts: u32,
 }
@@ -114,16 +126,41 @@ pub struct Coordinator {
 impl Coordinator {
     /// Writes a config into `dir` (with `extra` TOML appended) and starts rekeyd.
     pub fn start(dir: &Path, extra: &str) -> Coordinator {
+        Coordinator::start_on(dir, extra, StoreKind::Sled)
+    }
+
+    /// As [`Coordinator::start`], on the given store (PostgreSQL: a server
+    /// of its own, started here and stopped with the coordinator).
+    pub fn start_on(dir: &Path, extra: &str, store: StoreKind) -> Coordinator {
         std::fs::create_dir_all(dir).expect("mkdir");
         let port = free_port();
         let config = dir.join("coordinator.toml");
+        let (pg, store_toml) = match store {
+            StoreKind::Sled => (None, String::new()),
+            StoreKind::Postgres => {
+                let pg = postgres::Postgres::start();
+                pg.create_database("rekey");
+                let toml = pg.store_toml("rekey");
+                (Some(pg), toml)
+            }
+        };
         std::fs::write(
             &config,
-            format!("listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\nmaster_key_file = \"master.key\"\n{extra}\n"),
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\nmaster_key_file = \"master.key\"\n{extra}\n{store_toml}"
+            ),
         )
         .expect("write config");
-        let mut c =
-            Coordinator { dir: dir.to_path_buf(), config, port, log: dir.join("rekeyd.log"), child: None, starts: 0 };
+        let mut c = Coordinator {
+            dir: dir.to_path_buf(),
+            config,
+            port,
+            log: dir.join("rekeyd.log"),
+            store,
+            postgres: pg,
+            child: None,
+            starts: 0,
+        };
         c.spawn();
         c
     }

@@ -98,6 +98,15 @@ impl Postgres {
         format!("postgres://{}@127.0.0.1:{}/{db}", self.admin_user, self.port)
     }
 
+    /// The `[store]` section of a coordinator.toml using database `db`.
+    pub fn store_toml(&self, db: &str) -> String {
+        format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\npool_size = 4\n",
+            self.url(db),
+            self.password_file.display()
+        )
+    }
+
     /// Starts the server on its port and data (after [`Postgres::stop`]).
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "postgres is already running");

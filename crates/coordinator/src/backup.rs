@@ -103,10 +103,11 @@ pub fn backup_offline(config: &crate::config::Config, out: &Path) -> Result<Summ
         return Err(BackupError::NotInitialized { data_dir: config.data_dir.clone() });
     }
     let master = crate::crypto::load_master_key(&config.master_key_file)?;
-    let store = Store::open(&config.store_dir()).map_err(|e| match e {
-        StoreError::Locked { .. } => BackupError::Running,
-        other => BackupError::Store(other),
-    })?;
+    let (store, _) =
+        crate::ha::open_store(config, crate::store::postgres::FenceMode::Follower).map_err(|e| match e {
+            StoreError::Locked { .. } => BackupError::Running,
+            other => BackupError::Store(other),
+        })?;
     let (ca, _) = crate::pki::Ca::load_or_create(&store, &master).map_err(|e| BackupError::Open(e.to_string()))?;
     let state = EngineState::open(&store, ca.dek())?;
     let (summary, bytes) = export(&store, &state, &seal_key(&master))?;
@@ -121,6 +122,13 @@ pub fn restore_offline(config: &crate::config::Config, file: &Path, force: bool)
             "no master key at {} (and REKEYD_MASTER_KEY unset): a backup opens only with the master key it was sealed under",
             config.master_key_file.display()
         )));
+    }
+    if config.is_shared_store() {
+        return Err(BackupError::Open(
+            "restore is for the embedded sled store; with PostgreSQL restore the database with its own tools, \
+             or restore this backup into a sled data dir and copy it over with `rekeyd migrate --from-sled`"
+                .into(),
+        ));
     }
     let master = crate::crypto::load_master_key(&config.master_key_file)?;
     std::fs::create_dir_all(&config.data_dir)
@@ -162,6 +170,73 @@ pub fn export(store: &Store, state: &EngineState, seal: &Key) -> Result<(Summary
         return Ok((summary, serde_json::to_vec_pretty(&file).expect("json")));
     }
     Err(BackupError::Busy)
+}
+
+/// What `rekeyd migrate --from-sled` copied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Migrated {
+    pub entries: usize,
+    pub audit_seq: u64,
+    pub audit_hash: String,
+}
+
+/// `rekeyd migrate --from-sled DIR`: copies a sled store (DIR is a data dir
+/// or its `store` directory; rekeyd stopped) into the empty PostgreSQL
+/// database of `config`, then verifies the audit chain there against the
+/// source's head. Refused if the database already holds rekey state.
+pub fn migrate_from_sled(config: &crate::config::Config, dir: &Path) -> Result<Migrated, BackupError> {
+    if !config.is_shared_store() {
+        return Err(BackupError::Open(format!(
+            "{}: [store] backend is not \"postgres\": migrate copies a sled store into PostgreSQL",
+            config.path.display()
+        )));
+    }
+    let sled_dir = if dir.join("store").join("db").exists() { dir.join("store") } else { dir.to_path_buf() };
+    if !sled_dir.join("db").exists() {
+        return Err(BackupError::Open(format!("{} holds no sled store (no db file)", sled_dir.display())));
+    }
+    let source = Store::open(&sled_dir).map_err(|e| match e {
+        StoreError::Locked { .. } => BackupError::Running,
+        other => BackupError::Store(other),
+    })?;
+    let (target, _) = crate::ha::open_store(config, crate::store::postgres::FenceMode::Offline)?;
+    if let Some(tree) = Tree::ALL.into_iter().find(|t| !target.scan(*t, b"").map(|e| e.is_empty()).unwrap_or(false)) {
+        return Err(BackupError::Open(format!(
+            "the PostgreSQL database already holds rekey state (tree {}): migrate only into an empty database",
+            tree.name()
+        )));
+    }
+    let head = |store: &Store| -> Result<(u64, String), BackupError> {
+        let records = EngineState::open(store, std::sync::Arc::new(Key::generate()?))?.audit_records()?;
+        let v = crate::audit::verify(&records);
+        if let Some((seq, problem)) = v.first_broken {
+            return Err(BackupError::Open(format!("the audit chain is broken at record {seq}: {problem}")));
+        }
+        Ok((records.len() as u64, records.last().map(|r| r.hash.clone()).unwrap_or_default()))
+    };
+    let before = head(&source)?;
+    let mut entries = 0;
+    for tree in Tree::ALL {
+        let all = source.scan(tree, b"")?;
+        entries += all.len();
+        for chunk in all.chunks(LOAD_BATCH) {
+            target.transaction(true, |t| {
+                for (k, v) in chunk {
+                    t.put(tree, k, v)?;
+                }
+                Ok::<_, StoreError>(())
+            })?;
+        }
+    }
+    let after = head(&target)?;
+    source.close()?;
+    if after != before {
+        return Err(BackupError::Open(format!(
+            "after copying, the audit chain in PostgreSQL ends at record {} instead of {}: do not use it",
+            after.0, before.0
+        )));
+    }
+    Ok(Migrated { entries, audit_seq: after.0, audit_hash: after.1 })
 }
 
 /// Entries written per transaction while loading a backup.

@@ -26,6 +26,50 @@ struct RawConfig {
     secrets: Vec<crate::engine::catalog::RawSecret>,
     #[serde(default)]
     alerts: RawAlerts,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    ha: RawHa,
+}
+
+/// `[store]`: where rekeyd keeps its state.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    /// `sled` (default: embedded, in the data dir) or `postgres` (shared, HA).
+    backend: Option<String>,
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    ca_file: Option<PathBuf>,
+    pool_size: Option<usize>,
+}
+
+/// `[ha]`: this replica among several on one PostgreSQL store.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHa {
+    id: Option<String>,
+    advertise: Option<String>,
+    lease_ttl: Option<String>,
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// One sled database in `data_dir/store` (one replica).
+    Sled,
+    Postgres(crate::store::postgres::PgOptions),
+}
+
+/// This replica's identity and lease (meaningful with PostgreSQL).
+#[derive(Debug, Clone)]
+pub struct HaConfig {
+    /// Stable replica id (default: host name and listen port).
+    pub id: String,
+    /// `HOST:PORT` agents and operators reach this replica at.
+    pub advertise: String,
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -96,6 +140,8 @@ pub struct Config {
     pub silence_timeout: Duration,
     pub secrets: Vec<crate::engine::catalog::SecretSpec>,
     pub webhook: Option<crate::alerts::Webhook>,
+    pub store: StoreConfig,
+    pub ha: HaConfig,
 }
 
 impl Config {
@@ -151,7 +197,11 @@ impl Config {
         }
         let secrets = crate::engine::catalog::validate(path, raw.secrets)?;
         let webhook = Self::webhook(path, base, raw.alerts)?;
+        let store = store_config(path, base, raw.store)?;
+        let ha = ha_config(path, raw.ha, raw.listen, &store)?;
         Ok(Config {
+            store,
+            ha,
             webhook,
             secrets,
             path: path.to_path_buf(),
@@ -233,13 +283,23 @@ impl Config {
         }))
     }
 
+    /// Whether the state is shared with other replicas (PostgreSQL).
+    pub fn is_shared_store(&self) -> bool {
+        matches!(self.store, StoreConfig::Postgres(_))
+    }
+
     pub fn store_dir(&self) -> PathBuf {
         self.data_dir.join("store")
     }
 
-    /// Whether this data dir holds a store already (an initialized coordinator).
+    /// Whether this data dir holds a store already (an initialized
+    /// coordinator). With PostgreSQL: whether the data dir exists (the
+    /// database says the rest when opened).
     pub fn is_initialized(&self) -> bool {
-        self.store_dir().join("db").exists()
+        match self.store {
+            StoreConfig::Sled => self.store_dir().join("db").exists(),
+            StoreConfig::Postgres(_) => self.data_dir.join("ca.pem").exists(),
+        }
     }
 
     pub fn operator_dir(&self) -> PathBuf {
@@ -250,6 +310,122 @@ impl Config {
     pub fn addr_file(&self) -> PathBuf {
         self.data_dir.join("rekeyd.addr")
     }
+}
+
+/// A secret read from a file that must be 0600, or from an environment variable.
+fn read_secret(
+    path: &Path,
+    base: &Path,
+    field_file: &str,
+    file: Option<PathBuf>,
+    field_env: &str,
+    env: Option<String>,
+) -> Result<Option<Vec<u8>>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    match (file, env) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => {
+            Err(ConfigError::field(path, field_file, format!("set one of {field_file} or {field_env}, not both")))
+        }
+        (Some(f), None) => {
+            let f = base.join(f);
+            let cannot =
+                |e: std::io::Error| ConfigError::field(path, field_file, format!("cannot read {}: {e}", f.display()));
+            let meta = std::fs::metadata(&f).map_err(cannot)?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(ConfigError::field(
+                    path,
+                    field_file,
+                    format!("{} is readable by group or others; chmod 600 it", f.display()),
+                ));
+            }
+            Ok(Some(std::fs::read_to_string(&f).map_err(cannot)?.trim_end_matches(['\n', '\r']).as_bytes().to_vec()))
+        }
+        (None, Some(var)) => std::env::var(&var)
+            .map(|v| Some(v.into_bytes()))
+            .map_err(|_| ConfigError::field(path, field_env, format!("environment variable {var} is not set"))),
+    }
+}
+
+fn store_config(path: &Path, base: &Path, raw: RawStore) -> Result<StoreConfig, ConfigError> {
+    match raw.backend.as_deref().unwrap_or("sled") {
+        "sled" => {
+            if raw.url.is_some() || raw.password_file.is_some() || raw.password_env.is_some() {
+                return Err(ConfigError::field(path, "store.url", "only for backend = \"postgres\""));
+            }
+            Ok(StoreConfig::Sled)
+        }
+        "postgres" => {
+            let url = raw.url.ok_or_else(|| {
+                ConfigError::field(
+                    path,
+                    "store.url",
+                    "required with backend = \"postgres\" (postgres://USER@HOST:PORT/DB)",
+                )
+            })?;
+            let parsed: tokio_postgres::Config = url.parse().map_err(|e| {
+                ConfigError::field(path, "store.url", format!("expected postgres://USER@HOST:PORT/DB: {e}"))
+            })?;
+            if parsed.get_password().is_some() {
+                return Err(ConfigError::field(
+                    path,
+                    "store.url",
+                    "carries a password: put it in store.password_file (0600) or store.password_env instead",
+                ));
+            }
+            let password = read_secret(
+                path,
+                base,
+                "store.password_file",
+                raw.password_file,
+                "store.password_env",
+                raw.password_env,
+            )?;
+            Ok(StoreConfig::Postgres(crate::store::postgres::PgOptions {
+                url,
+                password: password.map(rekey_common::secret::SecretBytes::new),
+                ca_file: raw.ca_file.map(|f| base.join(f)),
+                pool_size: raw.pool_size.unwrap_or(8).clamp(1, 64),
+            }))
+        }
+        other => {
+            Err(ConfigError::field(path, "store.backend", format!("expected \"sled\" or \"postgres\", got {other:?}")))
+        }
+    }
+}
+
+fn ha_config(path: &Path, raw: RawHa, listen: SocketAddr, store: &StoreConfig) -> Result<HaConfig, ConfigError> {
+    let shared = matches!(store, StoreConfig::Postgres(_));
+    if !shared && (raw.advertise.is_some() || raw.lease_ttl.is_some()) {
+        return Err(ConfigError::field(path, "ha", "needs [store] backend = \"postgres\" (sled has one replica)"));
+    }
+    let lease_ttl = match raw.lease_ttl {
+        Some(t) => rekey_common::time::parse_duration(&t).map_err(|e| ConfigError::field(path, "ha.lease_ttl", e))?,
+        None => Duration::from_secs(10),
+    };
+    if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
+        return Err(ConfigError::field(path, "ha.lease_ttl", "expected between 2s and 5m"));
+    }
+    let advertise = match raw.advertise {
+        Some(a) => {
+            let ok = a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(ConfigError::field(path, "ha.advertise", format!("expected HOST:PORT, got {a:?}")));
+            }
+            a
+        }
+        None if shared && listen.ip().is_unspecified() => {
+            return Err(ConfigError::field(
+                path,
+                "ha.advertise",
+                "required when listen is a wildcard address: the HOST:PORT agents and operators reach this replica at",
+            ));
+        }
+        None => listen.to_string(),
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let id = raw.id.unwrap_or_else(|| format!("{host}:{}", listen.port()));
+    Ok(HaConfig { id, advertise, lease_ttl })
 }
 
 #[cfg(test)]

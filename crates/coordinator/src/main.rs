@@ -45,6 +45,13 @@ enum Command {
         force: bool,
     },
     /// Operator credentials made on the coordinator host.
+    /// Copy a sled store (a stopped coordinator's data dir) into the empty
+    /// PostgreSQL database of `[store]`, then verify its audit chain there.
+    Migrate {
+        /// The sled data dir (or its `store` directory).
+        #[arg(long)]
+        from_sled: PathBuf,
+    },
     #[command(subcommand)]
     Operator(OperatorCmd),
     /// Print a shell completion script (e.g. `rekeyd completions bash`).
@@ -148,10 +155,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Migrate { from_sled } => {
+            let m = rekey_coordinator::backup::migrate_from_sled(&config, &from_sled)?;
+            println!(
+                "copied {} entries from {} into PostgreSQL; audit chain verified there: {} records, head {}",
+                m.entries,
+                from_sled.display(),
+                m.audit_seq,
+                m.audit_hash
+            );
+            Ok(())
+        }
         Command::Init => {
             let coordinator = Coordinator::init(config).context("initialization failed")?;
             print_init(&coordinator.init);
             Ok(())
+        }
+        Command::Run if config.is_shared_store() => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(serve_replica(config))
         }
         Command::Run => {
             let coordinator = Coordinator::init(config).context("initialization failed")?;
@@ -181,6 +203,19 @@ fn print_init(init: &rekey_coordinator::server::InitReport) {
 /// Serves until SIGINT/SIGTERM or the first failing task; the supervisor
 /// inside drains every task within `DRAIN_TIMEOUT` per phase.
 async fn serve(coordinator: Coordinator) -> anyhow::Result<()> {
+    let shutdown = on_signals()?;
+    coordinator.serve(shutdown, DRAIN_TIMEOUT, |_| {}).await.map_err(Into::into)
+}
+
+/// One replica of several on PostgreSQL: a follower until it takes the lease.
+async fn serve_replica(config: Config) -> anyhow::Result<()> {
+    let shutdown = on_signals()?;
+    rekey_coordinator::replica::run(config, shutdown, DRAIN_TIMEOUT, |_| {}).await.map_err(Into::into)
+}
+
+/// Cancelled at SIGTERM or SIGINT (registered before anything is served: a
+/// signal that arrives while rekeyd starts drains it instead of killing it).
+fn on_signals() -> anyhow::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
     // Registered before anything is served: a SIGTERM that arrives while
     // rekeyd starts drains it instead of killing it.
@@ -196,5 +231,5 @@ async fn serve(coordinator: Coordinator) -> anyhow::Result<()> {
         tracing::info!("shutdown requested, draining");
         signal.cancel();
     });
-    coordinator.serve(shutdown, DRAIN_TIMEOUT, |_| {}).await.map_err(Into::into)
+    Ok(shutdown)
 }

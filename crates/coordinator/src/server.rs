@@ -147,7 +147,7 @@ pub fn fingerprint(config: &Config) -> Result<String, ServerError> {
 
 /// Whether a master key had to be created: only for a data dir that was
 /// never initialized. An initialized one must find its own key.
-fn master_key_ready(config: &Config) -> Result<bool, ServerError> {
+pub(crate) fn master_key_ready(config: &Config) -> Result<bool, ServerError> {
     if !config.is_initialized() {
         return Ok(crypto::ensure_master_key(&config.master_key_file)?);
     }
@@ -224,10 +224,11 @@ pub fn recover_operator(config: &Config, out: &std::path::Path, name: &str) -> R
         return Err(ServerError::CredentialExists { dir: out.to_path_buf() });
     }
     let master = crypto::load_master_key(&config.master_key_file)?;
-    let store = Store::open(&config.store_dir()).map_err(|e| match e {
-        StoreError::Locked { .. } => ServerError::RecoverWhileRunning,
-        other => ServerError::Store(other),
-    })?;
+    let (store, _) =
+        crate::ha::open_store(config, crate::store::postgres::FenceMode::Offline).map_err(|e| match e {
+            StoreError::Locked { .. } => ServerError::RecoverWhileRunning,
+            other => ServerError::Store(other),
+        })?;
     let (ca, _) = Ca::load_or_create(&store, &master)?;
     let checkpoint = Arc::new(Checkpointer::new(&config.data_dir, &master));
     drop(master);
@@ -270,9 +271,16 @@ impl Coordinator {
     /// credential) and opens what exists. Idempotent.
     pub fn init(config: Config) -> Result<Coordinator, ServerError> {
         let created_master_key = master_key_ready(&config)?;
+        private_dir(&config.data_dir)?;
+        let (store, _) = crate::ha::open_store(&config, crate::store::postgres::FenceMode::Offline)?;
+        Self::init_with(config, store, created_master_key)
+    }
+
+    /// As [`Coordinator::init`], on a store already open (a replica that
+    /// just took the lease).
+    pub fn init_with(config: Config, store: Store, created_master_key: bool) -> Result<Coordinator, ServerError> {
         let master = crypto::load_master_key(&config.master_key_file)?;
         private_dir(&config.data_dir)?;
-        let store = Store::open(&config.store_dir())?;
         let (ca, created_ca) = Ca::load_or_create(&store, &master)?;
         let checkpoint = Arc::new(Checkpointer::new(&config.data_dir, &master));
         let backup_key = Arc::new(crate::backup::seal_key(&master));
@@ -294,8 +302,10 @@ impl Coordinator {
         }
         let revoked = RevokedSerials::new(store.revoked_serials()?);
         let engine_state = EngineState::open(&store, ca.dek())?;
+        // A new replica of a shared store has no checkpoint of its own yet.
+        let checkpointed = store.meta_get(crate::checkpoint::META_KEY)?.is_some() && !config.is_shared_store();
         checkpoint
-            .verify(&engine_state.audit_records()?, store.meta_get(crate::checkpoint::META_KEY)?.is_some())
+            .verify(&engine_state.audit_records()?, checkpointed)
             .map_err(|source| ServerError::Checkpoint { data_dir: config.data_dir.clone(), source })?;
         let engine_state = engine_state.with_checkpoint(checkpoint);
         let sessions = Sessions::new(revoked.clone());

@@ -173,6 +173,7 @@ impl crate::engine::link::AgentLink for Sessions {
     }
 
     fn deliver(&self, host: &str, d: crate::engine::link::Delivery) -> Result<(), SendError> {
+        still_leading(host)?;
         let to_proto = |f: &rekey_providers::Fields| {
             f.iter().map(|(k, v)| v1::SecretField { name: k.clone(), value: v.expose().to_vec() }).collect::<Vec<_>>()
         };
@@ -190,6 +191,7 @@ impl crate::engine::link::AgentLink for Sessions {
     }
 
     fn rollback(&self, host: &str, rotation_id: &str, secret: &str, version_id: &str) -> Result<(), SendError> {
+        still_leading(host)?;
         let msg = v1::coordinator_message::Msg::Rollback(v1::Rollback {
             rotation_id: rotation_id.to_string(),
             secret: secret.to_string(),
@@ -199,12 +201,19 @@ impl crate::engine::link::AgentLink for Sessions {
     }
 
     fn purge(&self, host: &str, secret: &str, version_id: &str) -> Result<(), SendError> {
+        still_leading(host)?;
         let msg = v1::coordinator_message::Msg::Purge(v1::Purge {
             secret: secret.to_string(),
             version_id: version_id.to_string(),
         });
         self.send(host, message(msg))
     }
+}
+
+/// Nothing reaches an agent from a replica whose lease may have run out
+/// ([`crate::ha::ensure_leading`]; with sled, always leading).
+fn still_leading(host: &str) -> Result<(), SendError> {
+    crate::ha::ensure_leading().map_err(|_| SendError::NotConnected(host.to_string()))
 }
 
 fn message(msg: v1::coordinator_message::Msg) -> CoordinatorMessage {

@@ -2,7 +2,7 @@
 //! mTLS, the real CLI. Crashes are real SIGKILLs.
 
 use rekey_tests::scripted::{Behavior, ScriptedAgent};
-use rekey_tests::{Coordinator, wait_for};
+use rekey_tests::{Coordinator, StoreKind, wait_for};
 use rekey_types::v1::{
     AuditRecordView, HostState, IncidentSecretState, IncidentState, IncidentView, RotationState, RotationView,
     VersionStatus, VersionView,
@@ -44,10 +44,10 @@ struct Fleet {
     agents: Vec<ScriptedAgent>,
 }
 
-fn fleet(n: usize, grace: &str) -> Fleet {
+fn fleet(n: usize, grace: &str, store: StoreKind) -> Fleet {
     rustls::crypto::ring::default_provider().install_default().ok();
     let tmp = tempfile::Builder::new().prefix("rekey-engine-").tempdir().unwrap();
-    let c = Coordinator::start(&tmp.path().join("c"), &catalog(grace));
+    let c = Coordinator::start_on(&tmp.path().join("c"), &catalog(grace), store);
     let agents = (1..=n)
         .map(|i| ScriptedAgent::enroll(&c, tmp.path(), &format!("host-{i}"), &[SECRET, "db-password"], &["env=test"]))
         .collect::<Vec<_>>();
@@ -98,9 +98,8 @@ fn assert_revocation_after_confirmation(c: &Coordinator, id: &str) {
     assert!(last_healthy.is_some_and(|h| h < deact), "deactivated before the last confirmation");
 }
 
-#[test]
-fn a_rotation_goes_canary_waves_verified_deactivate_grace_delete_completed() {
-    let f = fleet(5, "1s");
+fn a_rotation_goes_canary_waves_verified_deactivate_grace_delete_completed(store: StoreKind) {
+    let f = fleet(5, "1s", store);
     // First rotation: establishes the first version (nothing to revoke yet).
     let out = f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
     assert!(out.contains("[completed]"), "{out}");
@@ -160,9 +159,8 @@ fn a_rotation_goes_canary_waves_verified_deactivate_grace_delete_completed() {
     }
 }
 
-#[test]
-fn a_failing_host_halts_the_rollout_and_abort_restores_everyone() {
-    let f = fleet(5, "1s");
+fn a_failing_host_halts_the_rollout_and_abort_restores_everyone(store: StoreKind) {
+    let f = fleet(5, "1s", store);
     f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
     let v1 = f.agents[0].applied(SECRET).unwrap();
     f.agents[2].set_behavior(SECRET, Behavior::Fail("health check http://127.0.0.1:8080/health returned 503".into()));
@@ -202,9 +200,8 @@ fn a_failing_host_halts_the_rollout_and_abort_restores_everyone() {
     assert_eq!(f.c.secrets()[0].current_version.as_deref(), Some(v1.0.as_str()));
 }
 
-#[test]
-fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audited() {
-    let mut f = fleet(3, "1s");
+fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audited(store: StoreKind) {
+    let mut f = fleet(3, "1s", store);
     f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
     let v1 = f.agents[0].applied(SECRET).unwrap().0;
     f.agents[1].stop();
@@ -243,9 +240,8 @@ fn an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audit
         && a.details["reason"] == "host decommissioned (INC-42)"));
 }
 
-#[test]
-fn one_rotation_per_secret_and_different_secrets_run_concurrently() {
-    let f = fleet(2, "30s");
+fn one_rotation_per_secret_and_different_secrets_run_concurrently(store: StoreKind) {
+    let f = fleet(2, "30s", store);
     f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
     let a = start(&f.c, SECRET);
     let out = f.c.cli(&["rotate", "start", SECRET]);
@@ -269,11 +265,10 @@ fn one_rotation_per_secret_and_different_secrets_run_concurrently() {
     assert!(f.c.cli_ok(&["secrets"]).contains("host-1,host-2"));
 }
 
-#[test]
-fn a_secret_without_consumers_is_refused() {
+fn a_secret_without_consumers_is_refused(store: StoreKind) {
     rustls::crypto::ring::default_provider().install_default().ok();
     let tmp = tempfile::Builder::new().prefix("rekey-engine-").tempdir().unwrap();
-    let c = Coordinator::start(&tmp.path().join("c"), &catalog("1s"));
+    let c = Coordinator::start_on(&tmp.path().join("c"), &catalog("1s"), store);
     // An agent that does not match the selector.
     let _a = ScriptedAgent::enroll(&c, tmp.path(), "other", &[SECRET], &["env=prod"]);
     wait_for("connected", || c.is_connected("other"));
@@ -285,9 +280,8 @@ fn a_secret_without_consumers_is_refused() {
 /// SIGKILL of rekeyd after generating, mid-wave, after verification and
 /// during the grace period: each rotation completes, exactly one new version
 /// exists, the old one is revoked only after every host confirmed.
-#[test]
-fn sigkill_of_rekeyd_at_any_point_loses_nothing() {
-    let mut f = fleet(4, "3s");
+fn sigkill_of_rekeyd_at_any_point_loses_nothing(store: StoreKind) {
+    let mut f = fleet(4, "3s", store);
     f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
     for point in ["after-generating", "mid-wave", "after-verification", "during-grace"] {
         let v_old = f.agents[0].applied(SECRET).unwrap().0;
@@ -332,13 +326,14 @@ fn sigkill_of_rekeyd_at_any_point_loses_nothing() {
     assert!(f.c.cli_ok(&["audit", "verify"]).contains("intact"));
 }
 
-#[test]
-fn a_tampered_audit_record_is_found() {
-    let mut f = fleet(1, "1s");
+fn a_tampered_audit_record_is_found(store: StoreKind) {
+    let mut f = fleet(1, "1s", store);
     f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
     f.c.kill();
     {
-        let store = rekey_coordinator::store::Store::open(&f.c.dir.join("data/store")).unwrap();
+        let config = rekey_coordinator::config::Config::from_file(&f.c.config).unwrap();
+        let offline = rekey_coordinator::store::postgres::FenceMode::Offline;
+        let (store, _) = rekey_coordinator::ha::open_store(&config, offline).unwrap();
         let key = std::sync::Arc::new(rekey_coordinator::crypto::Key::generate().unwrap());
         let state = rekey_coordinator::engine::state::EngineState::open(&store, key).unwrap();
         let mut rec = state.audit_records().unwrap()[2].clone();
@@ -357,8 +352,7 @@ fn a_tampered_audit_record_is_found() {
     assert!(err.contains("broken at record 3") && err.contains("altered"), "{err}");
 }
 
-#[test]
-fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_report() {
+fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_report(store: StoreKind) {
     rustls::crypto::ring::default_provider().install_default().ok();
     let tmp = tempfile::Builder::new().prefix("rekey-campaign-").tempdir().unwrap();
     let mut catalog = String::new();
@@ -367,7 +361,7 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
             "[[secret]]\nname = \"{name}\"\nall_agents = true\nprovider = {{ kind = \"random\" }}\n[secret.revocation]\ngrace = \"1s\"\nmonitor = \"0s\"\n\n"
         ));
     }
-    let c = Coordinator::start(&tmp.path().join("c"), &catalog);
+    let c = Coordinator::start_on(&tmp.path().join("c"), &catalog, store);
     let secrets = ["vendor-a", "vendor-b", "vendor-c", "unrelated"];
     let agents: Vec<ScriptedAgent> =
         (1..=3).map(|i| ScriptedAgent::enroll(&c, tmp.path(), &format!("host-{i}"), &secrets, &[])).collect();
@@ -432,3 +426,33 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
     let list = c.cli_ok(&["incident", "list"]);
     assert!(list.contains("vendor breach") && list.contains("closed"), "{list}");
 }
+
+/// The engine suite runs on both stores — the embedded sled and a real
+/// PostgreSQL — through the same tests.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod on_sled {
+            $(#[test]
+            fn $name() {
+                super::$name(rekey_tests::StoreKind::Sled)
+            })*
+        }
+        mod on_postgres {
+            $(#[test]
+            fn $name() {
+                super::$name(rekey_tests::StoreKind::Postgres)
+            })*
+        }
+    };
+}
+
+on_both_stores!(
+    a_rotation_goes_canary_waves_verified_deactivate_grace_delete_completed,
+    a_failing_host_halts_the_rollout_and_abort_restores_everyone,
+    an_unreachable_host_blocks_revocation_until_it_returns_and_exclusion_is_audited,
+    one_rotation_per_secret_and_different_secrets_run_concurrently,
+    a_secret_without_consumers_is_refused,
+    sigkill_of_rekeyd_at_any_point_loses_nothing,
+    a_tampered_audit_record_is_found,
+    a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_report
+);

@@ -743,6 +743,10 @@ where
 {
     let mut attempt = 1;
     loop {
+        // No provider call from a replica whose lease may have run out.
+        if let Err(e) = crate::ha::ensure_leading() {
+            return Err(ProviderError::Failed { provider: "rekeyd", message: e.to_string(), retryable: false });
+        }
         match f().await {
             Err(e) if e.retryable() && attempt < PROVIDER_ATTEMPTS => {
                 tracing::warn!(error = %Chain(&e), attempt, "retryable provider error");

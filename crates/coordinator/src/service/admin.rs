@@ -674,7 +674,8 @@ impl AdminService for AdminSvc {
         req: Request<rekey_proto::v1::ListCoordinatorsRequest>,
     ) -> Result<Response<JsonResponse>, Status> {
         operator(self, &req, Rpc::ListCoordinators)?;
-        Err(Status::unimplemented("listing coordinators is not built yet"))
+        let view = crate::ha::coordinators_view(&self.store, &self.config.ha).map_err(internal)?;
+        Ok(json(&view))
     }
 
     type WatchRotationStream = WatchStream;

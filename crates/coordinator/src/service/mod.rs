@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod follower;
 pub(crate) mod views;
 
 use crate::engine::state::EngineState;

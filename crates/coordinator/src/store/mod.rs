@@ -12,6 +12,7 @@
 //! act on it (reply, deliver, revoke) knowing it survives a crash.
 
 pub mod backend;
+pub mod postgres;
 pub mod sled_backend;
 
 use backend::Aborted;
@@ -277,6 +278,11 @@ impl Store {
 
     pub fn flush(&self) -> Result<(), StoreError> {
         self.backend.flush()
+    }
+
+    /// The PostgreSQL backend, when this store is one (leases, replicas).
+    pub fn postgres(&self) -> Option<&postgres::PgBackend> {
+        self.backend.as_any().downcast_ref::<postgres::PgBackend>()
     }
 
     // ---- the generic key-value layer (for the typed layers on top) ----
