@@ -21,3 +21,4 @@ mod security_agent;
 mod security_operators;
 mod security_scope;
 mod shared_restart;
+mod store_backends;
