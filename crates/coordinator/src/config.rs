@@ -432,7 +432,7 @@ fn ha_config(path: &Path, raw: RawHa, listen: SocketAddr, store: &StoreConfig) -
 mod tests {
     use super::*;
 
-    const OK: &str = r#"
+    pub(super) const OK: &str = r#"
 listen = "127.0.0.1:7400"
 data_dir = "data"
 master_key_file = "/etc/rekey/master.key"
@@ -561,5 +561,34 @@ mod example_tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/coordinator.toml");
         let c = Config::from_file(&path).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/rekeyd"));
+    }
+
+    #[test]
+    fn the_store_section_is_checked_and_never_takes_a_password_inline() {
+        use super::tests::OK;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("coordinator.toml");
+        let cfg = |extra: &str| Config::from_str(&p, &format!("{OK}\n{extra}"));
+        assert!(matches!(cfg("").unwrap().store, StoreConfig::Sled));
+        let err = |extra: &str| cfg(extra).unwrap_err().to_string();
+        assert!(err("[store]\nbackend = \"mysql\"").contains("expected \"sled\" or \"postgres\""));
+        assert!(err("[store]\nbackend = \"postgres\"").contains("store.url"));
+        let inline = err("[store]\nbackend = \"postgres\"\nurl = \"postgres://u:hunter2@db/rekey\"");
+        assert!(inline.contains("store.password_file") && !inline.contains("hunter2"), "{inline}");
+        let pw = dir.path().join("db.password");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let pg = "[store]\nbackend = \"postgres\"\nurl = \"postgres://u@db/rekey\"\npassword_file = \"db.password\"";
+        assert!(err(pg).contains("chmod 600"));
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = cfg(pg).unwrap();
+        let StoreConfig::Postgres(o) = &c.store else { panic!("not postgres") };
+        assert_eq!(o.password.as_ref().unwrap().expose(), b"s3cret");
+        assert!(!format!("{o:?}").contains("s3cret"));
+        assert_eq!((c.ha.advertise.as_str(), c.ha.lease_ttl), ("127.0.0.1:7400", Duration::from_secs(10)));
+        assert!(err("[ha]\nlease_ttl = \"5s\"").contains("needs [store] backend"));
+        assert!(err(&format!("{pg}\n[ha]\nlease_ttl = \"1s\"")).contains("ha.lease_ttl"));
+        assert!(err(&format!("{pg}\n[ha]\nadvertise = \"nope\"")).contains("HOST:PORT"));
     }
 }
