@@ -347,14 +347,14 @@ async fn connect(cli: &Cli) -> Result<Client> {
 /// Connects with the operator credential in `dir` to the first answering of
 /// `coordinators` (or of the addresses in the dir's rekey.toml when empty).
 pub(crate) async fn connect_to(dir: &Path, coordinators: &[String], verbose: bool) -> Result<Client> {
-    let ca = tls::certs_from_pem(&read(dir, "ca.pem")?, "ca.pem")?;
-    let chain = tls::certs_from_pem(&read(dir, "operator.pem")?, "operator.pem")?;
-    let key = tls::key_from_pem(&read(dir, "operator.key")?, "operator.key")?;
     let addresses = if coordinators.is_empty() {
         operator_file_addresses(&dir.join("rekey.toml"))?
     } else {
         ha::parse_addresses(coordinators).map_err(|e| anyhow!("invalid --coordinator: {e}"))?
     };
+    let ca = tls::certs_from_pem(&read(dir, "ca.pem")?, "ca.pem")?;
+    let chain = tls::certs_from_pem(&read(dir, "operator.pem")?, "operator.pem")?;
+    let key = tls::key_from_pem(&read(dir, "operator.key")?, "operator.key")?;
     let config = tls::client_config(&ca, chain, key)?;
     let replicas = Replicas::connect(addresses, config, verbose).await?;
     Ok(Client { inner: AdminServiceClient::new(replicas.clone()), replicas })
