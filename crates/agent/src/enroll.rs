@@ -176,7 +176,7 @@ pub async fn enroll(opts: EnrollOptions<'_>) -> Result<Enrollment, EnrollError> 
     // One pass: the join token is single-use, so a rerun is the operator's call.
     let mut coordinators = ha::Coordinators::new(addrs.clone());
     let mut tried = Vec::new();
-    while let Some(addr) = coordinators.next() {
+    while let Some(addr) = coordinators.next_address() {
         let resp = match enroll_at(&addr, &pin, request.clone()).await {
             Ok(resp) => resp,
             Err(Attempt::Fatal(e)) => return Err(e),

@@ -240,7 +240,7 @@ async fn sessions(
         if identity.cert.not_after_unix <= now {
             return Err(expired(config, &identity));
         }
-        let Some(addr) = coordinators.next() else {
+        let Some(addr) = coordinators.next_address() else {
             // Every address tried once: the backoff, then a new pass.
             if !wait_to_reconnect(&mut backoff, false, &last_failure, shutdown).await {
                 return Ok(());

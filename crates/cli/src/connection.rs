@@ -102,14 +102,14 @@ impl Replicas {
         let mut addresses = Coordinators::new(self.shared.addresses.clone());
         addresses.found(&first);
         addresses.new_pass();
-        addresses.next(); // `first`, just tried
+        addresses.next_address(); // `first`, just tried
         let mut redirected = false;
         if let Refusal::Leader(leader) = &refusal {
             self.note(|| format!("{first} is a follower; sending the call to the leader at {leader}"));
             addresses.follow(leader);
             redirected = true;
         }
-        while let Some(addr) = addresses.next() {
+        while let Some(addr) = addresses.next_address() {
             let channel = match tls::connect(&addr, self.shared.tls.clone()).await {
                 Ok(c) => c,
                 Err(e) => {

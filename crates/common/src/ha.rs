@@ -121,7 +121,7 @@ impl Coordinators {
 
     /// The next address of this pass; `None` when the pass is over (wait the
     /// backoff, then [`Coordinators::new_pass`]).
-    pub fn next(&mut self) -> Option<String> {
+    pub fn next_address(&mut self) -> Option<String> {
         if self.attempts >= self.max_attempts() {
             return None;
         }
@@ -169,14 +169,14 @@ mod tests {
     }
 
     fn pass(c: &mut Coordinators) -> Vec<String> {
-        std::iter::from_fn(|| c.next()).collect()
+        std::iter::from_fn(|| c.next_address()).collect()
     }
 
     #[test]
     fn a_pass_tries_every_address_in_order_then_ends() {
         let mut c = Coordinators::new(addrs(&["a:1", "b:2", "c:3"]));
         assert_eq!(pass(&mut c), addrs(&["a:1", "b:2", "c:3"]));
-        assert_eq!(c.next(), None, "the pass is over until a new one starts");
+        assert_eq!(c.next_address(), None, "the pass is over until a new one starts");
         c.new_pass();
         assert_eq!(pass(&mut c), addrs(&["a:1", "b:2", "c:3"]));
     }
@@ -184,9 +184,9 @@ mod tests {
     #[test]
     fn a_hint_is_tried_at_once_and_the_found_leader_leads_the_next_pass() {
         let mut c = Coordinators::new(addrs(&["a:1", "b:2", "c:3"]));
-        assert_eq!(c.next().as_deref(), Some("a:1"));
+        assert_eq!(c.next_address().as_deref(), Some("a:1"));
         c.follow("c:3");
-        assert_eq!(c.next().as_deref(), Some("c:3"), "the hinted leader comes next, not b");
+        assert_eq!(c.next_address().as_deref(), Some("c:3"), "the hinted leader comes next, not b");
         c.found("c:3");
         assert_eq!(c.leader(), Some("c:3"));
         c.new_pass();
@@ -196,9 +196,9 @@ mod tests {
     #[test]
     fn a_hint_outside_the_list_is_tried_and_remembered_only_once_it_answers() {
         let mut c = Coordinators::new(addrs(&["a:1", "b:2"]));
-        assert_eq!(c.next().as_deref(), Some("a:1"));
+        assert_eq!(c.next_address().as_deref(), Some("a:1"));
         c.follow("z:9");
-        assert_eq!(c.next().as_deref(), Some("z:9"));
+        assert_eq!(c.next_address().as_deref(), Some("z:9"));
         // It did not answer: the list goes on, and the next pass ignores it.
         assert_eq!(pass(&mut c), addrs(&["b:2"]));
         c.new_pass();
@@ -212,7 +212,7 @@ mod tests {
     fn followers_naming_each_other_cannot_spin_without_a_backoff() {
         let mut c = Coordinators::new(addrs(&["a:1", "b:2"]));
         let mut tried = Vec::new();
-        while let Some(a) = c.next() {
+        while let Some(a) = c.next_address() {
             tried.push(a.clone());
             c.follow(if a == "a:1" { "b:2" } else { "a:1" });
         }
