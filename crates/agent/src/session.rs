@@ -14,6 +14,13 @@
 //! own and answer on the session's outbound channel; they end with the
 //! session.
 //!
+//! With several coordinator replicas ([`rekey_common::ha::Coordinators`]),
+//! each attempt goes to the next address of a pass (the last leader first):
+//! a follower's leader hint is followed at once, an unreachable replica or
+//! an election moves on, and only a full pass without a session waits the
+//! backoff. A hint outside the configured list is followed too: the hinted
+//! server must prove the pinned CA and name like any other (docs/ha-clients.md).
+//!
 //! Fatal conditions stop the agent with an actionable message instead of
 //! retrying forever: an expired certificate, a revoked agent, a protocol
 //! version mismatch, a coordinator that no longer knows this agent.
