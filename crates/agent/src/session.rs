@@ -834,6 +834,29 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_refusal_before_the_welcome_names_where_to_go() {
+        let h = harness();
+        let (live, in_tx, inbound, _out) = h.live(86_400);
+        in_tx.send(Err(ha::follower_status("rekeyd-2", Some("10.0.0.1:7400")))).await.unwrap();
+        match live.run(inbound, &h.shutdown).await {
+            Ok(End::Redirected { leader, why }) => {
+                assert_eq!(leader.as_deref(), Some("10.0.0.1:7400"));
+                assert!(why.contains("rekeyd-2") && why.contains("is a follower"), "{why}");
+            }
+            _ => panic!("expected a redirect"),
+        }
+        let (live, in_tx, inbound, _out) = h.live(86_400);
+        in_tx.send(Err(ha::follower_status("rekeyd-2", None))).await.unwrap();
+        assert!(matches!(live.run(inbound, &h.shutdown).await, Ok(End::Redirected { leader: None, .. })));
+        // At the call itself (the usual place), the same reading.
+        assert!(matches!(
+            redirected(&ha::follower_status("x", Some("a:1"))),
+            Some(End::Redirected { leader: Some(l), .. }) if l == "a:1"
+        ));
+        assert!(redirected(&tonic::Status::unavailable("connection reset")).is_none(), "a transport failure");
+    }
+
     /// A preflight is answered once, with the request's id, on the stream.
     #[tokio::test(start_paused = true)]
     async fn a_preflight_is_answered_with_its_request_id() {
