@@ -126,3 +126,31 @@ fn print_list(v: &[OperatorView]) {
     }
     print!("{t}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `operator create` writes, the CLI reads back: one address as a
+    /// string (as before several replicas), several as a list.
+    #[test]
+    fn rekey_toml_holds_one_address_or_the_replicas_and_reads_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        for addrs in [vec!["a:1"], vec!["a:1", "b:2", "[::1]:3"]] {
+            let dir = tmp.path().join(addrs.len().to_string());
+            let addrs: Vec<String> = addrs.into_iter().map(String::from).collect();
+            write_credential(&dir, "KEY", "CERT", "CA", &addrs).unwrap();
+            let text = std::fs::read_to_string(dir.join("rekey.toml")).unwrap();
+            let want = if addrs.len() == 1 { "coordinator = \"a:1\"\n" } else { "coordinator = [\"a:1\", \"b:2\"" };
+            assert!(text.contains(want), "{text}");
+            assert_eq!(crate::operator_file_addresses(&dir.join("rekey.toml")).unwrap(), addrs);
+        }
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, "coordinator = [\"a:1\", \"nohost\"]\n").unwrap();
+        let e = crate::operator_file_addresses(&bad).unwrap_err().to_string();
+        assert_eq!(e, format!("{}: field `coordinator`: expected HOST:PORT, got \"nohost\"", bad.display()));
+        std::fs::write(&bad, "coordinator = []\n").unwrap();
+        let e = crate::operator_file_addresses(&bad).unwrap_err().to_string();
+        assert!(e.ends_with("field `coordinator`: expected at least one HOST:PORT, got none"), "{e}");
+    }
+}
