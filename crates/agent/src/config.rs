@@ -23,6 +23,8 @@ use std::time::Duration;
 struct RawConfig {
     /// `host:port` of rekeyd; defaults to the address used at enrollment.
     coordinator: Option<String>,
+    /// Several replicas' `host:port`, tried in order (exclusive with `coordinator`).
+    coordinators: Option<Vec<String>>,
     state_dir: PathBuf,
     #[serde(default)]
     reconnect: RawReconnect,
@@ -387,7 +389,9 @@ impl fmt::Display for HttpUrl {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub path: PathBuf,
-    pub coordinator: Option<String>,
+    /// The coordinator replicas to try, in order (`coordinator` or
+    /// `coordinators`); empty: the addresses given at enrollment.
+    pub coordinators: Vec<String>,
     pub state_dir: PathBuf,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -476,6 +480,37 @@ fn validate_scan(path: &Path, raw: Option<RawScan>) -> Result<ScanConfig, Config
     Ok(ScanConfig { roots, max_depth, max_file_size, max_files, timeout })
 }
 
+/// `coordinator = "h:p"` or `coordinators = ["h1:p", "h2:p"]`, not both;
+/// neither: the addresses given at enrollment (an empty list).
+fn coordinators(path: &Path, one: Option<String>, list: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    use rekey_common::ha::{check_address, parse_addresses};
+    match (one, list) {
+        (Some(_), Some(_)) => Err(ConfigError::field(
+            path,
+            "coordinators",
+            "give either `coordinator` (one address) or `coordinators` (a list), not both",
+        )),
+        (Some(one), None) => {
+            check_address(&one).map_err(|m| ConfigError::field(path, "coordinator", m))?;
+            Ok(vec![one])
+        }
+        (None, Some(list)) => {
+            if list.is_empty() {
+                return Err(ConfigError::field(
+                    path,
+                    "coordinators",
+                    "expected at least one HOST:PORT, got an empty list",
+                ));
+            }
+            for (i, a) in list.iter().enumerate() {
+                check_address(a).map_err(|m| ConfigError::field(path, format!("coordinators[{i}]"), m))?;
+            }
+            Ok(parse_addresses(&list).expect("each address checked"))
+        }
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
 const DEFAULT_RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_HEALTH_RETRIES: u32 = 5;
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -492,11 +527,7 @@ impl AgentConfig {
 
     fn validate(path: &Path, raw: RawConfig) -> Result<AgentConfig, ConfigError> {
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(c) = &raw.coordinator
-            && c.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
-        {
-            return Err(ConfigError::field(path, "coordinator", format!("expected HOST:PORT, got {c:?}")));
-        }
+        let coordinators = coordinators(path, raw.coordinator, raw.coordinators)?;
         if raw.reconnect.initial_backoff.is_zero() || raw.reconnect.initial_backoff > raw.reconnect.max_backoff {
             return Err(ConfigError::field(
                 path,
@@ -553,7 +584,7 @@ impl AgentConfig {
         };
         Ok(AgentConfig {
             path: path.to_path_buf(),
-            coordinator: raw.coordinator,
+            coordinators,
             state_dir: base.join(raw.state_dir),
             initial_backoff: raw.reconnect.initial_backoff,
             max_backoff: raw.reconnect.max_backoff,
@@ -1142,6 +1173,33 @@ mod tests {
         assert!(e.to_string().contains("secret[0]") && e.to_string().contains("unknown field `path`"), "{e}");
         let e = AgentConfig::from_str(p, "[reconnect]\nmax_backoff='1s'").unwrap_err();
         assert!(e.to_string().contains("missing field `state_dir`"), "{e}");
+    }
+
+    #[test]
+    fn one_coordinator_or_a_list_of_replicas_never_both() {
+        assert!(parse("state_dir = 's'").unwrap().coordinators.is_empty(), "the enrollment's addresses");
+        assert_eq!(parse("state_dir = 's'\ncoordinator = 'a:1'").unwrap().coordinators, ["a:1"]);
+        let c = parse("state_dir = 's'\ncoordinators = ['a:1', 'b:2', 'a:1', '[::1]:3']").unwrap();
+        assert_eq!(c.coordinators, ["a:1", "b:2", "[::1]:3"], "in order, once each");
+        assert_eq!(
+            err("state_dir = 's'\ncoordinator = 'a:1'\ncoordinators = ['b:2']"),
+            "/etc/rekey/agent.toml: field `coordinators`: give either `coordinator` (one address) or \
+             `coordinators` (a list), not both"
+        );
+        assert_eq!(
+            err("state_dir = 's'\ncoordinators = []"),
+            "/etc/rekey/agent.toml: field `coordinators`: expected at least one HOST:PORT, got an empty list"
+        );
+        assert_eq!(
+            err("state_dir = 's'\ncoordinators = ['a:1', 'b']"),
+            "/etc/rekey/agent.toml: field `coordinators[1]`: expected HOST:PORT, got \"b\""
+        );
+        assert_eq!(
+            err("state_dir = 's'\ncoordinator = 'a:1,b:2'"),
+            "/etc/rekey/agent.toml: field `coordinator`: expected HOST:PORT, got \"a:1,b:2\""
+        );
+        let e = err("state_dir = 's'\ncoordinators = 'a:1'");
+        assert!(e.contains("field `coordinators`") && e.contains("sequence"), "{e}");
     }
 
     const FULL: &str = r#"

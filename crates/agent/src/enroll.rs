@@ -4,6 +4,7 @@
 use crate::identity::{Enrollment, Identity, IdentityError};
 use rcgen::{CertificateParams, KeyPair};
 use rekey_common::error::chain;
+use rekey_common::ha;
 use rekey_common::tls;
 use rekey_proto::PROTOCOL_VERSION;
 use rekey_proto::v1::EnrollRequest;
@@ -28,6 +29,10 @@ pub enum EnrollError {
     FingerprintMismatch { addr: String, pinned: String, seen: String },
     #[error("cannot reach the coordinator at {addr}: {message}")]
     Connect { addr: String, message: String },
+    #[error("invalid --coordinator: {0}")]
+    BadCoordinator(String),
+    #[error("no coordinator accepted the enrollment (no leader reachable): tried {0}")]
+    NoLeader(String),
     #[error("the coordinator refused the enrollment: {0}")]
     Refused(String),
     #[error("cannot generate the key pair or CSR")]
@@ -133,16 +138,28 @@ fn read_bounded(r: impl Read) -> std::io::Result<String> {
 }
 
 pub struct EnrollOptions<'a> {
-    pub coordinator: &'a str,
+    /// Coordinator replicas, tried in order (a follower's leader hint is followed).
+    pub coordinators: &'a [String],
     pub token: &'a str,
     pub ca_fingerprint: &'a str,
     pub state_dir: &'a Path,
     pub force: bool,
 }
 
+/// How one address answered an enrollment that did not succeed.
+enum Attempt {
+    /// Unreachable, or a follower that knows no leader: try the next address.
+    Next(String),
+    /// A follower named the leader: go there at once.
+    Leader(String),
+    /// Refused for good (pin mismatch, bad token): stop.
+    Fatal(EnrollError),
+}
+
 pub async fn enroll(opts: EnrollOptions<'_>) -> Result<Enrollment, EnrollError> {
     let pin = tls::normalize_fingerprint(opts.ca_fingerprint)
         .ok_or_else(|| EnrollError::BadFingerprint(opts.ca_fingerprint.to_string()))?;
+    let addrs = ha::parse_addresses(opts.coordinators).map_err(EnrollError::BadCoordinator)?;
     if !opts.force
         && let Ok(existing) = Identity::load(opts.state_dir)
     {
@@ -150,57 +167,90 @@ pub async fn enroll(opts: EnrollOptions<'_>) -> Result<Enrollment, EnrollError> 
     }
     let key = KeyPair::generate()?;
     let csr = CertificateParams::default().serialize_request(&key)?;
+    let request = EnrollRequest {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: rekey_common::VERSION.to_string(),
+        token: opts.token.trim().to_string(),
+        csr_der: csr.der().to_vec(),
+    };
+    // One pass: the join token is single-use, so a rerun is the operator's call.
+    let mut coordinators = ha::Coordinators::new(addrs.clone());
+    let mut tried = Vec::new();
+    while let Some(addr) = coordinators.next_address() {
+        let resp = match enroll_at(&addr, &pin, request.clone()).await {
+            Ok(resp) => resp,
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Leader(leader)) => {
+                tried.push((addr, format!("a follower; the leader is at {leader}")));
+                coordinators.follow(&leader);
+                continue;
+            }
+            Err(Attempt::Next(why)) => {
+                tried.push((addr, why));
+                continue;
+            }
+        };
+        let enrollment = Enrollment {
+            host: resp.host,
+            labels: resp.labels.into_iter().collect(),
+            coordinator: addr,
+            coordinators: addrs,
+            ca_fingerprint: pin,
+        };
+        Identity::save_enrollment(
+            opts.state_dir,
+            &enrollment,
+            &resp.ca_pem,
+            &resp.certificate_pem,
+            &key.serialize_pem(),
+        )?;
+        return Ok(enrollment);
+    }
+    Err(match tried.as_slice() {
+        [(addr, message)] => EnrollError::Connect { addr: addr.clone(), message: message.clone() },
+        _ => EnrollError::NoLeader(tried.iter().map(|(a, why)| format!("{a} ({why})")).collect::<Vec<_>>().join(", ")),
+    })
+}
 
-    let (config, observed) = tls::pinned_client_config(&pin)?;
-    let addr = opts.coordinator.to_string();
+/// One enrollment attempt at `addr`, the CA pinned to `pin`.
+async fn enroll_at(addr: &str, pin: &str, request: EnrollRequest) -> Result<rekey_proto::v1::EnrollResponse, Attempt> {
+    let (config, observed) = tls::pinned_client_config(pin).map_err(|e| Attempt::Fatal(e.into()))?;
     let mismatch = |observed: &tls::PinObservation| {
-        observed.mismatch().map(|seen| EnrollError::FingerprintMismatch {
-            addr: addr.clone(),
-            pinned: pin.clone(),
-            seen,
+        observed.mismatch().map(|seen| {
+            Attempt::Fatal(EnrollError::FingerprintMismatch { addr: addr.to_string(), pinned: pin.to_string(), seen })
         })
     };
-    let channel = match tls::connect(&addr, config).await {
+    let channel = match tls::connect(addr, config).await {
         Ok(c) => c,
-        Err(e) => {
-            return Err(mismatch(&observed).unwrap_or(EnrollError::Connect { addr: addr.clone(), message: chain(&e) }));
-        }
+        Err(e) => return Err(mismatch(&observed).unwrap_or(Attempt::Next(chain(&e)))),
     };
-    let resp = AgentServiceClient::new(channel)
-        .enroll(EnrollRequest {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: rekey_common::VERSION.to_string(),
-            token: opts.token.trim().to_string(),
-            csr_der: csr.der().to_vec(),
-        })
-        .await;
-    let resp = match resp {
+    let resp = match AgentServiceClient::new(channel).enroll(request).await {
         Ok(r) => r.into_inner(),
         Err(status) => {
             if let Some(m) = mismatch(&observed) {
                 return Err(m);
             }
-            return Err(match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
-                    EnrollError::Connect { addr, message: status.message().to_string() }
+            return Err(match (ha::refusal(&status), status.code()) {
+                (Some(ha::Refusal::Leader(leader)), _) => Attempt::Leader(leader),
+                (Some(ha::Refusal::NoLeader), _) => Attempt::Next(status.message().to_string()),
+                (None, tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) => {
+                    Attempt::Next(status.message().to_string())
                 }
-                _ => EnrollError::Refused(status.message().to_string()),
+                _ => Attempt::Fatal(EnrollError::Refused(status.message().to_string())),
             });
         }
     };
     // The returned CA must be the one we pinned.
-    let ca = tls::certs_from_pem(&resp.ca_pem, "enrollment response")?;
+    let ca = tls::certs_from_pem(&resp.ca_pem, "enrollment response").map_err(|e| Attempt::Fatal(e.into()))?;
     if tls::fingerprint(&ca[0]) != pin {
-        return Err(EnrollError::FingerprintMismatch { addr, pinned: pin, seen: tls::fingerprint(&ca[0]) });
+        let seen = tls::fingerprint(&ca[0]);
+        return Err(Attempt::Fatal(EnrollError::FingerprintMismatch {
+            addr: addr.to_string(),
+            pinned: pin.to_string(),
+            seen,
+        }));
     }
-    let enrollment = Enrollment {
-        host: resp.host,
-        labels: resp.labels.into_iter().collect(),
-        coordinator: opts.coordinator.to_string(),
-        ca_fingerprint: pin,
-    };
-    Identity::save_enrollment(opts.state_dir, &enrollment, &resp.ca_pem, &resp.certificate_pem, &key.serialize_pem())?;
-    Ok(enrollment)
+    Ok(resp)
 }
 
 #[cfg(test)]

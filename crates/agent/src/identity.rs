@@ -39,8 +39,21 @@ pub enum IdentityError {
 pub struct Enrollment {
     pub host: String,
     pub labels: BTreeMap<String, String>,
+    /// The address that enrolled this agent (the leader at the time).
     pub coordinator: String,
+    /// Every address given at enrollment, in order: where the agent looks
+    /// for the leader when `agent.toml` names none (absent before HA).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinators: Vec<String>,
     pub ca_fingerprint: String,
+}
+
+impl Enrollment {
+    /// The addresses given at enrollment (the one that enrolled, for an
+    /// enrollment made before several were possible).
+    pub fn addresses(&self) -> Vec<String> {
+        if self.coordinators.is_empty() { vec![self.coordinator.clone()] } else { self.coordinators.clone() }
+    }
 }
 
 /// A loaded identity, ready to build a TLS client config.

@@ -25,9 +25,10 @@ struct Cli {
 enum Command {
     /// Enroll this host with a one-time join token.
     Enroll {
-        /// rekeyd address, HOST:PORT.
-        #[arg(long)]
-        coordinator: String,
+        /// rekeyd address, HOST:PORT; repeat it (or separate with commas) for
+        /// several replicas: tried in order, and a follower's hint is followed.
+        #[arg(long, required = true, value_delimiter = ',')]
+        coordinator: Vec<String>,
         /// A file holding the join token printed by `rekey token create`
         /// (refused if group or others can access it). Or set REKEY_JOIN_TOKEN.
         #[arg(long, value_name = "FILE")]
@@ -124,14 +125,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let token = source.read(std::io::stdin().lock())?;
             let e = enroll(EnrollOptions {
-                coordinator: &coordinator,
+                coordinators: &coordinator,
                 token: &token,
                 ca_fingerprint: &ca_fingerprint,
                 state_dir: &state_dir,
                 force,
             })
             .await?;
-            println!("enrolled as {} with {} (state in {})", e.host, coordinator, state_dir.display());
+            println!("enrolled as {} with {} (state in {})", e.host, e.coordinator, state_dir.display());
             Ok(())
         }
         Command::Run { config } => {

@@ -14,6 +14,13 @@
 //! own and answer on the session's outbound channel; they end with the
 //! session.
 //!
+//! With several coordinator replicas ([`rekey_common::ha::Coordinators`]),
+//! each attempt goes to the next address of a pass (the last leader first):
+//! a follower's leader hint is followed at once, an unreachable replica or
+//! an election moves on, and only a full pass without a session waits the
+//! backoff. A hint outside the configured list is followed too: the hinted
+//! server must prove the pinned CA and name like any other (docs/ha-clients.md).
+//!
 //! Fatal conditions stop the agent with an actionable message instead of
 //! retrying forever: an expired certificate, a revoked agent, a protocol
 //! version mismatch, a coordinator that no longer knows this agent.
@@ -28,6 +35,7 @@ use crate::scan::Scans;
 use rand::Rng;
 use rcgen::{CertificateParams, KeyPair};
 use rekey_common::error::{Chain, chain};
+use rekey_common::ha::{self, Coordinators};
 use rekey_common::time::{format_unix, now_unix};
 use rekey_common::tls;
 use rekey_proto::PROTOCOL_VERSION;
@@ -65,7 +73,7 @@ pub enum AgentError {
     Revoked { host: String, reason: String },
     #[error("the coordinator refused this agent: {0}")]
     Refused(String),
-    #[error("no coordinator address: set `coordinator` in {0}")]
+    #[error("no coordinator address: set `coordinator` or `coordinators` in {0}")]
     NoCoordinator(String),
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -189,6 +197,11 @@ enum End {
         established: bool,
         why: String,
     },
+    /// A follower refused the session; `leader` is the address it named.
+    Redirected {
+        leader: Option<String>,
+        why: String,
+    },
 }
 
 /// Runs the agent until `shutdown` or a fatal error.
@@ -225,6 +238,8 @@ async fn sessions(
     shutdown: &CancellationToken,
 ) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
+    let mut coordinators = Coordinators::new(addresses(config, &Identity::load(&config.state_dir)?)?);
+    let mut last_failure = String::new();
     loop {
         // Reload each time: a renewal replaced the certificate on disk.
         let identity = Identity::load(&config.state_dir)?;
@@ -232,15 +247,51 @@ async fn sessions(
         if identity.cert.not_after_unix <= now {
             return Err(expired(config, &identity));
         }
-        match session(config, &identity, shutdown, pipeline, dispatcher, side).await? {
+        let Some(addr) = coordinators.next_address() else {
+            // Every address tried once: the backoff, then a new pass.
+            if !wait_to_reconnect(&mut backoff, false, &last_failure, shutdown).await {
+                return Ok(());
+            }
+            coordinators.new_pass();
+            continue;
+        };
+        match session(config, &identity, shutdown, pipeline, dispatcher, side, &addr).await? {
             End::Shutdown => return Ok(()),
-            End::Lost { established, why } => {
-                if !wait_to_reconnect(&mut backoff, established, &why, shutdown).await {
+            End::Lost { established: true, why } => {
+                // It was the leader: the next pass starts there.
+                coordinators.found(&addr);
+                if !wait_to_reconnect(&mut backoff, true, &why, shutdown).await {
                     return Ok(());
                 }
+                coordinators.new_pass();
+            }
+            End::Lost { established: false, why } => {
+                tracing::info!(coordinator = %addr, reason = %why, "coordinator not reachable, trying the next");
+                last_failure = why;
+            }
+            End::Redirected { leader: Some(leader), why } => {
+                tracing::info!(coordinator = %addr, %leader, "a follower named the leader, moving there");
+                coordinators.follow(&leader);
+                last_failure = why;
+            }
+            End::Redirected { leader: None, why } => {
+                tracing::info!(coordinator = %addr, "a follower knows no leader (election), trying the next");
+                last_failure = why;
             }
         }
     }
+}
+
+/// Where to look for the leader: `agent.toml`'s addresses, else those given
+/// at enrollment.
+fn addresses(config: &AgentConfig, identity: &Identity) -> Result<Vec<String>, AgentError> {
+    let addrs =
+        if config.coordinators.is_empty() { identity.enrollment.addresses() } else { config.coordinators.clone() };
+    let addrs: Vec<String> = addrs.into_iter().filter(|a| !a.is_empty()).collect();
+    if addrs.is_empty() {
+        return Err(AgentError::NoCoordinator(config.path.display().to_string()));
+    }
+    Ok(addrs)
 }
 
 /// After a lost session: waits the backoff's next delay (from the first
@@ -267,6 +318,15 @@ fn expired(config: &AgentConfig, identity: &Identity) -> AgentError {
     }
 }
 
+/// A follower's refusal, as the end of this attempt.
+fn redirected(status: &tonic::Status) -> Option<End> {
+    let leader = match ha::refusal(status)? {
+        ha::Refusal::Leader(addr) => Some(addr),
+        ha::Refusal::NoLeader => None,
+    };
+    Some(End::Redirected { leader, why: status.message().to_string() })
+}
+
 fn is_fatal_status(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
@@ -281,12 +341,9 @@ async fn session(
     pipeline: &Pipeline,
     dispatcher: &Dispatcher,
     side: &Side,
+    addr: &str,
 ) -> Result<End, AgentError> {
-    let addr = config.coordinator.clone().unwrap_or_else(|| identity.enrollment.coordinator.clone());
-    if addr.is_empty() {
-        return Err(AgentError::NoCoordinator(config.path.display().to_string()));
-    }
-    let (out_tx, inbound) = match open(config, identity, pipeline, &addr).await? {
+    let (out_tx, inbound) = match open(config, identity, pipeline, addr).await? {
         Opened::Stream(out_tx, inbound) => (out_tx, inbound),
         Opened::Failed(end) => return Ok(end),
     };
@@ -302,7 +359,7 @@ async fn session(
         out_tx,
         session_done,
         host: identity.enrollment.host.clone(),
-        addr,
+        addr: addr.to_string(),
         cert_not_after: identity.cert.not_after_unix,
         heartbeats: Heartbeats::new(),
         renewal: Renewal::new(identity.cert.not_before_unix, identity.cert.not_after_unix),
@@ -342,6 +399,9 @@ async fn open(
         Ok(r) => Ok(Opened::Stream(out_tx, Box::new(r.into_inner()))),
         Err(status) => {
             let text = chain(&status);
+            if let Some(end) = redirected(&status) {
+                return Ok(Opened::Failed(end));
+            }
             if is_fatal_status(&status) {
                 return Err(AgentError::Refused(status.message().to_string()));
             }
@@ -402,6 +462,7 @@ impl Live<'_> {
                 msg = inbound.next() => match msg {
                     Some(Ok(m)) => self.on_message(m).await?,
                     None => Some(self.lost("coordinator closed the session".into())),
+                    Some(Err(status)) if !self.established && ha::refusal(&status).is_some() => redirected(&status),
                     Some(Err(status)) if is_fatal_status(&status) => {
                         return Err(AgentError::Refused(status.message().to_string()));
                     }
@@ -771,6 +832,29 @@ mod tests {
         assert!(
             matches!(e, AgentError::Revoked { ref host, ref reason } if host == "host-1" && reason == "decommissioned")
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_refusal_before_the_welcome_names_where_to_go() {
+        let h = harness();
+        let (live, in_tx, inbound, _out) = h.live(86_400);
+        in_tx.send(Err(ha::follower_status("rekeyd-2", Some("10.0.0.1:7400")))).await.unwrap();
+        match live.run(inbound, &h.shutdown).await {
+            Ok(End::Redirected { leader, why }) => {
+                assert_eq!(leader.as_deref(), Some("10.0.0.1:7400"));
+                assert!(why.contains("rekeyd-2") && why.contains("is a follower"), "{why}");
+            }
+            _ => panic!("expected a redirect"),
+        }
+        let (live, in_tx, inbound, _out) = h.live(86_400);
+        in_tx.send(Err(ha::follower_status("rekeyd-2", None))).await.unwrap();
+        assert!(matches!(live.run(inbound, &h.shutdown).await, Ok(End::Redirected { leader: None, .. })));
+        // At the call itself (the usual place), the same reading.
+        assert!(matches!(
+            redirected(&ha::follower_status("x", Some("a:1"))),
+            Some(End::Redirected { leader: Some(l), .. }) if l == "a:1"
+        ));
+        assert!(redirected(&tonic::Status::unavailable("connection reset")).is_none(), "a transport failure");
     }
 
     /// A preflight is answered once, with the request's id, on the stream.

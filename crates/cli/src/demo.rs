@@ -21,7 +21,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 impl Admin for Client {
     async fn connect(operator_dir: &Path, addr: String) -> Result<Self> {
-        connect_to(operator_dir, Some(addr)).await
+        connect_to(operator_dir, &[addr], false).await
     }
 
     async fn create_token(

@@ -5,6 +5,8 @@
 //! `-o json` prints the view itself (docs/views.md).
 
 mod clidoc;
+mod connection;
+mod coordinators;
 mod demo;
 mod incident;
 mod operator;
@@ -14,6 +16,8 @@ mod table;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use connection::Replicas;
+use rekey_common::ha;
 use rekey_common::time::{format_relative, format_unix, now_unix, parse_duration};
 use rekey_common::tls;
 use rekey_proto::v1::admin_service_client::AdminServiceClient;
@@ -32,7 +36,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use table::Table;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(name = "rekey", version, about = "Operate rekey: enroll hosts, watch agents, rotate secrets")]
@@ -40,9 +43,15 @@ struct Cli {
     /// Directory holding the operator credential (ca.pem, operator.pem, operator.key, rekey.toml).
     #[arg(long, env = "REKEY_OPERATOR_DIR", global = true)]
     operator_dir: Option<PathBuf>,
-    /// rekeyd address (HOST:PORT); defaults to the one in the operator dir's rekey.toml.
-    #[arg(long, env = "REKEY_COORDINATOR", global = true)]
-    coordinator: Option<String>,
+    /// rekeyd address (HOST:PORT); repeat it or separate with commas for
+    /// several replicas (the first that answers serves reads; a follower's
+    /// refusal of a change is sent on to the leader). Defaults to the
+    /// operator dir's rekey.toml.
+    #[arg(long, env = "REKEY_COORDINATOR", global = true, value_delimiter = ',')]
+    coordinator: Vec<String>,
+    /// Say on stderr which replica answered.
+    #[arg(long, short = 'v', global = true)]
+    verbose: bool,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -101,6 +110,9 @@ enum Command {
         #[arg(long)]
         limit: Option<u32>,
     },
+    /// The rekeyd replicas sharing the store: which one leads, its epoch and
+    /// lease, the schema version, and which replica answered.
+    Coordinators,
     /// A sealed backup of the running coordinator's store (0600); restore it
     /// on the coordinator host with `rekeyd restore FILE`.
     Backup {
@@ -245,15 +257,33 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OperatorFile {
-    coordinator: Option<String>,
+    coordinator: Option<OneOrMany>,
+}
+
+/// `coordinator = "h:p"` or `coordinator = ["h1:p", "h2:p"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 pub(crate) struct Client {
-    pub(crate) inner: AdminServiceClient<Channel>,
-    pub(crate) addr: String,
+    pub(crate) inner: AdminServiceClient<Replicas>,
+    replicas: Replicas,
 }
 
 impl Client {
+    /// The replica that answered the last call.
+    pub(crate) fn addr(&self) -> String {
+        self.replicas.addr()
+    }
+
+    /// Every address this CLI was given, in order.
+    pub(crate) fn addresses(&self) -> &[String] {
+        self.replicas.addresses()
+    }
+
     pub(crate) fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.metadata_mut().insert(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string().parse().expect("ascii"));
@@ -274,10 +304,13 @@ impl Client {
     /// One clear line for a failed call.
     pub(crate) fn explain(&self, status: tonic::Status) -> anyhow::Error {
         use tonic::Code::*;
+        if status.message().starts_with(connection::NO_LEADER) || ha::refusal(&status).is_some() {
+            return anyhow!("{}", status.message());
+        }
         match status.code() {
             Unavailable | Unknown | Cancelled => anyhow!(
                 "cannot talk to rekeyd at {}: {} (is it running, and is this operator credential issued by it?)",
-                self.addr,
+                self.addr(),
                 one_line(&status)
             ),
             _ => anyhow!("{}", status.message()),
@@ -308,29 +341,34 @@ async fn connect(cli: &Cli) -> Result<Client> {
         .operator_dir
         .as_deref()
         .ok_or_else(|| anyhow!("no operator credential: pass --operator-dir DIR or set REKEY_OPERATOR_DIR (rekeyd writes one to DATA_DIR/operator)"))?;
-    connect_to(dir, cli.coordinator.clone()).await
+    connect_to(dir, &cli.coordinator, cli.verbose).await
 }
 
-/// Connects with the operator credential in `dir` to `coordinator` (or the
-/// address in the dir's rekey.toml).
-pub(crate) async fn connect_to(dir: &Path, coordinator: Option<String>) -> Result<Client> {
+/// Connects with the operator credential in `dir` to the first answering of
+/// `coordinators` (or of the addresses in the dir's rekey.toml when empty).
+pub(crate) async fn connect_to(dir: &Path, coordinators: &[String], verbose: bool) -> Result<Client> {
+    let addresses = if coordinators.is_empty() {
+        operator_file_addresses(&dir.join("rekey.toml"))?
+    } else {
+        ha::parse_addresses(coordinators).map_err(|e| anyhow!("invalid --coordinator: {e}"))?
+    };
     let ca = tls::certs_from_pem(&read(dir, "ca.pem")?, "ca.pem")?;
     let chain = tls::certs_from_pem(&read(dir, "operator.pem")?, "operator.pem")?;
     let key = tls::key_from_pem(&read(dir, "operator.key")?, "operator.key")?;
-    let addr = match coordinator {
-        Some(a) => a,
-        None => {
-            let p = dir.join("rekey.toml");
-            let f: OperatorFile = rekey_common::config::load_toml(&p)?;
-            f.coordinator
-                .ok_or_else(|| anyhow!("{}: field `coordinator` is missing; pass --coordinator", p.display()))?
-        }
-    };
     let config = tls::client_config(&ca, chain, key)?;
-    let channel = tls::connect(&addr, config)
-        .await
-        .map_err(|e| anyhow!("cannot connect to rekeyd at {addr}: {}", one_line(&e)))?;
-    Ok(Client { inner: AdminServiceClient::new(channel), addr })
+    let replicas = Replicas::connect(addresses, config, verbose).await?;
+    Ok(Client { inner: AdminServiceClient::new(replicas.clone()), replicas })
+}
+
+/// The addresses in an operator dir's rekey.toml (`coordinator`: one or a list).
+fn operator_file_addresses(p: &Path) -> Result<Vec<String>> {
+    let f: OperatorFile = rekey_common::config::load_toml(p)?;
+    let list = match f.coordinator {
+        None => bail!("{}: field `coordinator` is missing; pass --coordinator", p.display()),
+        Some(OneOrMany::One(a)) => vec![a],
+        Some(OneOrMany::Many(list)) => list,
+    };
+    ha::parse_addresses(&list).map_err(|e| anyhow!("{}: field `coordinator`: {e}", p.display()))
 }
 
 pub(crate) fn print_json<T: Serialize + ?Sized>(v: &T) {
@@ -359,6 +397,7 @@ async fn run(cli: Cli) -> Result<()> {
             token_create(&client, out, host, labels, *ttl).await?
         }
         Command::Agents => agents(&client, out).await?,
+        Command::Coordinators => coordinators::run(&client, out).await?,
         Command::Agent(AgentCmd::Revoke { name }) => {
             let req = client.request(RevokeAgentRequest { name: name.clone() });
             let r = client.inner.clone().revoke_agent(req).await.map_err(|s| client.explain(s))?.into_inner();
@@ -434,12 +473,14 @@ async fn token_create(
         ttl_seconds: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
     });
     let r = client.inner.clone().create_token(req).await.map_err(|s| client.explain(s))?.into_inner();
+    // The agent looks for the leader among every replica this CLI knows.
+    let addresses = client.addresses().join(",");
     let v = JoinTokenView {
         host: host.to_string(),
         token: r.token,
         ca_fingerprint: r.ca_fingerprint,
         expires: format_unix(r.expires_unix),
-        coordinator: client.addr.clone(),
+        coordinator: client.addr(),
     };
     output(out, &v, |v| {
         println!("join token:      {}", v.token);
@@ -452,7 +493,7 @@ async fn token_create(
         println!("then run:");
         println!(
             "  rekey-agent enroll --coordinator {} --token-file /root/rekey-join.token --ca-fingerprint {} --state-dir /var/lib/rekey-agent",
-            v.coordinator, v.ca_fingerprint
+            addresses, v.ca_fingerprint
         );
     });
     Ok(())

@@ -66,7 +66,7 @@ async fn create(client: &Client, out: Output, name: &str, role: &str, dir: &Path
     let r = client.inner.clone().create_operator(req).await.map_err(|s| client.explain(s))?.into_inner();
     let view: OperatorView = serde_json::from_str(&r.operator_json)
         .context("the coordinator sent a document this rekey cannot read (are the CLI and rekeyd the same version?)")?;
-    write_credential(dir, &key.serialize_pem(), &r.cert_pem, &r.ca_pem, &client.addr).with_context(|| {
+    write_credential(dir, &key.serialize_pem(), &r.cert_pem, &r.ca_pem, client.addresses()).with_context(|| {
         format!(
             "operator {name} was created but its credential could not be written to {}: revoke it with \
              `rekey operator revoke {name}` and create another",
@@ -83,7 +83,7 @@ async fn create(client: &Client, out: Output, name: &str, role: &str, dir: &Path
     Ok(())
 }
 
-fn write_credential(dir: &Path, key_pem: &str, cert_pem: &str, ca_pem: &str, addr: &str) -> Result<()> {
+fn write_credential(dir: &Path, key_pem: &str, cert_pem: &str, ca_pem: &str, addresses: &[String]) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -97,8 +97,13 @@ fn write_credential(dir: &Path, key_pem: &str, cert_pem: &str, ca_pem: &str, add
     write("operator.key", key_pem.as_bytes(), 0o600)?;
     write("operator.pem", cert_pem.as_bytes(), 0o644)?;
     write("ca.pem", ca_pem.as_bytes(), 0o644)?;
+    // One address as a string (as before), several replicas as a list.
+    let coordinator = match addresses {
+        [one] => format!("{one:?}"),
+        many => format!("[{}]", many.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")),
+    };
     let toml = format!(
-        "# Written by `rekey operator create`. The rekey CLI reads this with --operator-dir.\ncoordinator = \"{addr}\"\n"
+        "# Written by `rekey operator create`. The rekey CLI reads this with --operator-dir.\ncoordinator = {coordinator}\n"
     );
     write("rekey.toml", toml.as_bytes(), 0o644)
 }
@@ -120,4 +125,32 @@ fn print_list(v: &[OperatorView]) {
         ]);
     }
     print!("{t}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `operator create` writes, the CLI reads back: one address as a
+    /// string (as before several replicas), several as a list.
+    #[test]
+    fn rekey_toml_holds_one_address_or_the_replicas_and_reads_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        for addrs in [vec!["a:1"], vec!["a:1", "b:2", "[::1]:3"]] {
+            let dir = tmp.path().join(addrs.len().to_string());
+            let addrs: Vec<String> = addrs.into_iter().map(String::from).collect();
+            write_credential(&dir, "KEY", "CERT", "CA", &addrs).unwrap();
+            let text = std::fs::read_to_string(dir.join("rekey.toml")).unwrap();
+            let want = if addrs.len() == 1 { "coordinator = \"a:1\"\n" } else { "coordinator = [\"a:1\", \"b:2\"" };
+            assert!(text.contains(want), "{text}");
+            assert_eq!(crate::operator_file_addresses(&dir.join("rekey.toml")).unwrap(), addrs);
+        }
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, "coordinator = [\"a:1\", \"nohost\"]\n").unwrap();
+        let e = crate::operator_file_addresses(&bad).unwrap_err().to_string();
+        assert_eq!(e, format!("{}: field `coordinator`: expected HOST:PORT, got \"nohost\"", bad.display()));
+        std::fs::write(&bad, "coordinator = []\n").unwrap();
+        let e = crate::operator_file_addresses(&bad).unwrap_err().to_string();
+        assert!(e.ends_with("field `coordinator`: expected at least one HOST:PORT, got none"), "{e}");
+    }
 }

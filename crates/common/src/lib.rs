@@ -6,6 +6,8 @@
 //! - [`config`]: TOML loading whose errors name the file and the field.
 //! - [`error`]: an error and its causes on one line, for logs and messages.
 //! - [`fs`]: atomic file replacement (temp file 0600, fsync, rename, fsync of the directory).
+//! - [`ha`]: how a follower names the leader, and the order in which clients try
+//!   several coordinator addresses.
 //! - [`clidoc`]: shell completions and man pages from a binary's clap definition.
 //! - [`time`] and [`logging`]: small helpers every binary uses the same way.
 //! - [`testing`]: the one wait budget the crates' and e2e tests derive deadlines from.
@@ -16,6 +18,7 @@ pub mod clidoc;
 pub mod config;
 pub mod error;
 pub mod fs;
+pub mod ha;
 pub mod logging;
 pub mod secret;
 pub mod testing;

@@ -8,6 +8,7 @@ mod demo;
 mod engine;
 mod foundation;
 mod grpc;
+mod ha_clients;
 mod netns;
 mod packages;
 mod pipeline;
