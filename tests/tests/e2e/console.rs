@@ -459,3 +459,43 @@ fn nothing_secret_is_served(b: &mut Browser, c: &Coordinator, agents: &[Scripted
     assert!(!served.to_lowercase().contains("fingerprint_key"), "the console serves a fingerprint key");
     assert!(served.contains("hmac-sha256:"), "the views' keyed fingerprints are expected, keys are not");
 }
+
+/// A viewer may open the console (as a viewer; revoked, its session ends);
+/// without `[console]` the CLI says how to turn it on, and nothing listens.
+#[test]
+fn a_viewer_gets_a_viewer_session_and_an_off_console_says_how_to_turn_it_on() {
+    rustls::crypto::ring::default_provider().install_default().ok();
+    let tmp = tempfile::Builder::new().prefix("rekey-console-").tempdir().unwrap();
+    let c = Coordinator::start(&tmp.path().join("c"), "[console]\nlisten = \"127.0.0.1:0\"\n");
+    let dir = tmp.path().join("viewer");
+    c.cli_ok(&["operator", "create", "vera", "--role", "viewer", "--out", dir.to_str().unwrap()]);
+    let out = c.cli_as(&dir, &["console", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let link = v["url"].as_str().unwrap();
+    assert_eq!(v["session_seconds"], json!(8 * 3600));
+    let base = base_of(link);
+    let (status, head, _) = http(&base, &link[base.len()..], None, None);
+    assert_eq!(status, 303, "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            l.to_lowercase().starts_with("set-cookie: ").then(|| l[12..].split(';').next().unwrap().to_string())
+        })
+        .unwrap();
+    let (status, _, body) = http(&base, "/api/whoami", Some(&cookie), None);
+    assert_eq!(status, 200, "{body}");
+    let who: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((who["operator"].as_str(), who["role"].as_str()), (Some("vera"), Some("viewer")));
+    assert!(c.audit().iter().any(|r| r.action == "console.login" && r.actor == "operator/vera"));
+
+    c.cli_ok(&["operator", "revoke", "vera"]);
+    let (status, _, _) = http(&base, "/api/whoami", Some(&cookie), None);
+    assert_eq!(status, 401, "a revoked operator's console session must end");
+
+    let off = Coordinator::start(&tmp.path().join("off"), "");
+    let out = off.cli(&["console"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("web console is off") && err.contains("[console] listen"), "{err}");
+}
