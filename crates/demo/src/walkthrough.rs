@@ -699,6 +699,7 @@ impl<A: Admin> Demo<A> {
         println!("   rekey --operator-dir {op} rotate status {r2}");
         println!("   rekey --operator-dir {op} report {r1}");
         println!("   rekey --operator-dir {op} audit verify");
+        println!("   rekey --operator-dir {op} console   (a new login link for the web console)");
         println!("   logs and configs: {dir}");
         let pids: Vec<String> = self.w.children.iter().map(|(_, c)| c.id().to_string()).collect();
         println!(
