@@ -75,4 +75,9 @@ impl Admin for Client {
         let req = self.request(GetReportRequest { id: id.to_string(), format: format.into() });
         Ok(self.inner.clone().get_report(req).await.map_err(|s| self.explain(s))?.into_inner().content)
     }
+
+    async fn console_login(&mut self) -> Result<String> {
+        let req = self.request(rekey_proto::v1::CreateConsoleLoginRequest {});
+        Ok(self.inner.clone().create_console_login(req).await.map_err(|s| self.explain(s))?.into_inner().url)
+    }
 }

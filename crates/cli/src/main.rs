@@ -6,6 +6,7 @@
 
 mod clidoc;
 mod connection;
+mod console;
 mod coordinators;
 mod demo;
 mod incident;
@@ -99,6 +100,8 @@ enum Command {
     /// Campaigns: rotate every secret matching a pattern as one incident.
     #[command(subcommand)]
     Incident(incident::IncidentCmd),
+    /// A one-time login link for the read-only web console (`[console]` in coordinator.toml).
+    Console,
     /// Operators and their roles (admin, rotator, viewer): create, list, revoke.
     #[command(subcommand)]
     Operator(operator::OperatorCmd),
@@ -432,6 +435,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Scope(args) => scope::run(&client, out, args).await?,
         Command::Incident(cmd) => incident::run(&mut client, out, cmd).await?,
         Command::Operator(cmd) => operator::run(&client, out, cmd).await?,
+        Command::Console => console::run(&client, out).await?,
         Command::Alerts => {
             let v: Vec<AlertView> =
                 client.view(client.inner.clone().list_alerts(client.request(ListAlertsRequest {})).await)?;

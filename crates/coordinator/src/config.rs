@@ -30,6 +30,8 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     ha: RawHa,
+    #[serde(default)]
+    console: RawConsole,
 }
 
 /// `[store]`: where rekeyd keeps its state.
@@ -71,6 +73,35 @@ pub struct HaConfig {
     pub advertise: String,
     pub lease_ttl: Duration,
 }
+
+/// `[console]`: the read-only web console (off unless `listen` is set).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConsole {
+    listen: Option<SocketAddr>,
+    /// A non-loopback `listen` is refused unless this is set too.
+    allow_remote: bool,
+    #[serde(with = "serde_duration")]
+    session_ttl: Duration,
+}
+
+impl Default for RawConsole {
+    fn default() -> Self {
+        RawConsole { listen: None, allow_remote: false, session_ttl: Duration::from_secs(8 * 3600) }
+    }
+}
+
+/// The web console's listener and sessions (`[console]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    pub listen: SocketAddr,
+    /// How long a console session (its cookie) lasts after login.
+    pub session_ttl: Duration,
+}
+
+/// A console session lasts at most this long: a login is an operator at a
+/// keyboard, not a service account.
+const MAX_CONSOLE_SESSION: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +173,8 @@ pub struct Config {
     pub webhook: Option<crate::alerts::Webhook>,
     pub store: StoreConfig,
     pub ha: HaConfig,
+    /// The web console, when `[console] listen` is set.
+    pub console: Option<ConsoleConfig>,
 }
 
 impl Config {
@@ -199,9 +232,11 @@ impl Config {
         let webhook = Self::webhook(path, base, raw.alerts)?;
         let store = store_config(path, base, raw.store)?;
         let ha = ha_config(path, raw.ha, raw.listen, &store)?;
+        let console = Self::console(path, raw.console)?;
         Ok(Config {
             store,
             ha,
+            console,
             webhook,
             secrets,
             path: path.to_path_buf(),
@@ -216,6 +251,30 @@ impl Config {
             heartbeat_interval: raw.sessions.heartbeat_interval,
             silence_timeout: raw.sessions.silence_timeout,
         })
+    }
+
+    fn console(path: &Path, raw: RawConsole) -> Result<Option<ConsoleConfig>, ConfigError> {
+        let Some(listen) = raw.listen else {
+            if raw.allow_remote {
+                return Err(ConfigError::field(path, "console.allow_remote", "is set but console.listen is not"));
+            }
+            return Ok(None);
+        };
+        if !listen.ip().is_loopback() && !raw.allow_remote {
+            return Err(ConfigError::field(
+                path,
+                "console.listen",
+                format!(
+                    "{listen} is not a loopback address: the console shows the whole fleet and is meant for \
+                     127.0.0.1 (reach it from elsewhere through an SSH tunnel); set console.allow_remote = true \
+                     to serve it on {listen} anyway"
+                ),
+            ));
+        }
+        if raw.session_ttl < Duration::from_secs(60) || raw.session_ttl > MAX_CONSOLE_SESSION {
+            return Err(ConfigError::field(path, "console.session_ttl", "expected between 1m and 24h"));
+        }
+        Ok(Some(ConsoleConfig { listen, session_ttl: raw.session_ttl }))
     }
 
     fn webhook(path: &Path, base: &Path, raw: RawAlerts) -> Result<Option<crate::alerts::Webhook>, ConfigError> {
@@ -548,6 +607,27 @@ master_key_file = "/etc/rekey/master.key"
         assert!(e.contains("field `sessions.silence_timeout`"), "{e}");
         let e = Config::from_str(p, "data_dir = 'x'\nmaster_key_file = 'y'").unwrap_err().to_string();
         assert!(e.contains("missing field `listen`"), "{e}");
+    }
+
+    #[test]
+    fn the_console_is_off_by_default_and_loopback_unless_remote_is_explicit() {
+        let p = Path::new("/etc/rekey/coordinator.toml");
+        assert_eq!(Config::from_str(p, OK).unwrap().console, None);
+        let c = Config::from_str(p, &format!("{OK}\n[console]\nlisten = \"127.0.0.1:7402\"")).unwrap();
+        let console = c.console.unwrap();
+        assert_eq!(console.listen, "127.0.0.1:7402".parse().unwrap());
+        assert_eq!(console.session_ttl, Duration::from_secs(8 * 3600));
+        let e = Config::from_str(p, &format!("{OK}\n[console]\nlisten = \"0.0.0.0:7402\"")).unwrap_err().to_string();
+        assert!(e.contains("coordinator.toml") && e.contains("console.listen"), "{e}");
+        assert!(e.contains("not a loopback address") && e.contains("SSH tunnel") && e.contains("allow_remote"), "{e}");
+        let remote = format!("{OK}\n[console]\nlisten = \"0.0.0.0:7402\"\nallow_remote = true");
+        assert_eq!(Config::from_str(p, &remote).unwrap().console.unwrap().listen.port(), 7402);
+        let e = Config::from_str(p, &format!("{OK}\n[console]\nallow_remote = true")).unwrap_err().to_string();
+        assert!(e.contains("console.allow_remote"), "{e}");
+        let e = Config::from_str(p, &format!("{OK}\n[console]\nlisten = \"127.0.0.1:1\"\nsession_ttl = \"30d\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("console.session_ttl") && e.contains("between 1m and 24h"), "{e}");
     }
 }
 

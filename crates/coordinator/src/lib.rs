@@ -13,6 +13,7 @@ pub mod audit;
 pub mod backup;
 pub mod checkpoint;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod engine;
 pub mod ha;

@@ -45,6 +45,8 @@ pub enum ServerError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
     #[error("cannot write {path}")]
     Write {
         path: PathBuf,
@@ -323,6 +325,7 @@ impl Coordinator {
         };
         let campaigns = Campaigns::new(config.clone(), engine_handle.state().clone(), engine_handle.clone());
         let scanner = Scanner::new(config.clone(), engine_handle.state().clone(), store.clone(), sessions.clone());
+        let console = crate::console::Logins::new(config.console.clone(), config.path.clone());
         let admin = AdminSvc {
             auth: Authorizer::new(revoked.clone(), store.clone()),
             config,
@@ -334,6 +337,7 @@ impl Coordinator {
             campaigns,
             alerts,
             backup_key,
+            console,
         };
         Ok(Coordinator { admin, init, engine, webhook })
     }
@@ -367,6 +371,8 @@ impl Coordinator {
         }
 
         let mut tasks = Supervisor::default();
+        // Bound before the gRPC task serves, so `rekey console` finds it listening.
+        crate::console::serve(&mut tasks, &s).await?;
         // The engine resumes rotations before the first agent can say hello.
         tasks.spawn("engine", Phase::Back, |stop| self.engine.run(stop));
         let campaigns = s.campaigns.clone();

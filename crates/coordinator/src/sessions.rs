@@ -42,6 +42,8 @@ pub struct Sessions {
     revoked: RevokedSerials,
     /// Dry runs awaiting an answer: request id → (host asked, waiter).
     preflights: Arc<Mutex<HashMap<String, PendingPreflight>>>,
+    /// Bumped when a session registers or ends (the web console follows it).
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Dry runs in flight at most; each is small and ends with its plan's wait.
@@ -51,7 +53,22 @@ type PendingPreflight = (String, tokio::sync::oneshot::Sender<v1::PreflightResul
 
 impl Sessions {
     pub fn new(revoked: RevokedSerials) -> Sessions {
-        Sessions { inner: Arc::default(), next_id: Arc::default(), revoked, preflights: Arc::default() }
+        Sessions {
+            inner: Arc::default(),
+            next_id: Arc::default(),
+            revoked,
+            preflights: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// Changes whenever an agent's session registers or ends.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub fn next_id(&self) -> u64 {
@@ -65,6 +82,7 @@ impl Sessions {
         if let Some(old) = old {
             old.cancel.cancel();
         }
+        self.changed();
     }
 
     /// Removes the session if it is still the one with `id`.
@@ -72,6 +90,8 @@ impl Sessions {
         let mut map = self.inner.lock().expect("sessions lock");
         if map.get(name).is_some_and(|h| h.id == id) {
             map.remove(name);
+            drop(map);
+            self.changed();
             true
         } else {
             false

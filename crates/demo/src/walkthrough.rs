@@ -64,6 +64,8 @@ pub trait Admin: Sized {
     async fn resume(&mut self, id: &str) -> Result<()>;
     /// A rotation's report in `format` (`md`, `json`).
     async fn report(&mut self, id: &str, format: &str) -> Result<String>;
+    /// A one-time login link for the web console (`rekey console`).
+    async fn console_login(&mut self) -> Result<String>;
 }
 
 /// Runs the demo (see the module doc); `A` is the operator CLI's client.
@@ -393,7 +395,8 @@ async fn start_coordinator<A: Admin>(w: &mut World, b: &Bins, api: &Api) -> Resu
     step(2, "rekeyd, the coordinator: its own CA, encrypted store, audit chain");
     let port = free_port()?;
     let cfg = w.dir.join("coordinator.toml");
-    std::fs::write(&cfg, coordinator_toml(port, &api.addr, &api.admin_file))?;
+    let console = format!("\n[console]\nlisten = \"127.0.0.1:{}\"\n", free_port()?);
+    std::fs::write(&cfg, coordinator_toml(port, &api.addr, &api.admin_file) + &console)?;
     let out = Command::new(&b.rekeyd).arg("--config").arg(&cfg).arg("init").output()?;
     if !out.status.success() {
         bail!("rekeyd init failed: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -403,8 +406,10 @@ async fn start_coordinator<A: Admin>(w: &mut World, b: &Bins, api: &Api) -> Resu
     let op_dir = w.dir.join("data/operator");
     let addr_file = w.dir.join("data/rekeyd.addr");
     w.wait("rekeyd", Duration::from_secs(15), || addr_file.exists())?;
-    let c = A::connect(&op_dir, coord.clone()).await?;
+    let mut c = A::connect(&op_dir, coord.clone()).await?;
     println!("   listening on {coord}; operator credential in {}", op_dir.display());
+    let link = c.console_login().await?;
+    println!("   web console, live (a one-time login link, valid for 60 s): {link}");
     Ok((c, coord, op_dir))
 }
 
@@ -694,6 +699,7 @@ impl<A: Admin> Demo<A> {
         println!("   rekey --operator-dir {op} rotate status {r2}");
         println!("   rekey --operator-dir {op} report {r1}");
         println!("   rekey --operator-dir {op} audit verify");
+        println!("   rekey --operator-dir {op} console   (a new login link for the web console)");
         println!("   logs and configs: {dir}");
         let pids: Vec<String> = self.w.children.iter().map(|(_, c)| c.id().to_string()).collect();
         println!(

@@ -137,6 +137,7 @@ refuse_admin! {
     list_operators(ListOperatorsRequest) -> JsonResponse;
     revoke_operator(RevokeOperatorRequest) -> JsonResponse;
     list_coordinators(ListCoordinatorsRequest) -> JsonResponse;
+    create_console_login(CreateConsoleLoginRequest) -> CreateConsoleLoginResponse;
 }
 
 /// A follower on its own runtime, with a certificate from `c`'s CA.

@@ -4,6 +4,7 @@
 mod architecture;
 mod breach;
 mod campaigns;
+mod console;
 mod demo;
 mod engine;
 mod foundation;

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::engine::campaign::Campaigns;
 use crate::engine::campaign::{CampaignError, Incident};
 use crate::engine::driver::EngineHandle;
-use crate::engine::driver::{EngineError, StartOptions, consumers};
+use crate::engine::driver::{EngineError, StartOptions};
 use crate::engine::machine::{DecisionKind, Event, Rotation};
 use crate::pki::Ca;
 use crate::preflight::{self, Preflight, PreflightError};
@@ -61,6 +61,8 @@ pub struct AdminSvc {
     pub scanner: Scanner,
     /// Seals online backups (derived from the master key at init).
     pub backup_key: Arc<crate::crypto::Key>,
+    /// The web console's one-time logins and sessions (`rekey console`).
+    pub console: crate::console::Logins,
 }
 
 /// Every admin RPC, for the role table.
@@ -91,11 +93,12 @@ pub(crate) enum Rpc {
     Backup,
     ListCoordinators,
     WatchRotation,
+    CreateConsoleLogin,
 }
 
 impl Rpc {
     #[cfg(test)]
-    const ALL: [Rpc; 25] = [
+    const ALL: [Rpc; 26] = [
         Rpc::CreateToken,
         Rpc::ListAgents,
         Rpc::RevokeAgent,
@@ -121,6 +124,7 @@ impl Rpc {
         Rpc::Backup,
         Rpc::ListCoordinators,
         Rpc::WatchRotation,
+        Rpc::CreateConsoleLogin,
     ];
 
     /// What the call does, for a refusal: "may not {what}".
@@ -151,6 +155,7 @@ impl Rpc {
             Rpc::Backup => "take a backup of the store",
             Rpc::ListCoordinators => "list the coordinators",
             Rpc::WatchRotation => "watch a rotation",
+            Rpc::CreateConsoleLogin => "open the web console",
         }
     }
 }
@@ -174,7 +179,9 @@ pub(crate) fn required_role(rpc: Rpc) -> OperatorRole {
         | Rpc::VerifyAudit
         | Rpc::ListOperators
         | Rpc::ListCoordinators
-        | Rpc::WatchRotation => Viewer,
+        | Rpc::WatchRotation
+        // The console is read-only: a viewer sees there what `rekey` shows it.
+        | Rpc::CreateConsoleLogin => Viewer,
         // A plan makes every consumer run its health check now and carries the
         // current version to the consumers: as much as a start, short of a key.
         Rpc::StartRotation
@@ -357,17 +364,8 @@ impl AdminService for AdminSvc {
 
     async fn list_secrets(&self, req: Request<ListSecretsRequest>) -> Result<Response<JsonResponse>, Status> {
         operator(self, &req, Rpc::ListSecrets)?;
-        let s = self;
-        let mut out = Vec::new();
-        for spec in &s.config.secrets {
-            let rec = s.engine.state().get_secret(&spec.name).map_err(|e| Status::internal(one_line(&e)))?;
-            let consumers = consumers(&s.store, spec).map_err(internal)?;
-            let last = match &rec.last_rotation {
-                Some(id) => s.engine.state().get_rotation(id).map_err(|e| Status::internal(one_line(&e)))?,
-                None => None,
-            };
-            out.push(views::secret(spec, &rec, last.as_ref(), consumers));
-        }
+        let out = views::secrets(&self.config, self.engine.state(), &self.store)
+            .map_err(|e| Status::internal(one_line(&e)))?;
         Ok(json(&out))
     }
 
@@ -678,6 +676,29 @@ impl AdminService for AdminSvc {
         Ok(json(&view))
     }
 
+    async fn create_console_login(
+        &self,
+        req: Request<rekey_proto::v1::CreateConsoleLoginRequest>,
+    ) -> Result<Response<rekey_proto::v1::CreateConsoleLoginResponse>, Status> {
+        let id = operator(self, &req, Rpc::CreateConsoleLogin)?;
+        // The session gets the operator's role as recorded now.
+        let (_, rec) = self.auth.operator(&req)?;
+        let link = self.console.create(&rec.name, rec.role, rekey_common::time::now_unix_ms()).map_err(|e| {
+            use crate::console::LoginError as E;
+            match e {
+                E::Off(_) | E::NotListening => Status::failed_precondition(e.to_string()),
+                E::TooMany(_) => Status::resource_exhausted(e.to_string()),
+                E::Random => Status::internal(e.to_string()),
+            }
+        })?;
+        tracing::info!(operator = %id, "console login link issued");
+        Ok(Response::new(rekey_proto::v1::CreateConsoleLoginResponse {
+            url: link.url,
+            expires_unix: (link.expires_ms / 1000) as u64,
+            session_seconds: link.session.as_secs(),
+        }))
+    }
+
     type WatchRotationStream = WatchStream;
 
     async fn watch_rotation(&self, req: Request<GetRotationRequest>) -> Result<Response<WatchStream>, Status> {
@@ -828,6 +849,7 @@ mod tests {
             Rpc::ListOperators,
             Rpc::ListCoordinators,
             Rpc::WatchRotation,
+            Rpc::CreateConsoleLogin,
         ];
         assert_eq!(allowed(Viewer), read_only.to_vec());
         let mut rotator = allowed(Rotator);

@@ -13,8 +13,7 @@ use rekey_proto::v1::*;
 use std::pin::Pin;
 use tonic::{Request, Response, Status, Streaming};
 
-/// The metadata key naming the leader's address.
-pub const LEADER_METADATA: &str = "rekey-leader";
+pub use rekey_common::ha::LEADER_METADATA;
 
 #[derive(Clone)]
 pub struct FollowerSvc {
@@ -32,18 +31,10 @@ impl FollowerSvc {
     }
 }
 
-/// `UNAVAILABLE`, naming the leader in the message and the metadata.
+/// `UNAVAILABLE`, naming the leader in the message and the metadata (one
+/// definition for both sides: `rekey_common::ha`).
 pub fn redirect_status(me: &str, leader: Option<&str>) -> Status {
-    let Some(leader) = leader.filter(|l| !l.is_empty()) else {
-        return Status::unavailable(format!(
-            "this coordinator ({me}) is a follower and no replica holds the lease right now (an election is under way); retry shortly"
-        ));
-    };
-    let mut st = Status::unavailable(format!("this coordinator ({me}) is a follower; the leader is at {leader}"));
-    if let Ok(v) = leader.parse() {
-        st.metadata_mut().insert(LEADER_METADATA, v);
-    }
-    st
+    rekey_common::ha::follower_status(me, leader.filter(|l| !l.is_empty()))
 }
 
 /// Every admin call but `ListCoordinators` goes to the leader. (Written in
@@ -91,6 +82,7 @@ impl AdminService for FollowerSvc {
         list_operators(ListOperatorsRequest) -> JsonResponse;
         revoke_operator(RevokeOperatorRequest) -> JsonResponse;
         verify_audit(VerifyAuditRequest) -> JsonResponse;
+        create_console_login(CreateConsoleLoginRequest) -> CreateConsoleLoginResponse;
     }
 
     async fn list_coordinators(&self, req: Request<ListCoordinatorsRequest>) -> Result<Response<JsonResponse>, Status> {

@@ -267,6 +267,53 @@ pub(crate) fn secret(
     }
 }
 
+/// Reading several records to build a list of views failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error(transparent)]
+    State(#[from] crate::engine::state::StateError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Every catalog entry as `rekey secrets` and the console show it: its
+/// record, its last rotation and its consumers.
+pub(crate) fn secrets(
+    config: &crate::config::Config,
+    state: &crate::engine::state::EngineState,
+    store: &crate::store::Store,
+) -> Result<Vec<view::SecretView>, ReadError> {
+    let mut out = Vec::with_capacity(config.secrets.len());
+    for spec in &config.secrets {
+        let rec = state.get_secret(&spec.name)?;
+        let consumers = crate::engine::driver::consumers(store, spec)?;
+        let last = match &rec.last_rotation {
+            Some(id) => state.get_rotation(id)?,
+            None => None,
+        };
+        out.push(secret(spec, &rec, last.as_ref(), consumers));
+    }
+    Ok(out)
+}
+
+/// An enrolled agent as `rekey agents -o json` and the console show it;
+/// `connected` is whether its session is open now.
+pub(crate) fn agent(a: &crate::store::AgentRecord, connected: bool, now_unix: i64) -> view::AgentView {
+    use rekey_common::time::format_unix;
+    view::AgentView {
+        name: a.name.clone(),
+        labels: a.labels.clone(),
+        connected,
+        revoked: a.revoked_unix.is_some(),
+        last_seen: format_unix(if connected { now_unix } else { a.last_seen_unix }),
+        agent_version: a.agent_version.clone(),
+        cert_serial: a.cert_serial.clone(),
+        cert_expires: format_unix(a.cert_not_after_unix),
+        enrolled: format_unix(a.enrolled_unix),
+        secrets: a.secrets.clone(),
+    }
+}
+
 /// A provider's version, marked if it is the catalog's current one.
 impl From<OperatorRole> for view::OperatorRole {
     fn from(r: OperatorRole) -> Self {
