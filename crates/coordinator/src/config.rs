@@ -26,6 +26,15 @@ struct RawConfig {
     secrets: Vec<crate::engine::catalog::RawSecret>,
     #[serde(default)]
     alerts: RawAlerts,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+/// `[metrics]`: rekeyd's Prometheus listener (off unless `listen` is set).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -96,6 +105,8 @@ pub struct Config {
     pub silence_timeout: Duration,
     pub secrets: Vec<crate::engine::catalog::SecretSpec>,
     pub webhook: Option<crate::alerts::Webhook>,
+    /// Where `/metrics` is served (`[metrics] listen`); none: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -153,6 +164,7 @@ impl Config {
         let webhook = Self::webhook(path, base, raw.alerts)?;
         Ok(Config {
             webhook,
+            metrics_listen: raw.metrics.listen,
             secrets,
             path: path.to_path_buf(),
             listen: raw.listen,
@@ -244,6 +256,11 @@ impl Config {
 
     pub fn operator_dir(&self) -> PathBuf {
         self.data_dir.join("operator")
+    }
+
+    /// Where the bound metrics address is written at each start (with `[metrics] listen`).
+    pub fn metrics_addr_file(&self) -> PathBuf {
+        self.data_dir.join("metrics.addr")
     }
 
     /// Where the bound listen address is written at each start (useful with port 0).

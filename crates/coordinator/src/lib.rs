@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod crypto;
 pub mod engine;
+pub mod metrics;
 pub mod pki;
 pub mod preflight;
 pub mod report;

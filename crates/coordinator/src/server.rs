@@ -76,6 +76,8 @@ pub enum ServerError {
     EngineState(#[from] crate::engine::state::StateError),
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot set up a provider")]
     Provider(#[from] rekey_providers::ProviderError),
     #[error(
@@ -324,6 +326,7 @@ impl Coordinator {
             campaigns,
             alerts,
             backup_key,
+            streams: CancellationToken::new(),
         };
         Ok(Coordinator { admin, init, engine, webhook })
     }
@@ -378,6 +381,7 @@ impl Coordinator {
         };
         let admin_svc = s.clone();
         let sessions = s.sessions.clone();
+        let streams = s.streams.clone();
         tasks.spawn("grpc", Phase::Front, move |stop| {
             let incoming = tls::tls_incoming(listener, tls_config, tls::AcceptLimits::default(), stop.clone());
             tonic::transport::Server::builder()
@@ -387,12 +391,20 @@ impl Coordinator {
                 .add_service(AdminServiceServer::new(admin_svc))
                 .serve_with_incoming_shutdown(incoming, async move {
                     stop.cancelled().await;
+                    streams.cancel();
                     // End live sessions so the graceful drain can finish.
                     for name in sessions.connected() {
                         sessions.close(&name, None);
                     }
                 })
         });
+        if let Some(listen) = s.config.metrics_listen {
+            let (store, sessions, engine, alerts) =
+                (s.store.clone(), s.sessions.clone(), s.engine.clone(), s.alerts.clone());
+            let sources = crate::metrics::Sources { store, sessions, engine, alerts };
+            let m = crate::metrics::Exporter::bind(listen, s.config.metrics_addr_file(), sources).await?;
+            tasks.spawn("metrics", Phase::Front, |stop| m.run(stop));
+        }
         tracing::info!(%addr, ca = %s.ca.fingerprint(), "rekeyd listening");
         on_bound(addr);
         let outcome = tasks.wait(shutdown, drain).await;
