@@ -47,6 +47,9 @@ struct RawAlerts {
     webhook_secret_env: Option<String>,
     #[serde(default)]
     webhook_attempts: Option<u32>,
+    /// Slack and PagerDuty routes (`[[alerts.route]]`).
+    #[serde(default)]
+    route: Vec<crate::alert_routes::RawRoute>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +108,8 @@ pub struct Config {
     pub silence_timeout: Duration,
     pub secrets: Vec<crate::engine::catalog::SecretSpec>,
     pub webhook: Option<crate::alerts::Webhook>,
+    /// Slack and PagerDuty routes of alerts (`[[alerts.route]]`).
+    pub alert_routes: Vec<crate::alert_routes::Route>,
     /// Where `/metrics` is served (`[metrics] listen`); none: not served.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -161,10 +166,13 @@ impl Config {
             );
         }
         let secrets = crate::engine::catalog::validate(path, raw.secrets)?;
-        let webhook = Self::webhook(path, base, raw.alerts)?;
+        let mut alerts = raw.alerts;
+        let alert_routes = crate::alert_routes::validate(path, base, std::mem::take(&mut alerts.route))?;
+        let webhook = Self::webhook(path, base, alerts)?;
         Ok(Config {
             webhook,
             metrics_listen: raw.metrics.listen,
+            alert_routes,
             secrets,
             path: path.to_path_buf(),
             listen: raw.listen,

@@ -8,6 +8,7 @@
 //! Tasks: the TLS accept loop (one task, plus one short task per handshake);
 //! one inbound task per agent session, which ends with the session.
 
+pub mod alert_routes;
 pub mod alerts;
 pub mod audit;
 pub mod backup;

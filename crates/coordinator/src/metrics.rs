@@ -99,6 +99,7 @@ pub struct Events {
     rollbacks: Family<Labels, Counter>,
     enrollments: Counter,
     sessions: Counter,
+    alert_routes: Family<Labels, Counter>,
 }
 
 static EVENTS: LazyLock<Events> = LazyLock::new(|| Events {
@@ -111,6 +112,7 @@ static EVENTS: LazyLock<Events> = LazyLock::new(|| Events {
     rollbacks: Family::default(),
     enrollments: Counter::default(),
     sessions: Counter::default(),
+    alert_routes: Family::default(),
 });
 
 /// The process-wide event counters.
@@ -140,6 +142,12 @@ impl Events {
     /// An agent enrolled with a join token.
     pub fn enrollment(&self) {
         self.enrollments.inc();
+    }
+
+    /// A delivery to an alert route (`slack`, `pagerduty`), sent or given up.
+    pub fn alert_route(&self, route: &str, sent: bool) {
+        let outcome = if sent { "sent" } else { "failed" };
+        self.alert_routes.get_or_create(&vec![("route", route.to_string()), ("outcome", outcome.into())]).inc();
     }
 
     /// An agent session registered.
@@ -176,6 +184,8 @@ impl Events {
         r.register("rekey_rollbacks", "Rollbacks asked of agents", self.rollbacks.clone());
         r.register("rekey_token_enrollments", "Agents enrolled with a join token", self.enrollments.clone());
         r.register("rekey_sessions_opened", "Agent sessions registered", self.sessions.clone());
+        let help = "Alert deliveries to Slack and PagerDuty routes, by outcome (sent, failed after retries)";
+        r.register("rekey_alert_route_deliveries", help, self.alert_routes.clone());
     }
 }
 

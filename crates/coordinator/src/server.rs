@@ -111,6 +111,7 @@ pub struct Coordinator {
     pub init: InitReport,
     engine: Engine,
     webhook: Option<crate::alerts::WebhookSender>,
+    alert_routes: Option<crate::alert_routes::RouterTask>,
 }
 
 fn write_file(path: PathBuf, bytes: &[u8], private: bool) -> Result<(), ServerError> {
@@ -303,6 +304,7 @@ impl Coordinator {
         let sessions = Sessions::new(revoked.clone());
         let config = Arc::new(config);
         let (alerts, webhook) = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
+        let (alerts, alert_routes) = crate::alert_routes::attach(alerts, &config.alert_routes, &engine_state);
         let (engine, engine_handle) =
             Engine::new(config.clone(), store.clone(), engine_state, Arc::new(sessions.clone()), alerts.clone())?;
         let init = InitReport {
@@ -328,7 +330,7 @@ impl Coordinator {
             backup_key,
             streams: CancellationToken::new(),
         };
-        Ok(Coordinator { admin, init, engine, webhook })
+        Ok(Coordinator { admin, init, engine, webhook, alert_routes })
     }
 
     pub fn config(&self) -> &Config {
@@ -369,6 +371,9 @@ impl Coordinator {
         tasks.spawn("tripwire", Phase::Back, |stop| tripwire.run(stop));
         if let Some(webhook) = self.webhook {
             tasks.spawn("alert-webhook", Phase::Back, |stop| webhook.run(stop));
+        }
+        if let Some(routes) = self.alert_routes {
+            tasks.spawn("alert-routes", Phase::Back, |stop| routes.run(stop));
         }
         let agent_svc = AgentSvc {
             config: s.config.clone(),

@@ -8,6 +8,7 @@ mod demo;
 mod engine;
 mod foundation;
 mod grpc;
+mod metrics;
 mod netns;
 mod packages;
 mod pipeline;
