@@ -19,7 +19,7 @@
 
 use crate::alerts::Alerts;
 use crate::engine::driver::EngineHandle;
-use crate::engine::machine::{HostState, RotationState};
+use crate::engine::machine::{AlertKind, HostState, RotationState, Severity};
 use crate::sessions::Sessions;
 use crate::store::Store;
 use async_trait::async_trait;
@@ -69,6 +69,13 @@ const ROTATION_STATES: [RotationState; 13] = [
     RotationState::Aborting,
     RotationState::Aborted,
     RotationState::Abandoned,
+];
+
+const ALERT_KINDS: [AlertKind; 4] = [
+    AlertKind::OldVersionUsed,
+    AlertKind::OldVersionUsedDuringGrace,
+    AlertKind::OldVersionUsedAfterRevocation,
+    AlertKind::LeftoverFound,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -360,7 +367,13 @@ impl Sources {
     }
 
     fn alerts(&self, r: &mut Registry) -> Result<(), String> {
+        // Every kind and severity from 0: `increase()` then sees the first alert too.
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for kind in ALERT_KINDS {
+            for severity in [Severity::Warning, Severity::Critical] {
+                counts.insert((kind.as_str(), severity.as_str()), 0);
+            }
+        }
         for a in self.alerts.list().map_err(|e| rekey_common::error::chain(&e))? {
             *counts.entry((a.kind.as_str(), a.severity.as_str())).or_default() += 1;
         }
@@ -425,5 +438,59 @@ async fn respond(sources: Sources) -> axum::response::Response {
             (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("scrape failed: {e}\n")).into_response()
         }
         Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("scrape failed: {e}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider call through the wrapper is counted and timed under the
+    /// secret, the provider kind and the operation; counters end in `_total`.
+    #[tokio::test]
+    async fn metered_provider_calls_are_counted_and_timed() {
+        let state = Arc::new(MemState::default());
+        let cfg: rekey_providers::ProviderConfig =
+            toml::from_str("kind = \"random\"\nlength = 32").expect("a random provider config");
+        let p = metered("metered-test", rekey_providers::build(&cfg, state).unwrap());
+        p.list().await.unwrap();
+        assert!(p.delete("nope").await.is_err());
+        let mut r = Registry::default();
+        events().register(&mut r);
+        let mut out = String::new();
+        encode(&mut out, &r).unwrap();
+        let base = "secret=\"metered-test\",provider=\"random\"";
+        assert!(out.contains("# TYPE rekey_provider_calls counter"), "{out}");
+        assert!(
+            out.contains(&format!("rekey_provider_calls_total{{{base},operation=\"list\",outcome=\"ok\"}} 1")),
+            "{out}"
+        );
+        let gone = format!("rekey_provider_calls_total{{{base},operation=\"delete\",outcome=\"not_found\"}} 1");
+        assert!(out.contains(&gone), "{out}");
+        assert!(
+            out.contains(&format!("rekey_provider_call_duration_seconds_count{{{base},operation=\"list\"}} 1")),
+            "{out}"
+        );
+        assert!(!out.contains(&format!("rekey_provider_errors_total{{{base}")), "not found is not an error: {out}");
+    }
+
+    #[derive(Default)]
+    struct MemState(std::sync::Mutex<BTreeMap<String, Vec<u8>>>);
+
+    impl rekey_providers::ProviderState for MemState {
+        fn get(&self, key: &str) -> Result<Option<rekey_common::secret::SecretBytes>, String> {
+            Ok(self.0.lock().unwrap().get(key).map(|v| rekey_common::secret::SecretBytes::new(v.clone())))
+        }
+        fn put(&self, key: &str, value: &[u8]) -> Result<(), String> {
+            self.0.lock().unwrap().insert(key.to_string(), value.to_vec());
+            Ok(())
+        }
+        fn remove(&self, key: &str) -> Result<(), String> {
+            self.0.lock().unwrap().remove(key);
+            Ok(())
+        }
+        fn keys(&self) -> Result<Vec<String>, String> {
+            Ok(self.0.lock().unwrap().keys().cloned().collect())
+        }
     }
 }
