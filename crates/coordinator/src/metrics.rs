@@ -168,8 +168,10 @@ impl Events {
         let mut with_outcome = labels.clone();
         with_outcome.push(("outcome", outcome.as_str().into()));
         self.provider_calls.get_or_create(&with_outcome).inc();
+        // Created at the first call, so `increase()` sees the first error too.
+        let errors = self.provider_errors.get_or_create(&labels);
         if outcome == Outcome::Error {
-            self.provider_errors.get_or_create(&labels).inc();
+            errors.inc();
         }
     }
 
@@ -471,7 +473,8 @@ mod tests {
             out.contains(&format!("rekey_provider_call_duration_seconds_count{{{base},operation=\"list\"}} 1")),
             "{out}"
         );
-        assert!(!out.contains(&format!("rekey_provider_errors_total{{{base}")), "not found is not an error: {out}");
+        let errors = format!("rekey_provider_errors_total{{{base},operation=\"delete\"}} 0");
+        assert!(out.contains(&errors), "not found is not an error: {out}");
     }
 
     #[derive(Default)]
