@@ -168,6 +168,7 @@ impl Coordinator {
     fn spawn(&mut self) {
         let addr_file = self.dir.join("data/rekeyd.addr");
         let _ = std::fs::remove_file(&addr_file);
+        let _ = std::fs::remove_file(self.dir.join("data/metrics.addr"));
         self.starts += 1;
         self.log = self.dir.join(format!("rekeyd.{}.log", self.starts));
         let child = spawn_logged(Command::new(&bins().rekeyd).arg("--config").arg(&self.config).arg("run"), &self.log)
@@ -335,6 +336,30 @@ impl Coordinator {
         a.extend(args);
         self.cli_view(&a)
     }
+
+    /// One scrape of rekeyd's `/metrics` (needs `[metrics] listen`): the body.
+    pub fn metrics(&self) -> String {
+        let file = self.dir.join("data/metrics.addr");
+        wait_for("rekeyd's metrics listener", || file.exists());
+        let addr = std::fs::read_to_string(&file).expect("rekeyd wrote metrics.addr");
+        let (status, body) = http_get(addr.trim(), "/metrics").expect("scrape /metrics");
+        assert_eq!(status, 200, "scrape failed: {body}");
+        body
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header in {text:?}"))?;
+    let status =
+        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("bad status line"))?;
+    Ok((status, body.to_string()))
 }
 
 impl Drop for Coordinator {

@@ -4,6 +4,10 @@
 //! `rekey_types::v1` view; tables are printed from its typed fields and
 //! `-o json` prints the view itself (docs/views.md).
 
+// First: every module below prints through its `println!`/`print!`.
+#[macro_use]
+mod out;
+
 mod clidoc;
 mod connection;
 mod console;
@@ -14,6 +18,7 @@ mod operator;
 mod rotate;
 mod scope;
 mod table;
+mod watch;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -29,8 +34,8 @@ use rekey_proto::v1::{
 };
 use rekey_proto::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 use rekey_types::v1::{
-    AgentRevokedView, AgentView, AlertView, AuditRecordView, AuditVerifyView, JoinTokenView, PlanView, RotationState,
-    RotationSummary, RotationView, SecretView, VersionView,
+    AgentRevokedView, AgentView, AlertView, AuditRecordView, AuditVerifyView, JoinTokenView, PlanView, RotationSummary,
+    RotationView, SecretView, VersionView,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -145,7 +150,8 @@ enum RotateCmd {
         /// Follow the rotation until it completes, halts or aborts (exit 0 only if completed).
         #[arg(long)]
         wait: bool,
-        /// How often --wait asks for the rotation's state (e.g. 500ms, 2s).
+        /// How often --wait asks for the rotation's state when the coordinator
+        /// cannot stream its changes (e.g. 500ms, 2s).
         #[arg(long, value_parser = parse_interval, default_value = "300ms")]
         interval: std::time::Duration,
         /// Start even though the preflight would refuse (audited with --reason).
@@ -185,10 +191,12 @@ enum RotateCmd {
         #[arg(long)]
         reason: String,
     },
-    /// Follow a rotation until it completes, halts or aborts.
+    /// Follow a rotation live until it completes, halts or aborts: one progress
+    /// line per wave on a terminal, one line per change otherwise.
     Watch {
         id: String,
-        /// How often to ask for the rotation's state (e.g. 500ms, 2s).
+        /// How often to ask for the rotation's state when the coordinator
+        /// cannot stream its changes (e.g. 500ms, 2s).
         #[arg(long, value_parser = parse_interval, default_value = "300ms")]
         interval: std::time::Duration,
     },
@@ -598,7 +606,7 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
                 if out == Output::Table {
                     println!("rotation {} started", v.id);
                 }
-                return watch_every(client, out, &v.id, *interval).await;
+                return watch::follow(client, out, &v.id, *interval).await;
             }
             output(out, &v, |v| println!("{}", v.id));
         }
@@ -630,7 +638,7 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
             let v: RotationView = client.view(client.inner.clone().control_rotation(client.request(req)).await)?;
             output(out, &v, |v| println!("{host} excluded from {id}: {}", rotate::summary(v)));
         }
-        RotateCmd::Watch { id, interval } => return watch_every(client, out, id, *interval).await,
+        RotateCmd::Watch { id, interval } => return watch::follow(client, out, id, *interval).await,
         RotateCmd::Revoke { id, reason } | RotateCmd::Finish { id, reason } | RotateCmd::Abandon { id, reason } => {
             let (action, verb) = match cmd {
                 RotateCmd::Revoke { .. } => (Control::Revoke, "revoking the old version"),
@@ -654,42 +662,6 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
     Ok(())
 }
 
-/// Polls a rotation every `interval`, printing each change, until it
-/// completes (Ok), or halts or aborts (an error naming why).
-pub(crate) async fn watch_every(
-    client: &mut Client,
-    out: Output,
-    id: &str,
-    interval: std::time::Duration,
-) -> Result<()> {
-    let mut last = String::new();
-    loop {
-        let req = client.request(GetRotationRequest { id: id.to_string() });
-        let v: RotationView = client.view(client.inner.clone().get_rotation(req).await)?;
-        let line = rotate::summary(&v);
-        if line != last && out == Output::Table {
-            println!("{line}");
-            last = line;
-        }
-        match v.state {
-            RotationState::Completed | RotationState::Monitoring => {
-                if out == Output::Json {
-                    print_json(&v);
-                }
-                return Ok(());
-            }
-            RotationState::Halted | RotationState::Aborted => {
-                if out == Output::Json {
-                    print_json(&v);
-                }
-                let why = v.halt_reason.as_deref().or(v.timeline.last().map(|e| e.note.as_str())).unwrap_or("");
-                bail!("rotation {id} {}: {why}", v.state);
-            }
-            _ => tokio::time::sleep(interval).await,
-        }
-    }
-}
-
 /// An outcome a script reads from the exit code (not a failure of rekey):
 /// its message goes to stderr and the process exits with `code`.
 #[derive(Debug)]
@@ -707,6 +679,7 @@ impl std::fmt::Display for Exit {
 impl std::error::Error for Exit {}
 
 fn main() -> std::process::ExitCode {
+    out::install_panic_hook();
     let cli = Cli::parse();
     tls::install_crypto_provider();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

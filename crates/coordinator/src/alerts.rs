@@ -64,6 +64,8 @@ pub struct Alerts {
     store: Store,
     /// Alerts waiting for the webhook task (none without a webhook).
     outbox: Option<mpsc::Sender<Alert>>,
+    /// Slack and PagerDuty routes (`[[alerts.route]]`), if any.
+    routes: Option<crate::alert_routes::RouterHandle>,
 }
 
 /// Alerts waiting for the webhook; beyond this, an alert is stored and
@@ -93,11 +95,17 @@ impl Alerts {
     /// (run it under the supervisor).
     pub fn open(store: &Store, webhook: Option<Webhook>) -> Result<(Alerts, Option<WebhookSender>), AlertError> {
         let Some(hook) = webhook else {
-            return Ok((Alerts { store: store.clone(), outbox: None }, None));
+            return Ok((Alerts { store: store.clone(), outbox: None, routes: None }, None));
         };
         let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-        let alerts = Alerts { store: store.clone(), outbox: Some(tx) };
+        let alerts = Alerts { store: store.clone(), outbox: Some(tx), routes: None };
         Ok((alerts.clone(), Some(WebhookSender { hook, alerts, rx })))
+    }
+
+    /// These alerts, also sent to the Slack/PagerDuty routes behind `routes`.
+    pub fn with_routes(mut self, routes: Option<crate::alert_routes::RouterHandle>) -> Alerts {
+        self.routes = routes;
+        self
     }
 
     pub fn list(&self) -> Result<Vec<Alert>, AlertError> {
@@ -148,6 +156,9 @@ impl Alerts {
         };
         self.put(&alert)?;
         tracing::warn!(alert = seq, kind = kind.as_str(), severity = severity.as_str(), secret, rotation = ?rotation, message = %alert.message, "ALERT");
+        if let Some(routes) = &self.routes {
+            routes.route(&alert);
+        }
         if let Some(outbox) = &self.outbox
             && let Err(e) = outbox.try_send(alert.clone())
         {

@@ -32,6 +32,15 @@ struct RawConfig {
     ha: RawHa,
     #[serde(default)]
     console: RawConsole,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+/// `[metrics]`: rekeyd's Prometheus listener (off unless `listen` is set).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<SocketAddr>,
 }
 
 /// `[store]`: where rekeyd keeps its state.
@@ -113,6 +122,9 @@ struct RawAlerts {
     webhook_secret_env: Option<String>,
     #[serde(default)]
     webhook_attempts: Option<u32>,
+    /// Slack and PagerDuty routes (`[[alerts.route]]`).
+    #[serde(default)]
+    route: Vec<crate::alert_routes::RawRoute>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +187,10 @@ pub struct Config {
     pub ha: HaConfig,
     /// The web console, when `[console] listen` is set.
     pub console: Option<ConsoleConfig>,
+    /// Slack and PagerDuty routes of alerts (`[[alerts.route]]`).
+    pub alert_routes: Vec<crate::alert_routes::Route>,
+    /// Where `/metrics` is served (`[metrics] listen`); none: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -229,7 +245,9 @@ impl Config {
             );
         }
         let secrets = crate::engine::catalog::validate(path, raw.secrets)?;
-        let webhook = Self::webhook(path, base, raw.alerts)?;
+        let mut alerts = raw.alerts;
+        let alert_routes = crate::alert_routes::validate(path, base, std::mem::take(&mut alerts.route))?;
+        let webhook = Self::webhook(path, base, alerts)?;
         let store = store_config(path, base, raw.store)?;
         let ha = ha_config(path, raw.ha, raw.listen, &store)?;
         let console = Self::console(path, raw.console)?;
@@ -238,6 +256,8 @@ impl Config {
             ha,
             console,
             webhook,
+            metrics_listen: raw.metrics.listen,
+            alert_routes,
             secrets,
             path: path.to_path_buf(),
             listen: raw.listen,
@@ -363,6 +383,11 @@ impl Config {
 
     pub fn operator_dir(&self) -> PathBuf {
         self.data_dir.join("operator")
+    }
+
+    /// Where the bound metrics address is written at each start (with `[metrics] listen`).
+    pub fn metrics_addr_file(&self) -> PathBuf {
+        self.data_dir.join("metrics.addr")
     }
 
     /// Where the bound listen address is written at each start (useful with port 0).

@@ -8,6 +8,7 @@
 //! Tasks: the TLS accept loop (one task, plus one short task per handshake);
 //! one inbound task per agent session, which ends with the session.
 
+pub mod alert_routes;
 pub mod alerts;
 pub mod audit;
 pub mod backup;
@@ -17,6 +18,7 @@ pub mod console;
 pub mod crypto;
 pub mod engine;
 pub mod ha;
+pub mod metrics;
 pub mod pki;
 pub mod preflight;
 pub mod replica;

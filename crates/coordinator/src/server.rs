@@ -78,6 +78,8 @@ pub enum ServerError {
     EngineState(#[from] crate::engine::state::StateError),
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot set up a provider")]
     Provider(#[from] rekey_providers::ProviderError),
     #[error(
@@ -111,6 +113,7 @@ pub struct Coordinator {
     pub init: InitReport,
     engine: Engine,
     webhook: Option<crate::alerts::WebhookSender>,
+    alert_routes: Option<crate::alert_routes::RouterTask>,
 }
 
 fn write_file(path: PathBuf, bytes: &[u8], private: bool) -> Result<(), ServerError> {
@@ -313,6 +316,7 @@ impl Coordinator {
         let sessions = Sessions::new(revoked.clone());
         let config = Arc::new(config);
         let (alerts, webhook) = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
+        let (alerts, alert_routes) = crate::alert_routes::attach(alerts, &config.alert_routes, &engine_state);
         let (engine, engine_handle) =
             Engine::new(config.clone(), store.clone(), engine_state, Arc::new(sessions.clone()), alerts.clone())?;
         let init = InitReport {
@@ -338,8 +342,9 @@ impl Coordinator {
             alerts,
             backup_key,
             console,
+            streams: CancellationToken::new(),
         };
-        Ok(Coordinator { admin, init, engine, webhook })
+        Ok(Coordinator { admin, init, engine, webhook, alert_routes })
     }
 
     pub fn config(&self) -> &Config {
@@ -383,6 +388,9 @@ impl Coordinator {
         if let Some(webhook) = self.webhook {
             tasks.spawn("alert-webhook", Phase::Back, |stop| webhook.run(stop));
         }
+        if let Some(routes) = self.alert_routes {
+            tasks.spawn("alert-routes", Phase::Back, |stop| routes.run(stop));
+        }
         let agent_svc = AgentSvc {
             config: s.config.clone(),
             store: s.store.clone(),
@@ -394,6 +402,7 @@ impl Coordinator {
         };
         let admin_svc = s.clone();
         let sessions = s.sessions.clone();
+        let streams = s.streams.clone();
         tasks.spawn("grpc", Phase::Front, move |stop| {
             let incoming = tls::tls_incoming(listener, tls_config, tls::AcceptLimits::default(), stop.clone());
             tonic::transport::Server::builder()
@@ -403,12 +412,20 @@ impl Coordinator {
                 .add_service(AdminServiceServer::new(admin_svc))
                 .serve_with_incoming_shutdown(incoming, async move {
                     stop.cancelled().await;
+                    streams.cancel();
                     // End live sessions so the graceful drain can finish.
                     for name in sessions.connected() {
                         sessions.close(&name, None);
                     }
                 })
         });
+        if let Some(listen) = s.config.metrics_listen {
+            let (store, sessions, engine, alerts) =
+                (s.store.clone(), s.sessions.clone(), s.engine.clone(), s.alerts.clone());
+            let sources = crate::metrics::Sources { store, sessions, engine, alerts };
+            let m = crate::metrics::Exporter::bind(listen, s.config.metrics_addr_file(), sources).await?;
+            tasks.spawn("metrics", Phase::Front, |stop| m.run(stop));
+        }
         tracing::info!(%addr, ca = %s.ca.fingerprint(), "rekeyd listening");
         on_bound(addr);
         let outcome = tasks.wait(shutdown, drain).await;

@@ -79,6 +79,7 @@ impl Sessions {
     /// (the agent reconnected before the old connection was noticed dead).
     pub fn register(&self, name: &str, handle: SessionHandle) {
         let old = self.inner.lock().expect("sessions lock").insert(name.to_string(), handle);
+        crate::metrics::events().session_opened();
         if let Some(old) = old {
             old.cancel.cancel();
         }
@@ -207,6 +208,7 @@ impl crate::engine::link::AgentLink for Sessions {
             restart_jitter_ms: d.restart_jitter_ms,
             fingerprint_key: d.fingerprint_key,
         };
+        crate::metrics::events().delivery(&delivery.secret);
         self.send(host, message(v1::coordinator_message::Msg::Delivery(delivery)))
     }
 
@@ -217,6 +219,7 @@ impl crate::engine::link::AgentLink for Sessions {
             secret: secret.to_string(),
             version_id: version_id.to_string(),
         });
+        crate::metrics::events().rollback(secret);
         self.send(host, message(msg))
     }
 

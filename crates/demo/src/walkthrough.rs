@@ -298,6 +298,10 @@ listen = "127.0.0.1:{port}"
 data_dir = "data"
 master_key_file = "master.key"
 
+# Prometheus metrics on a free loopback port (rekeyd writes it to data/metrics.addr).
+[metrics]
+listen = "127.0.0.1:0"
+
 [[secret]]
 name = "{SECRET}"
 description = "API key the demo services use to call the demo SaaS API"
@@ -410,6 +414,9 @@ async fn start_coordinator<A: Admin>(w: &mut World, b: &Bins, api: &Api) -> Resu
     println!("   listening on {coord}; operator credential in {}", op_dir.display());
     let link = c.console_login().await?;
     println!("   web console, live (a one-time login link, valid for 60 s): {link}");
+    let metrics = w.dir.join("data/metrics.addr");
+    w.wait("rekeyd's metrics", Duration::from_secs(15), || metrics.exists())?;
+    println!("   metrics at http://{}/metrics", std::fs::read_to_string(&metrics)?.trim());
     Ok((c, coord, op_dir))
 }
 

@@ -17,6 +17,7 @@ fn the_demo_runs_to_completion_and_cleans_up() {
     // run-time failure that halts and rolls back, a fix, a report.
     for expected in [
         "all 3 agents connected",
+        "metrics at http://127.0.0.1:",
         "$ rekey rotate plan demo-api-key",
         "no problems",
         "old key",

@@ -15,6 +15,9 @@ const SECRET: &str = "api-key";
 fn catalog(grace: &str) -> String {
     format!(
         r#"
+[metrics]
+listen = "127.0.0.1:0"
+
 [[secret]]
 name = "{SECRET}"
 provider = {{ kind = "random", length = 40, prefix = "ak_" }}
@@ -149,8 +152,12 @@ fn a_rotation_goes_canary_waves_verified_deactivate_grace_delete_completed(store
     assert!(status.contains("completed") && status.contains("host-5") && status.contains("hmac-sha256:"), "{status}");
     let list = f.c.cli_ok(&["rotate", "list"]);
     assert!(list.contains(&id) && list.contains("5/5 healthy"), "{list}");
-    // No secret value reached the coordinator's logs or the CLI's output.
-    let logs = f.c.logs() + &status + &f.c.cli_ok(&["audit"]) + &f.c.cli_ok(&["rotate", "status", &id, "-o", "json"]);
+    // No secret value reached the coordinator's logs, the CLI's output or the metrics.
+    let logs = f.c.logs()
+        + &status
+        + &f.c.cli_ok(&["audit"])
+        + &f.c.cli_ok(&["rotate", "status", &id, "-o", "json"])
+        + &f.c.metrics();
     for a in &f.agents {
         for v in a.values_seen() {
             let v = String::from_utf8_lossy(&v).into_owned();

@@ -10,6 +10,7 @@ mod engine;
 mod foundation;
 mod grpc;
 mod ha_clients;
+mod metrics;
 mod netns;
 mod packages;
 mod pipeline;

@@ -111,6 +111,11 @@ impl EngineHandle {
         &self.state
     }
 
+    /// Commands waiting in the engine's queue (a metric).
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// The provider of a catalog secret (for read-only queries).
     pub fn provider(&self, secret: &str) -> Option<Arc<dyn Provider>> {
         self.providers.get(secret).cloned()
@@ -259,6 +264,7 @@ impl Engine {
         let mut backends = HashMap::new();
         for spec in &config.secrets {
             let provider = rekey_providers::build(&spec.provider, state.provider_state(&spec.name))?;
+            let provider = crate::metrics::metered(&spec.name, provider);
             let sinks =
                 spec.sinks.iter().map(|c| rekey_providers::build_sink(c, &spec.name)).collect::<Result<Vec<_>, _>>()?;
             backends.insert(spec.name.clone(), SecretBackends { provider, sinks });

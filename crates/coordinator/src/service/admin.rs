@@ -63,6 +63,8 @@ pub struct AdminSvc {
     pub backup_key: Arc<crate::crypto::Key>,
     /// The web console's one-time logins and sessions (`rekey console`).
     pub console: crate::console::Logins,
+    /// Cancelled at shutdown: ends the server streams (`WatchRotation`) so the drain can finish.
+    pub streams: tokio_util::sync::CancellationToken,
 }
 
 /// Every admin RPC, for the role table.
@@ -703,7 +705,58 @@ impl AdminService for AdminSvc {
 
     async fn watch_rotation(&self, req: Request<GetRotationRequest>) -> Result<Response<WatchStream>, Status> {
         operator(self, &req, Rpc::WatchRotation)?;
-        Err(Status::unimplemented("watching a rotation is not built yet"))
+        let id = req.into_inner().id;
+        // Subscribed before the first read, so no change falls between the two.
+        let changes = self.engine.state().rotation_changes();
+        let first = match self.engine.state().get_rotation(&id) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(engine_status(EngineError::UnknownRotation(id))),
+            Err(e) => return Err(Status::internal(one_line(&e))),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let state = self.engine.state().clone();
+        let stop = self.streams.clone();
+        tokio::spawn(watch(state, first, changes, tx, stop));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Views a slow watcher may fall behind by before the engine's commits wait
+/// for it (each is one document; a watcher that went away ends its task).
+const WATCH_BUFFER: usize = 8;
+
+/// Sends `rot` now and again after every committed change to it, until it is
+/// terminal, the watcher goes away or rekeyd shuts down.
+async fn watch(
+    state: crate::engine::state::EngineState,
+    mut rot: Rotation,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    tx: tokio::sync::mpsc::Sender<Result<JsonResponse, Status>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let doc = JsonResponse { json: serde_json::to_string(&RotationView::from(&rot)).expect("views serialize") };
+        if tx.send(Ok(doc)).await.is_err() || rot.state.is_terminal() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tx.closed() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            match state.get_rotation(&rot.id) {
+                Ok(Some(next)) if next != rot => {
+                    rot = next;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(one_line(&e)))).await;
+                    return;
+                }
+            }
+        }
     }
 }
 
