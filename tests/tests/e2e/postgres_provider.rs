@@ -249,6 +249,25 @@ fn the_single_strategy_changes_the_password_in_place() {
     });
 }
 
+/// `rekey rotate plan` of a secret with the single strategy says it is not
+/// zero-downtime (a finding, not a problem: the plan is otherwise ready).
+#[test]
+fn the_plan_says_the_single_strategy_is_not_zero_downtime() {
+    let pg = database();
+    let tmp = tempfile::Builder::new().prefix("rekey-pg-plan-").tempdir().unwrap();
+    let catalog = db_catalog(&pg, "").replace("bootstrap = true,", "strategy = \"single\",");
+    let c = Coordinator::start(&tmp.path().join("c"), &catalog);
+    let hosts = db_fleet(&pg, &c, tmp.path(), 1, &|_| String::new());
+    let _services = Services(hosts.iter().map(|h| h.dir.join("service.pid")).collect());
+    wait_for("agents connected", || hosts.iter().all(|h| c.is_connected(&h.agent.name)));
+    let plan = c.cli_ok(&["rotate", "plan", "db-app"]);
+    assert!(plan.contains("not zero-downtime") && plan.contains("role app changes in place"), "{plan}");
+    let view: v1::PlanView = c.cli_view(&["rotate", "plan", "db-app"]);
+    assert!(view.ok, "a warning does not stop the rotation: {:?}", view.problems);
+    assert_eq!(view.old_version.as_deref(), Some("app"));
+    assert_eq!(view.fields, ["password", "username"]);
+}
+
 /// Bad settings are refused naming the field, and nothing is changed.
 #[test]
 fn bad_postgres_settings_are_refused_naming_the_field() {

@@ -175,7 +175,7 @@ fn detach(cli: &Cli) -> anyhow::Result<()> {
 enum Service {
     Api { key: SecretBytes, api: BaseUrl },
     Aws { endpoint: String, region: String, access_key_id: String, secret: SecretBytes },
-    Postgres(rekey_demo::pg::Session),
+    Postgres(Box<rekey_demo::pg::Session>),
 }
 
 fn foreground(cli: Cli) -> anyhow::Result<()> {
@@ -192,7 +192,7 @@ fn foreground(cli: Cli) -> anyhow::Result<()> {
             let url = cli.postgres.clone().unwrap_or_default();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let session = rt.block_on(rekey_demo::pg::Session::open(&url, &text, &cli.app_name))?;
-            return rt.block_on(serve(cli, Arc::new(Service::Postgres(session))));
+            return rt.block_on(serve(cli, Arc::new(Service::Postgres(Box::new(session)))));
         }
         (Some(endpoint), _) => {
             let text = std::fs::read(&cli.credentials)

@@ -152,7 +152,8 @@ impl PostgresConfig {
             Strategy::Single => vec![format!(
                 "postgres strategy \"single\" is not zero-downtime: the password of role {} changes in place when the \
                  rotation creates the new version, so hosts not yet switched cannot open new connections until they \
-                 are (existing sessions stay up); use strategy \"alternating\" for zero downtime",
+                 are (existing sessions stay up), and a host that fails and rolls back returns to a password that no longer \
+                 works; use strategy \"alternating\" for zero downtime",
                 self.role
             )],
             Strategy::Alternating => vec![],

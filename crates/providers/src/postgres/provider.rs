@@ -338,6 +338,12 @@ impl Provider for PostgresProvider {
             return Err(Self::state_err(format!("the create record of {} is incomplete", req.rotation_id)));
         }
         self.set_password(&mut client, &role, &version, &password).await?;
+        if self.config.strategy == Strategy::Single
+            && let Some(previous) = &req.previous_version
+        {
+            // In place, the previous password stopped working just now: no copy of it is kept.
+            journal.forget_version(previous)?;
+        }
         let fields = vec![("password".to_string(), password), ("username".to_string(), role)];
         let created = Created { id: version.clone(), fields: fields.clone(), created_unix: Some(now_unix()) };
         journal.save(&Attempt {
