@@ -70,7 +70,7 @@ fn generate(len: usize) -> Result<String, ProviderError> {
     Ok(out)
 }
 
-/// The sessions of one role, as `pg_stat_activity` shows them.
+/// The last sessions rekey saw of a version's role (kept after they close).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Seen {
     at_ms: i64,
