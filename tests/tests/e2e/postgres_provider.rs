@@ -411,7 +411,7 @@ fn env_value(dir: &Path, key: &str) -> String {
 }
 
 /// Logs in with each host's rendered credential, again and again, until
-/// stopped; counts (queries, failures).
+/// stopped; counts (logins, failures) and collects the roles that logged in.
 fn client_loop<'s>(
     s: &'s std::thread::Scope<'s, '_>,
     url: String,
@@ -419,6 +419,7 @@ fn client_loop<'s>(
     stop: &'s AtomicBool,
     counts: &'s (AtomicUsize, AtomicUsize),
     failures: &'s Mutex<Vec<String>>,
+    users: &'s Mutex<std::collections::BTreeSet<String>>,
 ) {
     s.spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -426,9 +427,12 @@ fn client_loop<'s>(
             for d in &dirs {
                 let (user, pw) = (env_value(d, "PGUSER"), env_value(d, "PGPASSWORD"));
                 counts.0.fetch_add(1, Ordering::SeqCst);
-                if let Err(e) = rt.block_on(login_async(&url, &user, &pw, "client-loop")) {
-                    counts.1.fetch_add(1, Ordering::SeqCst);
-                    failures.lock().unwrap().push(format!("{}: {user}: {e}", d.display()));
+                match rt.block_on(login_async(&url, &user, &pw, "client-loop")) {
+                    Ok(_) => drop(users.lock().unwrap().insert(user)),
+                    Err(e) => {
+                        counts.1.fetch_add(1, Ordering::SeqCst);
+                        failures.lock().unwrap().push(format!("{}: {user}: {e}", d.display()));
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -455,9 +459,11 @@ fn an_alternating_rotation_keeps_every_service_querying_and_ends_the_old_role() 
     assert!(!plan.contains("not zero-downtime"), "alternating needs no warning: {plan}");
     let (stop, counts, failures) =
         (AtomicBool::new(false), (AtomicUsize::new(0), AtomicUsize::new(0)), Mutex::default());
+    let users = Mutex::default();
     let dirs: Vec<PathBuf> = hosts.iter().map(|h| h.dir.clone()).collect();
     std::thread::scope(|s| {
-        client_loop(s, app_url(&pg), dirs, &stop, &counts, &failures);
+        client_loop(s, app_url(&pg), dirs, &stop, &counts, &failures, &users);
+        wait_for("the client loop to log in", || counts.0.load(Ordering::SeqCst) >= 3);
         let id = start(&c, "db-app");
         let r = wait_state(&c, &id, &[RotationState::Completed, RotationState::Halted, RotationState::Aborted]);
         stop.store(true, Ordering::SeqCst);
@@ -466,7 +472,11 @@ fn an_alternating_rotation_keeps_every_service_querying_and_ends_the_old_role() 
         assert_eq!(r.new_version.as_deref(), Some(format!("app_blue@{id}").as_str()));
     });
     let (queries, failed) = (counts.0.load(Ordering::SeqCst), counts.1.load(Ordering::SeqCst));
-    assert!(queries >= 30, "the client loop ran throughout ({queries} logins)");
+    let users = users.into_inner().unwrap();
+    assert!(
+        users.contains("app") && users.contains("app_blue"),
+        "the client loop ran across the switch ({queries} logins as {users:?})"
+    );
     assert_eq!(failed, 0, "failed logins during the rotation: {:?}", failures.lock().unwrap());
     let new_pw = env_value(&hosts[0].dir, "PGPASSWORD");
     for h in &hosts {
