@@ -103,6 +103,9 @@ pub struct Plan {
     pub hosts: BTreeMap<String, HostCheck>,
     /// Secret-level refusals: already rotating, no consumers.
     pub blockers: Vec<String>,
+    /// What the provider's settings mean for this rotation without stopping
+    /// it (e.g. a strategy that is not zero-downtime); shown as findings.
+    pub warnings: Vec<String>,
     pub wait: Duration,
     pub elapsed_ms: u64,
 }
@@ -201,6 +204,7 @@ impl Preflight<'_> {
             canary: spec.policy.canary > 0,
             hosts,
             blockers,
+            warnings: spec.provider.plan_warnings(),
             wait,
             elapsed_ms: started.elapsed().as_millis() as u64,
         })
@@ -362,6 +366,7 @@ mod tests {
             canary: true,
             hosts,
             blockers: vec![],
+            warnings: vec![],
             wait: Duration::from_secs(2),
             elapsed_ms: 0,
         }

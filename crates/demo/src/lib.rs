@@ -26,6 +26,12 @@
 //!   and `/health` is a SigV4-signed STS `GetCallerIdentity` ([`aws`]): 200
 //!   while AWS (or moto) accepts the key.
 //!
+//!   **PostgreSQL mode** (`--postgres postgres://HOST:PORT/DB` instead of
+//!   `--api`): the credentials file holds `PGUSER` and `PGPASSWORD`; the
+//!   service logs in at start (a refused login fails the start) and keeps
+//!   its session, and `/health` runs a query on it ([`pg`]): 200 while it is
+//!   logged in as its role.
+//!
 //!   How rekey-agent restarts it, for real:
 //!   - **Restart command** (stop, then start): `rekey-demo-service --detach
 //!     --replace --pidfile FILE ...` sends SIGTERM to the process in the
@@ -55,5 +61,6 @@ pub mod api;
 pub mod aws;
 pub mod credentials;
 pub mod http_client;
+pub mod pg;
 pub mod process;
 pub mod walkthrough;

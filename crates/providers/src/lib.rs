@@ -7,6 +7,7 @@
 //! - [`vault`]: versions of a Vault/OpenBao KV v2 secret; also a [`Sink`].
 //! - [`http`]: any REST API that issues keys (SaaS dashboards).
 //! - [`command`]: operator-supplied executables with a JSON contract.
+//! - [`postgres`]: PostgreSQL login passwords (alternating roles or in place).
 //!
 //! Contract the engine relies on:
 //! - [`Provider::create`] is **idempotent per rotation id**: the engine records
@@ -40,6 +41,7 @@ pub mod command;
 pub mod credential;
 pub mod http;
 pub mod journal;
+pub mod postgres;
 pub mod random;
 pub mod timestamp;
 mod util;
@@ -217,6 +219,7 @@ pub enum ProviderConfig {
     Vault(vault::VaultConfig),
     Http(http::HttpConfig),
     Command(command::CommandConfig),
+    Postgres(postgres::PostgresConfig),
 }
 
 impl ProviderConfig {
@@ -227,6 +230,7 @@ impl ProviderConfig {
             ProviderConfig::Vault(_) => vault::KIND,
             ProviderConfig::Http(_) => http::KIND,
             ProviderConfig::Command(_) => command::KIND,
+            ProviderConfig::Postgres(_) => postgres::KIND,
         }
     }
 
@@ -239,6 +243,7 @@ impl ProviderConfig {
             ProviderConfig::Vault(c) => c.resolve_paths(base),
             ProviderConfig::Http(c) => c.resolve_paths(base),
             ProviderConfig::Command(c) => c.resolve_paths(base),
+            ProviderConfig::Postgres(c) => c.resolve_paths(base),
         }
     }
 
@@ -275,6 +280,8 @@ impl ProviderConfig {
     pub fn reports_usage(&self) -> bool {
         match self {
             ProviderConfig::AwsIam(_) => true,
+            // Sessions in pg_stat_activity; in place (single) the old password is gone at create.
+            ProviderConfig::Postgres(c) => c.strategy == postgres::Strategy::Alternating,
             ProviderConfig::Http(c) => c.list.as_ref().is_some_and(|l| l.last_used_pointer.is_some()),
             ProviderConfig::Command(c) => c.last_used.is_some(),
             ProviderConfig::Random(_) | ProviderConfig::Vault(_) => false,
@@ -291,6 +298,16 @@ impl ProviderConfig {
             ProviderConfig::Vault(c) => c.validate(),
             ProviderConfig::Http(c) => c.validate(),
             ProviderConfig::Command(c) => c.validate(),
+            ProviderConfig::Postgres(c) => c.validate(),
+        }
+    }
+
+    /// What a plan tells before a rotation without stopping it (e.g. that
+    /// a strategy is not zero-downtime).
+    pub fn plan_warnings(&self) -> Vec<String> {
+        match self {
+            ProviderConfig::Postgres(c) => c.plan_warnings(),
+            _ => vec![],
         }
     }
 }
@@ -303,6 +320,7 @@ pub fn build(config: &ProviderConfig, state: Arc<dyn ProviderState>) -> Result<A
         ProviderConfig::Vault(c) => Arc::new(vault::VaultProvider::new(c.clone(), state)?),
         ProviderConfig::Http(c) => Arc::new(http::HttpProvider::new(c.clone(), state)?),
         ProviderConfig::Command(c) => Arc::new(command::CommandProvider::new(c.clone(), state)?),
+        ProviderConfig::Postgres(c) => Arc::new(postgres::PostgresProvider::new(c.clone(), state)?),
     })
 }
 

@@ -15,6 +15,7 @@ mod netns;
 mod packages;
 mod pipeline;
 mod postgres_fixture;
+mod postgres_provider;
 mod preflight;
 mod providers;
 mod reports;

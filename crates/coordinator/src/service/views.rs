@@ -671,6 +671,7 @@ pub(crate) fn plan(p: &crate::preflight::Plan) -> view::PlanView {
             findings: vec![],
         },
     };
+    provider.findings.extend(p.warnings.iter().cloned());
     if p.fields.is_empty() {
         provider.findings.push(
             "field names unknown: the provider cannot tell them before a create and rekey holds no current version, \
@@ -1062,6 +1063,7 @@ mod tests {
                 ("c".to_string(), HostCheck::NoAnswer),
             ]),
             blockers: vec![],
+            warnings: vec!["strategy \"single\" is not zero-downtime".into()],
             wait: std::time::Duration::from_secs(20),
             elapsed_ms: 5,
         };
@@ -1076,5 +1078,7 @@ mod tests {
         assert_eq!(hosts, [Some("b"), Some("c")]);
         assert!(v.provider.listed && v.provider.versions[0].current);
         assert!(v.provider.findings.iter().any(|f| f.starts_with("field names unknown")), "{:?}", v.provider.findings);
+        assert!(v.provider.findings.iter().any(|f| f.contains("not zero-downtime")), "{:?}", v.provider.findings);
+        assert!(!v.problems.iter().any(|x| x.detail.contains("zero-downtime")), "a warning is not a problem");
     }
 }

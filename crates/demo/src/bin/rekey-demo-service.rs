@@ -5,6 +5,12 @@
 //! rekey-demo-service --credentials /etc/demo/credentials.env --api http://127.0.0.1:8700 \
 //!     --listen 127.0.0.1:8080 --pidfile /run/demo.pid --detach --replace --log /var/log/demo.log
 //! ```
+//!
+//! PostgreSQL mode (`--postgres postgres://HOST:PORT/DB`): the credentials
+//! file holds `PGUSER` and `PGPASSWORD`; the service logs in once at start
+//! (a start with a refused login fails) and keeps that session, and
+//! `/health` runs a query on it (reconnecting once if it was closed), so a
+//! healthy service is one that really is logged in with its credential.
 
 use anyhow::{Context, bail};
 use axum::Router;
@@ -31,8 +37,16 @@ struct Cli {
     #[arg(long, default_value = "DEMO_API_KEY")]
     key_var: String,
     /// Base URL of rekey-demo-api (the default mode: the key is a demo API key).
-    #[arg(long, required_unless_present = "aws_sts", conflicts_with = "aws_sts")]
+    #[arg(long, required_unless_present_any = ["aws_sts", "postgres"], conflicts_with_all = ["aws_sts", "postgres"])]
     api: Option<String>,
+    /// PostgreSQL mode: the database to log in to, without user or password
+    /// (they are PGUSER and PGPASSWORD in the credentials file).
+    #[arg(long, conflicts_with = "aws_sts")]
+    postgres: Option<String>,
+    /// PostgreSQL mode: the application_name of the session (names this
+    /// service in pg_stat_activity).
+    #[arg(long, default_value = "rekey-demo-service")]
+    app_name: String,
     /// AWS mode: the credentials file holds AWS_ACCESS_KEY_ID and
     /// AWS_SECRET_ACCESS_KEY, and /health is a SigV4-signed STS
     /// GetCallerIdentity at this endpoint (e.g. a local moto server).
@@ -161,6 +175,7 @@ fn detach(cli: &Cli) -> anyhow::Result<()> {
 enum Service {
     Api { key: SecretBytes, api: BaseUrl },
     Aws { endpoint: String, region: String, access_key_id: String, secret: SecretBytes },
+    Postgres(Box<rekey_demo::pg::Session>),
 }
 
 fn foreground(cli: Cli) -> anyhow::Result<()> {
@@ -171,6 +186,14 @@ fn foreground(cli: Cli) -> anyhow::Result<()> {
     }
     // Read once, at start: a new key needs a restart.
     let svc = match (&cli.aws_sts, &cli.api) {
+        _ if cli.postgres.is_some() => {
+            let text = std::fs::read(&cli.credentials)
+                .with_context(|| format!("cannot read credentials {}", cli.credentials.display()))?;
+            let url = cli.postgres.clone().unwrap_or_default();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let session = rt.block_on(rekey_demo::pg::Session::open(&url, &text, &cli.app_name))?;
+            return rt.block_on(serve(cli, Arc::new(Service::Postgres(Box::new(session)))));
+        }
         (Some(endpoint), _) => {
             let text = std::fs::read(&cli.credentials)
                 .with_context(|| format!("cannot read credentials {}", cli.credentials.display()))?;
@@ -191,7 +214,7 @@ fn foreground(cli: Cli) -> anyhow::Result<()> {
             key: credentials::read_key(&cli.credentials, &cli.key_var)?,
             api: BaseUrl::parse(api).map_err(anyhow::Error::msg).context("--api")?,
         },
-        (None, None) => bail!("either --api or --aws-sts is required"),
+        (None, None) => bail!("one of --api, --aws-sts or --postgres is required"),
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(serve(cli, Arc::new(svc)))
@@ -258,6 +281,15 @@ async fn serve(cli: Cli, svc: Arc<Service>) -> anyhow::Result<()> {
 async fn health(State(svc): State<Arc<Service>>) -> (StatusCode, String) {
     let (key, api) = match &*svc {
         Service::Api { key, api } => (key, api),
+        Service::Postgres(session) => {
+            return match session.check().await {
+                Ok(user) => (StatusCode::OK, format!("ok: postgres accepts role {user}\n")),
+                Err(e) => {
+                    tracing::warn!(error = %e, "health: postgres refuses this service's login");
+                    (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: postgres: {e}\n"))
+                }
+            };
+        }
         Service::Aws { endpoint, region, access_key_id, secret } => {
             return match rekey_demo::aws::get_caller_identity(endpoint, region, access_key_id, secret).await {
                 Ok((200, _)) => (StatusCode::OK, format!("ok: aws accepts access key {access_key_id}\n")),
