@@ -404,6 +404,7 @@ impl Engine {
                             stage,
                             fingerprint: report.fingerprint,
                             error: report.error,
+                            at_ms: report.at_unix_ms,
                         };
                         if let Err(e) = self.apply(&id, ev, &format!("agent/{host}")) {
                             tracing::error!(rotation = %id, error = %Chain(&e), "report not applied");

@@ -46,8 +46,9 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
                 evidence::old_gone(rot, what, now, &mut actions);
             }
         }
-        Event::Report { host, version, stage, fingerprint, error } => {
-            report(rot, &host, &version, stage, fingerprint, error, now, &mut actions);
+        Event::Report { host, version, stage, fingerprint, error, at_ms } => {
+            let reported = Reported { stage, fingerprint, error, at_ms };
+            report(rot, &host, &version, reported, now, &mut actions);
         }
         Event::Connected { host, applied } => {
             connected(rot, &host, applied, now, &mut actions);
@@ -226,17 +227,16 @@ fn exclude(rot: &mut Rotation, host: &str, by: String, reason: String, now: i64)
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report(
-    rot: &mut Rotation,
-    host: &str,
-    version: &str,
+/// What an agent's stage report says.
+struct Reported {
     stage: Stage,
     fingerprint: String,
     error: String,
-    now: i64,
-    actions: &mut Vec<Action>,
-) {
+    at_ms: i64,
+}
+
+fn report(rot: &mut Rotation, host: &str, version: &str, r: Reported, now: i64, actions: &mut Vec<Action>) {
+    let Reported { stage, fingerprint, error, at_ms } = r;
     if rot.new_version.as_deref() != Some(version) || rot.state.is_terminal() || rot.verified() || rot.delete_new_issued
     {
         return; // stale, about another version, or after the decision was made
@@ -248,6 +248,8 @@ fn report(
         return;
     }
     h.redeliver_at_ms = None;
+    h.last_report = Some(ReportTimes { host_ms: at_ms, received_ms: now });
+    let at = h.host_time(at_ms, now);
     if aborting && matches!(stage, Stage::Delivered | Stage::Applied | Stage::Restarted | Stage::Healthy) {
         // Anything that may hold the new version must confirm a rollback
         // before the new version is deleted.
@@ -262,14 +264,14 @@ fn report(
             };
             // Forward only: a late "applied" never undoes "healthy".
             if (h.state.in_flight() || h.state == HostState::Unreachable) && next.rank() > h.state.rank() {
-                h.set(next, now);
+                h.set_at(next, at, now);
             }
         }
         Stage::Healthy => {
             if expected.as_deref() == Some(fingerprint.as_str()) {
                 h.fingerprint = Some(fingerprint);
                 h.error = None;
-                h.set(HostState::Healthy, now);
+                h.set_at(HostState::Healthy, at, now);
                 if aborting {
                     actions.push(Action::Rollback { host: host.to_string() });
                 }
@@ -279,14 +281,14 @@ fn report(
                     "host reports a loaded version with fingerprint {fingerprint}, expected {}",
                     expected.unwrap_or_default()
                 ));
-                h.set(HostState::Failed, now);
+                h.set_at(HostState::Failed, at, now);
             }
         }
         Stage::Failed | Stage::Refused => {
             let prefix = if stage == Stage::Refused { "agent refused the delivery: " } else { "" };
             h.error = Some(format!("{prefix}{}", if error.is_empty() { "failed (no reason given)" } else { &error }));
             if h.state != HostState::RolledBack || stage == Stage::Refused {
-                h.set(HostState::Failed, now);
+                h.set_at(HostState::Failed, at, now);
             }
             if stage == Stage::Refused {
                 h.rollback_pending = false; // nothing was applied
@@ -295,7 +297,7 @@ fn report(
         Stage::RolledBack => {
             h.rollback_pending = false;
             h.fingerprint = None;
-            h.set(HostState::RolledBack, now);
+            h.set_at(HostState::RolledBack, at, now);
         }
     }
 }

@@ -315,8 +315,22 @@ pub struct HostStatus {
     /// reports the truth about that attempt right after its hello).
     #[serde(default)]
     pub redeliver_at_ms: Option<i64>,
-    /// (state, time) of each change, oldest first.
+    /// (state, time) of each change, oldest first. A stage the agent
+    /// reported carries the host's own time of that step (see
+    /// [`HostStatus::host_time`]); rekeyd's own changes carry its clock.
     pub history: Vec<(HostState, i64)>,
+    /// The last report's time as the agent stamped it and when rekeyd
+    /// received it (both kept: the difference is queueing plus clock skew).
+    #[serde(default)]
+    pub last_report: Option<ReportTimes>,
+}
+
+/// When an agent says it did a step, and when rekeyd heard of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportTimes {
+    /// The agent's clock, as sent (0: the agent did not say).
+    pub host_ms: i64,
+    pub received_ms: i64,
 }
 
 impl HostStatus {
@@ -332,18 +346,39 @@ impl HostStatus {
             rollback_pending: false,
             redeliver_at_ms: None,
             history: vec![(HostState::Pending, now)],
+            last_report: None,
         }
     }
 
     pub(super) fn set(&mut self, state: HostState, now: i64) {
+        self.set_at(state, now, now);
+    }
+
+    /// Records a change that happened at `at` (the host's time of the step)
+    /// and was learnt at `now`.
+    pub(super) fn set_at(&mut self, state: HostState, at: i64, now: i64) {
         if self.state != state {
             self.state = state;
-            self.history.push((state, now));
+            self.history.push((state, at));
             if self.history.len() > 64 {
                 self.history.remove(1);
             }
         }
         self.updated_ms = now;
+    }
+
+    /// The time to show for a step the agent stamped `host_ms` and rekeyd
+    /// received at `now`. The host's clock is trusted only where it is
+    /// plausible: a step cannot precede the delivery that caused it (or the
+    /// host's previous step) nor follow its own receipt, so the agent's time
+    /// is clamped into that window. A skewed clock thus degrades to rekeyd's
+    /// bounds, never to times out of order; `0` (not stamped) means `now`.
+    pub fn host_time(&self, host_ms: i64, now: i64) -> i64 {
+        if host_ms <= 0 {
+            return now;
+        }
+        let floor = self.delivered_ms.into_iter().chain(self.history.last().map(|(_, t)| *t)).max().unwrap_or(i64::MIN);
+        host_ms.clamp(floor.min(now), now)
     }
 }
 
@@ -528,6 +563,8 @@ pub enum Event {
         stage: Stage,
         fingerprint: String,
         error: String,
+        /// When the agent did the step, by its clock (0: not stamped).
+        at_ms: i64,
     },
     /// An agent (re)connected; `applied` is the version of this secret it reports loaded.
     Connected {
