@@ -15,6 +15,7 @@ mod postgres_fixture;
 mod preflight;
 mod providers;
 mod reports;
+mod scale;
 mod scope;
 mod security;
 mod security_agent;

@@ -195,18 +195,20 @@ fn stage_of(s: i32) -> Option<Stage> {
 }
 
 /// Audit records for what changed between two states of a rotation.
-fn audit_diff(before: &Rotation, after: &Rotation, actor: &str) -> Vec<AuditEntry> {
+/// The audit records of one transition: host changes (the hosts it
+/// touched whose state moved), then new decisions and timeline entries.
+fn audit_of(rot: &Rotation, decisions_before: usize, timeline_before: usize, actor: &str) -> Vec<AuditEntry> {
     let mut out = Vec::new();
     // Host changes first: they are the cause of the rotation's transitions.
-    for (name, h) in &after.hosts {
-        let old = before.hosts.get(name).map(|b| b.state);
-        if old != Some(h.state) {
+    for (name, from) in &rot.touched.0 {
+        let Some(h) = rot.hosts.get(name) else { continue };
+        if *from != h.state {
             out.push(AuditEntry::new(
                 actor,
                 "host.state",
                 serde_json::json!({
-                    "rotation": after.id, "secret": after.secret, "host": name,
-                    "from": old.map(|s| s.as_str()), "to": h.state.as_str(),
+                    "rotation": rot.id, "secret": rot.secret, "host": name,
+                    "from": from.as_str(), "to": h.state.as_str(),
                     "fingerprint": h.fingerprint, "error": h.error,
                     "excluded_by": h.exclusion.as_ref().map(|e| &e.by),
                     "reason": h.exclusion.as_ref().map(|e| &e.reason),
@@ -214,31 +216,24 @@ fn audit_diff(before: &Rotation, after: &Rotation, actor: &str) -> Vec<AuditEntr
             ));
         }
     }
-    for d in after.decisions.iter().skip(before.decisions.len()) {
+    for d in rot.decisions.iter().skip(decisions_before) {
         out.push(AuditEntry::new(
             actor,
             format!("rotation.decision.{}", d.kind.as_str()),
             serde_json::json!({
-                "rotation": after.id, "secret": after.secret, "decision": d.kind.as_str(), "by": d.by,
+                "rotation": rot.id, "secret": rot.secret, "decision": d.kind.as_str(), "by": d.by,
                 "reason": d.reason, "from": d.from.as_str(), "hosts_on_new": d.hosts_on_new,
             }),
         ));
     }
-    for t in after.timeline.iter().skip(before.timeline.len()) {
+    for t in rot.timeline.iter().skip(timeline_before) {
         out.push(AuditEntry::new(
             actor,
             format!("rotation.{}", t.state.as_str()),
-            serde_json::json!({ "rotation": after.id, "secret": after.secret, "state": t.state.as_str(), "note": t.note }),
+            serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "state": t.state.as_str(), "note": t.note }),
         ));
     }
     out
-}
-
-/// Equal but for the `updated_ms` stamp: nothing to persist.
-fn unchanged(before: &Rotation, after: &Rotation) -> bool {
-    let mut a = after.clone();
-    a.updated_ms = before.updated_ms;
-    *before == a
 }
 
 /// A secret's provider and the sinks every new version is also written to.
@@ -304,13 +299,21 @@ impl Engine {
                 }
                 continue;
             }
+            // Once per rotation at start: a full comparison is affordable here.
             let before = rot.clone();
             let mut after = rot;
             let actions = machine::on_restart(&mut after, now);
             tracing::info!(rotation = %after.id, secret = %after.secret, state = after.state.as_str(), "resuming rotation");
-            self.persist(&before, &after, "rekeyd")?;
+            for (name, h) in &after.hosts {
+                if before.hosts.get(name) != Some(h) {
+                    after.touched.0.insert(name.clone(), before.hosts.get(name).map_or(h.state, |b| b.state));
+                }
+            }
             let id = after.id.clone();
+            let counts = (before.decisions.len(), before.timeline.len());
+            let head_before = if before.hosts_apart { before.clone().head_digest() } else { Vec::new() };
             self.active.insert(id.clone(), after);
+            self.persist(&id, &head_before, counts, "rekeyd")?;
             self.run_actions(&id, actions, "rekeyd");
         }
         let mut wake = self.next_wake();
@@ -355,7 +358,7 @@ impl Engine {
             }
             Command::Operator { id, event, by, reply } => {
                 let r = if self.active.contains_key(&id) {
-                    self.apply(&id, event, &by)
+                    self.apply_and_get(&id, event, &by)
                 } else {
                     match self.state.get_rotation(&id) {
                         Ok(Some(rot)) => Err(EngineError::Refused(format!(
@@ -476,7 +479,7 @@ impl Engine {
         self.state.begin(&rot, audit)?;
         tracing::info!(rotation = %id, %secret, targets = targets.len(), operator = %by, "rotation started");
         self.active.insert(id.clone(), rot);
-        self.apply(&id, Event::Begin, by)
+        self.apply_and_get(&id, Event::Begin, by)
     }
 
     /// The version a new rotation replaces: rekey's record reconciled with
@@ -526,48 +529,99 @@ impl Engine {
         Ok((old, audit))
     }
 
-    fn persist(&self, before: &Rotation, after: &Rotation, actor: &str) -> Result<(), EngineError> {
-        if unchanged(before, after) {
+    /// Persists what the last event changed in rotation `id` (see
+    /// [`EngineState::commit_change`]): its record only if something besides
+    /// its hosts changed, and the hosts it touched. Nothing if nothing changed.
+    fn persist(
+        &mut self,
+        id: &str,
+        head_before: &[u8],
+        counts: (usize, usize),
+        actor: &str,
+    ) -> Result<(), EngineError> {
+        let Some(rot) = self.active.get_mut(id) else { return Ok(()) };
+        let mut head_changed = rot.head_digest() != head_before;
+        let mut hosts: Vec<String> = rot.touched.0.keys().cloned().collect();
+        if !rot.hosts_apart {
+            // A record from before hosts were stored apart: move them all out now.
+            rot.hosts_apart = true;
+            head_changed = true;
+            hosts = rot.hosts.keys().cloned().collect();
+        }
+        if !head_changed && hosts.is_empty() {
             return Ok(());
         }
-        self.state.commit(after, audit_diff(before, after, actor))?;
+        let head = head_changed.then(|| rot.head_record());
+        let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let audit = audit_of(rot, counts.0, counts.1, actor);
+        self.state.commit_change(rot, head.as_deref(), &hosts, audit)?;
         Ok(())
     }
 
-    /// Applies one event (and the follow-ups its side effects produce):
-    /// handle → persist → act.
-    fn apply(&mut self, id: &str, event: Event, actor: &str) -> Result<Rotation, EngineError> {
-        let mut queue = VecDeque::from([(event, actor.to_string())]);
-        let mut last = None;
-        while let Some((event, actor)) = queue.pop_front() {
-            let Some(before) = self.active.get(id).cloned() else { break };
-            let mut after = before.clone();
-            let actions = machine::handle(&mut after, event, now_unix_ms()).map_err(|r| EngineError::Refused(r.0))?;
-            self.persist(&before, &after, &actor)?;
-            if after.state != before.state {
-                tracing::info!(rotation = %id, from = before.state.as_str(), to = after.state.as_str(), "rotation state");
+    /// The rotation as persisted, after a change that was refused or not
+    /// persisted: memory never runs ahead of the store.
+    fn reload(&mut self, id: &str) {
+        match self.state.get_rotation(id) {
+            Ok(Some(r)) if !r.state.is_terminal() => {
+                self.active.insert(id.to_string(), r);
             }
-            if after.state == RotationState::Completed
-                && before.state != RotationState::Completed
-                && let Some(old) = &after.old_version
-                && (after.old_revoked_ms.is_some() || after.timeline.iter().any(|t| t.state == RotationState::Deleting))
+            Ok(_) => {
+                self.active.remove(id);
+            }
+            Err(e) => tracing::error!(rotation = %id, error = %Chain(&e), "cannot reload the rotation"),
+        }
+    }
+
+    /// Applies one event (and the follow-ups its side effects produce):
+    /// handle → persist → act. The rotation changes in place: a host event
+    /// costs the hosts it touched, not a copy of every host.
+    fn apply(&mut self, id: &str, event: Event, actor: &str) -> Result<(), EngineError> {
+        let mut queue = VecDeque::from([(event, actor.to_string())]);
+        while let Some((event, actor)) = queue.pop_front() {
+            let Some(rot) = self.active.get_mut(id) else { break };
+            let (state_before, counts) = (rot.state, (rot.decisions.len(), rot.timeline.len()));
+            let head_before = rot.head_digest();
+            let actions = match machine::handle(rot, event, now_unix_ms()) {
+                Ok(a) => a,
+                Err(r) => {
+                    self.reload(id);
+                    return Err(EngineError::Refused(r.0));
+                }
+            };
+            if let Err(e) = self.persist(id, &head_before, counts, &actor) {
+                self.reload(id);
+                return Err(e);
+            }
+            let Some(rot) = self.active.get(id) else { break };
+            if rot.state != state_before {
+                tracing::info!(rotation = %id, from = state_before.as_str(), to = rot.state.as_str(), "rotation state");
+            }
+            if rot.state == RotationState::Completed
+                && state_before != RotationState::Completed
+                && let Some(old) = &rot.old_version
+                && (rot.old_revoked_ms.is_some() || rot.timeline.iter().any(|t| t.state == RotationState::Deleting))
             {
                 // Monitoring is over: forget the revoked value.
-                if let Err(e) = self.state.remove_version(&after.secret, old) {
+                if let Err(e) = self.state.remove_version(&rot.secret, old) {
                     tracing::error!(rotation = %id, error = %Chain(&e), "cannot forget the old value");
                 }
             }
-            if after.state.is_terminal() {
+            let follow = self.run_actions_for(rot, actions);
+            if rot.state.is_terminal() {
                 self.active.remove(id);
-            } else {
-                self.active.insert(id.to_string(), after.clone());
             }
-            for follow_up in self.run_actions_for(&after, actions) {
-                queue.push_back((follow_up, "rekeyd".to_string()));
-            }
-            last = Some(after);
+            queue.extend(follow.into_iter().map(|f| (f, "rekeyd".to_string())));
         }
-        last.ok_or_else(|| EngineError::UnknownRotation(id.to_string()))
+        Ok(())
+    }
+
+    /// [`Engine::apply`], then the rotation as it stands (for an operator's answer).
+    fn apply_and_get(&mut self, id: &str, event: Event, actor: &str) -> Result<Rotation, EngineError> {
+        self.apply(id, event, actor)?;
+        match self.active.get(id) {
+            Some(r) => Ok(r.clone()),
+            None => self.state.get_rotation(id)?.ok_or_else(|| EngineError::UnknownRotation(id.to_string())),
+        }
     }
 
     fn run_actions(&mut self, id: &str, actions: Vec<Action>, actor: &str) {

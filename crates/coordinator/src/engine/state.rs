@@ -1,5 +1,7 @@
 //! The engine's durable state, in the coordinator's sled database:
-//! `rotations` (id → rotation), `secrets` (name → current version, active and
+//! `rotations` (id → rotation without its hosts), `rotation_hosts`
+//! (id NUL host → that host's status, one record per host, so a host event
+//! rewrites one small record and not the whole rotation), `secrets` (name → current version, active and
 //! last rotation), `versions` (secret/version → fields, sealed with the DEK),
 //! `provider_state` (per-secret provider data, sealed), `audit` (the chain).
 //!
@@ -53,6 +55,7 @@ pub struct SecretRecord {
 pub struct EngineState {
     store: Store,
     rotations: sled::Tree,
+    rotation_hosts: sled::Tree,
     secrets: sled::Tree,
     versions: sled::Tree,
     /// rotation id → its fingerprint key, sealed with the DEK.
@@ -79,6 +82,7 @@ impl EngineState {
         Ok(EngineState {
             store: store.clone(),
             rotations: db.open_tree("rotations")?,
+            rotation_hosts: db.open_tree("rotation_hosts")?,
             secrets: db.open_tree("secrets")?,
             versions: db.open_tree("versions")?,
             fingerprint_keys: db.open_tree("fingerprint_keys")?,
@@ -126,21 +130,31 @@ impl EngineState {
     }
 
     pub fn get_rotation(&self, id: &str) -> Result<Option<Rotation>, StateError> {
-        self.rotations
-            .get(id)?
-            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&format!("rotation {id}"), e)))
-            .transpose()
+        self.rotations.get(id)?.map(|v| self.assemble(id, &v)).transpose()
     }
 
     pub fn list_rotations(&self) -> Result<Vec<Rotation>, StateError> {
         self.rotations
             .iter()
-            .values()
-            .map(|v| {
-                let v = v?;
-                serde_json::from_slice(&v).map_err(|e| corrupt("rotation", e))
+            .map(|kv| {
+                let (k, v) = kv?;
+                self.assemble(&String::from_utf8_lossy(&k), &v)
             })
             .collect()
+    }
+
+    /// A rotation's record with its hosts' records put back in.
+    fn assemble(&self, id: &str, head: &[u8]) -> Result<Rotation, StateError> {
+        let mut rot: Rotation = serde_json::from_slice(head).map_err(|e| corrupt(&format!("rotation {id}"), e))?;
+        if rot.hosts_apart {
+            for kv in self.rotation_hosts.scan_prefix(host_key(id, "")) {
+                let (k, v) = kv?;
+                let host = String::from_utf8_lossy(&k[id.len() + 1..]).into_owned();
+                let h = serde_json::from_slice(&v).map_err(|e| corrupt(&format!("rotation {id} host {host}"), e))?;
+                rot.hosts.insert(host, h);
+            }
+        }
+        Ok(rot)
     }
 
     pub fn get_secret(&self, name: &str) -> Result<SecretRecord, StateError> {
@@ -153,7 +167,9 @@ impl EngineState {
     /// Registers a new rotation as the secret's active one (refused if one is active).
     pub fn begin(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
         let now = rot.created_ms;
-        (&self.rotations, &self.secrets, &self.audit).transaction(|(rotations, secrets, audit_t)| {
+        let (head, records) = whole(rot);
+        let trees = (&self.rotations, &self.rotation_hosts, &self.secrets, &self.audit);
+        trees.transaction(|(rotations, rotation_hosts, secrets, audit_t)| {
             let mut rec: SecretRecord = match secrets.get(rot.secret.as_bytes())? {
                 Some(v) => {
                     serde_json::from_slice(&v).map_err(|e| ConflictableTransactionError::Abort(corrupt("secret", e)))?
@@ -169,20 +185,50 @@ impl EngineState {
             rec.active_rotation = Some(rot.id.clone());
             rec.last_rotation = Some(rot.id.clone());
             secrets.insert(rot.secret.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
-            rotations.insert(rot.id.as_bytes(), serde_json::to_vec(rot).expect("json"))?;
+            rotations.insert(rot.id.as_bytes(), head.as_slice())?;
+            for (k, v) in &records {
+                rotation_hosts.insert(k.as_slice(), v.as_slice())?;
+            }
             append_audit(audit_t, now, &audit)?;
             Ok(())
         })?;
         self.flush_audited()
     }
 
-    /// Persists a rotation after a transition, with its audit records; when
-    /// the rotation ended, releases the secret (and records the new current
-    /// version when it completed).
+    /// Persists the whole rotation (its record and every host's) with its
+    /// audit records; see [`EngineState::commit_change`].
     pub fn commit(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
+        let (head, _) = whole(rot);
+        let hosts: Vec<&str> = rot.hosts.keys().map(String::as_str).collect();
+        self.commit_change(rot, Some(&head), &hosts, audit)
+    }
+
+    /// Persists what one transition changed, with its audit records, in one
+    /// transaction flushed before the caller acts: the rotation's own record
+    /// when `head` is given (see [`Rotation::head_record`]) and the records of
+    /// `hosts` only — O(1) bytes per host event, whatever the fleet size.
+    /// When the rotation ended, releases the secret (and records the new
+    /// current version when it completed).
+    pub fn commit_change(
+        &self,
+        rot: &Rotation,
+        head: Option<&[u8]>,
+        hosts: &[&str],
+        audit: Vec<AuditEntry>,
+    ) -> Result<(), StateError> {
         let now = rot.updated_ms;
-        (&self.rotations, &self.secrets, &self.audit).transaction(|(rotations, secrets, audit_t)| {
-            rotations.insert(rot.id.as_bytes(), serde_json::to_vec(rot).expect("json"))?;
+        let records: Vec<HostRecord> = hosts
+            .iter()
+            .filter_map(|n| rot.hosts.get(*n).map(|h| (host_key(&rot.id, n), serde_json::to_vec(h).expect("json"))))
+            .collect();
+        let trees = (&self.rotations, &self.rotation_hosts, &self.secrets, &self.audit);
+        trees.transaction(|(rotations, rotation_hosts, secrets, audit_t)| {
+            if let Some(head) = head {
+                rotations.insert(rot.id.as_bytes(), head)?;
+            }
+            for (k, v) in &records {
+                rotation_hosts.insert(k.as_slice(), v.as_slice())?;
+            }
             // Completed, or monitoring (the rotation's work is done; it only watches):
             // the secret is free for its next rotation.
             if rot.state.is_terminal() || rot.state == super::machine::RotationState::Monitoring {
@@ -339,6 +385,23 @@ impl EngineState {
     }
 }
 
+/// A host's (key, record) in `rotation_hosts`.
+type HostRecord = (Vec<u8>, Vec<u8>);
+
+/// A rotation's own record (hosts apart) and every host's (key, record).
+fn whole(rot: &Rotation) -> (Vec<u8>, Vec<HostRecord>) {
+    let mut head = rot.clone();
+    head.hosts = Default::default();
+    head.hosts_apart = true;
+    let records = rot.hosts.iter().map(|(n, h)| (host_key(&rot.id, n), serde_json::to_vec(h).expect("json"))).collect();
+    (serde_json::to_vec(&head).expect("json"), records)
+}
+
+/// A host's record: rotation id, NUL, host name (a prefix scan finds them all).
+fn host_key(rotation: &str, host: &str) -> Vec<u8> {
+    format!("{rotation}\u{0}{host}").into_bytes()
+}
+
 fn append_audit(
     t: &sled::transaction::TransactionalTree,
     now_ms: i64,
@@ -420,5 +483,57 @@ mod fingerprint_key_tests {
         assert!(!serde_json::to_string(&new).unwrap().contains("fingerprint_key"));
         let raw = state.fingerprint_keys.get(b"rot-new").unwrap().unwrap();
         assert!(!raw.windows(fresh.len()).any(|w| w == fresh), "stored in plaintext");
+    }
+}
+
+#[cfg(test)]
+mod host_record_tests {
+    use super::*;
+    use crate::engine::machine::{HostState, Policy};
+
+    fn rotation(n: usize) -> Rotation {
+        let names: Vec<String> = (1..=n).map(|i| format!("h{i}")).collect();
+        Rotation::new("rot-1".into(), "s".into(), "op".into(), Policy::default(), None, vec![names], String::new(), 0)
+    }
+
+    fn open() -> (tempfile::TempDir, EngineState) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        (dir, EngineState::open(&store, Arc::new(Key::generate().unwrap())).unwrap())
+    }
+
+    #[test]
+    fn a_host_event_rewrites_that_hosts_record_and_nothing_else() {
+        let (_dir, state) = open();
+        let mut rot = rotation(1000);
+        state.begin(&rot, vec![]).unwrap();
+        assert_eq!(state.rotation_hosts.len(), 1000, "one record per host");
+        let head = state.rotations.get("rot-1").unwrap().unwrap();
+        assert!(!String::from_utf8_lossy(&head).contains("\"history\""), "no host status in the rotation's record");
+        let others = state.rotation_hosts.get(host_key("rot-1", "h8")).unwrap().unwrap();
+
+        rot.hosts.get_mut("h7").unwrap().state = HostState::Healthy;
+        state.commit_change(&rot, None, &["h7"], vec![]).unwrap();
+        assert_eq!(state.rotations.get("rot-1").unwrap().unwrap(), head, "the rotation's record untouched");
+        assert_eq!(state.rotation_hosts.get(host_key("rot-1", "h8")).unwrap().unwrap(), others);
+        let back = state.get_rotation("rot-1").unwrap().unwrap();
+        assert_eq!(back.hosts["h7"].state, HostState::Healthy);
+        assert_eq!(back, rot, "record and host records read back as the rotation");
+        assert_eq!(state.list_rotations().unwrap(), vec![rot]);
+    }
+
+    #[test]
+    fn a_record_from_before_hosts_were_apart_reads_whole_and_moves_them_out_on_commit() {
+        let (_dir, state) = open();
+        let mut old = rotation(3);
+        old.hosts_apart = false;
+        state.rotations.insert("rot-1", serde_json::to_vec(&old).unwrap()).unwrap();
+        let back = state.get_rotation("rot-1").unwrap().unwrap();
+        assert_eq!(back.hosts.len(), 3, "inline hosts still read");
+        state.commit(&back, vec![]).unwrap();
+        assert_eq!(state.rotation_hosts.len(), 3);
+        let again = state.get_rotation("rot-1").unwrap().unwrap();
+        assert!(again.hosts_apart);
+        assert_eq!(again.hosts, old.hosts);
     }
 }

@@ -449,6 +449,27 @@ pub struct Rotation {
     /// When the old version was deleted (or found already gone at the provider).
     #[serde(default)]
     pub old_revoked_ms: Option<i64>,
+    /// The hosts are stored as records of their own (one per host), not in
+    /// this record; false in records written before (their hosts are inline,
+    /// and the next commit moves them out).
+    #[serde(default)]
+    pub hosts_apart: bool,
+    /// The hosts the last event may have changed, with their state before
+    /// it: what the store rewrites (one record per host, so a host event
+    /// costs O(1) bytes) and audits. Not persisted, not compared.
+    #[serde(skip)]
+    pub touched: Touched,
+}
+
+/// Hosts touched by one event → their state before it (see [`Rotation::touched`]).
+#[derive(Debug, Clone, Default)]
+pub struct Touched(pub BTreeMap<String, HostState>);
+
+impl PartialEq for Touched {
+    /// Bookkeeping of the last event, not part of the rotation.
+    fn eq(&self, _: &Touched) -> bool {
+        true
+    }
 }
 
 /// How long after a reconnect a host that was mid-delivery is sent the
@@ -661,7 +682,42 @@ impl Rotation {
             decisions: Vec::new(),
             old_revoked_ms: None,
             timeline: vec![TimelineEntry { at_ms: now, state: RotationState::Planned, note: "planned".into() }],
+            hosts_apart: true,
+            touched: Touched::default(),
         }
+    }
+
+    /// The rotation's own record: every field but the hosts (JSON).
+    pub fn head_record(&mut self) -> Vec<u8> {
+        let hosts = std::mem::take(&mut self.hosts);
+        let json = serde_json::to_vec(self).expect("a rotation serializes");
+        self.hosts = hosts;
+        json
+    }
+
+    /// What tells whether an event changed the record apart from its
+    /// hosts: the record without hosts, waves (fixed at the start) and
+    /// `updated_ms` (moved by every event). Small whatever the fleet size.
+    pub fn head_digest(&mut self) -> Vec<u8> {
+        let (hosts, waves, updated) =
+            (std::mem::take(&mut self.hosts), std::mem::take(&mut self.waves), self.updated_ms);
+        self.updated_ms = 0;
+        let json = serde_json::to_vec(self).expect("a rotation serializes");
+        (self.hosts, self.waves, self.updated_ms) = (hosts, waves, updated);
+        json
+    }
+
+    /// A host to change, recorded in [`Rotation::touched`]: every change to
+    /// a host goes through here, or it would not be persisted.
+    pub(super) fn host_mut(&mut self, name: &str) -> Option<&mut HostStatus> {
+        let h = self.hosts.get_mut(name)?;
+        self.touched.0.entry(name.to_string()).or_insert(h.state);
+        Some(h)
+    }
+
+    /// The hosts matching `pred`, by name (to change them through [`Rotation::host_mut`]).
+    pub(super) fn hosts_where(&self, pred: impl Fn(&HostStatus) -> bool) -> Vec<String> {
+        self.hosts.iter().filter(|(_, h)| pred(h)).map(|(n, _)| n.clone()).collect()
     }
 
     pub(super) fn goto(&mut self, state: RotationState, note: impl Into<String>, now: i64) {

@@ -601,8 +601,21 @@ proptest! {
         let mut delivered_since_delete_new = false;
         for step in steps {
             now += 7;
+            let before = r.clone();
             let actions = match step {
-                Step::Ev(e) => match handle(&mut r, e, now) { Ok(a) => a, Err(_) => continue },
+                Step::Ev(e) => match handle(&mut r, e, now) {
+                    Ok(a) => {
+                        // Every changed host is in `touched` (what the store
+                        // rewrites), with the state it had before.
+                        for (name, h) in &r.hosts {
+                            if before.hosts[name] != *h {
+                                prop_assert_eq!(r.touched.0.get(name), Some(&before.hosts[name].state), "{} changed untouched", name);
+                            }
+                        }
+                        a
+                    }
+                    Err(_) => continue,
+                },
                 Step::Crash => {
                     // Only what was persisted survives: a serde round trip.
                     let json = serde_json::to_string(&r).unwrap();
