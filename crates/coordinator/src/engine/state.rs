@@ -216,6 +216,20 @@ impl EngineState {
         hosts: &[&str],
         audit: Vec<AuditEntry>,
     ) -> Result<(), StateError> {
+        self.stage_change(rot, head, hosts, audit)?;
+        self.flush_changes()
+    }
+
+    /// [`EngineState::commit_change`] without the flush: the transaction is
+    /// applied but not yet durable. The caller must [`EngineState::flush_changes`]
+    /// before acting on it — a batch of host reports shares one flush.
+    pub fn stage_change(
+        &self,
+        rot: &Rotation,
+        head: Option<&[u8]>,
+        hosts: &[&str],
+        audit: Vec<AuditEntry>,
+    ) -> Result<(), StateError> {
         let now = rot.updated_ms;
         let records: Vec<HostRecord> = hosts
             .iter()
@@ -249,6 +263,12 @@ impl EngineState {
             append_audit(audit_t, now, &audit)?;
             Ok(())
         })?;
+        Ok(())
+    }
+
+    /// Makes every staged change durable (one fsync), then tells who waits
+    /// on rotation changes.
+    pub fn flush_changes(&self) -> Result<(), StateError> {
         let flushed = self.flush_audited();
         self.rotation_changes.send_modify(|n| *n = n.wrapping_add(1));
         flushed
