@@ -9,7 +9,7 @@
 //! (at most 8 deliveries in flight, each with bounded attempts).
 
 pub use crate::engine::machine::{AlertKind, Severity};
-use crate::store::Store;
+use crate::store::{Store, Tree};
 use rekey_common::error::Chain;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -50,18 +50,17 @@ impl std::fmt::Debug for Webhook {
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
     #[error("alert store i/o")]
-    Sled(#[from] sled::Error),
+    Store(#[from] crate::store::StoreError),
     #[error("corrupt alert record: {0}")]
     Corrupt(String),
 }
 
 #[derive(Clone)]
 pub struct Alerts {
-    tree: sled::Tree,
-    /// The last alert number handed out (`LAST_SEQ`). Not sled's
-    /// `generate_id`, which reserves a block of ids per open and so jumps
-    /// after every restart (2000002 → 4000001): alert numbers are dense.
-    seq: sled::Tree,
+    /// Alerts by number (`Tree::Alerts`); the last number handed out in
+    /// `Tree::AlertSeq` (`LAST_SEQ`) — not sled's `generate_id`, which
+    /// reserves a block of ids per open and so jumps after every restart
+    /// (2000002 → 4000001): alert numbers are dense.
     store: Store,
     /// Alerts waiting for the webhook task (none without a webhook).
     outbox: Option<mpsc::Sender<Alert>>,
@@ -93,21 +92,19 @@ impl Alerts {
     /// The alert log, and the webhook's sender task if a webhook is configured
     /// (run it under the supervisor).
     pub fn open(store: &Store, webhook: Option<Webhook>) -> Result<(Alerts, Option<WebhookSender>), AlertError> {
-        let tree = store.db().open_tree("alerts")?;
-        let seq = store.db().open_tree("alert_seq")?;
         let Some(hook) = webhook else {
-            return Ok((Alerts { tree, seq, store: store.clone(), outbox: None }, None));
+            return Ok((Alerts { store: store.clone(), outbox: None }, None));
         };
         let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-        let alerts = Alerts { tree, seq, store: store.clone(), outbox: Some(tx) };
+        let alerts = Alerts { store: store.clone(), outbox: Some(tx) };
         Ok((alerts.clone(), Some(WebhookSender { hook, alerts, rx })))
     }
 
     pub fn list(&self) -> Result<Vec<Alert>, AlertError> {
-        self.tree
-            .iter()
-            .values()
-            .map(|v| serde_json::from_slice(&v?).map_err(|e| AlertError::Corrupt(e.to_string())))
+        self.store
+            .scan(Tree::Alerts, b"")?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| AlertError::Corrupt(e.to_string())))
             .collect()
     }
 
@@ -115,25 +112,16 @@ impl Alerts {
     /// (stores written before this counter existed continue after their
     /// highest alert), atomic across concurrent raisers.
     fn next_seq(&self) -> Result<u64, AlertError> {
-        let stored = match self.tree.last()? {
+        let stored = match self.store.last(Tree::Alerts)? {
             Some((k, _)) => be_u64(&k)?,
             None => 0,
         };
-        let mut corrupt = None;
-        let next = self.seq.update_and_fetch(LAST_SEQ, |old| {
-            let last = match old.map(be_u64).transpose() {
-                Ok(v) => v.unwrap_or(0),
-                Err(e) => {
-                    corrupt = Some(e);
-                    0
-                }
-            };
-            Some(last.max(stored).saturating_add(1).to_be_bytes().to_vec())
-        })?;
-        if let Some(e) = corrupt {
-            return Err(e);
-        }
-        be_u64(&next.expect("update_and_fetch stored a value"))
+        self.store.transaction(true, |t| {
+            let last = t.get(Tree::AlertSeq, LAST_SEQ)?.map(|v| be_u64(&v)).transpose()?.unwrap_or(0);
+            let next = last.max(stored).saturating_add(1);
+            t.put(Tree::AlertSeq, LAST_SEQ, &next.to_be_bytes())?;
+            Ok(next)
+        })
     }
 
     /// Records an alert, logs it, and sends it to the webhook in the background.
@@ -173,9 +161,7 @@ impl Alerts {
     }
 
     fn put(&self, a: &Alert) -> Result<(), AlertError> {
-        self.tree.insert(a.seq.to_be_bytes(), serde_json::to_vec(a).expect("json"))?;
-        self.store.flush().map_err(|e| AlertError::Corrupt(e.to_string()))?;
-        Ok(())
+        Ok(self.store.put(Tree::Alerts, &a.seq.to_be_bytes(), &serde_json::to_vec(a).expect("json"))?)
     }
 }
 
@@ -291,7 +277,7 @@ mod tests {
         let mut jumped = alerts.list().unwrap()[0].clone();
         jumped.seq = 4_000_001;
         alerts.put(&jumped).unwrap();
-        alerts.seq.remove(LAST_SEQ).unwrap();
+        store.remove(Tree::AlertSeq, LAST_SEQ).unwrap();
         assert_eq!(raise(&alerts), 4_000_002, "never a number below one already shown");
         assert_eq!(raise(&alerts), 4_000_003);
     }

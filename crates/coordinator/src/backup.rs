@@ -11,7 +11,7 @@
 use crate::checkpoint::Checkpointer;
 use crate::crypto::Key;
 use crate::engine::state::EngineState;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Tree};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
@@ -142,14 +142,9 @@ pub fn export(store: &Store, state: &EngineState, seal: &Key) -> Result<(Summary
     for _ in 0..ATTEMPTS {
         let before = state.audit_head()?;
         let mut trees = Vec::new();
-        for name in store.db().tree_names() {
-            let tree = store.db().open_tree(&name).map_err(StoreError::from)?;
-            let entries = tree
-                .iter()
-                .map(|kv| kv.map(|(k, v)| (B64.encode(k), B64.encode(v))))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(StoreError::from)?;
-            trees.push((B64.encode(&name), entries));
+        for tree in Tree::ALL {
+            let entries = store.scan(tree, b"")?.into_iter().map(|(k, v)| (B64.encode(k), B64.encode(v))).collect();
+            trees.push((B64.encode(tree.name()), entries));
         }
         if state.audit_head()? != before {
             continue;
@@ -167,6 +162,36 @@ pub fn export(store: &Store, state: &EngineState, seal: &Key) -> Result<(Summary
         return Ok((summary, serde_json::to_vec_pretty(&file).expect("json")));
     }
     Err(BackupError::Busy)
+}
+
+/// Entries written per transaction while loading a backup.
+const LOAD_BATCH: usize = 500;
+
+/// Writes every tree of `payload` into `store`. A tree this rekeyd does not
+/// know is refused unless empty (sled's default tree in old backups is).
+fn load(store: &Store, payload: Payload, path: &Path) -> Result<(), BackupError> {
+    let format = |why: String| BackupError::Format { path: path.to_path_buf(), why };
+    let decode = |s: &str| B64.decode(s).map_err(|e| format(e.to_string()));
+    for (name, entries) in payload.trees {
+        let name = String::from_utf8_lossy(&decode(&name)?).into_owned();
+        let Some(tree) = Tree::from_name(&name) else {
+            if entries.is_empty() {
+                continue;
+            }
+            return Err(format(format!("unknown tree {name:?} with {} entries", entries.len())));
+        };
+        let entries =
+            entries.iter().map(|(k, v)| Ok((decode(k)?, decode(v)?))).collect::<Result<Vec<_>, BackupError>>()?;
+        for chunk in entries.chunks(LOAD_BATCH) {
+            store.transaction(true, |t| {
+                for (k, v) in chunk {
+                    t.put(tree, k, v)?;
+                }
+                Ok::<_, StoreError>(())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes a sealed backup file (0600, atomically).
@@ -211,14 +236,7 @@ pub fn restore(backup: &Path, data_dir: &Path, master: &Key, force: bool) -> Res
         std::fs::rename(&store_dir, &aside).map_err(|source| BackupError::Write { path: aside, source })?;
     }
     let store = Store::open(&store_dir)?;
-    for (name, entries) in payload.trees {
-        let decode =
-            |s: &str| B64.decode(s).map_err(|e| BackupError::Format { path: backup.to_path_buf(), why: e.to_string() });
-        let tree = store.db().open_tree(decode(&name)?).map_err(StoreError::from)?;
-        for (k, v) in entries {
-            tree.insert(decode(&k)?, decode(&v)?).map_err(StoreError::from)?;
-        }
-    }
+    load(&store, payload, backup)?;
     store.meta_put(crate::checkpoint::META_KEY, b"1")?;
     store.flush()?;
     Checkpointer::new(data_dir, master).record(file.summary.audit_seq, &file.summary.audit_hash)?;

@@ -1,7 +1,7 @@
-//! The engine's durable state, in the coordinator's sled database:
+//! The engine's durable state, in the coordinator's store (any backend):
 //! `rotations` (id → rotation without its hosts), `rotation_hosts`
-//! (id NUL host → that host's status, one record per host, so a host event
-//! rewrites one small record and not the whole rotation), `secrets` (name → current version, active and
+//! (id NUL host → that host's status: one record per host, so a host event
+//! rewrites one small record, not the whole rotation), `secrets` (name → current version, active and
 //! last rotation), `versions` (secret/version → fields, sealed with the DEK),
 //! `provider_state` (per-secret provider data, sealed), `audit` (the chain).
 //!
@@ -11,35 +11,23 @@
 use super::machine::Rotation;
 use crate::audit::{AuditEntry, AuditRecord, GENESIS};
 use crate::crypto::Key;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Tree, Txn};
 use rekey_common::error::Chain;
 use rekey_common::secret::SecretBytes;
 use rekey_providers::{Fields, ProviderState};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("store i/o")]
-    Sled(#[from] sled::Error),
     #[error("corrupt {what}: {message}")]
     Corrupt { what: String, message: String },
     #[error("secret {secret} already has an active rotation {rotation}")]
     AlreadyRotating { secret: String, rotation: String },
     #[error("cannot seal or open {0}")]
     Crypto(String),
-}
-
-impl From<TransactionError<StateError>> for StateError {
-    fn from(e: TransactionError<StateError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StateError::Sled(e),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,15 +42,6 @@ pub struct SecretRecord {
 #[derive(Clone)]
 pub struct EngineState {
     store: Store,
-    rotations: sled::Tree,
-    rotation_hosts: sled::Tree,
-    secrets: sled::Tree,
-    versions: sled::Tree,
-    /// rotation id → its fingerprint key, sealed with the DEK.
-    fingerprint_keys: sled::Tree,
-    provider_state: sled::Tree,
-    audit: sled::Tree,
-    incidents: sled::Tree,
     dek: Arc<Key>,
     /// Told the chain's head after every flushed append (none in unit tests).
     checkpoint: Option<Arc<crate::checkpoint::Checkpointer>>,
@@ -78,17 +57,8 @@ const AUDIT_HEAD: &[u8] = b"head";
 
 impl EngineState {
     pub fn open(store: &Store, dek: Arc<Key>) -> Result<EngineState, StateError> {
-        let db = store.db();
         Ok(EngineState {
             store: store.clone(),
-            rotations: db.open_tree("rotations")?,
-            rotation_hosts: db.open_tree("rotation_hosts")?,
-            secrets: db.open_tree("secrets")?,
-            versions: db.open_tree("versions")?,
-            fingerprint_keys: db.open_tree("fingerprint_keys")?,
-            provider_state: db.open_tree("provider_state")?,
-            audit: db.open_tree("audit")?,
-            incidents: db.open_tree("incidents")?,
             dek,
             checkpoint: None,
             rotation_changes: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -104,20 +74,15 @@ impl EngineState {
 
     /// The audit chain's head as stored: (sequence, hash).
     pub fn audit_head(&self) -> Result<(u64, String), StateError> {
-        Ok(match self.audit.get(AUDIT_HEAD)? {
+        Ok(match self.store.get(Tree::Audit, AUDIT_HEAD)? {
             Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("audit head", e))?,
             None => (0, GENESIS.to_string()),
         })
     }
 
-    fn flush(&self) -> Result<(), StateError> {
-        Ok(self.store.flush()?)
-    }
-
-    /// Flushes, then moves the checkpoint to the chain's new head. A failed
+    /// Moves the checkpoint to the chain's new head. A failed
     /// checkpoint write leaves it behind the store (safe) and is logged.
     fn flush_audited(&self) -> Result<(), StateError> {
-        self.flush()?;
         if let Some(cp) = &self.checkpoint {
             let (seq, hash) = self.audit_head()?;
             if let Err(e) = cp.record(seq, &hash) {
@@ -130,16 +95,14 @@ impl EngineState {
     }
 
     pub fn get_rotation(&self, id: &str) -> Result<Option<Rotation>, StateError> {
-        self.rotations.get(id)?.map(|v| self.assemble(id, &v)).transpose()
+        self.store.get(Tree::Rotations, id.as_bytes())?.map(|v| self.assemble(id, &v)).transpose()
     }
 
     pub fn list_rotations(&self) -> Result<Vec<Rotation>, StateError> {
-        self.rotations
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                self.assemble(&String::from_utf8_lossy(&k), &v)
-            })
+        self.store
+            .scan(Tree::Rotations, b"")?
+            .into_iter()
+            .map(|(k, v)| self.assemble(&String::from_utf8_lossy(&k), &v))
             .collect()
     }
 
@@ -147,8 +110,7 @@ impl EngineState {
     fn assemble(&self, id: &str, head: &[u8]) -> Result<Rotation, StateError> {
         let mut rot: Rotation = serde_json::from_slice(head).map_err(|e| corrupt(&format!("rotation {id}"), e))?;
         if rot.hosts_apart {
-            for kv in self.rotation_hosts.scan_prefix(host_key(id, "")) {
-                let (k, v) = kv?;
+            for (k, v) in self.store.scan(Tree::RotationHosts, &host_key(id, ""))? {
                 let host = String::from_utf8_lossy(&k[id.len() + 1..]).into_owned();
                 let h = serde_json::from_slice(&v).map_err(|e| corrupt(&format!("rotation {id} host {host}"), e))?;
                 rot.hosts.insert(host, h);
@@ -158,7 +120,7 @@ impl EngineState {
     }
 
     pub fn get_secret(&self, name: &str) -> Result<SecretRecord, StateError> {
-        Ok(match self.secrets.get(name)? {
+        Ok(match self.store.get(Tree::Secrets, name.as_bytes())? {
             Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt(&format!("secret {name}"), e))?,
             None => SecretRecord { name: name.to_string(), ..Default::default() },
         })
@@ -168,29 +130,19 @@ impl EngineState {
     pub fn begin(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
         let now = rot.created_ms;
         let (head, records) = whole(rot);
-        let trees = (&self.rotations, &self.rotation_hosts, &self.secrets, &self.audit);
-        trees.transaction(|(rotations, rotation_hosts, secrets, audit_t)| {
-            let mut rec: SecretRecord = match secrets.get(rot.secret.as_bytes())? {
-                Some(v) => {
-                    serde_json::from_slice(&v).map_err(|e| ConflictableTransactionError::Abort(corrupt("secret", e)))?
-                }
-                None => SecretRecord { name: rot.secret.clone(), ..Default::default() },
-            };
+        self.store.transaction(true, |t| {
+            let mut rec = secret_in(t, &rot.secret)?;
             if let Some(active) = &rec.active_rotation {
-                return Err(ConflictableTransactionError::Abort(StateError::AlreadyRotating {
-                    secret: rot.secret.clone(),
-                    rotation: active.clone(),
-                }));
+                return Err(StateError::AlreadyRotating { secret: rot.secret.clone(), rotation: active.clone() });
             }
             rec.active_rotation = Some(rot.id.clone());
             rec.last_rotation = Some(rot.id.clone());
-            secrets.insert(rot.secret.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
-            rotations.insert(rot.id.as_bytes(), head.as_slice())?;
+            t.put(Tree::Secrets, rot.secret.as_bytes(), &serde_json::to_vec(&rec).expect("json"))?;
+            t.put(Tree::Rotations, rot.id.as_bytes(), &head)?;
             for (k, v) in &records {
-                rotation_hosts.insert(k.as_slice(), v.as_slice())?;
+                t.put(Tree::RotationHosts, k, v)?;
             }
-            append_audit(audit_t, now, &audit)?;
-            Ok(())
+            append_audit(t, now, &audit)
         })?;
         self.flush_audited()
     }
@@ -204,9 +156,9 @@ impl EngineState {
     }
 
     /// Persists what one transition changed, with its audit records, in one
-    /// transaction flushed before the caller acts: the rotation's own record
-    /// when `head` is given (see [`Rotation::head_record`]) and the records of
-    /// `hosts` only — O(1) bytes per host event, whatever the fleet size.
+    /// transaction, durable before it returns: the rotation's own record
+    /// when `head` is given (see [`Rotation::head_record`]) and the records
+    /// of `hosts` only — O(1) bytes per host event, whatever the fleet size.
     /// When the rotation ended, releases the secret (and records the new
     /// current version when it completed).
     pub fn commit_change(
@@ -216,15 +168,35 @@ impl EngineState {
         hosts: &[&str],
         audit: Vec<AuditEntry>,
     ) -> Result<(), StateError> {
-        self.stage_change(rot, head, hosts, audit)?;
+        self.change(true, rot, head, hosts, audit)?;
         self.flush_changes()
     }
 
-    /// [`EngineState::commit_change`] without the flush: the transaction is
-    /// applied but not yet durable. The caller must [`EngineState::flush_changes`]
-    /// before acting on it — a batch of host reports shares one flush.
+    /// [`EngineState::commit_change`], committed but not necessarily durable
+    /// yet (sled: until the next flush; PostgreSQL commits durably anyway).
+    /// The caller must [`EngineState::flush_changes`] before acting on it:
+    /// a batch of host reports shares one flush.
     pub fn stage_change(
         &self,
+        rot: &Rotation,
+        head: Option<&[u8]>,
+        hosts: &[&str],
+        audit: Vec<AuditEntry>,
+    ) -> Result<(), StateError> {
+        self.change(false, rot, head, hosts, audit)
+    }
+
+    /// Makes every staged change durable (one fsync for the batch), then
+    /// tells whoever waits on rotation changes.
+    pub fn flush_changes(&self) -> Result<(), StateError> {
+        let flushed = self.store.flush().map_err(StateError::from).and_then(|()| self.flush_audited());
+        self.rotation_changes.send_modify(|n| *n = n.wrapping_add(1));
+        flushed
+    }
+
+    fn change(
+        &self,
+        durable: bool,
         rot: &Rotation,
         head: Option<&[u8]>,
         hosts: &[&str],
@@ -235,43 +207,28 @@ impl EngineState {
             .iter()
             .filter_map(|n| rot.hosts.get(*n).map(|h| (host_key(&rot.id, n), serde_json::to_vec(h).expect("json"))))
             .collect();
-        let trees = (&self.rotations, &self.rotation_hosts, &self.secrets, &self.audit);
-        trees.transaction(|(rotations, rotation_hosts, secrets, audit_t)| {
+        self.store.transaction(durable, |t| {
             if let Some(head) = head {
-                rotations.insert(rot.id.as_bytes(), head)?;
+                t.put(Tree::Rotations, rot.id.as_bytes(), head)?;
             }
             for (k, v) in &records {
-                rotation_hosts.insert(k.as_slice(), v.as_slice())?;
+                t.put(Tree::RotationHosts, k, v)?;
             }
             // Completed, or monitoring (the rotation's work is done; it only watches):
             // the secret is free for its next rotation.
             if rot.state.is_terminal() || rot.state == super::machine::RotationState::Monitoring {
-                let mut rec: SecretRecord = match secrets.get(rot.secret.as_bytes())? {
-                    Some(v) => serde_json::from_slice(&v)
-                        .map_err(|e| ConflictableTransactionError::Abort(corrupt("secret", e)))?,
-                    None => SecretRecord { name: rot.secret.clone(), ..Default::default() },
-                };
+                let mut rec = secret_in(t, &rot.secret)?;
                 if rec.active_rotation.as_deref() == Some(rot.id.as_str()) {
                     rec.active_rotation = None;
                     if rot.leaves_new_current() {
                         rec.current_version = rot.new_version.clone();
                         rec.last_completed_ms = Some(rot.updated_ms);
                     }
-                    secrets.insert(rot.secret.as_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+                    t.put(Tree::Secrets, rot.secret.as_bytes(), &serde_json::to_vec(&rec).expect("json"))?;
                 }
             }
-            append_audit(audit_t, now, &audit)?;
-            Ok(())
-        })?;
-        Ok(())
-    }
-
-    /// Makes every staged change durable (one fsync), then tells who waits
-    /// on rotation changes.
-    pub fn flush_changes(&self) -> Result<(), StateError> {
-        let flushed = self.flush_audited();
-        self.rotation_changes.send_modify(|n| *n = n.wrapping_add(1));
-        flushed
+            append_audit(t, now, &audit)
+        })
     }
 
     /// Changes whenever a rotation's change is committed: a campaign starts
@@ -283,46 +240,40 @@ impl EngineState {
     /// Writes an incident (campaign) and its audit records in one transaction.
     pub fn put_incident(&self, inc: &super::incident::Incident, audit: Vec<AuditEntry>) -> Result<(), StateError> {
         let now = rekey_common::time::now_unix_ms();
-        (&self.incidents, &self.audit).transaction(|(incidents, audit_t)| {
-            incidents.insert(inc.id.as_bytes(), serde_json::to_vec(inc).expect("json"))?;
-            append_audit(audit_t, now, &audit)?;
-            Ok(())
+        self.store.transaction(true, |t| {
+            t.put(Tree::Incidents, inc.id.as_bytes(), &serde_json::to_vec(inc).expect("json"))?;
+            append_audit(t, now, &audit)
         })?;
         self.flush_audited()
     }
 
     pub fn get_incident(&self, id: &str) -> Result<Option<super::incident::Incident>, StateError> {
-        self.incidents
-            .get(id)?
+        self.store
+            .get(Tree::Incidents, id.as_bytes())?
             .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&format!("incident {id}"), e)))
             .transpose()
     }
 
     pub fn list_incidents(&self) -> Result<Vec<super::incident::Incident>, StateError> {
-        self.incidents
-            .iter()
-            .values()
-            .map(|v| serde_json::from_slice(&v?).map_err(|e| corrupt("incident", e)))
+        self.store
+            .scan(Tree::Incidents, b"")?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| corrupt("incident", e)))
             .collect()
     }
 
     /// Appends audit records outside a rotation (e.g. agent revocation).
     pub fn audit(&self, now_ms: i64, entries: Vec<AuditEntry>) -> Result<(), StateError> {
-        self.audit.transaction(|t| append_audit(t, now_ms, &entries))?;
+        self.store.transaction(true, |t| append_audit(t, now_ms, &entries))?;
         self.flush_audited()
     }
 
     pub fn audit_records(&self) -> Result<Vec<AuditRecord>, StateError> {
-        self.audit
-            .iter()
-            .filter_map(|kv| match kv {
-                Ok((k, _)) if k.as_ref() == AUDIT_HEAD => None,
-                other => Some(other),
-            })
-            .map(|kv| {
-                let (_, v) = kv?;
-                serde_json::from_slice(&v).map_err(|e| corrupt("audit record", e))
-            })
+        self.store
+            .scan(Tree::Audit, b"")?
+            .into_iter()
+            .filter(|(k, _)| k.as_slice() != AUDIT_HEAD)
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| corrupt("audit record", e)))
             .collect()
     }
 
@@ -330,8 +281,7 @@ impl EngineState {
     /// tampering is detected.
     #[doc(hidden)]
     pub fn tamper_audit_record(&self, rec: &AuditRecord) -> Result<(), StateError> {
-        self.audit.insert(rec.seq.to_be_bytes(), serde_json::to_vec(rec).expect("json"))?;
-        self.flush()
+        Ok(self.store.put(Tree::Audit, &rec.seq.to_be_bytes(), &serde_json::to_vec(rec).expect("json"))?)
     }
 
     fn version_key(secret: &str, version: &str) -> String {
@@ -347,13 +297,12 @@ impl EngineState {
             .dek
             .seal(&format!("rekey/version/{key}"), plain.expose())
             .map_err(|e| StateError::Crypto(e.to_string()))?;
-        self.versions.insert(key.as_bytes(), sealed)?;
-        self.flush()
+        Ok(self.store.put(Tree::Versions, key.as_bytes(), &sealed)?)
     }
 
     pub fn get_version(&self, secret: &str, version: &str) -> Result<Option<Fields>, StateError> {
         let key = Self::version_key(secret, version);
-        let Some(sealed) = self.versions.get(key.as_bytes())? else { return Ok(None) };
+        let Some(sealed) = self.store.get(Tree::Versions, key.as_bytes())? else { return Ok(None) };
         let plain =
             self.dek.open(&format!("rekey/version/{key}"), &sealed).map_err(|e| StateError::Crypto(e.to_string()))?;
         let pairs: Vec<(String, String)> =
@@ -372,14 +321,13 @@ impl EngineState {
             .dek
             .seal(&format!("rekey/fingerprint-key/{rotation}"), key)
             .map_err(|e| StateError::Crypto(e.to_string()))?;
-        self.fingerprint_keys.insert(rotation.as_bytes(), sealed)?;
-        self.flush()
+        Ok(self.store.put(Tree::FingerprintKeys, rotation.as_bytes(), &sealed)?)
     }
 
     /// The key of a rotation's fingerprints: the sealed one, or for a
     /// rotation recorded before keys were sealed, the one in its record.
     pub fn fingerprint_key(&self, rot: &Rotation) -> Result<SecretBytes, StateError> {
-        match self.fingerprint_keys.get(rot.id.as_bytes())? {
+        match self.store.get(Tree::FingerprintKeys, rot.id.as_bytes())? {
             Some(sealed) => self
                 .dek
                 .open(&format!("rekey/fingerprint-key/{}", rot.id), &sealed)
@@ -390,14 +338,12 @@ impl EngineState {
 
     /// Forgets a revoked version's value.
     pub fn remove_version(&self, secret: &str, version: &str) -> Result<(), StateError> {
-        self.versions.remove(Self::version_key(secret, version).as_bytes())?;
-        self.flush()
+        Ok(self.store.remove(Tree::Versions, Self::version_key(secret, version).as_bytes())?)
     }
 
     /// The sealed key-value space given to the provider of `secret`.
     pub fn provider_state(&self, secret: &str) -> Arc<dyn ProviderState> {
         Arc::new(SealedProviderState {
-            tree: self.provider_state.clone(),
             store: self.store.clone(),
             prefix: format!("{secret}\u{0}"),
             dek: self.dek.clone(),
@@ -405,6 +351,7 @@ impl EngineState {
     }
 }
 
+/// A secret's record as the transaction sees it (a default one if none).
 /// A host's (key, record) in `rotation_hosts`.
 type HostRecord = (Vec<u8>, Vec<u8>);
 
@@ -422,31 +369,33 @@ fn host_key(rotation: &str, host: &str) -> Vec<u8> {
     format!("{rotation}\u{0}{host}").into_bytes()
 }
 
-fn append_audit(
-    t: &sled::transaction::TransactionalTree,
-    now_ms: i64,
-    entries: &[AuditEntry],
-) -> Result<(), ConflictableTransactionError<StateError>> {
+fn secret_in(t: &mut dyn Txn, name: &str) -> Result<SecretRecord, StateError> {
+    Ok(match t.get(Tree::Secrets, name.as_bytes())? {
+        Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("secret", e))?,
+        None => SecretRecord { name: name.to_string(), ..Default::default() },
+    })
+}
+
+/// Appends `entries` to the audit chain inside the caller's transaction.
+pub(crate) fn append_audit(t: &mut dyn Txn, now_ms: i64, entries: &[AuditEntry]) -> Result<(), StateError> {
     if entries.is_empty() {
         return Ok(());
     }
-    let (mut seq, mut prev) = match t.get(AUDIT_HEAD)? {
-        Some(v) => serde_json::from_slice::<(u64, String)>(&v)
-            .map_err(|e| ConflictableTransactionError::Abort(corrupt("audit head", e)))?,
+    let (mut seq, mut prev) = match t.get(Tree::Audit, AUDIT_HEAD)? {
+        Some(v) => serde_json::from_slice::<(u64, String)>(&v).map_err(|e| corrupt("audit head", e))?,
         None => (0, GENESIS.to_string()),
     };
     for e in entries {
         seq += 1;
         let rec = AuditRecord::seal(seq, now_ms, e.clone(), &prev);
         prev = rec.hash.clone();
-        t.insert(&seq.to_be_bytes(), serde_json::to_vec(&rec).expect("json"))?;
+        t.put(Tree::Audit, &seq.to_be_bytes(), &serde_json::to_vec(&rec).expect("json"))?;
     }
-    t.insert(AUDIT_HEAD, serde_json::to_vec(&(seq, prev)).expect("json"))?;
+    t.put(Tree::Audit, AUDIT_HEAD, &serde_json::to_vec(&(seq, prev)).expect("json"))?;
     Ok(())
 }
 
 struct SealedProviderState {
-    tree: sled::Tree,
     store: Store,
     prefix: String,
     dek: Arc<Key>,
@@ -455,28 +404,27 @@ struct SealedProviderState {
 impl ProviderState for SealedProviderState {
     fn get(&self, key: &str) -> Result<Option<SecretBytes>, String> {
         let k = format!("{}{key}", self.prefix);
-        let Some(v) = self.tree.get(k.as_bytes()).map_err(|e| e.to_string())? else { return Ok(None) };
+        let Some(v) = self.store.get(Tree::ProviderState, k.as_bytes()).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
         self.dek.open(&format!("rekey/provider/{k}"), &v).map(Some).map_err(|e| e.to_string())
     }
     fn put(&self, key: &str, value: &[u8]) -> Result<(), String> {
         let k = format!("{}{key}", self.prefix);
         let sealed = self.dek.seal(&format!("rekey/provider/{k}"), value).map_err(|e| e.to_string())?;
-        self.tree.insert(k.as_bytes(), sealed).map_err(|e| e.to_string())?;
-        self.store.flush().map_err(|e| e.to_string())
+        self.store.put(Tree::ProviderState, k.as_bytes(), &sealed).map_err(|e| e.to_string())
     }
     fn remove(&self, key: &str) -> Result<(), String> {
-        self.tree.remove(format!("{}{key}", self.prefix).as_bytes()).map_err(|e| e.to_string())?;
-        self.store.flush().map_err(|e| e.to_string())
+        self.store.remove(Tree::ProviderState, format!("{}{key}", self.prefix).as_bytes()).map_err(|e| e.to_string())
     }
     fn keys(&self) -> Result<Vec<String>, String> {
-        self.tree
-            .scan_prefix(self.prefix.as_bytes())
-            .keys()
-            .map(|k| {
-                let k = k.map_err(|e| e.to_string())?;
-                Ok(String::from_utf8_lossy(&k[self.prefix.len()..]).into_owned())
-            })
-            .collect()
+        Ok(self
+            .store
+            .scan(Tree::ProviderState, self.prefix.as_bytes())
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[self.prefix.len()..]).into_owned())
+            .collect())
     }
 }
 
@@ -501,7 +449,7 @@ mod fingerprint_key_tests {
         state.put_fingerprint_key(&new.id, &fresh).unwrap();
         assert_eq!(state.fingerprint_key(&new).unwrap().expose(), &fresh);
         assert!(!serde_json::to_string(&new).unwrap().contains("fingerprint_key"));
-        let raw = state.fingerprint_keys.get(b"rot-new").unwrap().unwrap();
+        let raw = store.get(Tree::FingerprintKeys, b"rot-new").unwrap().unwrap();
         assert!(!raw.windows(fresh.len()).any(|w| w == fresh), "stored in plaintext");
     }
 }
@@ -516,26 +464,28 @@ mod host_record_tests {
         Rotation::new("rot-1".into(), "s".into(), "op".into(), Policy::default(), None, vec![names], String::new(), 0)
     }
 
-    fn open() -> (tempfile::TempDir, EngineState) {
+    fn open() -> (tempfile::TempDir, Store, EngineState) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
-        (dir, EngineState::open(&store, Arc::new(Key::generate().unwrap())).unwrap())
+        let state = EngineState::open(&store, Arc::new(Key::generate().unwrap())).unwrap();
+        (dir, store, state)
     }
 
     #[test]
     fn a_host_event_rewrites_that_hosts_record_and_nothing_else() {
-        let (_dir, state) = open();
+        let (_dir, store, state) = open();
         let mut rot = rotation(1000);
         state.begin(&rot, vec![]).unwrap();
-        assert_eq!(state.rotation_hosts.len(), 1000, "one record per host");
-        let head = state.rotations.get("rot-1").unwrap().unwrap();
+        assert_eq!(store.scan(Tree::RotationHosts, b"").unwrap().len(), 1000, "one record per host");
+        let head = store.get(Tree::Rotations, b"rot-1").unwrap().unwrap();
         assert!(!String::from_utf8_lossy(&head).contains("\"history\""), "no host status in the rotation's record");
-        let others = state.rotation_hosts.get(host_key("rot-1", "h8")).unwrap().unwrap();
+        let other = store.get(Tree::RotationHosts, &host_key("rot-1", "h8")).unwrap().unwrap();
 
         rot.hosts.get_mut("h7").unwrap().state = HostState::Healthy;
-        state.commit_change(&rot, None, &["h7"], vec![]).unwrap();
-        assert_eq!(state.rotations.get("rot-1").unwrap().unwrap(), head, "the rotation's record untouched");
-        assert_eq!(state.rotation_hosts.get(host_key("rot-1", "h8")).unwrap().unwrap(), others);
+        state.stage_change(&rot, None, &["h7"], vec![]).unwrap();
+        state.flush_changes().unwrap();
+        assert_eq!(store.get(Tree::Rotations, b"rot-1").unwrap().unwrap(), head, "the rotation's record untouched");
+        assert_eq!(store.get(Tree::RotationHosts, &host_key("rot-1", "h8")).unwrap().unwrap(), other);
         let back = state.get_rotation("rot-1").unwrap().unwrap();
         assert_eq!(back.hosts["h7"].state, HostState::Healthy);
         assert_eq!(back, rot, "record and host records read back as the rotation");
@@ -544,14 +494,14 @@ mod host_record_tests {
 
     #[test]
     fn a_record_from_before_hosts_were_apart_reads_whole_and_moves_them_out_on_commit() {
-        let (_dir, state) = open();
+        let (_dir, store, state) = open();
         let mut old = rotation(3);
         old.hosts_apart = false;
-        state.rotations.insert("rot-1", serde_json::to_vec(&old).unwrap()).unwrap();
+        store.put(Tree::Rotations, b"rot-1", &serde_json::to_vec(&old).unwrap()).unwrap();
         let back = state.get_rotation("rot-1").unwrap().unwrap();
         assert_eq!(back.hosts.len(), 3, "inline hosts still read");
         state.commit(&back, vec![]).unwrap();
-        assert_eq!(state.rotation_hosts.len(), 3);
+        assert_eq!(store.scan(Tree::RotationHosts, b"").unwrap().len(), 3);
         let again = state.get_rotation("rot-1").unwrap().unwrap();
         assert!(again.hosts_apart);
         assert_eq!(again.hosts, old.hosts);

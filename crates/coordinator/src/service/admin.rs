@@ -825,6 +825,8 @@ mod tests {
             Rpc::GetReport,
             Rpc::VerifyAudit,
             Rpc::ListOperators,
+            Rpc::ListCoordinators,
+            Rpc::WatchRotation,
         ];
         assert_eq!(allowed(Viewer), read_only.to_vec());
         let mut rotator = allowed(Rotator);

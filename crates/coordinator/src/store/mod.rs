@@ -11,10 +11,16 @@
 //! Every mutating call flushes before it returns: a caller that got `Ok` may
 //! act on it (reply, deliver, revoke) knowing it survives a crash.
 
+pub mod backend;
+pub mod sled_backend;
+
+use backend::Aborted;
+pub use backend::{Backend, Entry, Tree, Txn};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled_backend::SledBackend;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -30,6 +36,23 @@ pub enum StoreError {
     StillHeld { path: PathBuf, waited: std::time::Duration },
     #[error("store i/o")]
     Sled(#[from] sled::Error),
+    /// A transaction met a concurrent one; the backend runs it again.
+    #[error("transaction conflict (retried)")]
+    Conflict,
+    /// A transaction's closure refused to commit (nothing written).
+    #[error("transaction aborted")]
+    Aborted,
+    #[error("database")]
+    Postgres(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// This replica no longer holds the lease: another took over (epoch
+    /// moved on) or it could not renew in time. Nothing was written.
+    #[error("this coordinator is no longer the leader (lease epoch {epoch} lost): write refused")]
+    Fenced { epoch: u64 },
+    /// A follower tried to write (only the leader writes).
+    #[error("this coordinator is a follower: only the leader writes to the store")]
+    NotLeader,
+    #[error("the store's schema is version {found}, newer than this rekeyd knows ({known}): upgrade rekeyd")]
+    SchemaTooNew { found: u32, known: u32 },
     #[error("corrupt record in tree {tree} at key {key}")]
     Corrupt {
         tree: &'static str,
@@ -39,19 +62,16 @@ pub enum StoreError {
     },
 }
 
-impl From<TransactionError<StoreError>> for StoreError {
-    fn from(e: TransactionError<StoreError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Sled(e),
-        }
-    }
-}
-
 /// Why [`Store::update_agent`] wrote nothing.
 enum UpdateAbort<E> {
     Refused(E),
     Store(StoreError),
+}
+
+impl<E> From<StoreError> for UpdateAbort<E> {
+    fn from(e: StoreError) -> Self {
+        UpdateAbort::Store(e)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -176,35 +196,10 @@ pub enum Redeem {
     Expired { expires_unix: i64 },
 }
 
+/// The typed store over one [`Backend`]. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct Store {
-    path: PathBuf,
-    db: sled::Db,
-    meta: sled::Tree,
-    tokens: sled::Tree,
-    agents: sled::Tree,
-    revoked: sled::Tree,
-    operators: sled::Tree,
-    operator_records: sled::Tree,
-}
-
-/// How long [`Store::close`] waits for sled's threads to release the lock.
-const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Whether some open file description holds sled's lock (an `flock` on the
-/// `db` file, as sled takes it). A missing file is not locked.
-fn lock_is_held(dir: &Path) -> bool {
-    let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("db")) else {
-        return false;
-    };
-    match file.try_lock() {
-        Ok(()) => {
-            let _ = file.unlock();
-            false
-        }
-        Err(std::fs::TryLockError::WouldBlock) => true,
-        Err(std::fs::TryLockError::Error(_)) => false,
-    }
+    backend: Arc<dyn Backend>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -220,41 +215,31 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], v: &[u8]) -> Resu
 }
 
 impl Store {
+    /// The embedded sled store in `path` (created if missing).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(path).open().map_err(|source| {
-            if lock_is_held(path) {
-                StoreError::Locked { path: path.to_path_buf() }
-            } else {
-                StoreError::Open { path: path.to_path_buf(), source }
-            }
-        })?;
-        let store = Store {
-            path: path.to_path_buf(),
-            meta: db.open_tree("meta")?,
-            tokens: db.open_tree("tokens")?,
-            agents: db.open_tree("agents")?,
-            revoked: db.open_tree("revoked")?,
-            operators: db.open_tree("operators")?,
-            operator_records: db.open_tree("operator_records")?,
-            db,
-        };
+        Store::with_backend(Arc::new(SledBackend::open(path)?))
+    }
+
+    /// A store over any backend (migrations of old records run here).
+    pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
+        let store = Store { backend };
         store.migrate_operators()?;
         Ok(store)
+    }
+
+    pub fn backend_kind(&self) -> rekey_types::v1::StoreBackend {
+        self.backend.kind()
     }
 
     /// A store from before roles knows operators only as serial → name: each
     /// such name becomes an `admin` record holding its serials.
     fn migrate_operators(&self) -> Result<(), StoreError> {
         let mut legacy: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for kv in self.operators.iter() {
-            let (serial, name) = kv?;
+        for (serial, name) in self.scan(Tree::Operators, b"")? {
             let name = String::from_utf8_lossy(&name).into_owned();
-            if !self.operator_records.contains_key(name.as_bytes())? {
+            if self.get(Tree::OperatorRecords, name.as_bytes())?.is_none() {
                 legacy.entry(name).or_default().push(String::from_utf8_lossy(&serial).into_owned());
             }
-        }
-        if legacy.is_empty() {
-            return Ok(());
         }
         for (name, serials) in legacy {
             let rec = OperatorRecord {
@@ -266,67 +251,108 @@ impl Store {
                 revoked_unix: None,
                 revoked_by: None,
             };
-            self.operator_records.insert(name.as_bytes(), encode(&rec))?;
-        }
-        self.flush()
-    }
-
-    /// Flushes, lets go of every handle, and returns once sled's background
-    /// threads have really released the directory, so this process can open it
-    /// again at once (tests, backup/restore, migrations). Dropping a `Store` is
-    /// not enough: sled's flusher and I/O pool may hold the lock a little
-    /// longer. Every other clone must be dropped first.
-    pub fn close(self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        let path = self.path.clone();
-        drop(self);
-        let start = std::time::Instant::now();
-        let mut pause = std::time::Duration::from_millis(1);
-        while lock_is_held(&path) {
-            if start.elapsed() > CLOSE_WAIT {
-                return Err(StoreError::StillHeld { path, waited: start.elapsed() });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            self.put(Tree::OperatorRecords, name.as_bytes(), &encode(&rec))?;
         }
         Ok(())
     }
 
-    /// The underlying database, for subsystems that own further trees.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// Flushes, lets go of every handle, and returns once the backend has
+    /// really released the store (sled: its background threads let go of the
+    /// directory lock), so this process can open it again at once (tests,
+    /// backup/restore, migrations). Every other clone must be dropped first.
+    pub fn close(self) -> Result<(), StoreError> {
+        self.backend.close()?;
+        let sled_path =
+            (self.backend.kind() == rekey_types::v1::StoreBackend::Sled).then(|| self.sled_path()).flatten();
+        drop(self);
+        match sled_path {
+            Some(path) => SledBackend::wait_released(&path),
+            None => Ok(()),
+        }
+    }
+
+    fn sled_path(&self) -> Option<PathBuf> {
+        self.backend.as_any().downcast_ref::<SledBackend>().map(|b| b.path().to_path_buf())
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.backend.flush()
+    }
+
+    // ---- the generic key-value layer (for the typed layers on top) ----
+
+    pub fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.backend.get(tree, key)
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub fn scan(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        self.backend.scan(tree, prefix)
+    }
+
+    pub fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
+        self.backend.last(tree)
+    }
+
+    /// One durable write.
+    pub fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.transaction(true, |tx| tx.put(tree, key, value))
+    }
+
+    /// One durable removal.
+    pub fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
+        self.transaction(true, |tx| tx.remove(tree, key))
+    }
+
+    /// Runs `f` in one serializable transaction: committed (durably when
+    /// `durable`) if it returns `Ok`, nothing written if it returns `Err`.
+    /// `f` may run more than once (after a conflict); it must not act
+    /// outside the transaction.
+    pub fn transaction<T, E: From<StoreError>>(
+        &self,
+        durable: bool,
+        mut f: impl FnMut(&mut dyn Txn) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut out: Option<Result<T, E>> = None;
+        let r = self.backend.transaction(durable, &mut |tx| match f(tx) {
+            Ok(v) => {
+                out = Some(Ok(v));
+                Ok(())
+            }
+            Err(e) => {
+                out = Some(Err(e));
+                Err(Aborted)
+            }
+        });
+        match (r, out) {
+            (Ok(()), Some(out)) | (Err(StoreError::Aborted), Some(out)) => out,
+            (Err(e), _) => Err(e.into()),
+            (Ok(()), None) => unreachable!("a committed transaction ran its closure"),
+        }
     }
 
     pub fn meta_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+        self.get(Tree::Meta, key.as_bytes())
     }
 
     pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.meta.insert(key, value)?;
-        self.flush()
+        self.put(Tree::Meta, key.as_bytes(), value)
     }
 
     pub fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        self.tokens.insert(t.id.as_bytes(), encode(t))?;
-        self.flush()
+        self.put(Tree::Tokens, t.id.as_bytes(), &encode(t))
     }
 
     pub fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.tokens.get(id)?.map(|v| decode("tokens", id.as_bytes(), &v)).transpose()
+        self.get(Tree::Tokens, id.as_bytes())?.map(|v| decode("tokens", id.as_bytes(), &v)).transpose()
     }
 
     /// Atomically checks and marks a token used. `secret_sha256` must already
     /// be the hash of the presented secret; compared in constant time.
     pub fn redeem_token(&self, id: &str, secret_sha256: &str, now: i64) -> Result<Redeem, StoreError> {
-        let out = self.tokens.transaction(|t| {
-            let Some(raw) = t.get(id)? else { return Ok(Redeem::Unknown) };
-            let mut rec: TokenRecord =
-                decode("tokens", id.as_bytes(), &raw).map_err(ConflictableTransactionError::Abort)?;
+        self.transaction(true, |t| {
+            let Some(raw) = t.get(Tree::Tokens, id.as_bytes())? else { return Ok(Redeem::Unknown) };
+            let mut rec: TokenRecord = decode("tokens", id.as_bytes(), &raw)?;
             if !constant_time_eq(rec.secret_sha256.as_bytes(), secret_sha256.as_bytes()) {
                 return Ok(Redeem::Unknown);
             }
@@ -337,143 +363,116 @@ impl Store {
                 return Ok(Redeem::Expired { expires_unix: rec.expires_unix });
             }
             rec.used_unix = Some(now);
-            t.insert(id.as_bytes(), encode(&rec))?;
+            t.put(Tree::Tokens, id.as_bytes(), &encode(&rec))?;
             Ok(Redeem::Ok(rec))
-        })?;
-        self.flush()?;
-        Ok(out)
+        })
     }
 
     pub fn get_agent(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
-        self.agents.get(name)?.map(|v| decode("agents", name.as_bytes(), &v)).transpose()
+        self.get(Tree::Agents, name.as_bytes())?.map(|v| decode("agents", name.as_bytes(), &v)).transpose()
     }
 
     /// Changes one agent record atomically: `f` sees the stored record and
     /// either edits it (committed, and flushed when `durable`) or refuses
     /// with its own error (nothing written). A concurrent change — a
-    /// revocation committed in between — makes sled run `f` again on the new
-    /// record, so no update is ever based on a stale read. `None`: no such
-    /// agent.
+    /// revocation committed in between — makes the backend run `f` again on
+    /// the new record, so no update is ever based on a stale read. `None`:
+    /// no such agent.
     pub fn update_agent<T, E>(
         &self,
         name: &str,
         durable: bool,
         f: impl Fn(&mut AgentRecord) -> Result<T, E>,
     ) -> Result<Option<Result<T, E>>, StoreError> {
-        let out = self.agents.transaction(|agents| {
-            let Some(raw) = agents.get(name.as_bytes())? else { return Ok(None) };
-            let mut rec: AgentRecord = decode("agents", name.as_bytes(), &raw)
-                .map_err(|e| ConflictableTransactionError::Abort(UpdateAbort::Store(e)))?;
+        let out = self.transaction(durable, |agents| {
+            let Some(raw) = agents.get(Tree::Agents, name.as_bytes())? else { return Ok(None) };
+            let mut rec: AgentRecord = decode("agents", name.as_bytes(), &raw)?;
             match f(&mut rec) {
                 Ok(v) => {
-                    agents.insert(name.as_bytes(), encode(&rec))?;
+                    agents.put(Tree::Agents, name.as_bytes(), &encode(&rec))?;
                     Ok(Some(v))
                 }
-                Err(e) => Err(ConflictableTransactionError::Abort(UpdateAbort::Refused(e))),
+                Err(e) => Err(UpdateAbort::Refused(e)),
             }
         });
-        let out = match out {
-            Ok(v) => v.map(Ok),
-            Err(TransactionError::Abort(UpdateAbort::Refused(e))) => return Ok(Some(Err(e))),
-            Err(TransactionError::Abort(UpdateAbort::Store(e))) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(StoreError::Sled(e)),
-        };
-        if durable {
-            self.flush()?;
+        match out {
+            Ok(v) => Ok(v.map(Ok)),
+            Err(UpdateAbort::Refused(e)) => Ok(Some(Err(e))),
+            Err(UpdateAbort::Store(e)) => Err(e),
         }
-        Ok(out)
     }
 
     pub fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        self.agents
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode("agents", &k, &v)
-            })
-            .collect()
+        self.scan(Tree::Agents, b"")?.into_iter().map(|(k, v)| decode("agents", &k, &v)).collect()
     }
 
     /// Records a (re-)enrollment: a previous enrollment of the same name has
     /// its certificates revoked, so a re-provisioned host cannot be impersonated
     /// by its old key.
-    pub fn enroll_agent(&self, rec: &AgentRecord, now: i64) -> Result<(), StoreError> {
-        (&self.agents, &self.revoked).transaction(|(agents, revoked)| {
-            if let Some(old) = agents.get(rec.name.as_bytes())? {
-                let old: AgentRecord =
-                    decode("agents", rec.name.as_bytes(), &old).map_err(ConflictableTransactionError::Abort)?;
+    pub fn enroll_agent(&self, rec: &AgentRecord, _now: i64) -> Result<(), StoreError> {
+        self.transaction(true, |t| {
+            if let Some(old) = t.get(Tree::Agents, rec.name.as_bytes())? {
+                let old: AgentRecord = decode("agents", rec.name.as_bytes(), &old)?;
                 for s in &old.serials {
-                    revoked.insert(s.as_bytes(), rec.name.as_bytes())?;
+                    t.put(Tree::Revoked, s.as_bytes(), rec.name.as_bytes())?;
                 }
             }
-            agents.insert(rec.name.as_bytes(), encode(rec))?;
-            let _ = now;
-            Ok::<_, ConflictableTransactionError<StoreError>>(())
-        })?;
-        self.flush()
+            t.put(Tree::Agents, rec.name.as_bytes(), &encode(rec))
+        })
     }
 
     /// Marks the agent revoked and every certificate serial it was issued.
     /// Returns the updated record, or None for an unknown name.
     pub fn revoke_agent(&self, name: &str, by: &str, now: i64) -> Result<Option<AgentRecord>, StoreError> {
-        let out = (&self.agents, &self.revoked).transaction(|(agents, revoked)| {
-            let Some(raw) = agents.get(name.as_bytes())? else { return Ok(None) };
-            let mut rec: AgentRecord =
-                decode("agents", name.as_bytes(), &raw).map_err(ConflictableTransactionError::Abort)?;
+        self.transaction(true, |t| {
+            let Some(raw) = t.get(Tree::Agents, name.as_bytes())? else { return Ok(None) };
+            let mut rec: AgentRecord = decode("agents", name.as_bytes(), &raw)?;
             for s in &rec.serials {
-                revoked.insert(s.as_bytes(), name.as_bytes())?;
+                t.put(Tree::Revoked, s.as_bytes(), name.as_bytes())?;
             }
             if rec.revoked_unix.is_none() {
                 rec.revoked_unix = Some(now);
                 rec.revoked_by = Some(by.to_string());
             }
-            agents.insert(name.as_bytes(), encode(&rec))?;
+            t.put(Tree::Agents, name.as_bytes(), &encode(&rec))?;
             Ok(Some(rec))
-        })?;
-        self.flush()?;
-        Ok(out)
+        })
     }
 
     pub fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
-        self.revoked.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
+        Ok(self.scan(Tree::Revoked, b"")?.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect())
     }
 
     /// Records a new operator and its first certificate serial, atomically;
     /// refused if the name was ever used.
     pub fn create_operator(&self, rec: &OperatorRecord) -> Result<Result<(), OperatorRefused>, StoreError> {
-        let out = (&self.operator_records, &self.operators).transaction(|(records, serials)| {
-            if records.get(rec.name.as_bytes())?.is_some() {
+        self.transaction(true, |t| {
+            if t.get(Tree::OperatorRecords, rec.name.as_bytes())?.is_some() {
                 return Ok(Err(OperatorRefused::Exists(rec.name.clone())));
             }
-            records.insert(rec.name.as_bytes(), encode(rec))?;
+            t.put(Tree::OperatorRecords, rec.name.as_bytes(), &encode(rec))?;
             for s in &rec.serials {
-                serials.insert(s.as_bytes(), rec.name.as_bytes())?;
+                t.put(Tree::Operators, s.as_bytes(), rec.name.as_bytes())?;
             }
-            Ok::<_, ConflictableTransactionError<StoreError>>(Ok(()))
-        })?;
-        self.flush()?;
-        Ok(out)
+            Ok(Ok(()))
+        })
     }
 
     pub fn get_operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
-        self.operator_records.get(name)?.map(|v| decode("operator_records", name.as_bytes(), &v)).transpose()
+        self.get(Tree::OperatorRecords, name.as_bytes())?
+            .map(|v| decode("operator_records", name.as_bytes(), &v))
+            .transpose()
     }
 
     /// The operator a certificate serial was issued to, if it was issued here.
     pub fn operator_by_serial(&self, serial: &str) -> Result<Option<OperatorRecord>, StoreError> {
-        let Some(name) = self.operators.get(serial.as_bytes())? else { return Ok(None) };
+        let Some(name) = self.get(Tree::Operators, serial.as_bytes())? else { return Ok(None) };
         self.get_operator(&String::from_utf8_lossy(&name))
     }
 
     /// Every operator, by name.
     pub fn list_operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
-        self.operator_records
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode("operator_records", &k, &v)
-            })
-            .collect()
+        self.scan(Tree::OperatorRecords, b"")?.into_iter().map(|(k, v)| decode("operator_records", &k, &v)).collect()
     }
 
     /// Marks the operator revoked and every serial it was issued, in one
@@ -484,12 +483,11 @@ impl Store {
         by: &str,
         now: i64,
     ) -> Result<Result<OperatorRecord, OperatorRefused>, StoreError> {
-        let out = (&self.operator_records, &self.revoked).transaction(|(records, revoked)| {
-            let Some(raw) = records.get(name.as_bytes())? else {
+        self.transaction(true, |t| {
+            let Some(raw) = t.get(Tree::OperatorRecords, name.as_bytes())? else {
                 return Ok(Err(OperatorRefused::Unknown(name.to_string())));
             };
-            let mut rec: OperatorRecord =
-                decode("operator_records", name.as_bytes(), &raw).map_err(ConflictableTransactionError::Abort)?;
+            let mut rec: OperatorRecord = decode("operator_records", name.as_bytes(), &raw)?;
             if let (Some(at), Some(by)) = (rec.revoked_unix, rec.revoked_by.clone()) {
                 return Ok(Err(OperatorRefused::AlreadyRevoked {
                     name: name.to_string(),
@@ -498,15 +496,13 @@ impl Store {
                 }));
             }
             for s in &rec.serials {
-                revoked.insert(s.as_bytes(), format!("operator/{name}").as_bytes())?;
+                t.put(Tree::Revoked, s.as_bytes(), format!("operator/{name}").as_bytes())?;
             }
             rec.revoked_unix = Some(now);
             rec.revoked_by = Some(by.to_string());
-            records.insert(name.as_bytes(), encode(&rec))?;
+            t.put(Tree::OperatorRecords, name.as_bytes(), &encode(&rec))?;
             Ok(Ok(rec))
-        })?;
-        self.flush()?;
-        Ok(out)
+        })
     }
 }
 
@@ -552,7 +548,7 @@ mod tests {
             db.open_tree("operators").unwrap().insert("0a", "admin").unwrap();
             db.flush().unwrap();
         }
-        while lock_is_held(dir.path()) {
+        while sled_backend::lock_is_held(dir.path()) {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let s = Store::open(dir.path()).unwrap();
