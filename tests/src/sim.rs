@@ -50,8 +50,9 @@ pub async fn admin(addr: &str, operator_dir: &std::path::Path) -> Result<AdminSe
 }
 
 /// Enrolls `names` (labels `labels` each) through the admin and enrollment
-/// APIs, `concurrency` at a time: a join token, a fresh key pair and a CSR
-/// signed by rekeyd per host.
+/// APIs, `concurrency` at a time, as the agents would: a join token, a fresh
+/// key pair, and a CSR signed by rekeyd over a connection of its own (rekeyd
+/// cuts unauthenticated connections short, so they are never shared).
 pub async fn enroll(
     addr: &str,
     operator_dir: &std::path::Path,
@@ -61,28 +62,23 @@ pub async fn enroll(
 ) -> Result<Vec<Identity>> {
     let admin = admin(addr, operator_dir).await?;
     let ca = tls::certs_from_pem(&std::fs::read_to_string(operator_dir.join("ca.pem"))?, "ca")?;
-    let enroller = AgentServiceClient::new(tls::connect(addr, tls::anonymous_client_config(&ca)?).await?);
+    let anonymous = tls::anonymous_client_config(&ca)?;
     let gate = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, name) in names.iter().enumerate() {
-        let (mut admin, mut enroller, gate) = (admin.clone(), enroller.clone(), gate.clone());
+        let (admin, anonymous, gate, addr) = (admin.clone(), anonymous.clone(), gate.clone(), addr.to_string());
         let (name, labels) = (name.clone(), labels.clone());
         tasks.spawn(async move {
             let _slot = gate.acquire_owned().await?;
-            let tok = admin.create_token(CreateTokenRequest { host: name.clone(), labels, ttl_seconds: 0 }).await?;
-            let key = KeyPair::generate()?;
-            let csr = CertificateParams::default().serialize_request(&key)?;
-            let r = enroller
-                .enroll(EnrollRequest {
-                    protocol_version: PROTOCOL_VERSION,
-                    agent_version: "sim".into(),
-                    token: tok.into_inner().token,
-                    csr_der: csr.der().to_vec(),
-                })
-                .await
-                .with_context(|| format!("enroll {name}"))?
-                .into_inner();
-            anyhow::Ok((i, Identity { name, cert_pem: r.certificate_pem, key_pem: key.serialize_pem() }))
+            let mut last = None;
+            // A connection cut mid-call leaves the token's fate unknown: a new one.
+            for _ in 0..3 {
+                match enroll_one(&addr, admin.clone(), anonymous.clone(), &name, &labels).await {
+                    Ok(id) => return anyhow::Ok((i, id)),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.expect("tried"))
         });
     }
     let mut out: Vec<Option<Identity>> = (0..names.len()).map(|_| None).collect();
@@ -91,6 +87,31 @@ pub async fn enroll(
         out[i] = Some(id);
     }
     Ok(out.into_iter().flatten().collect())
+}
+
+async fn enroll_one(
+    addr: &str,
+    mut admin: AdminServiceClient<Channel>,
+    anonymous: Arc<rustls::ClientConfig>,
+    name: &str,
+    labels: &HashMap<String, String>,
+) -> Result<Identity> {
+    let tok =
+        admin.create_token(CreateTokenRequest { host: name.into(), labels: labels.clone(), ttl_seconds: 0 }).await?;
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    let mut enroller = AgentServiceClient::new(tls::connect(addr, anonymous).await?);
+    let r = enroller
+        .enroll(EnrollRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "sim".into(),
+            token: tok.into_inner().token,
+            csr_der: csr.der().to_vec(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("enroll {name}: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok(Identity { name: name.into(), cert_pem: r.certificate_pem, key_pem: key.serialize_pem() })
 }
 
 /// How the simulated hosts behave.

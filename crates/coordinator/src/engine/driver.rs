@@ -184,6 +184,8 @@ struct Stepped {
 
 /// At most this many agent reports share one flush.
 const MAX_BATCH: usize = 4096;
+/// How long the first report of a batch waits for others to share its flush.
+const GROUP_COMMIT: Duration = Duration::from_millis(3);
 
 fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
@@ -333,7 +335,7 @@ impl Engine {
                 _ = shutdown.cancelled() => return Ok(()),
                 cmd = self.rx.recv() => match cmd {
                     Some(Command::Agent(AgentEvent::Report { host, report })) => {
-                        let (batch, next) = self.take_reports((host, report));
+                        let (batch, next) = self.take_reports((host, report)).await;
                         self.on_reports(batch);
                         if let Some(cmd) = next {
                             self.on_command(cmd).await;
@@ -443,15 +445,21 @@ impl Engine {
         self.apply_batch(events);
     }
 
-    /// The reports waiting behind `first` (up to [`MAX_BATCH`]), and the first
-    /// other command found, which must wait for the batch.
-    fn take_reports(&mut self, first: (String, v1::StageReport)) -> (Vec<(String, v1::StageReport)>, Option<Command>) {
+    /// The reports arriving within [`GROUP_COMMIT`] of `first` (up to
+    /// [`MAX_BATCH`]), and the first other command found, which must wait for
+    /// the batch. A flush costs the same for one report as for thousands:
+    /// this short wait is what lets a wave's reports share it.
+    async fn take_reports(
+        &mut self,
+        first: (String, v1::StageReport),
+    ) -> (Vec<(String, v1::StageReport)>, Option<Command>) {
         let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + GROUP_COMMIT;
         while batch.len() < MAX_BATCH {
-            match self.rx.try_recv() {
-                Ok(Command::Agent(AgentEvent::Report { host, report })) => batch.push((host, report)),
-                Ok(other) => return (batch, Some(other)),
-                Err(_) => break,
+            match tokio::time::timeout_at(until, self.rx.recv()).await {
+                Ok(Some(Command::Agent(AgentEvent::Report { host, report }))) => batch.push((host, report)),
+                Ok(Some(other)) => return (batch, Some(other)),
+                Ok(None) | Err(_) => break,
             }
         }
         (batch, None)
