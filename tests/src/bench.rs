@@ -76,6 +76,31 @@ pub struct RotationFigures {
     pub receipt_max_ms: i64,
 }
 
+/// One real `rekey-agent` process, idle through the same window.
+#[derive(Debug, Clone, Default)]
+pub struct AgentFigures {
+    pub binary_bytes: u64,
+    pub rss_kib: u64,
+    /// Context switches (its own wake-ups) per minute at idle, all threads.
+    pub wakeups_per_min: f64,
+    pub threads: u64,
+}
+
+/// Voluntary + involuntary context switches of every thread of `pid`.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .map(|t| {
+            let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// One admin read through the CLI.
 #[derive(Debug, Clone)]
 pub struct ReadFigures {
@@ -98,6 +123,8 @@ pub struct Figures {
     pub reconnect: Duration,
     pub reconnect_errors: u64,
     pub reconnect_sessions: u64,
+    /// The real `rekey-agent` beside the simulated ones (this build's binary).
+    pub agent: AgentFigures,
     pub rotations: Vec<RotationFigures>,
     pub reads: Vec<ReadFigures>,
 }
@@ -197,13 +224,32 @@ pub async fn run(dir: &Path, opts: &BenchOptions) -> Result<Figures> {
     let n = opts.hosts;
     fig.first_connect = wait_async("all hosts connected", opts.deadline, || fleet.connected() == n).await?;
 
+    // One real agent beside them (consuming nothing), idle through the same window.
+    let mut agent = crate::Agent::new(dir, "real-agent", &[]);
+    agent.enroll_ok(&c, &[]);
+    agent.start();
+    let apid = agent.pid().context("rekey-agent is not running")?;
+    let t = Instant::now();
+    while !c.is_connected(&agent.name) {
+        if t.elapsed() > opts.deadline {
+            bail!("the real agent did not connect:\n{}", agent.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Idle: let the handshakes' garbage settle, then a window of heartbeats only.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu0, t0) = (cpu_seconds(pid(&c)?), Instant::now());
+    let (cpu0, ctx0, t0) = (cpu_seconds(pid(&c)?), context_switches(apid), Instant::now());
     tokio::time::sleep(opts.idle).await;
     fig.idle_window = t0.elapsed();
     fig.idle_cpu_pct = (cpu_seconds(pid(&c)?) - cpu0) / fig.idle_window.as_secs_f64() * 100.0;
     fig.rss_idle_kib = status_kib(pid(&c)?, "VmRSS:");
+    fig.agent = AgentFigures {
+        binary_bytes: std::fs::metadata(&bins().agent).map(|m| m.len()).unwrap_or(0),
+        rss_kib: status_kib(apid, "VmRSS:"),
+        wakeups_per_min: (context_switches(apid) - ctx0) as f64 * 60.0 / fig.idle_window.as_secs_f64(),
+        threads: status_kib(apid, "Threads:"),
+    };
+    agent.kill();
 
     // Cold reconnect: SIGKILL rekeyd and start it again on the same data.
     let (errors0, sessions0) = (load(&fleet.stats.connect_errors), load(&fleet.stats.sessions));

@@ -392,6 +392,11 @@ impl Agent {
         }
     }
 
+    /// Process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Waits for the agent process to exit by itself; returns its status and log.
     pub fn wait_exit(&mut self) -> Result<(ExitStatus, String)> {
         let child = self.child.as_mut().ok_or_else(|| anyhow!("agent {} not running", self.name))?;
