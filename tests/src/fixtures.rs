@@ -288,8 +288,7 @@ pub struct DemoApi {
 pub fn demo_bins() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let status = rekey_demo::process::cargo()
             .args(["build", "--quiet", "-p", "rekey-demo", "--bins"])
             .current_dir(workspace_root())
             .status()

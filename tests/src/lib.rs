@@ -9,9 +9,11 @@
 //! views ([`Coordinator::rotation`], [`Coordinator::agents`], ...), so a test
 //! reads typed fields and a renamed field fails to compile.
 
+pub mod bench;
 pub mod fixtures;
 pub mod postgres;
 pub mod scripted;
+pub mod sim;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rekey_demo::process::{self, Signal, spawn_logged, wait_until};
@@ -39,7 +41,6 @@ pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
         let root = workspace_root();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         // Benchmarks built with --release measure release binaries.
         let release = std::env::current_exe().is_ok_and(|p| p.components().any(|c| c.as_os_str() == "release"));
         let mut args = vec![
@@ -58,7 +59,7 @@ pub fn bins() -> &'static Bins {
         if release {
             args.push("--release");
         }
-        let status = Command::new(cargo)
+        let status = rekey_demo::process::cargo()
             .args(&args)
             .current_dir(&root)
             .status()
@@ -451,6 +452,11 @@ impl Agent {
         if let Some(mut c) = self.child.take() {
             process::signal_and_wait(&mut c, Signal::SIGKILL);
         }
+    }
+
+    /// Process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Waits for the agent process to exit by itself; returns its status and log.

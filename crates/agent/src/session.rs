@@ -54,8 +54,10 @@ use tokio_util::sync::CancellationToken;
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// A renewal with no answer is retried after this long.
 const RENEW_RETRY: Duration = Duration::from_secs(30);
-/// How often an established session looks whether the renewal is due.
-const RENEW_CHECK: Duration = Duration::from_secs(1);
+/// An established session sleeps until its renewal is due, but never longer
+/// than this in one go: the due time is on the wall clock, which may jump.
+/// (An idle agent wakes only for heartbeats and this — no polling.)
+const RENEW_CHECK_MAX: Duration = Duration::from_secs(60);
 /// At shutdown, how long an apply in progress may take to finish.
 const APPLY_DRAIN: Duration = Duration::from_secs(30);
 
@@ -140,6 +142,11 @@ impl Renewal {
 
     fn is_due(&self, now: i64) -> bool {
         now >= self.due
+    }
+
+    /// How long to sleep before looking again (at most [`RENEW_CHECK_MAX`]).
+    fn wait(&self, now: i64) -> Duration {
+        Duration::from_secs((self.due - now).clamp(0, RENEW_CHECK_MAX.as_secs() as i64) as u64)
     }
 
     /// A request went out at `now` with `key`; unanswered, it is retried
@@ -447,13 +454,13 @@ impl Live<'_> {
         mut inbound: impl Stream<Item = Result<CoordinatorMessage, tonic::Status>> + Unpin,
         shutdown: &CancellationToken,
     ) -> Result<End, AgentError> {
-        let mut renew_check = tokio::time::interval(RENEW_CHECK);
         loop {
+            let renew_wait = self.renewal.wait((self.clock)());
             let end = tokio::select! {
                 _ = shutdown.cancelled() => Some(End::Shutdown),
                 seq = self.heartbeats.tick() => self.send(agent_message::Msg::Heartbeat(Heartbeat { seq })).await,
                 _ = self.outbox.changed(), if self.established => self.send_reports().await,
-                _ = renew_check.tick(), if self.established => {
+                _ = tokio::time::sleep(renew_wait), if self.established => {
                     if self.renewal.is_due((self.clock)()) {
                         self.request_renewal().await;
                     }
@@ -620,6 +627,16 @@ mod tests {
         assert!(r.take_pending().is_some());
         r.renewed(1_095, 1_185);
         assert!(!r.is_due(1_154) && r.is_due(1_155));
+    }
+
+    #[test]
+    fn an_idle_session_sleeps_until_its_renewal_is_due_instead_of_polling() {
+        let r = Renewal::new(1_000, 1_090); // due at 1_060
+        assert_eq!(r.wait(1_030), 30 * SEC);
+        assert_eq!(r.wait(1_060), Duration::ZERO);
+        assert_eq!(r.wait(1_100), Duration::ZERO, "overdue: at once");
+        let year = Renewal::new(0, 365 * 86_400);
+        assert_eq!(year.wait(0), RENEW_CHECK_MAX, "a far renewal still looks again after a wall-clock jump");
     }
 
     #[test]

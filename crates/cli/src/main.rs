@@ -170,8 +170,15 @@ enum RotateCmd {
         #[arg(long, value_name = "SECONDS")]
         wait: Option<u32>,
     },
-    /// Show a rotation: state, wave, and every host's state, fingerprint and error.
-    Status { id: String },
+    /// Show a rotation: state, waves, and its hosts' state, fingerprint and
+    /// error. Past 20 hosts, the table lists each wave's counts and only the
+    /// hosts not done (at most 50); `--hosts all` lists every host.
+    Status {
+        id: String,
+        /// `all`: every host, however many.
+        #[arg(long, value_parser = ["all"])]
+        hosts: Option<String>,
+    },
     /// List rotations, newest first.
     List {
         /// Only this secret's rotations.
@@ -368,7 +375,8 @@ pub(crate) async fn connect_to(dir: &Path, coordinators: &[String], verbose: boo
     let key = tls::key_from_pem(&read(dir, "operator.key")?, "operator.key")?;
     let config = tls::client_config(&ca, chain, key)?;
     let replicas = Replicas::connect(addresses, config, verbose).await?;
-    Ok(Client { inner: AdminServiceClient::new(replicas.clone()), replicas })
+    // A rotation of 10,000 hosts is ~4 MB of JSON, gRPC's default limit.
+    Ok(Client { inner: AdminServiceClient::new(replicas.clone()).max_decoding_message_size(MAX_ANSWER), replicas })
 }
 
 /// The addresses in an operator dir's rekey.toml (`coordinator`: one or a list).
@@ -610,10 +618,11 @@ async fn rotate_cmd(client: &mut Client, out: Output, cmd: &RotateCmd) -> Result
             }
             output(out, &v, |v| println!("{}", v.id));
         }
-        RotateCmd::Status { id } => {
+        RotateCmd::Status { id, hosts } => {
             let v: RotationView = client
                 .view(client.inner.clone().get_rotation(client.request(GetRotationRequest { id: id.clone() })).await)?;
-            output(out, &v, rotate::print_rotation);
+            let all = hosts.is_some();
+            output(out, &v, |v| rotate::print_rotation(v, all));
         }
         RotateCmd::List { secret } => {
             let req = ListRotationsRequest { secret: secret.clone().unwrap_or_default() };
@@ -677,6 +686,9 @@ impl std::fmt::Display for Exit {
 }
 
 impl std::error::Error for Exit {}
+
+/// The largest answer the CLI reads (a rotation of 100,000 hosts fits).
+const MAX_ANSWER: usize = 256 << 20;
 
 fn main() -> std::process::ExitCode {
     out::install_panic_hook();

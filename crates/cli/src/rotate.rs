@@ -4,7 +4,8 @@
 use crate::table::Table;
 use rekey_common::time::{format_relative, format_unix, format_unix_ms, now_unix};
 use rekey_types::v1::{
-    AlertView, AuditRecordView, PlanHostStatus, PlanView, RotationSummary, RotationView, SecretView, VersionView,
+    AlertView, AuditRecordView, HostState, HostView, PlanHostStatus, PlanView, RotationSummary, RotationView,
+    SecretView, VersionView,
 };
 use std::collections::BTreeMap;
 
@@ -103,7 +104,12 @@ pub fn summary(r: &RotationView) -> String {
     format!("[{}{}]{} {}", r.state, if r.paused { ", paused" } else { "" }, wave_text, hosts_text)
 }
 
-pub fn print_rotation(r: &RotationView) {
+/// Up to this many hosts, `rotate status` lists every host.
+const ALL_HOSTS_UP_TO: usize = 20;
+/// Past that, at most this many hosts that are not done.
+const NOT_DONE_SHOWN: usize = 50;
+
+pub fn print_rotation(r: &RotationView, all_hosts: bool) {
     println!("rotation   {}", cell(&r.id));
     println!("secret     {}", cell(&r.secret));
     let note = if r.paused {
@@ -121,8 +127,48 @@ pub fn print_rotation(r: &RotationView) {
         println!("waiting on {w}");
     }
     println!();
+    if all_hosts || r.hosts.len() <= ALL_HOSTS_UP_TO {
+        print_hosts(r.hosts.iter(), None);
+    } else {
+        print_waves(r);
+        let not_done: Vec<_> =
+            r.hosts.iter().filter(|(_, h)| !matches!(h.state, HostState::Healthy | HostState::Excluded)).collect();
+        if not_done.is_empty() {
+            println!("every host is done (healthy or excluded); --hosts all lists them");
+        } else {
+            println!("hosts not done ({}); --hosts all lists every host", not_done.len());
+            print_hosts(not_done.iter().copied(), Some(NOT_DONE_SHOWN));
+        }
+    }
+    print_rotation_tail(r);
+}
+
+/// One line per wave: its size and how many of its hosts are in each state.
+fn print_waves(r: &RotationView) {
+    let mut t = Table::new(["WAVE", "HOSTS", "STATES"]);
+    for (i, wave) in r.waves.iter().enumerate() {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for h in wave.iter().filter_map(|n| r.hosts.get(n)) {
+            *counts.entry(h.state.as_str()).or_default() += 1;
+        }
+        let states = counts.iter().map(|(k, n)| format!("{n} {k}")).collect::<Vec<_>>().join(", ");
+        let name = if i == 0 && r.policy.canary > 0 { "0 (canary)".to_string() } else { i.to_string() };
+        let name = if i == r.current_wave && !r.state.is_terminal() { format!("{name} ←") } else { name };
+        t.row([name, wave.len().to_string(), states]);
+    }
+    print!("{t}");
+    println!();
+}
+
+/// The host table; with `limit`, at most that many rows and a count of the rest.
+fn print_hosts<'a>(hosts: impl Iterator<Item = (&'a String, &'a HostView)>, limit: Option<usize>) {
     let mut t = Table::new(["HOST", "WAVE", "STATE", "SINCE", "FINGERPRINT", "ERROR"]);
-    for (name, h) in &r.hosts {
+    let mut more = 0;
+    for (i, (name, h)) in hosts.enumerate() {
+        if limit.is_some_and(|l| i >= l) {
+            more += 1;
+            continue;
+        }
         let err = match &h.exclusion {
             Some(ex) => format!("excluded by {}: {}", cell(&ex.by), cell(&ex.reason)),
             None => opt(h.error.as_deref()),
@@ -137,6 +183,13 @@ pub fn print_rotation(r: &RotationView) {
         ]);
     }
     print!("{t}");
+    if more > 0 {
+        println!("… and {more} more (--hosts all, or -o json)");
+    }
+}
+
+/// Evidence, decisions, timeline and exits.
+fn print_rotation_tail(r: &RotationView) {
     if !r.evidence.is_empty() {
         println!();
         println!("revocation evidence (provider usage of the old version)");

@@ -8,7 +8,8 @@
 //!   [`signal_and_wait`], [`read_log`];
 //! - waiting: [`wait_until`] polls a condition until a deadline — a wait is on
 //!   a condition, never a fixed sleep;
-//! - [`free_port`] on loopback.
+//! - [`free_port`] on loopback;
+//! - [`cargo`]: a nested `cargo build` that sees the environment a person's would.
 
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
@@ -19,6 +20,36 @@ use std::time::{Duration, Instant};
 
 /// The signals [`signal_and_wait`] sends (so callers need not depend on nix).
 pub use nix::sys::signal::Signal;
+
+/// A `cargo` command (the one running us, if any) for a nested build of
+/// sibling binaries. Cargo gives a program it runs the variables of that
+/// program's package (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …); a nested
+/// build that inherits them is not the build a person runs — ring's build
+/// script watches `CARGO_MANIFEST_DIR`, so ring and everything above it
+/// (rustls, tonic, every binary) would be rebuilt twice: once here, once at
+/// the next plain `cargo build`. Those variables are removed; the ones a user
+/// sets (`CARGO_TARGET_DIR`, `CARGO_HOME`, `CARGO_PROFILE_*`, …) are kept.
+pub fn cargo() -> Command {
+    const SET_FOR_A_PACKAGE: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        if SET_FOR_A_PACKAGE.contains(&k) || k.starts_with("CARGO_PKG_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
 
 /// The pid in a pidfile, if it holds one.
 pub fn read_pid(path: &Path) -> Option<i32> {

@@ -104,16 +104,15 @@ fn bins() -> Result<Bins> {
     if missing {
         // Run through `cargo run`, or from a cargo target dir: build the rest.
         let in_target = dir.components().any(|c| c.as_os_str() == "target");
-        let cargo = std::env::var("CARGO").ok().or_else(|| in_target.then(|| "cargo".to_string()));
-        let Some(cargo) = cargo else {
+        if std::env::var_os("CARGO").is_none() && !in_target {
             bail!(
                 "the demo needs rekeyd, rekey-agent, rekey-demo-api and rekey-demo-service next to {}: \
                  build them with `cargo build --release --workspace`",
                 exe.display()
             );
-        };
+        }
         eprintln!("building rekeyd, rekey-agent and the demo binaries (first run only)…");
-        let mut cmd = Command::new(cargo);
+        let mut cmd = crate::process::cargo();
         if let Some(root) = dir.ancestors().find(|d| d.join("Cargo.toml").exists()) {
             cmd.current_dir(root);
         }

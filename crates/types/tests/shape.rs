@@ -49,6 +49,8 @@ fn host(state: HostState, wave: usize, history: &[(HostState, i64)]) -> HostView
         rollback_pending: false,
         redeliver_at_ms: None,
         history: history.to_vec(),
+        reported_ms: history.last().map(|h| h.1),
+        received_ms: history.last().map(|h| h.1 + 40),
     }
 }
 

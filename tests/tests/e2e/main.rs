@@ -19,6 +19,7 @@ mod postgres_provider;
 mod preflight;
 mod providers;
 mod reports;
+mod scale;
 mod scope;
 mod security;
 mod security_agent;

@@ -180,6 +180,18 @@ pub struct Engine {
     rx: mpsc::Receiver<Command>,
 }
 
+/// An event handled and staged, its side effects not yet performed.
+struct Stepped {
+    id: String,
+    state_before: RotationState,
+    actions: Vec<Action>,
+}
+
+/// At most this many agent reports share one flush.
+const MAX_BATCH: usize = 4096;
+/// How long the first report of a batch waits for others to share its flush.
+const GROUP_COMMIT: Duration = Duration::from_millis(3);
+
 fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     rand::rng().fill(&mut b[..]);
@@ -200,18 +212,20 @@ fn stage_of(s: i32) -> Option<Stage> {
 }
 
 /// Audit records for what changed between two states of a rotation.
-fn audit_diff(before: &Rotation, after: &Rotation, actor: &str) -> Vec<AuditEntry> {
+/// The audit records of one transition: host changes (the hosts it
+/// touched whose state moved), then new decisions and timeline entries.
+fn audit_of(rot: &Rotation, decisions_before: usize, timeline_before: usize, actor: &str) -> Vec<AuditEntry> {
     let mut out = Vec::new();
     // Host changes first: they are the cause of the rotation's transitions.
-    for (name, h) in &after.hosts {
-        let old = before.hosts.get(name).map(|b| b.state);
-        if old != Some(h.state) {
+    for (name, from) in &rot.touched.0 {
+        let Some(h) = rot.hosts.get(name) else { continue };
+        if *from != h.state {
             out.push(AuditEntry::new(
                 actor,
                 "host.state",
                 serde_json::json!({
-                    "rotation": after.id, "secret": after.secret, "host": name,
-                    "from": old.map(|s| s.as_str()), "to": h.state.as_str(),
+                    "rotation": rot.id, "secret": rot.secret, "host": name,
+                    "from": from.as_str(), "to": h.state.as_str(),
                     "fingerprint": h.fingerprint, "error": h.error,
                     "excluded_by": h.exclusion.as_ref().map(|e| &e.by),
                     "reason": h.exclusion.as_ref().map(|e| &e.reason),
@@ -219,31 +233,24 @@ fn audit_diff(before: &Rotation, after: &Rotation, actor: &str) -> Vec<AuditEntr
             ));
         }
     }
-    for d in after.decisions.iter().skip(before.decisions.len()) {
+    for d in rot.decisions.iter().skip(decisions_before) {
         out.push(AuditEntry::new(
             actor,
             format!("rotation.decision.{}", d.kind.as_str()),
             serde_json::json!({
-                "rotation": after.id, "secret": after.secret, "decision": d.kind.as_str(), "by": d.by,
+                "rotation": rot.id, "secret": rot.secret, "decision": d.kind.as_str(), "by": d.by,
                 "reason": d.reason, "from": d.from.as_str(), "hosts_on_new": d.hosts_on_new,
             }),
         ));
     }
-    for t in after.timeline.iter().skip(before.timeline.len()) {
+    for t in rot.timeline.iter().skip(timeline_before) {
         out.push(AuditEntry::new(
             actor,
             format!("rotation.{}", t.state.as_str()),
-            serde_json::json!({ "rotation": after.id, "secret": after.secret, "state": t.state.as_str(), "note": t.note }),
+            serde_json::json!({ "rotation": rot.id, "secret": rot.secret, "state": t.state.as_str(), "note": t.note }),
         ));
     }
     out
-}
-
-/// Equal but for the `updated_ms` stamp: nothing to persist.
-fn unchanged(before: &Rotation, after: &Rotation) -> bool {
-    let mut a = after.clone();
-    a.updated_ms = before.updated_ms;
-    *before == a
 }
 
 /// A secret's provider and the sinks every new version is also written to.
@@ -310,13 +317,22 @@ impl Engine {
                 }
                 continue;
             }
+            // Once per rotation at start: a full comparison is affordable here.
             let before = rot.clone();
             let mut after = rot;
             let actions = machine::on_restart(&mut after, now);
             tracing::info!(rotation = %after.id, secret = %after.secret, state = after.state.as_str(), "resuming rotation");
-            self.persist(&before, &after, "rekeyd")?;
+            for (name, h) in &after.hosts {
+                if before.hosts.get(name) != Some(h) {
+                    after.touched.0.insert(name.clone(), before.hosts.get(name).map_or(h.state, |b| b.state));
+                }
+            }
             let id = after.id.clone();
+            let counts = (before.decisions.len(), before.timeline.len());
+            let head_before = if before.hosts_apart { before.clone().head_digest() } else { Vec::new() };
             self.active.insert(id.clone(), after);
+            self.stage(&id, &head_before, counts, "rekeyd")?;
+            self.state.flush_changes()?;
             self.run_actions(&id, actions, "rekeyd");
         }
         let mut wake = self.next_wake();
@@ -324,6 +340,14 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 cmd = self.rx.recv() => match cmd {
+                    Some(Command::Agent(AgentEvent::Report { host, report })) => {
+                        let (batch, next) = self.take_reports((host, report)).await;
+                        self.on_reports(batch);
+                        if let Some(cmd) = next {
+                            self.on_command(cmd).await;
+                        }
+                        wake = wake.min(self.next_wake());
+                    }
                     Some(cmd) => {
                         self.on_command(cmd).await;
                         wake = wake.min(self.next_wake());
@@ -361,7 +385,7 @@ impl Engine {
             }
             Command::Operator { id, event, by, reply } => {
                 let r = if self.active.contains_key(&id) {
-                    self.apply(&id, event, &by)
+                    self.apply_and_get(&id, event, &by)
                 } else {
                     match self.state.get_rotation(&id) {
                         Ok(Some(rot)) => Err(EngineError::Refused(format!(
@@ -396,29 +420,55 @@ impl Engine {
                     }
                 }
             }
-            Command::Agent(AgentEvent::Report { host, report }) => {
-                let Some(stage) = stage_of(report.stage) else {
-                    tracing::warn!(agent = %host, stage = report.stage, "report with an unknown stage ignored");
-                    return;
-                };
-                let id = report.rotation_id.clone();
-                match self.active.get(&id) {
-                    Some(r) if r.secret == report.secret => {
-                        let ev = Event::Report {
-                            host: host.clone(),
-                            version: report.version_id,
-                            stage,
-                            fingerprint: report.fingerprint,
-                            error: report.error,
-                        };
-                        if let Err(e) = self.apply(&id, ev, &format!("agent/{host}")) {
-                            tracing::error!(rotation = %id, error = %Chain(&e), "report not applied");
-                        }
-                    }
-                    _ => tracing::debug!(agent = %host, rotation = %id, "report for an inactive rotation ignored"),
+            Command::Agent(AgentEvent::Report { host, report }) => self.on_reports(vec![(host, report)]),
+        }
+    }
+
+    /// Agent reports, applied as one batch (see [`Engine::apply_batch`]).
+    fn on_reports(&mut self, reports: Vec<(String, v1::StageReport)>) {
+        let mut events = Vec::with_capacity(reports.len());
+        for (host, report) in reports {
+            let Some(stage) = stage_of(report.stage) else {
+                tracing::warn!(agent = %host, stage = report.stage, "report with an unknown stage ignored");
+                continue;
+            };
+            let id = report.rotation_id.clone();
+            match self.active.get(&id) {
+                Some(r) if r.secret == report.secret => {
+                    let ev = Event::Report {
+                        host: host.clone(),
+                        version: report.version_id,
+                        stage,
+                        fingerprint: report.fingerprint,
+                        error: report.error,
+                        at_ms: report.at_unix_ms,
+                    };
+                    events.push((id, ev, format!("agent/{host}")));
                 }
+                _ => tracing::debug!(agent = %host, rotation = %id, "report for an inactive rotation ignored"),
             }
         }
+        self.apply_batch(events);
+    }
+
+    /// The reports arriving within [`GROUP_COMMIT`] of `first` (up to
+    /// [`MAX_BATCH`]), and the first other command found, which must wait for
+    /// the batch. A flush costs the same for one report as for thousands:
+    /// this short wait is what lets a wave's reports share it.
+    async fn take_reports(
+        &mut self,
+        first: (String, v1::StageReport),
+    ) -> (Vec<(String, v1::StageReport)>, Option<Command>) {
+        let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + GROUP_COMMIT;
+        while batch.len() < MAX_BATCH {
+            match tokio::time::timeout_at(until, self.rx.recv()).await {
+                Ok(Some(Command::Agent(AgentEvent::Report { host, report }))) => batch.push((host, report)),
+                Ok(Some(other)) => return (batch, Some(other)),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        (batch, None)
     }
 
     async fn start(
@@ -481,7 +531,7 @@ impl Engine {
         self.state.begin(&rot, audit)?;
         tracing::info!(rotation = %id, %secret, targets = targets.len(), operator = %by, "rotation started");
         self.active.insert(id.clone(), rot);
-        self.apply(&id, Event::Begin, by)
+        self.apply_and_get(&id, Event::Begin, by)
     }
 
     /// The version a new rotation replaces: rekey's record reconciled with
@@ -531,48 +581,142 @@ impl Engine {
         Ok((old, audit))
     }
 
-    fn persist(&self, before: &Rotation, after: &Rotation, actor: &str) -> Result<(), EngineError> {
-        if unchanged(before, after) {
+    /// Persists what the last event changed in rotation `id` (see
+    /// [`EngineState::commit_change`]): its record only if something besides
+    /// its hosts changed, and the hosts it touched. Nothing if nothing changed.
+    fn stage(&mut self, id: &str, head_before: &[u8], counts: (usize, usize), actor: &str) -> Result<(), EngineError> {
+        let Some(rot) = self.active.get_mut(id) else { return Ok(()) };
+        let mut head_changed = rot.head_digest() != head_before;
+        let mut hosts: Vec<String> = rot.touched.0.keys().cloned().collect();
+        if !rot.hosts_apart {
+            // A record from before hosts were stored apart: move them all out now.
+            rot.hosts_apart = true;
+            head_changed = true;
+            hosts = rot.hosts.keys().cloned().collect();
+        }
+        if !head_changed && hosts.is_empty() {
             return Ok(());
         }
-        self.state.commit(after, audit_diff(before, after, actor))?;
+        let head = head_changed.then(|| rot.head_record());
+        let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let audit = audit_of(rot, counts.0, counts.1, actor);
+        self.state.stage_change(rot, head.as_deref(), &hosts, audit)?;
         Ok(())
     }
 
-    /// Applies one event (and the follow-ups its side effects produce):
-    /// handle → persist → act.
-    fn apply(&mut self, id: &str, event: Event, actor: &str) -> Result<Rotation, EngineError> {
-        let mut queue = VecDeque::from([(event, actor.to_string())]);
-        let mut last = None;
-        while let Some((event, actor)) = queue.pop_front() {
-            let Some(before) = self.active.get(id).cloned() else { break };
-            let mut after = before.clone();
-            let actions = machine::handle(&mut after, event, now_unix_ms()).map_err(|r| EngineError::Refused(r.0))?;
-            self.persist(&before, &after, &actor)?;
-            if after.state != before.state {
-                tracing::info!(rotation = %id, from = before.state.as_str(), to = after.state.as_str(), "rotation state");
+    /// The rotation as persisted, after a change that was refused or not
+    /// persisted: memory never runs ahead of the store.
+    fn reload(&mut self, id: &str) {
+        match self.state.get_rotation(id) {
+            Ok(Some(r)) if !r.state.is_terminal() => {
+                self.active.insert(id.to_string(), r);
             }
-            if after.state == RotationState::Completed
-                && before.state != RotationState::Completed
-                && let Some(old) = &after.old_version
-                && (after.old_revoked_ms.is_some() || after.timeline.iter().any(|t| t.state == RotationState::Deleting))
-            {
-                // Monitoring is over: forget the revoked value.
-                if let Err(e) = self.state.remove_version(&after.secret, old) {
-                    tracing::error!(rotation = %id, error = %Chain(&e), "cannot forget the old value");
+            Ok(_) => {
+                self.active.remove(id);
+            }
+            Err(e) => tracing::error!(rotation = %id, error = %Chain(&e), "cannot reload the rotation"),
+        }
+    }
+
+    /// Applies one event (and the follow-ups its side effects produce):
+    /// handle → persist → act. The rotation changes in place: a host event
+    /// costs the hosts it touched, not a copy of every host.
+    fn apply(&mut self, id: &str, event: Event, actor: &str) -> Result<(), EngineError> {
+        let mut queue = VecDeque::from([(event, actor.to_string())]);
+        while let Some((event, actor)) = queue.pop_front() {
+            let Some(stepped) = self.step(id, event, &actor)? else { break };
+            if let Err(e) = self.state.flush_changes() {
+                self.reload(id);
+                return Err(e.into());
+            }
+            queue.extend(self.act(stepped).into_iter().map(|f| (f, "rekeyd".to_string())));
+        }
+        Ok(())
+    }
+
+    /// Agent reports in one batch: each is handled and staged in its own
+    /// transaction, one flush makes them all durable, and only then are
+    /// their side effects performed. Persist-before-act holds for every
+    /// event; the batch shares the fsync (one per report was the bottleneck
+    /// at thousands of hosts).
+    fn apply_batch(&mut self, events: Vec<(String, Event, String)>) {
+        let mut done = Vec::new();
+        for (id, event, actor) in events {
+            match self.step(&id, event, &actor) {
+                Ok(Some(s)) => done.push(s),
+                Ok(None) => {}
+                Err(e) => tracing::error!(rotation = %id, error = %Chain(&e), "report not applied"),
+            }
+        }
+        if let Err(e) = self.state.flush_changes() {
+            tracing::error!(error = %Chain(&e), "reports not persisted; nothing done");
+            let ids: std::collections::BTreeSet<String> = done.into_iter().map(|s| s.id).collect();
+            ids.iter().for_each(|id| self.reload(id));
+            return;
+        }
+        for s in done {
+            let id = s.id.clone();
+            for follow in self.act(s) {
+                if let Err(e) = self.apply(&id, follow, "rekeyd") {
+                    tracing::error!(rotation = %id, error = %Chain(&e), "follow-up not applied");
                 }
             }
-            if after.state.is_terminal() {
-                self.active.remove(id);
-            } else {
-                self.active.insert(id.to_string(), after.clone());
-            }
-            for follow_up in self.run_actions_for(&after, actions) {
-                queue.push_back((follow_up, "rekeyd".to_string()));
-            }
-            last = Some(after);
         }
-        last.ok_or_else(|| EngineError::UnknownRotation(id.to_string()))
+    }
+
+    /// Handles one event and stages its change (not yet flushed); `None`
+    /// when the rotation is not active.
+    fn step(&mut self, id: &str, event: Event, actor: &str) -> Result<Option<Stepped>, EngineError> {
+        let Some(rot) = self.active.get_mut(id) else { return Ok(None) };
+        let (state_before, counts) = (rot.state, (rot.decisions.len(), rot.timeline.len()));
+        let head_before = rot.head_digest();
+        let actions = match machine::handle(rot, event, now_unix_ms()) {
+            Ok(a) => a,
+            Err(r) => {
+                self.reload(id);
+                return Err(EngineError::Refused(r.0));
+            }
+        };
+        if let Err(e) = self.stage(id, &head_before, counts, actor) {
+            self.reload(id);
+            return Err(e);
+        }
+        Ok(Some(Stepped { id: id.to_string(), state_before, actions }))
+    }
+
+    /// After the flush: logs the transition, forgets a revoked value once
+    /// monitoring is over, performs the side effects; returns the events
+    /// they produced (a delivery that could not be sent).
+    fn act(&mut self, s: Stepped) -> Vec<Event> {
+        let Some(rot) = self.active.get(&s.id) else { return Vec::new() };
+        let id = &s.id;
+        if rot.state != s.state_before {
+            tracing::info!(rotation = %id, from = s.state_before.as_str(), to = rot.state.as_str(), "rotation state");
+        }
+        if rot.state == RotationState::Completed
+            && s.state_before != RotationState::Completed
+            && let Some(old) = &rot.old_version
+            && (rot.old_revoked_ms.is_some() || rot.timeline.iter().any(|t| t.state == RotationState::Deleting))
+        {
+            // Monitoring is over: forget the revoked value.
+            if let Err(e) = self.state.remove_version(&rot.secret, old) {
+                tracing::error!(rotation = %id, error = %Chain(&e), "cannot forget the old value");
+            }
+        }
+        let follow = self.run_actions_for(rot, s.actions);
+        if rot.state.is_terminal() {
+            self.active.remove(id);
+        }
+        follow
+    }
+
+    /// [`Engine::apply`], then the rotation as it stands (for an operator's answer).
+    fn apply_and_get(&mut self, id: &str, event: Event, actor: &str) -> Result<Rotation, EngineError> {
+        self.apply(id, event, actor)?;
+        match self.active.get(id) {
+            Some(r) => Ok(r.clone()),
+            None => self.state.get_rotation(id)?.ok_or_else(|| EngineError::UnknownRotation(id.to_string())),
+        }
     }
 
     fn run_actions(&mut self, id: &str, actions: Vec<Action>, actor: &str) {

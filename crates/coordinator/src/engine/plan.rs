@@ -8,9 +8,49 @@
 //! it is done, percentages rounded down with at least one new host per wave
 //! (Ansible's `serial` rule). Hosts left after the last entry form a final
 //! wave. The canary is the first `canary` hosts of that order, alone in wave 0.
+//!
+//! Hosts are taken in the *natural order* of their names ([`natural_cmp`]):
+//! runs of digits compare as numbers, so `h2` comes before `h10` and wave 0
+//! of `h1..h250` is `h1, h2, h3`, not `h1, h10, h100`.
 
 use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
+
+/// Natural order of host names: runs of ASCII digits compare by numeric
+/// value (`h2 < h10`, `web9.b < web10.a`), everything else byte by byte.
+/// Names equal in that order (`h02` and `h2`) fall back to plain string
+/// order, so the order is total and `Equal` only for equal names.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut x, mut y) = (a.as_bytes(), b.as_bytes());
+    while let (Some(&cx), Some(&cy)) = (x.first(), y.first()) {
+        let ord = if cx.is_ascii_digit() && cy.is_ascii_digit() {
+            let (dx, rx) = split_digits(x);
+            let (dy, ry) = split_digits(y);
+            (x, y) = (rx, ry);
+            compare_numbers(dx, dy)
+        } else {
+            (x, y) = (&x[1..], &y[1..]);
+            cx.cmp(&cy)
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    x.len().cmp(&y.len()).then_with(|| a.cmp(b))
+}
+
+fn split_digits(s: &[u8]) -> (&[u8], &[u8]) {
+    let n = s.iter().take_while(|c| c.is_ascii_digit()).count();
+    s.split_at(n)
+}
+
+/// Compares two digit runs by value without parsing (any length works).
+fn compare_numbers(a: &[u8], b: &[u8]) -> Ordering {
+    let a = &a[a.iter().take_while(|&&c| c == b'0').count()..];
+    let b = &b[b.iter().take_while(|&&c| c == b'0').count()..];
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
 
 /// A size given as a count of hosts or a percentage of the targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,7 +157,7 @@ struct Group {
 }
 
 /// Selector waves take their matching hosts (first match wins); returns the
-/// groups and the hosts left for the size waves, both in name order.
+/// groups and the hosts left for the size waves, both in natural name order.
 fn selector_groups(hosts: Vec<Target>, stages: &[SelectorWave], empty: &mut Vec<String>) -> (Vec<Group>, Vec<String>) {
     let mut groups: Vec<Group> =
         stages.iter().map(|s| Group { hosts: Vec::new(), kind: s.describe(), pause_after: s.pause_after }).collect();
@@ -151,11 +191,11 @@ fn size_groups(pool: &[String], mut done: usize, waves: &[Amount]) -> Vec<Group>
     out
 }
 
-/// Splits `targets` (sorted by name for determinism) into waves; see the
-/// module documentation for the rules.
+/// Splits `targets` (in the natural order of their names, for determinism)
+/// into waves; see the module documentation for the rules.
 pub fn plan_waves(targets: &[Target], canary: usize, stages: &[SelectorWave], waves: &[Amount]) -> Plan {
     let mut hosts: Vec<Target> = targets.to_vec();
-    hosts.sort_by(|a, b| a.name.cmp(&b.name));
+    hosts.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     hosts.dedup_by(|a, b| a.name == b.name);
     let mut plan = Plan::default();
     let (mut groups, pool) = selector_groups(hosts, stages, &mut plan.empty);
@@ -296,11 +336,70 @@ mod tests {
         assert!(p.pause_after.is_empty(), "a pause after the last wave holds nothing back");
     }
 
+    #[test]
+    fn hosts_are_taken_in_natural_name_order() {
+        let hosts: Vec<Target> = ["h10", "h1", "h100", "h2", "h11", "h3"]
+            .iter()
+            .map(|n| Target { name: n.to_string(), labels: BTreeMap::new() })
+            .collect();
+        let p = plan_waves(&hosts, 1, &[], &[Amount::Percent(50), Amount::Percent(100)]);
+        assert_eq!(p.waves, vec![vec!["h1"], vec!["h2", "h3"], vec!["h10", "h11", "h100"]]);
+    }
+
+    #[test]
+    fn natural_order_compares_digit_runs_by_value() {
+        let mut v = vec![
+            "web10.b",
+            "web9.z",
+            "web10.a",
+            "db",
+            "h02",
+            "h2",
+            "h1",
+            "a99999999999999999999999",
+            "a100000000000000000000000",
+        ];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            v,
+            vec![
+                "a99999999999999999999999",
+                "a100000000000000000000000",
+                "db",
+                "h1",
+                "h02",
+                "h2",
+                "web9.z",
+                "web10.a",
+                "web10.b"
+            ]
+        );
+        assert_eq!(natural_cmp("h2", "h2"), Ordering::Equal);
+        assert_eq!(natural_cmp("h", "h1"), Ordering::Less);
+    }
+
     fn amount() -> impl Strategy<Value = Amount> {
         prop_oneof![(1usize..70).prop_map(Amount::Count), (1u32..=100).prop_map(Amount::Percent)]
     }
 
     proptest! {
+        /// The natural order is a total order: antisymmetric, transitive, and
+        /// `Equal` only for equal names.
+        #[test]
+        fn natural_order_is_total(mut v in proptest::collection::vec("[a0-2.]{0,6}", 0..30)) {
+            v.sort_by(|a, b| natural_cmp(a, b));
+            for w in v.windows(2) {
+                prop_assert_ne!(natural_cmp(&w[0], &w[1]), Ordering::Greater);
+                prop_assert_eq!(natural_cmp(&w[1], &w[0]), natural_cmp(&w[0], &w[1]).reverse());
+                prop_assert_eq!(natural_cmp(&w[0], &w[1]) == Ordering::Equal, w[0] == w[1]);
+            }
+            for a in &v { for b in &v { for c in &v {
+                if natural_cmp(a, b) != Ordering::Greater && natural_cmp(b, c) != Ordering::Greater {
+                    prop_assert_ne!(natural_cmp(a, c), Ordering::Greater);
+                }
+            }}}
+        }
+
         /// Every target is in exactly one wave, none is empty, the canary comes first.
         #[test]
         fn waves_partition_the_targets(n in 0usize..60, canary in 0usize..5,

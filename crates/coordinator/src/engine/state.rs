@@ -1,5 +1,7 @@
 //! The engine's durable state, in the coordinator's store (any backend):
-//! `rotations` (id → rotation), `secrets` (name → current version, active and
+//! `rotations` (id → rotation without its hosts), `rotation_hosts`
+//! (id NUL host → that host's status: one record per host, so a host event
+//! rewrites one small record, not the whole rotation), `secrets` (name → current version, active and
 //! last rotation), `versions` (secret/version → fields, sealed with the DEK),
 //! `provider_state` (per-secret provider data, sealed), `audit` (the chain).
 //!
@@ -93,18 +95,28 @@ impl EngineState {
     }
 
     pub fn get_rotation(&self, id: &str) -> Result<Option<Rotation>, StateError> {
-        self.store
-            .get(Tree::Rotations, id.as_bytes())?
-            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&format!("rotation {id}"), e)))
-            .transpose()
+        self.store.get(Tree::Rotations, id.as_bytes())?.map(|v| self.assemble(id, &v)).transpose()
     }
 
     pub fn list_rotations(&self) -> Result<Vec<Rotation>, StateError> {
         self.store
             .scan(Tree::Rotations, b"")?
             .into_iter()
-            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| corrupt("rotation", e)))
+            .map(|(k, v)| self.assemble(&String::from_utf8_lossy(&k), &v))
             .collect()
+    }
+
+    /// A rotation's record with its hosts' records put back in.
+    fn assemble(&self, id: &str, head: &[u8]) -> Result<Rotation, StateError> {
+        let mut rot: Rotation = serde_json::from_slice(head).map_err(|e| corrupt(&format!("rotation {id}"), e))?;
+        if rot.hosts_apart {
+            for (k, v) in self.store.scan(Tree::RotationHosts, &host_key(id, ""))? {
+                let host = String::from_utf8_lossy(&k[id.len() + 1..]).into_owned();
+                let h = serde_json::from_slice(&v).map_err(|e| corrupt(&format!("rotation {id} host {host}"), e))?;
+                rot.hosts.insert(host, h);
+            }
+        }
+        Ok(rot)
     }
 
     pub fn get_secret(&self, name: &str) -> Result<SecretRecord, StateError> {
@@ -117,6 +129,7 @@ impl EngineState {
     /// Registers a new rotation as the secret's active one (refused if one is active).
     pub fn begin(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
         let now = rot.created_ms;
+        let (head, records) = whole(rot);
         self.store.transaction(true, |t| {
             let mut rec = secret_in(t, &rot.secret)?;
             if let Some(active) = &rec.active_rotation {
@@ -125,19 +138,82 @@ impl EngineState {
             rec.active_rotation = Some(rot.id.clone());
             rec.last_rotation = Some(rot.id.clone());
             t.put(Tree::Secrets, rot.secret.as_bytes(), &serde_json::to_vec(&rec).expect("json"))?;
-            t.put(Tree::Rotations, rot.id.as_bytes(), &serde_json::to_vec(rot).expect("json"))?;
+            t.put(Tree::Rotations, rot.id.as_bytes(), &head)?;
+            for (k, v) in &records {
+                t.put(Tree::RotationHosts, k, v)?;
+            }
             append_audit(t, now, &audit)
         })?;
         self.flush_audited()
     }
 
-    /// Persists a rotation after a transition, with its audit records; when
-    /// the rotation ended, releases the secret (and records the new current
-    /// version when it completed).
+    /// Persists the whole rotation (its record and every host's) with its
+    /// audit records; see [`EngineState::commit_change`].
     pub fn commit(&self, rot: &Rotation, audit: Vec<AuditEntry>) -> Result<(), StateError> {
+        let (head, _) = whole(rot);
+        let hosts: Vec<&str> = rot.hosts.keys().map(String::as_str).collect();
+        self.commit_change(rot, Some(&head), &hosts, audit)
+    }
+
+    /// Persists what one transition changed, with its audit records, in one
+    /// transaction, durable before it returns: the rotation's own record
+    /// when `head` is given (see [`Rotation::head_record`]) and the records
+    /// of `hosts` only — O(1) bytes per host event, whatever the fleet size.
+    /// When the rotation ended, releases the secret (and records the new
+    /// current version when it completed).
+    pub fn commit_change(
+        &self,
+        rot: &Rotation,
+        head: Option<&[u8]>,
+        hosts: &[&str],
+        audit: Vec<AuditEntry>,
+    ) -> Result<(), StateError> {
+        self.change(true, rot, head, hosts, audit)?;
+        self.flush_changes()
+    }
+
+    /// [`EngineState::commit_change`], committed but not necessarily durable
+    /// yet (sled: until the next flush; PostgreSQL commits durably anyway).
+    /// The caller must [`EngineState::flush_changes`] before acting on it:
+    /// a batch of host reports shares one flush.
+    pub fn stage_change(
+        &self,
+        rot: &Rotation,
+        head: Option<&[u8]>,
+        hosts: &[&str],
+        audit: Vec<AuditEntry>,
+    ) -> Result<(), StateError> {
+        self.change(false, rot, head, hosts, audit)
+    }
+
+    /// Makes every staged change durable (one fsync for the batch), then
+    /// tells whoever waits on rotation changes.
+    pub fn flush_changes(&self) -> Result<(), StateError> {
+        let flushed = self.store.flush().map_err(StateError::from).and_then(|()| self.flush_audited());
+        self.rotation_changes.send_modify(|n| *n = n.wrapping_add(1));
+        flushed
+    }
+
+    fn change(
+        &self,
+        durable: bool,
+        rot: &Rotation,
+        head: Option<&[u8]>,
+        hosts: &[&str],
+        audit: Vec<AuditEntry>,
+    ) -> Result<(), StateError> {
         let now = rot.updated_ms;
-        self.store.transaction(true, |t| {
-            t.put(Tree::Rotations, rot.id.as_bytes(), &serde_json::to_vec(rot).expect("json"))?;
+        let records: Vec<HostRecord> = hosts
+            .iter()
+            .filter_map(|n| rot.hosts.get(*n).map(|h| (host_key(&rot.id, n), serde_json::to_vec(h).expect("json"))))
+            .collect();
+        self.store.transaction(durable, |t| {
+            if let Some(head) = head {
+                t.put(Tree::Rotations, rot.id.as_bytes(), head)?;
+            }
+            for (k, v) in &records {
+                t.put(Tree::RotationHosts, k, v)?;
+            }
             // Completed, or monitoring (the rotation's work is done; it only watches):
             // the secret is free for its next rotation.
             if rot.state.is_terminal() || rot.state == super::machine::RotationState::Monitoring {
@@ -152,10 +228,7 @@ impl EngineState {
                 }
             }
             append_audit(t, now, &audit)
-        })?;
-        let flushed = self.flush_audited();
-        self.rotation_changes.send_modify(|n| *n = n.wrapping_add(1));
-        flushed
+        })
     }
 
     /// Changes whenever a rotation's change is committed: a campaign starts
@@ -279,6 +352,23 @@ impl EngineState {
 }
 
 /// A secret's record as the transaction sees it (a default one if none).
+/// A host's (key, record) in `rotation_hosts`.
+type HostRecord = (Vec<u8>, Vec<u8>);
+
+/// A rotation's own record (hosts apart) and every host's (key, record).
+fn whole(rot: &Rotation) -> (Vec<u8>, Vec<HostRecord>) {
+    let mut head = rot.clone();
+    head.hosts = Default::default();
+    head.hosts_apart = true;
+    let records = rot.hosts.iter().map(|(n, h)| (host_key(&rot.id, n), serde_json::to_vec(h).expect("json"))).collect();
+    (serde_json::to_vec(&head).expect("json"), records)
+}
+
+/// A host's record: rotation id, NUL, host name (a prefix scan finds them all).
+fn host_key(rotation: &str, host: &str) -> Vec<u8> {
+    format!("{rotation}\u{0}{host}").into_bytes()
+}
+
 fn secret_in(t: &mut dyn Txn, name: &str) -> Result<SecretRecord, StateError> {
     Ok(match t.get(Tree::Secrets, name.as_bytes())? {
         Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("secret", e))?,
@@ -361,5 +451,59 @@ mod fingerprint_key_tests {
         assert!(!serde_json::to_string(&new).unwrap().contains("fingerprint_key"));
         let raw = store.get(Tree::FingerprintKeys, b"rot-new").unwrap().unwrap();
         assert!(!raw.windows(fresh.len()).any(|w| w == fresh), "stored in plaintext");
+    }
+}
+
+#[cfg(test)]
+mod host_record_tests {
+    use super::*;
+    use crate::engine::machine::{HostState, Policy};
+
+    fn rotation(n: usize) -> Rotation {
+        let names: Vec<String> = (1..=n).map(|i| format!("h{i}")).collect();
+        Rotation::new("rot-1".into(), "s".into(), "op".into(), Policy::default(), None, vec![names], String::new(), 0)
+    }
+
+    fn open() -> (tempfile::TempDir, Store, EngineState) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let state = EngineState::open(&store, Arc::new(Key::generate().unwrap())).unwrap();
+        (dir, store, state)
+    }
+
+    #[test]
+    fn a_host_event_rewrites_that_hosts_record_and_nothing_else() {
+        let (_dir, store, state) = open();
+        let mut rot = rotation(1000);
+        state.begin(&rot, vec![]).unwrap();
+        assert_eq!(store.scan(Tree::RotationHosts, b"").unwrap().len(), 1000, "one record per host");
+        let head = store.get(Tree::Rotations, b"rot-1").unwrap().unwrap();
+        assert!(!String::from_utf8_lossy(&head).contains("\"history\""), "no host status in the rotation's record");
+        let other = store.get(Tree::RotationHosts, &host_key("rot-1", "h8")).unwrap().unwrap();
+
+        rot.hosts.get_mut("h7").unwrap().state = HostState::Healthy;
+        state.stage_change(&rot, None, &["h7"], vec![]).unwrap();
+        state.flush_changes().unwrap();
+        assert_eq!(store.get(Tree::Rotations, b"rot-1").unwrap().unwrap(), head, "the rotation's record untouched");
+        assert_eq!(store.get(Tree::RotationHosts, &host_key("rot-1", "h8")).unwrap().unwrap(), other);
+        let back = state.get_rotation("rot-1").unwrap().unwrap();
+        assert_eq!(back.hosts["h7"].state, HostState::Healthy);
+        assert_eq!(back, rot, "record and host records read back as the rotation");
+        assert_eq!(state.list_rotations().unwrap(), vec![rot]);
+    }
+
+    #[test]
+    fn a_record_from_before_hosts_were_apart_reads_whole_and_moves_them_out_on_commit() {
+        let (_dir, store, state) = open();
+        let mut old = rotation(3);
+        old.hosts_apart = false;
+        store.put(Tree::Rotations, b"rot-1", &serde_json::to_vec(&old).unwrap()).unwrap();
+        let back = state.get_rotation("rot-1").unwrap().unwrap();
+        assert_eq!(back.hosts.len(), 3, "inline hosts still read");
+        state.commit(&back, vec![]).unwrap();
+        assert_eq!(store.scan(Tree::RotationHosts, b"").unwrap().len(), 3);
+        let again = state.get_rotation("rot-1").unwrap().unwrap();
+        assert!(again.hosts_apart);
+        assert_eq!(again.hosts, old.hosts);
     }
 }

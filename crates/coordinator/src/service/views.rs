@@ -128,6 +128,8 @@ impl From<&machine::HostStatus> for view::HostView {
             rollback_pending: h.rollback_pending,
             redeliver_at_ms: h.redeliver_at_ms,
             history: h.history.iter().map(|(s, t)| ((*s).into(), *t)).collect(),
+            reported_ms: h.last_report.map(|r| r.host_ms),
+            received_ms: h.last_report.map(|r| r.received_ms),
         }
     }
 }
@@ -731,6 +733,7 @@ mod tests {
             stage,
             fingerprint: fingerprint.into(),
             error: error.into(),
+            at_ms: 0,
         };
         let events = vec![
             Event::Begin,
@@ -786,6 +789,15 @@ mod tests {
                 .map(|e| json!({ "verb": e.verb, "command": e.command, "what": e.what }))
                 .collect::<Vec<_>>()
         );
+        // The host's last report times are two flat fields in the view.
+        for h in old["hosts"].as_object_mut().unwrap().values_mut() {
+            let h = h.as_object_mut().unwrap();
+            let last = h.remove("last_report").unwrap();
+            h.insert("reported_ms".into(), last.get("host_ms").cloned().unwrap_or(json!(null)));
+            h.insert("received_ms".into(), last.get("received_ms").cloned().unwrap_or(json!(null)));
+        }
+        // How the store keeps hosts is not part of the view.
+        assert_eq!(old.as_object_mut().unwrap().remove("hosts_apart"), Some(json!(true)));
         let key = old.as_object_mut().unwrap().remove("fingerprint_key");
         assert_eq!(key, Some(json!("00ff")));
 

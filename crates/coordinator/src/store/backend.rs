@@ -20,6 +20,8 @@ pub enum Tree {
     Operators,
     OperatorRecords,
     Rotations,
+    /// One record per (rotation, host): `engine::state`.
+    RotationHosts,
     Secrets,
     Versions,
     FingerprintKeys,
@@ -31,7 +33,7 @@ pub enum Tree {
 }
 
 impl Tree {
-    pub const ALL: [Tree; 15] = [
+    pub const ALL: [Tree; 16] = [
         Tree::Meta,
         Tree::Tokens,
         Tree::Agents,
@@ -39,6 +41,7 @@ impl Tree {
         Tree::Operators,
         Tree::OperatorRecords,
         Tree::Rotations,
+        Tree::RotationHosts,
         Tree::Secrets,
         Tree::Versions,
         Tree::FingerprintKeys,
@@ -60,6 +63,7 @@ impl Tree {
             Tree::Operators => "operators",
             Tree::OperatorRecords => "operator_records",
             Tree::Rotations => "rotations",
+            Tree::RotationHosts => "rotation_hosts",
             Tree::Secrets => "secrets",
             Tree::Versions => "versions",
             Tree::FingerprintKeys => "fingerprint_keys",

@@ -260,7 +260,15 @@ pub struct HostView {
     /// A reconnected host that may have missed its delivery gets it again at this time.
     pub redeliver_at_ms: Option<i64>,
     /// Every state change as `[state, at_ms]`, oldest first (at most 64).
+    /// A stage the agent reported carries the host's own time of the step,
+    /// clamped between the delivery and rekeyd's receipt of the report.
     pub history: Vec<(HostState, i64)>,
+    /// The last report's time by the agent's clock, as sent (null: none yet;
+    /// 0: not stamped), and when rekeyd received it.
+    #[serde(default)]
+    pub reported_ms: Option<i64>,
+    #[serde(default)]
+    pub received_ms: Option<i64>,
 }
 
 impl HostView {

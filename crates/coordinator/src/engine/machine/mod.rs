@@ -25,6 +25,7 @@ fn fmt_ms(ms: i64) -> String {
 /// Applies `event`; returns the side effects to perform once the new state is durable.
 pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>, Refusal> {
     let mut actions = Vec::new();
+    rot.touched.0.clear();
     match event {
         Event::Begin => {
             if rot.state == RotationState::Planned {
@@ -46,15 +47,16 @@ pub fn handle(rot: &mut Rotation, event: Event, now: i64) -> Result<Vec<Action>,
                 evidence::old_gone(rot, what, now, &mut actions);
             }
         }
-        Event::Report { host, version, stage, fingerprint, error } => {
-            report(rot, &host, &version, stage, fingerprint, error, now, &mut actions);
+        Event::Report { host, version, stage, fingerprint, error, at_ms } => {
+            let reported = Reported { stage, fingerprint, error, at_ms };
+            report(rot, &host, &version, reported, now, &mut actions);
         }
         Event::Connected { host, applied } => {
             connected(rot, &host, applied, now, &mut actions);
         }
         Event::SendFailed { host, error } => {
-            if let Some(h) = rot.hosts.get_mut(&host)
-                && (h.state.in_flight() || h.state == HostState::Pending)
+            if rot.hosts.get(&host).is_some_and(|h| h.state.in_flight() || h.state == HostState::Pending)
+                && let Some(h) = rot.host_mut(&host)
             {
                 h.error = Some(error);
                 h.set(HostState::Unreachable, now);
@@ -163,7 +165,12 @@ fn tick(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) {
     if !matches!(rot.state, RotationState::RollingOut | RotationState::Halted) {
         return;
     }
-    for (name, h) in rot.hosts.iter_mut() {
+    let due = rot.hosts_where(|h| {
+        h.redeliver_at_ms.is_some_and(|t| now >= t)
+            || (h.state.in_flight() && h.delivered_ms.is_some_and(|d| now - d > deadline))
+    });
+    for name in due {
+        let Some(h) = rot.host_mut(&name) else { continue };
         if h.redeliver_at_ms.is_some_and(|t| now >= t) {
             h.redeliver_at_ms = None;
             if h.state.in_flight() || h.state == HostState::Unreachable {
@@ -211,10 +218,8 @@ fn exclude(rot: &mut Rotation, host: &str, by: String, reason: String, now: i64)
             id = rot.id
         )));
     }
-    let h = rot
-        .hosts
-        .get_mut(host)
-        .ok_or_else(|| Refusal(format!("host {host:?} is not a target of rotation {}", rot.id)))?;
+    let id = rot.id.clone();
+    let h = rot.host_mut(host).ok_or_else(|| Refusal(format!("host {host:?} is not a target of rotation {id}")))?;
     if h.state == HostState::Excluded {
         return Err(Refusal(format!("host {host} is already excluded")));
     }
@@ -226,28 +231,29 @@ fn exclude(rot: &mut Rotation, host: &str, by: String, reason: String, now: i64)
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report(
-    rot: &mut Rotation,
-    host: &str,
-    version: &str,
+/// What an agent's stage report says.
+struct Reported {
     stage: Stage,
     fingerprint: String,
     error: String,
-    now: i64,
-    actions: &mut Vec<Action>,
-) {
+    at_ms: i64,
+}
+
+fn report(rot: &mut Rotation, host: &str, version: &str, r: Reported, now: i64, actions: &mut Vec<Action>) {
+    let Reported { stage, fingerprint, error, at_ms } = r;
     if rot.new_version.as_deref() != Some(version) || rot.state.is_terminal() || rot.verified() || rot.delete_new_issued
     {
         return; // stale, about another version, or after the decision was made
     }
     let expected = rot.expected_fingerprint.clone();
     let aborting = rot.state == RotationState::Aborting;
-    let Some(h) = rot.hosts.get_mut(host) else { return };
-    if h.state == HostState::Excluded {
+    if rot.hosts.get(host).is_none_or(|h| h.state == HostState::Excluded) {
         return;
     }
+    let Some(h) = rot.host_mut(host) else { return };
     h.redeliver_at_ms = None;
+    h.last_report = Some(ReportTimes { host_ms: at_ms, received_ms: now });
+    let at = h.host_time(at_ms, now);
     if aborting && matches!(stage, Stage::Delivered | Stage::Applied | Stage::Restarted | Stage::Healthy) {
         // Anything that may hold the new version must confirm a rollback
         // before the new version is deleted.
@@ -262,14 +268,14 @@ fn report(
             };
             // Forward only: a late "applied" never undoes "healthy".
             if (h.state.in_flight() || h.state == HostState::Unreachable) && next.rank() > h.state.rank() {
-                h.set(next, now);
+                h.set_at(next, at, now);
             }
         }
         Stage::Healthy => {
             if expected.as_deref() == Some(fingerprint.as_str()) {
                 h.fingerprint = Some(fingerprint);
                 h.error = None;
-                h.set(HostState::Healthy, now);
+                h.set_at(HostState::Healthy, at, now);
                 if aborting {
                     actions.push(Action::Rollback { host: host.to_string() });
                 }
@@ -279,14 +285,14 @@ fn report(
                     "host reports a loaded version with fingerprint {fingerprint}, expected {}",
                     expected.unwrap_or_default()
                 ));
-                h.set(HostState::Failed, now);
+                h.set_at(HostState::Failed, at, now);
             }
         }
         Stage::Failed | Stage::Refused => {
             let prefix = if stage == Stage::Refused { "agent refused the delivery: " } else { "" };
             h.error = Some(format!("{prefix}{}", if error.is_empty() { "failed (no reason given)" } else { &error }));
             if h.state != HostState::RolledBack || stage == Stage::Refused {
-                h.set(HostState::Failed, now);
+                h.set_at(HostState::Failed, at, now);
             }
             if stage == Stage::Refused {
                 h.rollback_pending = false; // nothing was applied
@@ -295,7 +301,7 @@ fn report(
         Stage::RolledBack => {
             h.rollback_pending = false;
             h.fingerprint = None;
-            h.set(HostState::RolledBack, now);
+            h.set_at(HostState::RolledBack, at, now);
         }
     }
 }
@@ -308,7 +314,7 @@ fn connected(rot: &mut Rotation, host: &str, applied: Option<(String, String)>, 
     let expected = rot.expected_fingerprint.clone();
     let state = rot.state;
     let delete_new_issued = rot.delete_new_issued;
-    let Some(h) = rot.hosts.get_mut(host) else { return };
+    let Some(h) = rot.host_mut(host) else { return };
     let on_new = applied.as_ref().is_some_and(|(v, f)| *v == new && Some(f) == expected.as_ref());
     let touched = h.state.in_flight() || h.state == HostState::Unreachable || h.state == HostState::Healthy;
     match state {
@@ -384,8 +390,11 @@ fn resume(rot: &mut Rotation, by: &str, now: i64, actions: &mut Vec<Action>) -> 
                 }
                 _ => {
                     // Failed and unreachable hosts get the new version again.
-                    for h in rot.hosts.values_mut() {
-                        if matches!(h.state, HostState::Failed | HostState::RolledBack | HostState::Unreachable) {
+                    let retry = rot.hosts_where(|h| {
+                        matches!(h.state, HostState::Failed | HostState::RolledBack | HostState::Unreachable)
+                    });
+                    for name in retry {
+                        if let Some(h) = rot.host_mut(&name) {
                             h.error = None;
                             h.set(HostState::Pending, now);
                         }
@@ -427,14 +436,16 @@ fn abort(rot: &mut Rotation, by: &str, now: i64, actions: &mut Vec<Action>) -> R
             rot.paused = false;
             rot.halt_reason = None;
             rot.halted_from = None;
-            for (name, h) in rot.hosts.iter_mut() {
-                let touched = h.state.in_flight()
+            let may_hold_new = rot.hosts_where(|h| {
+                h.state.in_flight()
                     || h.state == HostState::Healthy
                     || h.state == HostState::Failed
-                    || (h.state == HostState::Unreachable && h.delivered_ms.is_some());
-                if touched {
+                    || (h.state == HostState::Unreachable && h.delivered_ms.is_some())
+            });
+            for name in may_hold_new {
+                if let Some(h) = rot.host_mut(&name) {
                     h.rollback_pending = true;
-                    actions.push(Action::Rollback { host: name.clone() });
+                    actions.push(Action::Rollback { host: name });
                 }
             }
             rot.goto(RotationState::Aborting, format!("aborted by {by}: rolling hosts back to the old version"), now);
@@ -479,11 +490,11 @@ fn advance(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) {
 fn advance_rollout(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) -> Step {
     // Deliver every pending host up to the current wave.
     let upto = rot.current_wave;
-    for (name, h) in rot.hosts.iter_mut() {
-        if h.wave <= upto && h.state == HostState::Pending {
+    for name in rot.hosts_where(|h| h.wave <= upto && h.state == HostState::Pending) {
+        if let Some(h) = rot.host_mut(&name) {
             h.delivered_ms = Some(now);
             h.set(HostState::Delivered, now);
-            actions.push(Action::Deliver { host: name.clone() });
+            actions.push(Action::Deliver { host: name });
         }
     }
     let wave_settled = rot.hosts.values().filter(|h| h.wave <= upto).all(|h| h.state.settled());

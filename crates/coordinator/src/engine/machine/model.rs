@@ -315,8 +315,22 @@ pub struct HostStatus {
     /// reports the truth about that attempt right after its hello).
     #[serde(default)]
     pub redeliver_at_ms: Option<i64>,
-    /// (state, time) of each change, oldest first.
+    /// (state, time) of each change, oldest first. A stage the agent
+    /// reported carries the host's own time of that step (see
+    /// [`HostStatus::host_time`]); rekeyd's own changes carry its clock.
     pub history: Vec<(HostState, i64)>,
+    /// The last report's time as the agent stamped it and when rekeyd
+    /// received it (both kept: the difference is queueing plus clock skew).
+    #[serde(default)]
+    pub last_report: Option<ReportTimes>,
+}
+
+/// When an agent says it did a step, and when rekeyd heard of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportTimes {
+    /// The agent's clock, as sent (0: the agent did not say).
+    pub host_ms: i64,
+    pub received_ms: i64,
 }
 
 impl HostStatus {
@@ -332,18 +346,39 @@ impl HostStatus {
             rollback_pending: false,
             redeliver_at_ms: None,
             history: vec![(HostState::Pending, now)],
+            last_report: None,
         }
     }
 
     pub(super) fn set(&mut self, state: HostState, now: i64) {
+        self.set_at(state, now, now);
+    }
+
+    /// Records a change that happened at `at` (the host's time of the step)
+    /// and was learnt at `now`.
+    pub(super) fn set_at(&mut self, state: HostState, at: i64, now: i64) {
         if self.state != state {
             self.state = state;
-            self.history.push((state, now));
+            self.history.push((state, at));
             if self.history.len() > 64 {
                 self.history.remove(1);
             }
         }
         self.updated_ms = now;
+    }
+
+    /// The time to show for a step the agent stamped `host_ms` and rekeyd
+    /// received at `now`. The host's clock is trusted only where it is
+    /// plausible: a step cannot precede the delivery that caused it (or the
+    /// host's previous step) nor follow its own receipt, so the agent's time
+    /// is clamped into that window. A skewed clock thus degrades to rekeyd's
+    /// bounds, never to times out of order; `0` (not stamped) means `now`.
+    pub fn host_time(&self, host_ms: i64, now: i64) -> i64 {
+        if host_ms <= 0 {
+            return now;
+        }
+        let floor = self.delivered_ms.into_iter().chain(self.history.last().map(|(_, t)| *t)).max().unwrap_or(i64::MIN);
+        host_ms.clamp(floor.min(now), now)
     }
 }
 
@@ -414,6 +449,27 @@ pub struct Rotation {
     /// When the old version was deleted (or found already gone at the provider).
     #[serde(default)]
     pub old_revoked_ms: Option<i64>,
+    /// The hosts are stored as records of their own (one per host), not in
+    /// this record; false in records written before (their hosts are inline,
+    /// and the next commit moves them out).
+    #[serde(default)]
+    pub hosts_apart: bool,
+    /// The hosts the last event may have changed, with their state before
+    /// it: what the store rewrites (one record per host, so a host event
+    /// costs O(1) bytes) and audits. Not persisted, not compared.
+    #[serde(skip)]
+    pub touched: Touched,
+}
+
+/// Hosts touched by one event → their state before it (see [`Rotation::touched`]).
+#[derive(Debug, Clone, Default)]
+pub struct Touched(pub BTreeMap<String, HostState>);
+
+impl PartialEq for Touched {
+    /// Bookkeeping of the last event, not part of the rotation.
+    fn eq(&self, _: &Touched) -> bool {
+        true
+    }
 }
 
 /// How long after a reconnect a host that was mid-delivery is sent the
@@ -528,6 +584,8 @@ pub enum Event {
         stage: Stage,
         fingerprint: String,
         error: String,
+        /// When the agent did the step, by its clock (0: not stamped).
+        at_ms: i64,
     },
     /// An agent (re)connected; `applied` is the version of this secret it reports loaded.
     Connected {
@@ -624,7 +682,42 @@ impl Rotation {
             decisions: Vec::new(),
             old_revoked_ms: None,
             timeline: vec![TimelineEntry { at_ms: now, state: RotationState::Planned, note: "planned".into() }],
+            hosts_apart: true,
+            touched: Touched::default(),
         }
+    }
+
+    /// The rotation's own record: every field but the hosts (JSON).
+    pub fn head_record(&mut self) -> Vec<u8> {
+        let hosts = std::mem::take(&mut self.hosts);
+        let json = serde_json::to_vec(self).expect("a rotation serializes");
+        self.hosts = hosts;
+        json
+    }
+
+    /// What tells whether an event changed the record apart from its
+    /// hosts: the record without hosts, waves (fixed at the start) and
+    /// `updated_ms` (moved by every event). Small whatever the fleet size.
+    pub fn head_digest(&mut self) -> Vec<u8> {
+        let (hosts, waves, updated) =
+            (std::mem::take(&mut self.hosts), std::mem::take(&mut self.waves), self.updated_ms);
+        self.updated_ms = 0;
+        let json = serde_json::to_vec(self).expect("a rotation serializes");
+        (self.hosts, self.waves, self.updated_ms) = (hosts, waves, updated);
+        json
+    }
+
+    /// A host to change, recorded in [`Rotation::touched`]: every change to
+    /// a host goes through here, or it would not be persisted.
+    pub(super) fn host_mut(&mut self, name: &str) -> Option<&mut HostStatus> {
+        let h = self.hosts.get_mut(name)?;
+        self.touched.0.entry(name.to_string()).or_insert(h.state);
+        Some(h)
+    }
+
+    /// The hosts matching `pred`, by name (to change them through [`Rotation::host_mut`]).
+    pub(super) fn hosts_where(&self, pred: impl Fn(&HostStatus) -> bool) -> Vec<String> {
+        self.hosts.iter().filter(|(_, h)| pred(h)).map(|(n, _)| n.clone()).collect()
     }
 
     pub(super) fn goto(&mut self, state: RotationState, note: impl Into<String>, now: i64) {

@@ -35,6 +35,7 @@ fn report(host: &str, stage: Stage) -> Event {
         stage,
         fingerprint: if stage == Stage::Healthy { FP.into() } else { String::new() },
         error: if stage == Stage::Failed { "health check returned 503".into() } else { String::new() },
+        at_ms: 0,
     }
 }
 
@@ -184,6 +185,35 @@ fn silence_past_the_host_deadline_marks_a_host_unreachable() {
     assert_eq!(a, vec![Action::DeactivateOld]);
 }
 
+fn stamped(host: &str, stage: Stage, at_ms: i64) -> Event {
+    let Event::Report { host, version, stage, fingerprint, error, .. } = report(host, stage) else { unreachable!() };
+    Event::Report { host, version, stage, fingerprint, error, at_ms }
+}
+
+#[test]
+fn stage_times_are_the_hosts_own_within_delivery_and_receipt() {
+    let mut r = rotation(1, policy());
+    start(&mut r); // delivered to h1 at 2
+    let h = |r: &Rotation| r.hosts["h1"].clone();
+    // Queued reports: the host applied at 5 and restarted at 6, rekeyd heard at 40.
+    ev(&mut r, stamped("h1", Stage::Applied, 5), 40);
+    ev(&mut r, stamped("h1", Stage::Restarted, 6), 41);
+    assert_eq!(h(&r).history[2..], [(HostState::Applied, 5), (HostState::Restarted, 6)]);
+    assert_eq!(h(&r).last_report, Some(ReportTimes { host_ms: 6, received_ms: 41 }));
+    assert_eq!(h(&r).updated_ms, 41, "rekeyd's own clock still says when it learnt it");
+    // A clock ahead: clamped to the receipt. Stamped 0 (an old agent): the receipt.
+    ev(&mut r, stamped("h1", Stage::Healthy, 10_000), 50);
+    assert_eq!(h(&r).history.last(), Some(&(HostState::Healthy, 50)));
+    assert_eq!(h(&r).last_report, Some(ReportTimes { host_ms: 10_000, received_ms: 50 }));
+    let mut r = rotation(1, policy());
+    start(&mut r);
+    // A clock behind: never before the delivery (rekeyd sent it at 2).
+    ev(&mut r, stamped("h1", Stage::Applied, 1), 30);
+    assert_eq!(h(&r).history.last(), Some(&(HostState::Applied, 2)));
+    ev(&mut r, stamped("h1", Stage::Restarted, 0), 31);
+    assert_eq!(h(&r).history.last(), Some(&(HostState::Restarted, 31)));
+}
+
 #[test]
 fn a_wrong_fingerprint_is_a_failure_not_a_confirmation() {
     let mut r = rotation(1, policy());
@@ -194,6 +224,7 @@ fn a_wrong_fingerprint_is_a_failure_not_a_confirmation() {
         stage: Stage::Healthy,
         fingerprint: "hmac-sha256:other".into(),
         error: String::new(),
+        at_ms: 0,
     };
     let a = ev(&mut r, bad, 3);
     assert!(!a.contains(&Action::DeactivateOld));
@@ -525,8 +556,8 @@ fn arb_step(n: usize) -> impl Strategy<Value = Step> {
     prop_oneof![
         2 => Just(Step::Ev(Event::Begin)),
         2 => (version.clone(), fp.clone()).prop_map(|(v, f)| Step::Ev(Event::Generated { version: v, fingerprint: f })),
-        20 => (host.clone(), version, stage, fp).prop_map(|(h, v, s, f)| Step::Ev(Event::Report {
-            host: h, version: v, stage: s, fingerprint: f, error: "boom".into() })),
+        20 => (host.clone(), version, stage, fp, -5i64..900).prop_map(|(h, v, s, f, at)| Step::Ev(Event::Report {
+            host: h, version: v, stage: s, fingerprint: f, error: "boom".into(), at_ms: at })),
         4 => (host.clone(), applied).prop_map(|(h, a)| Step::Ev(Event::Connected { host: h, applied: a })),
         3 => host.clone().prop_map(|h| Step::Ev(Event::SendFailed { host: h, error: "down".into() })),
         4 => Just(Step::Ev(Event::Tick)),
@@ -570,8 +601,21 @@ proptest! {
         let mut delivered_since_delete_new = false;
         for step in steps {
             now += 7;
+            let before = r.clone();
             let actions = match step {
-                Step::Ev(e) => match handle(&mut r, e, now) { Ok(a) => a, Err(_) => continue },
+                Step::Ev(e) => match handle(&mut r, e, now) {
+                    Ok(a) => {
+                        // Every changed host is in `touched` (what the store
+                        // rewrites), with the state it had before.
+                        for (name, h) in &r.hosts {
+                            if before.hosts[name] != *h {
+                                prop_assert_eq!(r.touched.0.get(name), Some(&before.hosts[name].state), "{} changed untouched", name);
+                            }
+                        }
+                        a
+                    }
+                    Err(_) => continue,
+                },
                 Step::Crash => {
                     // Only what was persisted survives: a serde round trip.
                     let json = serde_json::to_string(&r).unwrap();
@@ -614,6 +658,12 @@ proptest! {
             prop_assert!(r.state.is_terminal() || !exits(&r).is_empty(), "no exit from {:?}", r.state);
             if r.state.is_terminal() {
                 prop_assert!(!actions.iter().any(|a| matches!(a, Action::Create | Action::Deliver { .. })), "acting after the end");
+            }
+            // Host times (the agents' own clocks, skewed at random here) keep
+            // every history in order and never in the future.
+            for h in r.hosts.values() {
+                prop_assert!(h.history.windows(2).all(|w| w[0].1 <= w[1].1), "history out of order: {:?}", h.history);
+                prop_assert!(h.history.iter().all(|(_, t)| *t <= now), "a step after its receipt: {:?}", h.history);
             }
             // Confirmations are never lost: a healthy host past verification stays confirmed.
             if r.state.is_past_verification() {

@@ -1,0 +1,30 @@
+//! The load benchmark: a real rekeyd and N simulated hosts in this process
+//! (real enrollment, mTLS sessions and protocol; see `rekey_tests::bench`).
+//! Prints figures; asserts nothing about time. Run it in a release build:
+//!
+//!     cargo run --release -p rekey-tests --example scale -- 10000 [APPLY_MS] [FAIL_RATE] [IDLE_S]
+//!
+//! The method and the figures measured so far are in docs/benchmarks.md.
+
+use rekey_tests::bench::{self, BenchOptions};
+use std::time::Duration;
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    rekey_common::tls::install_crypto_provider();
+    let arg = |i: usize| std::env::args().nth(i);
+    let d = BenchOptions::default();
+    let opts = BenchOptions {
+        hosts: arg(1).and_then(|a| a.parse().ok()).unwrap_or(d.hosts),
+        apply: arg(2).and_then(|a| a.parse().ok()).map(Duration::from_millis).unwrap_or(d.apply),
+        fail_rate: arg(3).and_then(|a| a.parse().ok()).unwrap_or(d.fail_rate),
+        idle: arg(4).and_then(|a| a.parse().ok()).map(Duration::from_secs).unwrap_or(d.idle),
+        ..d
+    };
+    let limit = bench::raise_fd_limit();
+    println!("descriptor limit           {limit} (each of rekeyd and this process holds one per host)");
+    let tmp = tempfile::Builder::new().prefix("rekey-scale-").tempdir()?;
+    let figures = bench::run(tmp.path(), &opts).await?;
+    print!("{figures}");
+    Ok(())
+}
