@@ -39,6 +39,8 @@ pub struct BenchOptions {
     pub enroll_concurrency: usize,
     /// Give up waiting for anything after this long.
     pub deadline: Duration,
+    /// rekeyd's store: sled (default) or a PostgreSQL of its own.
+    pub store: crate::StoreKind,
 }
 
 impl Default for BenchOptions {
@@ -50,6 +52,7 @@ impl Default for BenchOptions {
             idle: Duration::from_secs(20),
             enroll_concurrency: 16,
             deadline: Duration::from_secs(600),
+            store: crate::StoreKind::Sled,
         }
     }
 }
@@ -203,7 +206,7 @@ async fn wait_async(what: &str, deadline: Duration, mut f: impl FnMut() -> bool)
 /// Runs every step; `dir` holds rekeyd's data and logs.
 pub async fn run(dir: &Path, opts: &BenchOptions) -> Result<Figures> {
     let mut fig = Figures { hosts: opts.hosts, ..Default::default() };
-    let mut c = Coordinator::start(&dir.join("rekeyd"), &catalog());
+    let mut c = Coordinator::start_on(&dir.join("rekeyd"), &catalog(), opts.store);
     let pid = |c: &Coordinator| c.pid().context("rekeyd is not running");
     let op = c.operator_dir();
     let names: Vec<String> = (1..=opts.hosts).map(|i| format!("h{i}")).collect();

@@ -19,7 +19,7 @@
 //! a follower's leader hint is followed at once, an unreachable replica or
 //! an election moves on, and only a full pass without a session waits the
 //! backoff. A hint outside the configured list is followed too: the hinted
-//! server must prove the pinned CA and name like any other (docs/ha-clients.md).
+//! server must prove the pinned CA and name like any other (docs/ha.md).
 //!
 //! Fatal conditions stop the agent with an actionable message instead of
 //! retrying forever: an expired certificate, a revoked agent, a protocol

@@ -9,6 +9,7 @@ mod demo;
 mod engine;
 mod foundation;
 mod grpc;
+mod ha;
 mod ha_clients;
 mod metrics;
 mod netns;
