@@ -413,10 +413,9 @@ impl Coordinator {
                 .serve_with_incoming_shutdown(incoming, async move {
                     stop.cancelled().await;
                     streams.cancel();
-                    // End live sessions so the graceful drain can finish.
-                    for name in sessions.connected() {
-                        sessions.close(&name, None);
-                    }
+                    // End live sessions, and any whose hello is still on its
+                    // way, so the graceful drain can finish.
+                    sessions.close_all();
                 })
         });
         if let Some(listen) = s.config.metrics_listen {

@@ -44,6 +44,8 @@ pub struct Sessions {
     preflights: Arc<Mutex<HashMap<String, PendingPreflight>>>,
     /// Bumped when a session registers or ends (the web console follows it).
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Cancelled when rekeyd drains: no session registers after it.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Dry runs in flight at most; each is small and ends with its plan's wait.
@@ -59,7 +61,23 @@ impl Sessions {
             revoked,
             preflights: Arc::default(),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            shutdown: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Ends every live session and refuses later ones (rekeyd is draining):
+    /// a session whose hello arrives after this is closed at once, so the
+    /// graceful drain never waits on it.
+    pub fn close_all(&self) {
+        self.shutdown.cancel();
+        for name in self.connected() {
+            self.close(&name, None);
+        }
+    }
+
+    /// Cancelled once [`Sessions::close_all`] ran.
+    pub fn shutting_down(&self) -> &tokio_util::sync::CancellationToken {
+        &self.shutdown
     }
 
     /// Changes whenever an agent's session registers or ends.
@@ -78,7 +96,15 @@ impl Sessions {
     /// Registers a session; a previous session of the same agent is ended
     /// (the agent reconnected before the old connection was noticed dead).
     pub fn register(&self, name: &str, handle: SessionHandle) {
-        let old = self.inner.lock().expect("sessions lock").insert(name.to_string(), handle);
+        let old = {
+            let mut inner = self.inner.lock().expect("sessions lock");
+            if self.shutdown.is_cancelled() {
+                // Draining: this session ends before it starts.
+                handle.cancel.cancel();
+                return;
+            }
+            inner.insert(name.to_string(), handle)
+        };
         crate::metrics::events().session_opened();
         if let Some(old) = old {
             old.cancel.cancel();
@@ -336,5 +362,22 @@ mod tests {
         // Not connected: refused, nothing left waiting.
         assert!(matches!(sessions.preflight("web-9", v1::Preflight::default()), Err(SendError::NotConnected(_))));
         assert!(sessions.preflights.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_drain_closes_live_sessions_and_any_that_register_after_it() {
+        let sessions = Sessions::new(RevokedSerials::new(Vec::<String>::new()));
+        let (live, _rx1) = handle("01");
+        let live_cancel = live.cancel.clone();
+        sessions.register("web-1", live);
+        sessions.close_all();
+        assert!(live_cancel.is_cancelled(), "a live session is ended by the drain");
+        // A hello that arrived just after the drain began: never registered.
+        let (late, _rx2) = handle("02");
+        let late_cancel = late.cancel.clone();
+        sessions.register("web-2", late);
+        assert!(late_cancel.is_cancelled(), "a session registering during the drain ends at once");
+        assert!(sessions.connected().is_empty());
+        assert!(sessions.shutting_down().is_cancelled());
     }
 }

@@ -152,6 +152,10 @@ impl AgentService for AgentSvc {
             h = wait_hello(&mut inbound) => h?,
             // A revocation closes a session still waiting for its hello.
             _ = s.auth.revoked().revoked(&serial) => return Err(revoked_status(&name)),
+            // So does a drain: the graceful shutdown must not wait on it.
+            _ = s.sessions.shutting_down().cancelled() => {
+                return Err(Status::unavailable("rekeyd is shutting down; reconnect shortly"));
+            }
         };
         if hello.protocol_version != PROTOCOL_VERSION {
             return Err(version_mismatch(&format!("agent {name}"), hello.protocol_version));
