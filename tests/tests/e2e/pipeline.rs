@@ -358,9 +358,14 @@ grace = "1s"
     let out = c.cli(&["rotate", "start", "saas-key", "--wait"]);
     assert!(!out.status.success());
     let id = c.rotations(None)[0].id.clone();
-    let r = rotation(&c, &id);
+    // `--wait` returns at the halt (it follows the server's stream); host-2's
+    // rollback report arrives just after.
+    let mut r = rotation(&c, &id);
     assert_eq!(r.state, RotationState::Halted, "{r:#?}");
-    assert_eq!(r.hosts["host-2"].state, HostState::RolledBack);
+    wait_for("host-2 rolled back", || {
+        r = rotation(&c, &id);
+        r.hosts["host-2"].state == HostState::RolledBack
+    });
     let err = r.hosts["host-2"].error.as_deref().unwrap();
     assert!(err.contains("health check") && err.contains(&format!("127.0.0.1:{port2}/health")), "{err}");
     assert_eq!(std::fs::read(dir2.join("service.env")).unwrap(), before, "host-2's file is not byte-identical");
