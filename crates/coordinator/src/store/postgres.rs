@@ -202,38 +202,17 @@ impl PgBackend {
 
     /// Runs `f` on the backend's runtime with a pooled connection and waits
     /// for it, retrying while the database is unavailable (up to [`DB_WAIT`]).
-    pub(crate) fn call<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'c> Fn(&'c mut tokio_postgres::Client) -> futures_box::Boxed<'c, Result<T, StoreError>>
-            + Send
-            + Sync
-            + 'static,
-    {
+    pub(crate) fn call<T: Send + 'static>(&self, f: impl PgCall<T>) -> Result<T, StoreError> {
         self.call_until(Instant::now() + DB_WAIT, f)
     }
 
     /// As [`PgBackend::call`], without waiting for an unavailable database
     /// (the lease keeper must notice at once).
-    pub(crate) fn call_once<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'c> Fn(&'c mut tokio_postgres::Client) -> futures_box::Boxed<'c, Result<T, StoreError>>
-            + Send
-            + Sync
-            + 'static,
-    {
+    pub(crate) fn call_once<T: Send + 'static>(&self, f: impl PgCall<T>) -> Result<T, StoreError> {
         self.call_until(Instant::now(), f)
     }
 
-    fn call_until<T, F>(&self, deadline: Instant, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'c> Fn(&'c mut tokio_postgres::Client) -> futures_box::Boxed<'c, Result<T, StoreError>>
-            + Send
-            + Sync
-            + 'static,
-    {
+    fn call_until<T: Send + 'static>(&self, deadline: Instant, f: impl PgCall<T>) -> Result<T, StoreError> {
         let f = Arc::new(f);
         loop {
             let (tx, rx) = sync_channel(1);
@@ -263,6 +242,21 @@ impl Drop for PgBackend {
             rt.shutdown_background();
         }
     }
+}
+
+/// What [`PgBackend::call`] runs: a function of a pooled client returning a
+/// boxed future that borrows it.
+pub(crate) trait PgCall<T>:
+    for<'c> Fn(&'c mut tokio_postgres::Client) -> futures_box::Boxed<'c, Result<T, StoreError>> + Send + Sync + 'static
+{
+}
+
+impl<T, F> PgCall<T> for F where
+    F: for<'c> Fn(&'c mut tokio_postgres::Client) -> futures_box::Boxed<'c, Result<T, StoreError>>
+        + Send
+        + Sync
+        + 'static
+{
 }
 
 /// A boxed future borrowing a client (what [`PgBackend::call`] runs).
