@@ -101,7 +101,9 @@ fn bins() -> Result<Bins> {
         service: dir.join("rekey-demo-service"),
     };
     let missing = [&b.rekeyd, &b.agent, &b.api, &b.service].iter().any(|p| !p.exists());
-    if missing {
+    // Under `cargo run` the others are built every time (a no-op when they
+    // are current): binaries left from an older checkout must not be used.
+    if missing || std::env::var_os("CARGO").is_some() {
         // Run through `cargo run`, or from a cargo target dir: build the rest.
         let in_target = dir.components().any(|c| c.as_os_str() == "target");
         if std::env::var_os("CARGO").is_none() && !in_target {
@@ -111,7 +113,7 @@ fn bins() -> Result<Bins> {
                 exe.display()
             );
         }
-        eprintln!("building rekeyd, rekey-agent and the demo binaries (first run only)…");
+        eprintln!("building rekeyd, rekey-agent and the demo binaries (if needed)…");
         let mut cmd = crate::process::cargo();
         if let Some(root) = dir.ancestors().find(|d| d.join("Cargo.toml").exists()) {
             cmd.current_dir(root);
