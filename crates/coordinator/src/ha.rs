@@ -25,47 +25,11 @@ use crate::config::{Config, HaConfig, StoreConfig};
 use crate::store::postgres::{Fence, FenceMode, PgBackend};
 use crate::store::{Store, StoreError};
 use rekey_types::v1::{CoordinatorsView, ReplicaView, StoreBackend};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// rekeyd's exit code when it lost the lease (EX_TEMPFAIL: restart it).
-pub const EXIT_LEASE_LOST: i32 = 75;
-
-/// The leadership of this process: until when it may still act.
-struct Leadership {
-    epoch: u64,
-    /// `None` until the first renewal; acting is refused after this.
-    valid_until: Mutex<Instant>,
-}
-
-static LEADERSHIP: OnceLock<Leadership> = OnceLock::new();
-
-#[derive(Debug, thiserror::Error)]
-#[error("this coordinator's lease (epoch {epoch}) ran out: it no longer acts")]
-pub struct NotLeading {
-    pub epoch: u64,
-}
-
-/// Refuses a side effect (a provider call, a delivery to an agent) once this
-/// leader's lease may have run out. Always `Ok` with sled (one replica).
-pub fn ensure_leading() -> Result<(), NotLeading> {
-    match LEADERSHIP.get() {
-        None => Ok(()),
-        Some(l) if Instant::now() < *l.valid_until.lock().expect("lease lock") => Ok(()),
-        Some(l) => {
-            lost(l.epoch, "the lease could not be renewed in time");
-            Err(NotLeading { epoch: l.epoch })
-        }
-    }
-}
-
-/// Stops acting at once: logs and exits (the supervisor, systemd, restarts
-/// this replica as a follower).
-fn lost(epoch: u64, why: &str) {
-    tracing::error!(epoch, why, "lease lost: this coordinator stops acting and exits to rejoin as a follower");
-    eprintln!("rekeyd: lease lost (epoch {epoch}): {why}; exiting to rejoin as a follower");
-    std::process::exit(EXIT_LEASE_LOST);
-}
+pub use crate::leading::{EXIT_LEASE_LOST, NotLeading, ensure_leading};
+use crate::leading::{LEADERSHIP, Leadership, lost};
 
 /// The lease as stored.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,6 +18,7 @@ pub mod console;
 pub mod crypto;
 pub mod engine;
 pub mod ha;
+pub mod leading;
 pub mod metrics;
 pub mod pki;
 pub mod preflight;

@@ -260,9 +260,9 @@ impl crate::engine::link::AgentLink for Sessions {
 }
 
 /// Nothing reaches an agent from a replica whose lease may have run out
-/// ([`crate::ha::ensure_leading`]; with sled, always leading).
+/// ([`crate::leading::ensure_leading`]; with sled, always leading).
 fn still_leading(host: &str) -> Result<(), SendError> {
-    crate::ha::ensure_leading().map_err(|_| SendError::NotConnected(host.to_string()))
+    crate::leading::ensure_leading().map_err(|_| SendError::NotConnected(host.to_string()))
 }
 
 fn message(msg: v1::coordinator_message::Msg) -> CoordinatorMessage {

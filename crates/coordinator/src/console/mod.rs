@@ -16,7 +16,7 @@
 //! its session or shutdown.
 
 mod api;
-mod auth;
+pub mod auth;
 
 pub use auth::{Grant, LOGIN_TTL, LoginError, LoginLink, Logins};
 

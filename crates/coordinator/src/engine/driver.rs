@@ -894,7 +894,7 @@ where
     let mut attempt = 1;
     loop {
         // No provider call from a replica whose lease may have run out.
-        if let Err(e) = crate::ha::ensure_leading() {
+        if let Err(e) = crate::leading::ensure_leading() {
             return Err(ProviderError::Failed { provider: "rekeyd", message: e.to_string(), retryable: false });
         }
         match f().await {

@@ -62,7 +62,7 @@ pub struct AdminSvc {
     /// Seals online backups (derived from the master key at init).
     pub backup_key: Arc<crate::crypto::Key>,
     /// The web console's one-time logins and sessions (`rekey console`).
-    pub console: crate::console::Logins,
+    pub console: crate::console::auth::Logins,
     /// Cancelled at shutdown: ends the server streams (`WatchRotation`) so the drain can finish.
     pub streams: tokio_util::sync::CancellationToken,
 }
@@ -686,7 +686,7 @@ impl AdminService for AdminSvc {
         // The session gets the operator's role as recorded now.
         let (_, rec) = self.auth.operator(&req)?;
         let link = self.console.create(&rec.name, rec.role, rekey_common::time::now_unix_ms()).map_err(|e| {
-            use crate::console::LoginError as E;
+            use crate::console::auth::LoginError as E;
             match e {
                 E::Off(_) | E::NotListening => Status::failed_precondition(e.to_string()),
                 E::TooMany(_) => Status::resource_exhausted(e.to_string()),
