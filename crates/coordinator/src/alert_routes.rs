@@ -18,7 +18,7 @@
 //! Tasks: [`RouterTask::run`] (supervised as `alert-routes`), one short task
 //! per delivery (at most [`CONCURRENCY`] in flight).
 
-use crate::alerts::{Alert, AlertKind, Severity};
+use crate::alerts::{Alert, AlertKind, RouterHandle, Severity};
 use crate::engine::machine::RotationState;
 use rekey_common::config::ConfigError;
 use rekey_providers::credential::Source;
@@ -151,21 +151,6 @@ pub fn is_resolved(kind: AlertKind, state: RotationState) -> bool {
     }
 }
 
-/// Where [`crate::alerts::Alerts::raise`] hands alerts to the routes (cheap to clone).
-#[derive(Clone, Debug)]
-pub struct RouterHandle {
-    tx: mpsc::Sender<Alert>,
-}
-
-impl RouterHandle {
-    /// Queues an alert for the routes; never waits.
-    pub fn route(&self, a: &Alert) {
-        if self.tx.try_send(a.clone()).is_err() {
-            tracing::error!(alert = a.seq, "alert routes queue full: alert not sent to slack/pagerduty");
-        }
-    }
-}
-
 /// The rotation's state, read when rotations change (to resolve alerts).
 pub type Lookup = Arc<dyn Fn(&str) -> Option<RotationState> + Send + Sync>;
 
@@ -188,7 +173,7 @@ pub fn router(routes: Vec<Route>, changes: watch::Receiver<u64>, lookup: Lookup)
     let (tx, rx) = mpsc::channel(QUEUE);
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().ok()?;
     let task = RouterTask { routes: Arc::new(routes), rx, changes, lookup, client, open: BTreeMap::new() };
-    Some((RouterHandle { tx }, task))
+    Some((RouterHandle::new(tx), task))
 }
 
 /// `alerts`, also routed to `routes`, and the task that sends them (none
@@ -266,7 +251,7 @@ impl RouterTask {
             let (route, a, client) = (route.clone(), a.clone(), self.client.clone());
             inflight.spawn(async move {
                 let outcome = deliver(&client, &route, &a, action, ATTEMPTS).await;
-                crate::metrics::events().alert_route(route.kind(), outcome.is_ok());
+                crate::metrics::events::events().alert_route(route.kind(), outcome.is_ok());
                 match outcome {
                     Ok(()) => tracing::info!(alert = a.seq, route = route.kind(), ?action, "alert sent"),
                     Err(e) => {

@@ -65,7 +65,7 @@ pub struct Alerts {
     /// Alerts waiting for the webhook task (none without a webhook).
     outbox: Option<mpsc::Sender<Alert>>,
     /// Slack and PagerDuty routes (`[[alerts.route]]`), if any.
-    routes: Option<crate::alert_routes::RouterHandle>,
+    routes: Option<RouterHandle>,
 }
 
 /// Alerts waiting for the webhook; beyond this, an alert is stored and
@@ -103,7 +103,7 @@ impl Alerts {
     }
 
     /// These alerts, also sent to the Slack/PagerDuty routes behind `routes`.
-    pub fn with_routes(mut self, routes: Option<crate::alert_routes::RouterHandle>) -> Alerts {
+    pub fn with_routes(mut self, routes: Option<RouterHandle>) -> Alerts {
         self.routes = routes;
         self
     }
@@ -247,6 +247,25 @@ async fn deliver(hook: &Webhook, a: &Alert) -> Result<(), String> {
         }
     }
     Err(format!("{last} after {} attempts", hook.max_attempts))
+}
+
+/// Where [`crate::alerts::Alerts::raise`] hands alerts to the routes (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct RouterHandle {
+    tx: mpsc::Sender<Alert>,
+}
+
+impl RouterHandle {
+    pub(crate) fn new(tx: mpsc::Sender<Alert>) -> RouterHandle {
+        RouterHandle { tx }
+    }
+
+    /// Queues an alert for the routes; never waits.
+    pub fn route(&self, a: &Alert) {
+        if self.tx.try_send(a.clone()).is_err() {
+            tracing::error!(alert = a.seq, "alert routes queue full: alert not sent to slack/pagerduty");
+        }
+    }
 }
 
 #[cfg(test)]

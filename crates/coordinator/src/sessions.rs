@@ -105,7 +105,7 @@ impl Sessions {
             }
             inner.insert(name.to_string(), handle)
         };
-        crate::metrics::events().session_opened();
+        crate::metrics::events::events().session_opened();
         if let Some(old) = old {
             old.cancel.cancel();
         }
@@ -234,7 +234,7 @@ impl crate::engine::link::AgentLink for Sessions {
             restart_jitter_ms: d.restart_jitter_ms,
             fingerprint_key: d.fingerprint_key,
         };
-        crate::metrics::events().delivery(&delivery.secret);
+        crate::metrics::events::events().delivery(&delivery.secret);
         self.send(host, message(v1::coordinator_message::Msg::Delivery(delivery)))
     }
 
@@ -245,7 +245,7 @@ impl crate::engine::link::AgentLink for Sessions {
             secret: secret.to_string(),
             version_id: version_id.to_string(),
         });
-        crate::metrics::events().rollback(secret);
+        crate::metrics::events::events().rollback(secret);
         self.send(host, message(msg))
     }
 

@@ -271,7 +271,7 @@ impl Engine {
         let mut backends = HashMap::new();
         for spec in &config.secrets {
             let provider = rekey_providers::build(&spec.provider, state.provider_state(&spec.name))?;
-            let provider = crate::metrics::metered(&spec.name, provider);
+            let provider = crate::metrics::events::metered(&spec.name, provider);
             let sinks =
                 spec.sinks.iter().map(|c| rekey_providers::build_sink(c, &spec.name)).collect::<Result<Vec<_>, _>>()?;
             backends.insert(spec.name.clone(), SecretBackends { provider, sinks });

@@ -112,7 +112,7 @@ impl AgentService for AgentSvc {
             ..Default::default()
         };
         s.store.enroll_agent(&agent, now).map_err(internal)?;
-        crate::metrics::events().enrollment();
+        crate::metrics::events::events().enrollment();
         if let Some(prev) = previous {
             // A re-enrolled host: its old certificates are dead from now on.
             s.auth.revoked().extend(prev.serials);
@@ -296,7 +296,7 @@ async fn inbound_loop(
             }
             Some(agent_message::Msg::Report(r)) => {
                 tracing::info!(rotation = %r.rotation_id, secret = %r.secret, stage = r.stage, "stage report");
-                crate::metrics::events().report(&r.secret, r.stage);
+                crate::metrics::events::events().report(&r.secret, r.stage);
                 s.engine.agent_event(AgentEvent::Report { host: name.to_string(), report: r }).await;
             }
             Some(agent_message::Msg::ScanResult(r)) => s.scans.deliver(name, r),
