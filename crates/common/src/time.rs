@@ -3,14 +3,34 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Where "now" comes from when not from the system clock: a simulation's
+/// clock (see [`install_clock`]). Never set in rekeyd, the agent or the CLI.
+static CLOCK: std::sync::OnceLock<fn() -> Option<Duration>> = std::sync::OnceLock::new();
+
+/// Makes [`now_unix`] and [`now_unix_ms`] read `source` first, for the whole
+/// process: the deterministic simulation installs its simulated clock
+/// (`turmoil::since_epoch`), which answers `None` outside a simulated host,
+/// where the system clock is read as always. Once per process; false if a
+/// clock was installed already.
+pub fn install_clock(source: fn() -> Option<Duration>) -> bool {
+    CLOCK.set(source).is_ok()
+}
+
+fn since_epoch() -> Duration {
+    if let Some(now) = CLOCK.get().and_then(|source| source()) {
+        return now;
+    }
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    since_epoch().as_secs() as i64
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    since_epoch().as_millis() as i64
 }
 
 /// RFC 3339 (UTC, seconds) for a Unix timestamp; `-` for zero (never happened).

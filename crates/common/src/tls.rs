@@ -19,8 +19,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -287,6 +290,37 @@ pub fn pinned_client_config(pin: &str) -> Result<(Arc<ClientConfig>, PinObservat
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A connected byte stream, as a [`Dialer`] returns it.
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
+
+/// What dialling `host:port` yields.
+pub type Dialing = Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Conn>>> + Send>>;
+
+/// Opens the TCP connection under every client's TLS: a simulation's network
+/// instead of the kernel's (see [`install_dialer`]).
+pub type Dialer = fn(String) -> Dialing;
+
+static DIALER: OnceLock<Dialer> = OnceLock::new();
+
+/// Makes every client connection of this process ([`connect`]) dial through
+/// `dialer`, for the deterministic simulation (its dialer uses the simulated
+/// network inside a simulated host and the kernel's elsewhere). Never called
+/// by rekeyd, the agent or the CLI. Once per process; false if one was
+/// installed already.
+pub fn install_dialer(dialer: Dialer) -> bool {
+    DIALER.set(dialer).is_ok()
+}
+
+async fn dial(authority: String) -> std::io::Result<Box<dyn Conn>> {
+    if let Some(dialer) = DIALER.get() {
+        return dialer(authority).await;
+    }
+    let tcp = TcpStream::connect(authority).await?;
+    tcp.set_nodelay(true)?;
+    Ok(Box::new(tcp))
+}
+
 /// Opens a gRPC channel to `addr` (`host:port`) over our own rustls config.
 pub async fn connect(addr: &str, tls: Arc<ClientConfig>) -> Result<Channel, tonic::transport::Error> {
     // Plain `http://` in the URI: TLS is done by the connector below, with our
@@ -300,8 +334,7 @@ pub async fn connect(addr: &str, tls: Arc<ClientConfig>) -> Result<Channel, toni
         let tls = tls.clone();
         async move {
             let authority = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-            let tcp = TcpStream::connect(authority).await?;
-            tcp.set_nodelay(true)?;
+            let tcp = dial(authority).await?;
             let name = ServerName::try_from(COORDINATOR_NAME).expect("static name is valid");
             let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
@@ -337,15 +370,42 @@ impl Default for AcceptLimits {
     }
 }
 
+/// Where the server's connections come from: a kernel listener, or a
+/// simulation's. Its streams tell tonic their addresses as a TCP stream does,
+/// so requests find the peer's certificate the same way.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead
+        + AsyncWrite
+        + tonic::transport::server::Connected<ConnectInfo = tonic::transport::server::TcpConnectInfo>
+        + Unpin
+        + Send
+        + 'static;
+
+    fn accept(&self) -> impl Future<Output = std::io::Result<(Self::Io, SocketAddr)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+
+    fn accept(&self) -> impl Future<Output = std::io::Result<(TcpStream, SocketAddr)>> + Send {
+        let accepted = TcpListener::accept(self);
+        async move {
+            let (tcp, peer) = accepted.await?;
+            let _ = tcp.set_nodelay(true);
+            Ok((tcp, peer))
+        }
+    }
+}
+
 /// An accepted TLS connection. A connection without a client certificate
 /// holds one of the limited unauthenticated slots and ends at its deadline.
-pub struct ServerStream {
-    inner: TlsStream<TcpStream>,
+pub struct ServerStream<Io = TcpStream> {
+    inner: TlsStream<Io>,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-impl ServerStream {
+impl<Io> ServerStream<Io> {
     /// Whether the deadline passed: then every read and write fails.
     fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
         self.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready())
@@ -356,7 +416,7 @@ fn lifetime_over() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "unauthenticated connection lifetime over")
 }
 
-impl tokio::io::AsyncRead for ServerStream {
+impl<Io: AsyncRead + AsyncWrite + Unpin> tokio::io::AsyncRead for ServerStream<Io> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -369,7 +429,7 @@ impl tokio::io::AsyncRead for ServerStream {
     }
 }
 
-impl tokio::io::AsyncWrite for ServerStream {
+impl<Io: AsyncRead + AsyncWrite + Unpin> tokio::io::AsyncWrite for ServerStream<Io> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -396,9 +456,12 @@ impl tokio::io::AsyncWrite for ServerStream {
     }
 }
 
-impl tonic::transport::server::Connected for ServerStream {
+impl<Io> tonic::transport::server::Connected for ServerStream<Io>
+where
+    Io: tonic::transport::server::Connected + AsyncRead + AsyncWrite + Unpin,
+{
     // The TLS stream's own: tonic finds the peer certificates in it.
-    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    type ConnectInfo = <TlsStream<Io> as tonic::transport::server::Connected>::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.inner.connect_info()
@@ -410,13 +473,13 @@ impl tonic::transport::server::Connected for ServerStream {
 /// streams for `tonic::transport::Server::serve_with_incoming`, within
 /// `limits`. The returned receiver is bounded: under a reconnect storm
 /// handshakes wait, memory doesn't grow.
-pub fn tls_incoming(
-    listener: TcpListener,
+pub fn tls_incoming<L: Listener>(
+    listener: L,
     config: Arc<ServerConfig>,
     limits: AcceptLimits,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<ServerStream, std::io::Error>> {
-    let (tx, rx) = mpsc::channel::<Result<ServerStream, std::io::Error>>(256);
+) -> ReceiverStream<Result<ServerStream<L::Io>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel::<Result<ServerStream<L::Io>, std::io::Error>>(256);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     let unauthenticated = Arc::new(tokio::sync::Semaphore::new(limits.max_unauthenticated));
@@ -437,7 +500,6 @@ pub fn tls_incoming(
                 tracing::warn!(%peer, max = limits.max_handshakes, "too many handshakes in progress: connection closed");
                 continue;
             };
-            let _ = tcp.set_nodelay(true);
             let (acceptor, tx, unauthenticated) = (acceptor.clone(), tx.clone(), unauthenticated.clone());
             tokio::spawn(async move {
                 let stream = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {

@@ -284,6 +284,18 @@ impl Coordinator {
     /// As [`Coordinator::init`], on a store already open (a replica that
     /// just took the lease).
     pub fn init_with(config: Config, store: Store, created_master_key: bool) -> Result<Coordinator, ServerError> {
+        Self::init_with_backends(config, store, created_master_key, &crate::engine::driver::configured_backends)
+    }
+
+    /// As [`Coordinator::init_with`], with the providers and sinks `build`
+    /// makes (the deterministic simulation's seam; rekeyd always builds the
+    /// configured ones).
+    pub fn init_with_backends(
+        config: Config,
+        store: Store,
+        created_master_key: bool,
+        build: &crate::engine::driver::BuildBackends,
+    ) -> Result<Coordinator, ServerError> {
         let master = crypto::load_master_key(&config.master_key_file)?;
         private_dir(&config.data_dir)?;
         let (ca, created_ca) = Ca::load_or_create(&store, &master)?;
@@ -318,7 +330,7 @@ impl Coordinator {
         let (alerts, webhook) = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
         let (alerts, alert_routes) = crate::alert_routes::attach(alerts, &config.alert_routes, &engine_state);
         let (engine, engine_handle) =
-            Engine::new(config.clone(), store.clone(), engine_state, Arc::new(sessions.clone()), alerts.clone())?;
+            Engine::new(config.clone(), store.clone(), engine_state, Arc::new(sessions.clone()), alerts.clone(), build)?;
         let init = InitReport {
             created_master_key,
             created_ca,
@@ -362,13 +374,27 @@ impl Coordinator {
         drain: Duration,
         on_bound: impl FnOnce(SocketAddr),
     ) -> Result<(), ServerError> {
+        let listen = self.admin.config.listen;
+        let bind_err = |source| ServerError::Bind { addr: listen, source };
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        self.serve_on(listener, addr, shutdown, drain, on_bound).await
+    }
+
+    /// As [`Coordinator::serve`], on the connections `listener` (bound at
+    /// `addr`) accepts: the deterministic simulation's network. Everything
+    /// else is the same code.
+    pub async fn serve_on<L: tls::Listener>(
+        self,
+        listener: L,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+        drain: Duration,
+        on_bound: impl FnOnce(SocketAddr),
+    ) -> Result<(), ServerError> {
         let s = self.admin;
         let (chain, key) = s.ca.issue_server(&s.config.server_names, SERVER_CERT_LIFETIME)?;
         let tls_config = tls::server_config(std::slice::from_ref(s.ca.cert_der()), chain, key)?;
-        let listener = tokio::net::TcpListener::bind(s.config.listen)
-            .await
-            .map_err(|source| ServerError::Bind { addr: s.config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: s.config.listen, source })?;
         write_file(s.config.addr_file(), format!("{addr}\n").as_bytes(), false)?;
         // Only where the initial credential still is (an operator may have moved it).
         if s.config.operator_dir().is_dir() {

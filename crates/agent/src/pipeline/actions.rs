@@ -156,6 +156,40 @@ pub struct CommandValues<'a> {
     pub source: &'a str,
 }
 
+/// What a simulated command does instead of a process: its stdout, or the
+/// failure a non-zero exit would report.
+pub type SimulatedRun = std::pin::Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send>>;
+
+/// Runs declared commands in place of processes, for the deterministic
+/// simulation: given the argv and the version id the values are of.
+pub type CommandRunner = fn(Vec<String>, String) -> SimulatedRun;
+
+static RUNNER: OnceLock<CommandRunner> = OnceLock::new();
+
+/// Makes every declared command of this process (restarts, command health
+/// checks) run through `runner` instead of spawning a process; the deadline,
+/// the errors and everything around them stay the agent's own. For the
+/// deterministic simulation only; never called by `rekey-agent`. Once per
+/// process; false if one was installed already.
+pub fn install_command_runner(runner: CommandRunner) -> bool {
+    RUNNER.set(runner).is_ok()
+}
+
+async fn run_simulated(
+    runner: CommandRunner,
+    spec: &CommandSpec,
+    values: &CommandValues<'_>,
+    timeout: Duration,
+) -> Result<Vec<u8>, ActionError> {
+    use std::os::unix::process::ExitStatusExt;
+    let program = spec.program().to_string();
+    match tokio::time::timeout(timeout, runner(spec.argv.clone(), values.version_id.to_string())).await {
+        Ok(Ok(stdout)) => Ok(stdout),
+        Ok(Err(output)) => Err(ActionError::Exit { program, status: ExitStatus::from_raw(1 << 8), output }),
+        Err(_) => Err(ActionError::Timeout { program, after: timeout }),
+    }
+}
+
 /// Runs a declared command to completion within `timeout`.
 pub async fn run_command(
     spec: &CommandSpec,
@@ -174,6 +208,9 @@ pub async fn run_command_output(
     timeout: Duration,
     scrub: &Scrubber,
 ) -> Result<Vec<u8>, ActionError> {
+    if let Some(runner) = RUNNER.get() {
+        return run_simulated(*runner, spec, values, timeout).await;
+    }
     let program = spec.program().to_string();
     let mut cmd = tokio::process::Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])

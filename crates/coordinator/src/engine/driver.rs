@@ -21,7 +21,10 @@ use rekey_common::error::Chain;
 use rekey_common::secret::fingerprint_fields;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1;
-use rekey_providers::{CreateRequest, LastUsed, Provider, ProviderError, Sink, SinkWrite, VersionInfo, VersionStatus};
+use super::catalog::SecretSpec;
+use rekey_providers::{
+    CreateRequest, LastUsed, Provider, ProviderError, ProviderState, Sink, SinkWrite, VersionInfo, VersionStatus,
+};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -259,21 +262,35 @@ pub struct SecretBackends {
     pub sinks: Vec<Arc<dyn Sink>>,
 }
 
+/// Builds a secret's provider and sinks from its catalog entry, given the
+/// durable state space the provider may keep (its create journal).
+/// [`configured_backends`] in rekeyd; the deterministic simulation builds
+/// simulated providers over the same state space.
+pub type BuildBackends =
+    dyn Fn(&SecretSpec, Arc<dyn ProviderState>) -> Result<SecretBackends, ProviderError> + Send + Sync;
+
+/// The provider and sinks `spec` configures.
+pub fn configured_backends(spec: &SecretSpec, state: Arc<dyn ProviderState>) -> Result<SecretBackends, ProviderError> {
+    let provider = rekey_providers::build(&spec.provider, state)?;
+    let sinks = spec.sinks.iter().map(|c| rekey_providers::build_sink(c, &spec.name)).collect::<Result<Vec<_>, _>>()?;
+    Ok(SecretBackends { provider, sinks })
+}
+
 impl Engine {
-    /// The engine with the providers and sinks the catalog configures.
+    /// The engine with the providers and sinks `build` makes for each
+    /// secret of the catalog (metered).
     pub fn new(
         config: Arc<Config>,
         store: Store,
         state: EngineState,
         link: Arc<dyn AgentLink>,
         alerts: Alerts,
+        build: &BuildBackends,
     ) -> Result<(Engine, EngineHandle), ProviderError> {
         let mut backends = HashMap::new();
         for spec in &config.secrets {
-            let provider = rekey_providers::build(&spec.provider, state.provider_state(&spec.name))?;
+            let SecretBackends { provider, sinks } = build(spec, state.provider_state(&spec.name))?;
             let provider = crate::metrics::events::metered(&spec.name, provider);
-            let sinks =
-                spec.sinks.iter().map(|c| rekey_providers::build_sink(c, &spec.name)).collect::<Result<Vec<_>, _>>()?;
             backends.insert(spec.name.clone(), SecretBackends { provider, sinks });
         }
         Ok(Engine::with_backends(config, store, state, link, alerts, backends))
