@@ -95,3 +95,55 @@ fn a_seed_reproduces_its_schedule() {
         b.rotations.iter().map(|(_, s)| s).collect::<Vec<_>>()
     );
 }
+
+/// rekeyd crashes right after the provider made the new version, before
+/// the answer arrived: the create journal makes the replay find that
+/// version gone unrecorded, delete it, and create exactly one again.
+#[test]
+fn a_crash_during_create_leaves_one_new_version() {
+    for seed in 100..104 {
+        let mut o = Options::seed(seed);
+        o.crash_first_create = true;
+        o.random_faults = false;
+        o.faults_until = Duration::from_secs(20);
+        let out = harness::run(o).expect("harness");
+        assert!(out.violations.is_empty(), "{}", out.report());
+        assert_eq!(out.injected.get("provider: rekeyd crashed mid-create (forced)"), Some(&1), "{}", out.report());
+        assert!(out.trace.iter().any(|l| l.contains("deleted orphan")), "the replay deleted the orphan:\n{}", out.report());
+    }
+}
+
+/// The same schedule without the create journal (rekey before it): the
+/// simulation catches the second new version the crash leaves behind.
+#[test]
+fn without_the_create_journal_the_crash_is_caught() {
+    let mut o = Options::seed(100);
+    o.crash_first_create = true;
+    o.random_faults = false;
+    o.faults_until = Duration::from_secs(20);
+    o.journal = false;
+    let out = harness::run(o).expect("harness");
+    assert!(
+        out.violations.iter().any(|v| v.contains("new versions at the provider")),
+        "expected the invariant to break: {:?}",
+        out.violations
+    );
+}
+
+/// An operator revokes an agent while it reconnects (its hello and the
+/// revocation race), at moments spread over the reconnect: after the
+/// revocation commits it receives nothing, and every invariant holds.
+#[test]
+fn revoking_an_agent_as_its_hello_arrives() {
+    for (i, seed) in (200..206).enumerate() {
+        let mut o = Options::seed(seed);
+        o.random_faults = false;
+        o.faults_until = Duration::from_secs(20);
+        let crash = Duration::from_millis(1500);
+        o.forced = vec![(crash, harness::Fault::CrashAgent { host: "h2".into(), down: Duration::from_millis(600) })];
+        o.revoke = Some((crash + Duration::from_millis(500 + 60 * i as u64), "h2".into()));
+        let out = harness::run(o).expect("harness");
+        assert!(out.violations.is_empty(), "{}", out.report());
+        assert!(out.trace.iter().any(|l| l.contains("revoke agent h2: done")), "{}", out.report());
+    }
+}

@@ -32,6 +32,7 @@ pub struct Operator {
     operator_dir: PathBuf,
     client: Option<AdminServiceClient<Channel>>,
     revoked_one: bool,
+    revoke: Option<(Duration, String)>,
 }
 
 /// A rotation as the operator reads it.
@@ -56,6 +57,7 @@ impl Operator {
             operator_dir,
             client: None,
             revoked_one: false,
+            revoke: o.revoke.clone(),
         }
     }
 
@@ -173,6 +175,12 @@ impl Operator {
     async fn steer(&mut self, id: &str) {
         for _ in 0..2000 {
             tokio::time::sleep(POLL).await;
+            if let Some((at, host)) = self.revoke.clone()
+                && turmoil::elapsed() >= at
+            {
+                self.revoke = None;
+                self.revoke_agent(&host).await;
+            }
             let Some(v) = self.get(id).await else { continue };
             if matches!(v.state.as_str(), "completed" | "aborted" | "abandoned" | "monitoring") {
                 return;

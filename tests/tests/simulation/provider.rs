@@ -45,7 +45,15 @@ impl SimProvider {
         idempotent: bool,
         act: impl Fn(&mut World) -> Result<T, ProviderError>,
     ) -> Result<T, ProviderError> {
-        let fault = self.lock().draw_call_fault(idempotent);
+        let fault = {
+            let mut w = self.lock();
+            if what.starts_with("create") && std::mem::take(&mut w.crash_next_create) {
+                w.count("provider: rekeyd crashed mid-create (forced)");
+                CallFault::CrashAfter
+            } else {
+                w.draw_call_fault(idempotent)
+            }
+        };
         match fault {
             CallFault::Fail => {
                 self.lock().note(format!("provider {what}: refused (fault)"));
@@ -161,7 +169,12 @@ impl Provider for SimProvider {
     }
 
     async fn create(&self, req: &CreateRequest) -> Result<NewVersion, ProviderError> {
-        journal::create_once(self, req).await
+        if self.lock().journal {
+            return journal::create_once(self, req).await;
+        }
+        // Without the journal: a create whose answer was lost is made again.
+        let (c, notes) = self.create_new(req, false).await?;
+        Ok(NewVersion { id: c.id.clone(), fields: c.fields(), notes })
     }
 
     async fn deactivate(&self, version: &str) -> Result<(), ProviderError> {

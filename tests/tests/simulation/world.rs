@@ -91,6 +91,11 @@ pub struct World {
     pub now_ms: i64,
     /// Simulated time since the run began, for the trace.
     pub elapsed: std::time::Duration,
+    /// The provider keeps its create journal (off: what rekey did before it,
+    /// to show the simulation catches the bug the journal fixes).
+    pub journal: bool,
+    /// The next create acts, then rekeyd crashes before the answer.
+    pub crash_next_create: bool,
 }
 
 impl World {
@@ -113,6 +118,8 @@ impl World {
             injected: Counts::new(),
             now_ms: 0,
             elapsed: std::time::Duration::ZERO,
+            journal: true,
+            crash_next_create: false,
         };
         // The version in use before rekey's first rotation.
         w.add_version(None, false);
@@ -134,6 +141,9 @@ impl World {
 
     pub fn violation(&mut self, what: impl Into<String>) {
         let what = what.into();
+        if self.violations.contains(&what) {
+            return;
+        }
         self.note(format!("INVARIANT BROKEN: {what}"));
         self.violations.push(what);
     }
