@@ -31,3 +31,7 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
 
 ci: lint test
+
+# Deterministic simulation: N seeds (release), schedules/s and faults by kind.
+simulate N="1000" FIRST="1000":
+    scripts/simulate {{N}} {{FIRST}}

@@ -329,8 +329,14 @@ impl Coordinator {
         let config = Arc::new(config);
         let (alerts, webhook) = crate::alerts::Alerts::open(&store, config.webhook.clone())?;
         let (alerts, alert_routes) = crate::alert_routes::attach(alerts, &config.alert_routes, &engine_state);
-        let (engine, engine_handle) =
-            Engine::new(config.clone(), store.clone(), engine_state, Arc::new(sessions.clone()), alerts.clone(), build)?;
+        let (engine, engine_handle) = Engine::new(
+            config.clone(),
+            store.clone(),
+            engine_state,
+            Arc::new(sessions.clone()),
+            alerts.clone(),
+            build,
+        )?;
         let init = InitReport {
             created_master_key,
             created_ca,

@@ -194,11 +194,9 @@ pub struct SimStream(turmoil::net::TcpStream);
 impl rekey_common::tls::Listener for SimListener {
     type Io = SimStream;
 
-    fn accept(&self) -> impl Future<Output = std::io::Result<(SimStream, SocketAddr)>> + Send {
-        async move {
-            let (s, peer) = self.0.accept().await?;
-            Ok((SimStream(s), peer))
-        }
+    async fn accept(&self) -> std::io::Result<(SimStream, SocketAddr)> {
+        let (s, peer) = self.0.accept().await?;
+        Ok((SimStream(s), peer))
     }
 }
 
@@ -305,7 +303,8 @@ fn setup(o: &Options) -> anyhow::Result<Setup> {
     let config = Config::from_file(&path)?;
     // rekeyd init: master key, store, CA, operator credential.
     drop(Coordinator::init(config.clone())?);
-    let (store, _) = rekey_coordinator::ha::open_store(&config, rekey_coordinator::store::postgres::FenceMode::Offline)?;
+    let (store, _) =
+        rekey_coordinator::ha::open_store(&config, rekey_coordinator::store::postgres::FenceMode::Offline)?;
     let master = rekey_coordinator::crypto::load_master_key(&config.master_key_file)?;
     let (ca, _) = rekey_coordinator::pki::Ca::load_or_create(&store, &master)?;
     let reader = EngineState::open(&store, ca.dek())?;
@@ -393,7 +392,7 @@ fn run_in(o: &Options, world: &Shared) -> anyhow::Result<Outcome> {
     for i in 1..=o.hosts {
         add_agent(&mut sim, &format!("h{i}"), &s.root, world);
     }
-    let operator = crate::operator::Operator::new(o, world.clone(), s.config.operator_dir());
+    let operator = crate::operator::Operator::new(o, world.clone(), s.config.operator_dir(), s.reader.clone());
     sim.client("operator", operator.run());
     drive(&mut sim, o, &s, world, schedule)
 }
@@ -504,39 +503,11 @@ fn drive(
                 inject(sim, world, &f, now, &mut restarts, &mut heals, &mut latency_until);
             }
         }
-        let requested = std::mem::take(&mut world.lock().expect("world").crash_requests);
-        for host in requested {
-            if sim.is_host_running(host.as_str()) {
-                sim.crash(host.as_str());
-                let down = Duration::from_millis(rng.random_range(20..3000));
-                world.lock().expect("world").note(format!("{host} crashed (requested), back in {down:?}"));
-                restarts.push((now + down, host));
-            }
-        }
-        for (_, host) in restarts.extract_if(.., |(t, _)| *t <= now) {
-            sim.bounce(host.as_str());
-        }
-        for (_, host) in heals.extract_if(.., |(t, _)| *t <= now) {
-            sim.repair(COORDINATOR, host.as_str());
-            world.lock().expect("world").note(format!("partition of {host} healed"));
-        }
-        if latency_until.is_some_and(|t| t <= now) || (!faults_on && latency_until.is_some()) {
-            sim.set_max_message_latency(Duration::from_millis(5));
-            latency_until = None;
-        }
-        if !faults_on {
-            // Heal everything once faults stop (liveness is judged from here).
-            for (_, host) in heals.drain(..) {
-                sim.repair(COORDINATOR, host.as_str());
-            }
-            for (_, host) in restarts.drain(..) {
-                sim.bounce(host.as_str());
-            }
-        }
+        settle_hosts(sim, world, now, faults_on, &mut rng, &mut restarts, &mut heals, &mut latency_until);
         let done = sim.step().map_err(|e| anyhow::anyhow!("simulation error: {e}"))?;
         steps += 1;
         world.lock().expect("world").check_versions();
-        if steps % SWEEP_EVERY == 0 || done {
+        if steps.is_multiple_of(SWEEP_EVERY) || done {
             memory.sweep(&s.reader, world)?;
         }
         if done {
@@ -556,6 +527,50 @@ fn drive(
         simulated: sim.elapsed(),
         rotations: memory.last.iter().map(|(id, st)| (id.clone(), st.clone())).collect(),
     })
+}
+
+/// Crashes the hosts that asked for it, restarts and heals what is due, and
+/// (once faults stop) heals everything.
+#[allow(clippy::too_many_arguments, reason = "the driver's loop state, split out to keep the loop readable")]
+fn settle_hosts(
+    sim: &mut turmoil::Sim<'_>,
+    world: &Shared,
+    now: Duration,
+    faults_on: bool,
+    rng: &mut StdRng,
+    restarts: &mut Vec<(Duration, String)>,
+    heals: &mut Vec<(Duration, String)>,
+    latency_until: &mut Option<Duration>,
+) {
+    let requested = std::mem::take(&mut world.lock().expect("world").crash_requests);
+    for host in requested {
+        if sim.is_host_running(host.as_str()) {
+            sim.crash(host.as_str());
+            let down = Duration::from_millis(rng.random_range(20..3000));
+            world.lock().expect("world").note(format!("{host} crashed (requested), back in {down:?}"));
+            restarts.push((now + down, host));
+        }
+    }
+    for (_, host) in restarts.extract_if(.., |(t, _)| *t <= now) {
+        sim.bounce(host.as_str());
+    }
+    for (_, host) in heals.extract_if(.., |(t, _)| *t <= now) {
+        sim.repair(COORDINATOR, host.as_str());
+        world.lock().expect("world").note(format!("partition of {host} healed"));
+    }
+    if latency_until.is_some_and(|t| t <= now) || (!faults_on && latency_until.is_some()) {
+        sim.set_max_message_latency(Duration::from_millis(5));
+        *latency_until = None;
+    }
+    if !faults_on {
+        // Heal everything once faults stop (liveness is judged from here).
+        for (_, host) in heals.drain(..) {
+            sim.repair(COORDINATOR, host.as_str());
+        }
+        for (_, host) in restarts.drain(..) {
+            sim.bounce(host.as_str());
+        }
+    }
 }
 
 fn inject(

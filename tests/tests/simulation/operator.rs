@@ -10,10 +10,12 @@ use crate::harness::{Options, SECRET};
 use crate::world::Shared;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rekey_coordinator::engine::machine::{HostState, Rotation, RotationState};
+use rekey_coordinator::engine::state::EngineState;
 use rekey_proto::v1::admin_service_client::AdminServiceClient;
 use rekey_proto::v1::{
-    Control, ControlRotationRequest, CreateTokenRequest, GetRotationRequest, ListAgentsRequest,
-    ListRotationsRequest, OpenIncidentRequest, RevokeAgentRequest, StartRotationRequest,
+    Control, ControlRotationRequest, CreateTokenRequest, GetRotationRequest, ListAgentsRequest, OpenIncidentRequest,
+    RevokeAgentRequest, StartRotationRequest,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,6 +35,8 @@ pub struct Operator {
     client: Option<AdminServiceClient<Channel>>,
     revoked_one: bool,
     revoke: Option<(Duration, String)>,
+    /// The store as rekeyd committed it, for the liveness judgement.
+    reader: EngineState,
 }
 
 /// A rotation as the operator reads it.
@@ -42,12 +46,8 @@ struct View {
     paused: bool,
 }
 
-fn settled(v: &View) -> bool {
-    matches!(v.state.as_str(), "completed" | "aborted" | "abandoned" | "halted" | "monitoring") || v.paused
-}
-
 impl Operator {
-    pub fn new(o: &Options, world: Shared, operator_dir: PathBuf) -> Operator {
+    pub fn new(o: &Options, world: Shared, operator_dir: PathBuf, reader: EngineState) -> Operator {
         Operator {
             world,
             rng: StdRng::seed_from_u64(o.seed.wrapping_add(7)),
@@ -58,6 +58,7 @@ impl Operator {
             client: None,
             revoked_one: false,
             revoke: o.revoke.clone(),
+            reader,
         }
     }
 
@@ -115,11 +116,12 @@ impl Operator {
             let host = format!("h{i}");
             let labels = [("env".to_string(), "sim".to_string())].into();
             let req = CreateTokenRequest { host: host.clone(), labels, ttl_seconds: 3600 };
-            let Ok(t) = self.call(|mut c| {
-                let req = req.clone();
-                async move { c.create_token(req).await }
-            })
-            .await
+            let Ok(t) = self
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.create_token(req).await }
+                })
+                .await
             else {
                 continue;
             };
@@ -143,11 +145,12 @@ impl Operator {
     async fn start(&mut self) -> Option<String> {
         for _ in 0..40 {
             let req = StartRotationRequest { secret: SECRET.into(), skip_preflight: true, reason: "simulation".into() };
-            match self.call(|mut c| {
-                let req = req.clone();
-                async move { c.start_rotation(req).await }
-            })
-            .await
+            match self
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.start_rotation(req).await }
+                })
+                .await
             {
                 Ok(r) => return parse(&r.json).map(|v| v.id),
                 Err(s) => self.note(format!("start refused: {}", s.message())),
@@ -233,7 +236,8 @@ impl Operator {
             4 if !self.revoked_one => self.revoke_agent(&host).await,
             5 => self.control(id, Control::Revoke, "").await,
             6 => {
-                let again = StartRotationRequest { secret: SECRET.into(), skip_preflight: true, reason: "second".into() };
+                let again =
+                    StartRotationRequest { secret: SECRET.into(), skip_preflight: true, reason: "second".into() };
                 let r = self
                     .call(|mut c| {
                         let req = again.clone();
@@ -257,7 +261,10 @@ impl Operator {
                         async move { c.open_incident(req).await }
                     })
                     .await;
-                self.note(format!("campaign: {}", r.map(|_| "opened".to_string()).unwrap_or_else(|s| s.message().to_string())));
+                self.note(format!(
+                    "campaign: {}",
+                    r.map(|_| "opened".to_string()).unwrap_or_else(|s| s.message().to_string())
+                ));
             }
         }
     }
@@ -280,7 +287,8 @@ impl Operator {
         w.note(format!("operator: revoke agent {host}: {}", if r.is_ok() { "done" } else { "refused" }));
     }
 
-    /// Liveness: once faults stop, every rotation settles within the bound.
+    /// Liveness: once faults stop, every rotation settles within the bound
+    /// (judged on the store, see [`settled`]).
     async fn wait_liveness(&mut self) {
         while turmoil::elapsed() < self.faults_until {
             tokio::time::sleep(POLL).await;
@@ -288,22 +296,12 @@ impl Operator {
         let deadline = turmoil::elapsed() + LIVENESS;
         let mut open = Vec::new();
         while turmoil::elapsed() < deadline {
-            open.clear();
-            let list = self
-                .call(|mut c| async move { c.list_rotations(ListRotationsRequest { secret: String::new() }).await })
-                .await;
-            let Ok(list) = list else { continue };
-            let all: Vec<serde_json::Value> = serde_json::from_str(&list.json).unwrap_or_default();
-            for r in &all {
-                let v = View {
-                    id: r["id"].as_str().unwrap_or_default().to_string(),
-                    state: r["state"].as_str().unwrap_or_default().to_string(),
-                    paused: r["paused"].as_bool().unwrap_or(false),
-                };
-                if !settled(&v) {
-                    open.push(format!("{} {}", v.id, v.state));
+            open = match self.reader.list_rotations() {
+                Ok(all) => {
+                    all.iter().filter(|r| !settled(r)).map(|r| format!("{} {}", r.id, r.state.as_str())).collect()
                 }
-            }
+                Err(e) => vec![format!("store unreadable: {e}")],
+            };
             if open.is_empty() {
                 return;
             }
@@ -314,6 +312,20 @@ impl Operator {
             .expect("world")
             .violation(format!("liveness: {LIVENESS:?} after the faults stopped, still unsettled: {open:?}"));
     }
+}
+
+/// Terminal, or waiting for an operator (DESIGN invariant 8: an exit that
+/// is an audited decision): halted, paused, monitoring, or aborting while
+/// the only rollbacks it waits for are of hosts that cannot answer (a
+/// revoked or unreachable agent: the exit is `rekey rotate exclude`).
+fn settled(r: &Rotation) -> bool {
+    if r.state.is_terminal() || r.paused || matches!(r.state, RotationState::Halted | RotationState::Monitoring) {
+        return true;
+    }
+    r.state == RotationState::Aborting
+        && !r.delete_new_issued
+        && r.hosts.values().filter(|h| h.rollback_pending).all(|h| h.state == HostState::Unreachable)
+        && r.hosts.values().any(|h| h.rollback_pending)
 }
 
 fn parse(json: &str) -> Option<View> {

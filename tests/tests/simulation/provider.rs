@@ -96,7 +96,12 @@ impl SimProvider {
         out
     }
 
-    fn set_status(&self, version: &str, to: Status, what: &'static str) -> impl Fn(&mut World) -> Result<(), ProviderError> {
+    fn set_status(
+        &self,
+        version: &str,
+        to: Status,
+        what: &'static str,
+    ) -> impl Fn(&mut World) -> Result<(), ProviderError> {
         let version = version.to_string();
         move |w: &mut World| {
             let v = w.versions.get_mut(&version).filter(|v| v.status != Status::Deleted);
@@ -131,7 +136,14 @@ impl External for SimProvider {
     }
 
     async fn delete_orphan(&self, orphan: &VersionInfo) -> Result<(), ProviderError> {
-        match self.call(format!("delete orphan {}", orphan.id), true, self.set_status(&orphan.id, Status::Deleted, "deleted orphan")).await {
+        match self
+            .call(
+                format!("delete orphan {}", orphan.id),
+                true,
+                self.set_status(&orphan.id, Status::Deleted, "deleted orphan"),
+            )
+            .await
+        {
             Err(ProviderError::NotFound { .. }) => Ok(()),
             r => r,
         }
@@ -178,7 +190,8 @@ impl Provider for SimProvider {
     }
 
     async fn deactivate(&self, version: &str) -> Result<(), ProviderError> {
-        self.call(format!("deactivate {version}"), true, self.set_status(version, Status::Inactive, "deactivated")).await
+        self.call(format!("deactivate {version}"), true, self.set_status(version, Status::Inactive, "deactivated"))
+            .await
     }
 
     async fn reactivate(&self, version: &str) -> Result<(), ProviderError> {

@@ -101,7 +101,7 @@ pub struct World {
 impl World {
     pub fn new(seed: u64) -> World {
         let mut w = World {
-            rng: StdRng::seed_from_u64(seed ^ 0x5eed_0f_5eed),
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed_5eed),
             versions: BTreeMap::new(),
             next_version: 0,
             faults_on: true,
@@ -220,7 +220,11 @@ impl World {
                 v.drifted = true;
                 v.status = if n == 1 { Status::Inactive } else { Status::Deleted };
                 let what = if n == 1 { "deactivated" } else { "deleted" };
-                self.count(if n == 1 { "drift: version deactivated outside rekey" } else { "drift: version deleted outside rekey" });
+                self.count(if n == 1 {
+                    "drift: version deactivated outside rekey"
+                } else {
+                    "drift: version deleted outside rekey"
+                });
                 self.note(format!("drift: {id} {what} outside rekey"));
             }
             _ => {}

@@ -7,6 +7,7 @@
 //! tasks that call providers (so a slow provider never blocks other
 //! rotations). A 1 s tick drives deadlines and the grace/monitoring timers.
 
+use super::catalog::SecretSpec;
 use super::link::{AgentLink, Delivery};
 use super::machine::{self, Action, Event, ProviderOp, Rotation, RotationState, Stage, Usage, UseDetail};
 use super::plan::{Target, plan_waves};
@@ -21,7 +22,6 @@ use rekey_common::error::Chain;
 use rekey_common::secret::fingerprint_fields;
 use rekey_common::time::now_unix_ms;
 use rekey_proto::v1;
-use super::catalog::SecretSpec;
 use rekey_providers::{
     CreateRequest, LastUsed, Provider, ProviderError, ProviderState, Sink, SinkWrite, VersionInfo, VersionStatus,
 };
