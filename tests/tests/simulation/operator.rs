@@ -10,7 +10,7 @@ use crate::harness::{Options, SECRET};
 use crate::world::Shared;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rekey_coordinator::engine::machine::{HostState, Rotation, RotationState};
+use rekey_coordinator::engine::machine::{Rotation, RotationState};
 use rekey_coordinator::engine::state::EngineState;
 use rekey_proto::v1::admin_service_client::AdminServiceClient;
 use rekey_proto::v1::{
@@ -315,17 +315,10 @@ impl Operator {
 }
 
 /// Terminal, or waiting for an operator (DESIGN invariant 8: an exit that
-/// is an audited decision): halted, paused, monitoring, or aborting while
-/// the only rollbacks it waits for are of hosts that cannot answer (a
-/// revoked or unreachable agent: the exit is `rekey rotate exclude`).
+/// is an audited decision): halted, paused, or monitoring (the secret is free
+/// again; it completes when the window ends).
 fn settled(r: &Rotation) -> bool {
-    if r.state.is_terminal() || r.paused || matches!(r.state, RotationState::Halted | RotationState::Monitoring) {
-        return true;
-    }
-    r.state == RotationState::Aborting
-        && !r.delete_new_issued
-        && r.hosts.values().filter(|h| h.rollback_pending).all(|h| h.state == HostState::Unreachable)
-        && r.hosts.values().any(|h| h.rollback_pending)
+    r.state.is_terminal() || r.paused || matches!(r.state, RotationState::Halted | RotationState::Monitoring)
 }
 
 fn parse(json: &str) -> Option<View> {

@@ -361,6 +361,7 @@ impl AdminService for AdminSvc {
             "agent.revoke",
             serde_json::json!({ "agent": name, "serials": rec.serials }),
         );
+        s.exclude_revoked(&name, &who.to_string()).await;
         Ok(Response::new(RevokeAgentResponse { was_connected }))
     }
 
@@ -859,6 +860,33 @@ impl AdminSvc {
             lines.len(),
             lines.join("\n  - ")
         ))
+    }
+
+    /// A revoked agent never reports again: every rotation still waiting
+    /// for it (its confirmation, or its rollback in an abort) excludes it,
+    /// audited as the revoking operator's exclusion. Rotations past
+    /// verification refuse (nothing waits for the host any more); so do
+    /// rotations the host is not a target of.
+    async fn exclude_revoked(&self, host: &str, who: &str) {
+        let rotations = match self.engine.state().list_rotations() {
+            Ok(r) => r,
+            Err(e) => {
+                return tracing::error!(agent = %host, error = %one_line(&e), "revoked agent not excluded from its rotations");
+            }
+        };
+        let waiting = rotations
+            .into_iter()
+            .filter(|r| !r.state.is_terminal() && r.hosts.get(host).is_some_and(|h| h.exclusion.is_none()));
+        for r in waiting {
+            let reason = "its agent was revoked: it will never report again".to_string();
+            let event = Event::Exclude { host: host.to_string(), by: who.to_string(), reason };
+            match self.engine.control(&r.id, event, who).await {
+                Ok(_) => tracing::warn!(rotation = %r.id, agent = %host, "revoked agent excluded from the rotation"),
+                Err(e) => {
+                    tracing::info!(rotation = %r.id, agent = %host, reason = %one_line(&e), "revoked agent stays in the rotation")
+                }
+            }
+        }
     }
 
     fn rotation_json(&self, r: Result<Rotation, EngineError>) -> Result<Response<JsonResponse>, Status> {
