@@ -32,7 +32,6 @@ use crate::outbox::Outbox;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::preflight::Preflights;
 use crate::scan::Scans;
-use rand::Rng;
 use rcgen::{CertificateParams, KeyPair};
 use rekey_common::error::{Chain, chain};
 use rekey_common::ha::{self, Coordinators};
@@ -114,7 +113,7 @@ impl Backoff {
         let cap = self.cap();
         self.attempt = self.attempt.saturating_add(1);
         let half = cap / 2;
-        half + rand::rng().random_range(Duration::ZERO..=cap - half)
+        half + rekey_common::time::jitter(cap - half)
     }
 }
 

@@ -23,6 +23,28 @@ fn since_epoch() -> Duration {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
+/// Where timing jitter comes from when not from the OS's RNG (see [`install_jitter`]).
+static JITTER: std::sync::OnceLock<fn(u64) -> Option<u64>> = std::sync::OnceLock::new();
+
+/// Makes [`jitter`] ask `source` first, for the whole process: the
+/// deterministic simulation installs its seeded RNG (`None` outside a
+/// simulated host), so a seed replays the same reconnect and restart
+/// timings. Never called by rekeyd, the agent or the CLI. Once per process.
+pub fn install_jitter(source: fn(u64) -> Option<u64>) -> bool {
+    JITTER.set(source).is_ok()
+}
+
+/// A random duration in `0..=max`, to spread timings (backoff, restart and
+/// rollout jitter). Not for anything secret.
+pub fn jitter(max: Duration) -> Duration {
+    let max_ms = max.as_millis().min(u64::MAX as u128) as u64;
+    if let Some(ms) = JITTER.get().and_then(|source| source(max_ms)) {
+        return Duration::from_millis(ms.min(max_ms));
+    }
+    use rand::Rng;
+    rand::rng().random_range(Duration::ZERO..=max)
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {
     since_epoch().as_secs() as i64

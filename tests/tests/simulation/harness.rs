@@ -137,9 +137,20 @@ pub fn install_seams() {
     ONCE.call_once(|| {
         rekey_common::tls::install_crypto_provider();
         rekey_common::time::install_clock(turmoil::since_epoch);
+        rekey_common::time::install_jitter(jitter);
         rekey_common::tls::install_dialer(dial);
         rekey_agent::pipeline::actions::install_command_runner(run_command);
     });
+}
+
+/// Timing jitter from the run's seeded RNG, inside a simulated host.
+fn jitter(max_ms: u64) -> Option<u64> {
+    if !turmoil::in_simulation() {
+        return None;
+    }
+    let world = current()?;
+    let ms = world.lock().expect("world").jitter(max_ms);
+    Some(ms)
 }
 
 fn dial(authority: String) -> rekey_common::tls::Dialing {

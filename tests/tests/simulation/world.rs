@@ -64,6 +64,7 @@ pub type Counts = BTreeMap<&'static str, u64>;
 
 pub struct World {
     rng: StdRng,
+    timing: StdRng,
     pub versions: BTreeMap<String, Version>,
     next_version: u64,
     /// Provider and apply faults are drawn only while this is set.
@@ -102,6 +103,7 @@ impl World {
     pub fn new(seed: u64) -> World {
         let mut w = World {
             rng: StdRng::seed_from_u64(seed ^ 0x5eed_5eed),
+            timing: StdRng::seed_from_u64(seed ^ 0x7171_7171),
             versions: BTreeMap::new(),
             next_version: 0,
             faults_on: true,
@@ -161,6 +163,12 @@ impl World {
     pub fn version_of_value(content: &str) -> Option<String> {
         let rest = content.split("val-").nth(1)?;
         Some(rest.split('-').next()?.to_string())
+    }
+
+    /// Timing jitter (backoff, restarts) in `0..=max_ms`, from its own
+    /// stream so that timings do not shift the fault draws.
+    pub fn jitter(&mut self, max_ms: u64) -> u64 {
+        self.timing.random_range(0..=max_ms)
     }
 
     pub fn draw_call_fault(&mut self, idempotent: bool) -> CallFault {

@@ -238,7 +238,7 @@ impl Pipeline {
             let jitter_ms = group.iter().map(|a| a.m.d.restart_jitter_ms).max().unwrap_or(0);
             let max = r.jitter.max(Duration::from_millis(jitter_ms)).min(MAX_JITTER);
             if !max.is_zero() {
-                let wait = rand::rng().random_range(Duration::ZERO..=max);
+                let wait = rekey_common::time::jitter(max);
                 tracing::info!(wait_ms = wait.as_millis() as u64, "waiting before the restart (jitter)");
                 tokio::time::sleep(wait).await;
             }

@@ -816,7 +816,7 @@ impl Engine {
             }
             None => None,
         };
-        let jitter = if rot.policy.jitter_ms > 0 { rand::rng().random_range(0..=rot.policy.jitter_ms) } else { 0 };
+        let jitter = rekey_common::time::jitter(Duration::from_millis(rot.policy.jitter_ms)).as_millis() as u64;
         let delivery = Delivery {
             rotation_id: rot.id.clone(),
             secret: rot.secret.clone(),
