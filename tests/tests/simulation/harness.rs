@@ -386,6 +386,7 @@ fn run_in(o: &Options, world: &Shared) -> anyhow::Result<Outcome> {
     {
         let mut w = world.lock().expect("world");
         w.journal = o.journal;
+        w.reader = Some(s.reader.clone());
         w.crash_next_create = o.crash_first_create;
         for i in 1..=o.hosts {
             w.host_files.insert(format!("h{i}"), s.root.join(format!("h{i}/service.env")));

@@ -114,6 +114,7 @@ impl SimProvider {
             if to != Status::Active {
                 // The moment a version stops working: every host must be off it.
                 w.check_hosts(&format!("{what} {version}"));
+                w.check_old_revocation(&version, what);
             }
             Ok(())
         }

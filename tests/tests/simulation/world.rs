@@ -9,6 +9,8 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rekey_coordinator::engine::machine::HostState;
+use rekey_coordinator::engine::state::EngineState;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -97,6 +99,8 @@ pub struct World {
     pub journal: bool,
     /// The next create acts, then rekeyd crashes before the answer.
     pub crash_next_create: bool,
+    /// The store as rekeyd committed it (for invariants on its records).
+    pub reader: Option<EngineState>,
 }
 
 impl World {
@@ -122,6 +126,7 @@ impl World {
             elapsed: std::time::Duration::ZERO,
             journal: true,
             crash_next_create: false,
+            reader: None,
         };
         // The version in use before rekey's first rotation.
         w.add_version(None, false);
@@ -263,6 +268,26 @@ impl World {
             if ver.status != Status::Active && !ver.drifted {
                 let status = ver.status;
                 self.violation(format!("{when}: host {host} runs on {id}, which rekey made {status:?}"));
+            }
+        }
+    }
+
+    /// Invariant 1, on rekey's own records: when rekey deactivates or
+    /// deletes a rotation's old version, every target host of that rotation
+    /// has confirmed the new one or was excluded.
+    pub fn check_old_revocation(&mut self, version: &str, what: &str) {
+        let Some(rotations) = self.reader.as_ref().and_then(|r| r.list_rotations().ok()) else { return };
+        for r in rotations.iter().filter(|r| r.old_version.as_deref() == Some(version) && !r.state.is_terminal()) {
+            let unconfirmed: Vec<String> = r
+                .hosts
+                .iter()
+                .filter(|(_, h)| {
+                    h.state != HostState::Healthy && h.state != HostState::Excluded && h.exclusion.is_none()
+                })
+                .map(|(n, h)| format!("{n} ({:?})", h.state))
+                .collect();
+            if !unconfirmed.is_empty() {
+                self.violation(format!("{what} {version}: old version of {} while {unconfirmed:?} unconfirmed", r.id));
             }
         }
     }
