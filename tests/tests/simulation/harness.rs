@@ -31,8 +31,8 @@ pub const SECRET: &str = "db";
 const STEP: Duration = Duration::from_millis(5);
 /// Store invariants are read every this many steps (and at the end).
 const SWEEP_EVERY: u64 = 20;
-/// A delivery sent just before a revocation committed may still be applied
-/// this long after the operator saw the revocation return.
+/// A delivery sent just before a revocation committed may still reach its
+/// first apply step this long after the operator saw the revocation return.
 const REVOKED_MARGIN_MS: i64 = 2000;
 
 /// What one seed does.
@@ -173,7 +173,12 @@ fn run_command(argv: Vec<String>, version: String) -> rekey_agent::pipeline::act
         let fault = {
             let mut w = world.lock().expect("world");
             w.check_hosts(&format!("{host} {step} of {version}"));
+            // A version it never had: a delivery. (Restoring one it had is
+            // its own rollback of an apply that was in flight.)
+            let seen = w.applied.entry(host.clone()).or_insert_with(|| ["v0".to_string(), String::new()].into());
+            let first_time = seen.insert(version.clone());
             if let Some(at) = w.revoked_at.get(&host).copied()
+                && first_time
                 && w.now_ms > at + REVOKED_MARGIN_MS
             {
                 let late = w.now_ms - at;

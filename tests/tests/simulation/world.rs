@@ -81,6 +81,8 @@ pub struct World {
     pub excused: BTreeSet<String>,
     /// Agent → simulated time (ms since the epoch) its revocation committed.
     pub revoked_at: BTreeMap<String, i64>,
+    /// Host → the versions it has applied or rolled back to (restart steps).
+    pub applied: BTreeMap<String, BTreeSet<String>>,
     /// Join tokens the operator created, by host.
     pub tokens: BTreeMap<String, String>,
     pub ca_fingerprint: String,
@@ -116,6 +118,7 @@ impl World {
             host_files: BTreeMap::new(),
             excused: BTreeSet::new(),
             revoked_at: BTreeMap::new(),
+            applied: BTreeMap::new(),
             tokens: BTreeMap::new(),
             ca_fingerprint: String::new(),
             crash_requests: Vec::new(),
