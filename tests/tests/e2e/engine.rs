@@ -434,6 +434,30 @@ fn a_campaign_rotates_every_matching_secret_with_bounded_concurrency_and_one_rep
     assert!(list.contains("vendor breach") && list.contains("closed"), "{list}");
 }
 
+/// Found by the simulation (issue #15): an abort waits for the rollback of
+/// every host that may hold the new version, and a revoked agent never
+/// answers again. Revoking it excludes it from the rotation (audited as the
+/// operator's exclusion), so the abort finishes.
+#[test]
+fn revoking_an_agent_lets_an_abort_that_waits_for_it_finish() {
+    let mut f = fleet(3, "1s", rekey_tests::StoreKind::Sled);
+    f.c.cli_ok(&["rotate", "start", SECRET, "--wait"]);
+    f.agents[1].stop();
+    wait_for("host-2 gone", || !f.c.is_connected("host-2"));
+    let id = start_skipping_preflight(&f.c, "host-2 is down: the path under test");
+    wait_for("host-2 unreachable", || rotation(&f.c, &id).hosts["host-2"].state == HostState::Unreachable);
+    f.c.cli_ok(&["rotate", "abort", &id]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(rotation(&f.c, &id).state, RotationState::Aborting, "the abort waits for host-2's rollback");
+    f.c.cli_ok(&["agent", "revoke", "host-2"]);
+    let r = wait_state(&f.c, &id, &[RotationState::Aborted]);
+    let exclusion = r.hosts["host-2"].exclusion.as_ref().expect("host-2 excluded");
+    assert!(exclusion.reason.contains("revoked"), "{exclusion:?}");
+    assert!(f.c.audit().iter().any(|a| a.actor == "operator/admin"
+        && a.details["host"] == "host-2"
+        && a.details["to"] == "excluded"));
+}
+
 /// The engine suite runs on both stores — the embedded sled and a real
 /// PostgreSQL — through the same tests.
 macro_rules! on_both_stores {
