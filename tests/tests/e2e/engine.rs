@@ -453,9 +453,11 @@ fn revoking_an_agent_lets_an_abort_that_waits_for_it_finish() {
     let r = wait_state(&f.c, &id, &[RotationState::Aborted]);
     let exclusion = r.hosts["host-2"].exclusion.as_ref().expect("host-2 excluded");
     assert!(exclusion.reason.contains("revoked"), "{exclusion:?}");
-    assert!(f.c.audit().iter().any(|a| a.actor == "operator/admin"
-        && a.details["host"] == "host-2"
-        && a.details["to"] == "excluded"));
+    assert!(
+        f.c.audit()
+            .iter()
+            .any(|a| a.actor == "operator/admin" && a.details["host"] == "host-2" && a.details["to"] == "excluded")
+    );
 }
 
 /// The engine suite runs on both stores — the embedded sled and a real

@@ -411,6 +411,10 @@ fn run_in(o: &Options, world: &Shared) -> anyhow::Result<Outcome> {
     }
     let operator = crate::operator::Operator::new(o, world.clone(), s.config.operator_dir(), s.reader.clone());
     sim.client("operator", operator.run());
+    if let Some((at, host)) = o.revoke.clone() {
+        let dir = s.config.operator_dir();
+        sim.client("security", crate::operator::revoke_at(world.clone(), dir, at, host));
+    }
     drive(&mut sim, o, &s, world, schedule)
 }
 

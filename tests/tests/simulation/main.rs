@@ -135,19 +135,30 @@ fn without_the_create_journal_the_crash_is_caught() {
 }
 
 /// An operator revokes an agent while it reconnects (its hello and the
-/// revocation race), at moments spread over the reconnect: after the
+/// revocation race), at moments 120 ms apart over the reconnect on slow links: after the
 /// revocation commits it receives nothing, and every invariant holds.
 #[test]
 fn revoking_an_agent_as_its_hello_arrives() {
-    for (i, seed) in (200..204).enumerate() {
+    for i in 0..REVOKE_OFFSETS {
+        let seed = 200 + i;
         let mut o = Options::seed(seed);
         o.random_faults = false;
         o.faults_until = Duration::from_secs(20);
-        let crash = Duration::from_millis(1500);
-        o.forced = vec![(crash, harness::Fault::CrashAgent { host: "h2".into(), down: Duration::from_millis(600) })];
-        o.revoke = Some((crash + Duration::from_millis(500 + 60 * i as u64), "h2".into()));
+        let crash = Duration::from_millis(3000);
+        // rekeyd restarts later: the revocation must hold from the store alone.
+        let restart = crash + Duration::from_secs(3);
+        o.forced = vec![
+            (crash, harness::Fault::CrashAgent { host: "h2".into(), down: Duration::from_millis(600) }),
+            // Slow links: the hello may trail the stream's opening.
+            (crash, harness::Fault::Latency { max: Duration::from_millis(250), for_: Duration::from_secs(3) }),
+            (restart, harness::Fault::CrashCoordinator { down: Duration::from_millis(300) }),
+        ];
+        o.revoke = Some((crash + Duration::from_millis(600 + 120 * i), "h2".into()));
         let out = harness::run(o).expect("harness");
         assert!(out.violations.is_empty(), "{}", out.report());
         assert!(out.trace.iter().any(|l| l.contains("revoke agent h2: done")), "{}", out.report());
     }
 }
+
+/// Revocation moments tried over h2's reconnect, 120 ms apart.
+const REVOKE_OFFSETS: u64 = 10;

@@ -34,7 +34,6 @@ pub struct Operator {
     operator_dir: PathBuf,
     client: Option<AdminServiceClient<Channel>>,
     revoked_one: bool,
-    revoke: Option<(Duration, String)>,
     /// The store as rekeyd committed it, for the liveness judgement.
     reader: EngineState,
 }
@@ -56,8 +55,7 @@ impl Operator {
             faults_until: o.faults_until,
             operator_dir,
             client: None,
-            revoked_one: false,
-            revoke: o.revoke.clone(),
+            revoked_one: o.revoke.is_some(),
             reader,
         }
     }
@@ -178,12 +176,6 @@ impl Operator {
     async fn steer(&mut self, id: &str) {
         for _ in 0..2000 {
             tokio::time::sleep(POLL).await;
-            if let Some((at, host)) = self.revoke.clone()
-                && turmoil::elapsed() >= at
-            {
-                self.revoke = None;
-                self.revoke_agent(&host).await;
-            }
             let Some(v) = self.get(id).await else { continue };
             if matches!(v.state.as_str(), "completed" | "aborted" | "abandoned" | "monitoring") {
                 return;
@@ -328,4 +320,28 @@ fn parse(json: &str) -> Option<View> {
         state: v["state"].as_str().unwrap_or_default().to_string(),
         paused: v["paused"].as_bool().unwrap_or(false),
     })
+}
+
+/// A second operator that revokes `host` at exactly `at` (simulated), on a
+/// connection opened beforehand: to land the revocation inside an agent's
+/// reconnect (its TLS handshake done, its hello on the way).
+pub async fn revoke_at(world: Shared, operator_dir: PathBuf, at: Duration, host: String) -> turmoil::Result {
+    let addr = format!("{}:{}", crate::harness::COORDINATOR, crate::harness::PORT);
+    tokio::time::sleep(at.saturating_sub(Duration::from_millis(400))).await;
+    world.lock().expect("world").excused.insert(host.clone());
+    let mut client = loop {
+        match rekey_tests::sim::admin(&addr, &operator_dir).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    tokio::time::sleep(at.saturating_sub(turmoil::elapsed())).await;
+    let r = client.revoke_agent(RevokeAgentRequest { name: host.clone() }).await;
+    let mut w = world.lock().expect("world");
+    if r.is_ok() {
+        let now = w.now_ms;
+        w.revoked_at.insert(host.clone(), now);
+    }
+    w.note(format!("operator: revoke agent {host}: {}", if r.is_ok() { "done" } else { "refused" }));
+    Ok(())
 }
