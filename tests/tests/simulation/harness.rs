@@ -45,6 +45,8 @@ pub struct Options {
     pub faults_until: Duration,
     /// Extra faults a regression test forces at given times.
     pub forced: Vec<(Duration, Fault)>,
+    /// Faults drawn from the seed (schedule, provider, apply, operator
+    /// commands); off, only `forced` and the options below happen.
     pub random_faults: bool,
     /// The provider keeps its create journal (see [`World::journal`]).
     pub journal: bool,
@@ -53,6 +55,13 @@ pub struct Options {
     /// The operator revokes this agent at this time (a race with its hello
     /// when the schedule restarts it then).
     pub revoke: Option<(Duration, String)>,
+    /// The operator aborts the first rotation as soon as it rolls out.
+    pub abort_in_rollout: bool,
+    /// A host whose first restart back to the old version (a rollback)
+    /// crashes it mid-step.
+    pub crash_rollback_of: Option<String>,
+    /// A host whose first restart hangs (until the agent's restart timeout).
+    pub hang_apply_of: Option<String>,
 }
 
 impl Options {
@@ -67,6 +76,9 @@ impl Options {
             journal: true,
             crash_first_create: false,
             revoke: None,
+            abort_in_rollout: false,
+            crash_rollback_of: None,
+            hang_apply_of: None,
         }
     }
 }
@@ -135,6 +147,10 @@ fn current() -> Option<Shared> {
 pub fn install_seams() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        // `REKEY_SIM_LOG=rekey=debug`: the hosts' own logs, for a seed under study.
+        if let Ok(filter) = std::env::var("REKEY_SIM_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
         rekey_common::tls::install_crypto_provider();
         rekey_common::time::install_clock(turmoil::since_epoch);
         rekey_common::time::install_jitter(jitter);
@@ -184,7 +200,18 @@ fn run_command(argv: Vec<String>, version: String) -> rekey_agent::pipeline::act
                 let late = w.now_ms - at;
                 w.violation(format!("revoked agent {host} applied {version} {late} ms after its revocation"));
             }
-            let f = w.draw_apply_fault();
+            let rollback = step == "restart" && version == "v0" && w.applied[&host].len() > 2;
+            let f = if rollback && w.crash_rollback_of.as_deref() == Some(host.as_str()) {
+                w.crash_rollback_of = None;
+                w.count("apply: agent crashed mid-rollback (forced)");
+                ApplyFault::Crash
+            } else if step == "restart" && w.hang_apply_of.as_deref() == Some(host.as_str()) {
+                w.hang_apply_of = None;
+                w.count("apply: hang (forced)");
+                ApplyFault::Hang
+            } else {
+                w.draw_apply_fault()
+            };
             w.note(format!("{host}: {step} of {version} ({f:?})"));
             if f == ApplyFault::Crash {
                 w.crash_requests.push(host.clone());
@@ -392,6 +419,13 @@ fn run_in(o: &Options, world: &Shared) -> anyhow::Result<Outcome> {
         let mut w = world.lock().expect("world");
         w.journal = o.journal;
         w.reader = Some(s.reader.clone());
+        w.crash_rollback_of = o.crash_rollback_of.clone();
+        w.hang_apply_of = o.hang_apply_of.clone();
+        if !o.random_faults {
+            // A forced scenario alone: no drawn provider or apply faults.
+            w.provider_fault_rate = 0.0;
+            w.apply_fault_rate = 0.0;
+        }
         w.crash_next_create = o.crash_first_create;
         for i in 1..=o.hosts {
             w.host_files.insert(format!("h{i}"), s.root.join(format!("h{i}/service.env")));

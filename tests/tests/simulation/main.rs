@@ -162,3 +162,28 @@ fn revoking_an_agent_as_its_hello_arrives() {
 
 /// Revocation moments tried over h2's reconnect, 120 ms apart.
 const REVOKE_OFFSETS: u64 = 10;
+
+/// Found by seed 1057 of the release run: an abort's rollback whose restart
+/// crashes the agent must still end with the host rolled back and the
+/// rotation aborted once the agent is back.
+#[test]
+fn an_agent_crashing_during_an_aborts_rollback_does_not_stall_it() {
+    for seed in 300..303 {
+        let mut o = Options::seed(seed);
+        o.random_faults = false;
+        o.faults_until = Duration::from_secs(20);
+        o.rotations = 1;
+        o.abort_in_rollout = true;
+        o.crash_rollback_of = Some("h1".into());
+        // The last host's restart hangs: the rollout is still going when the operator aborts.
+        o.hang_apply_of = Some("h4".into());
+        let out = harness::run(o).expect("harness");
+        assert!(out.violations.is_empty(), "{}", out.report());
+        assert_eq!(out.injected.get("apply: agent crashed mid-rollback (forced)"), Some(&1), "{}", out.report());
+        // Back up, the agent redid the restart the crash interrupted: the
+        // service runs on the old version's files again.
+        let crash = out.trace.iter().position(|l| l.contains("h1: restart of v0 (Crash)")).expect("crashed");
+        assert!(out.trace[crash..].iter().any(|l| l.contains("h1: restart of v0 (None)")), "{}", out.report());
+        assert!(out.rotations.iter().all(|(_, s)| s == "aborted"), "{:?}", out.rotations);
+    }
+}

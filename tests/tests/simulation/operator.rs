@@ -34,6 +34,10 @@ pub struct Operator {
     operator_dir: PathBuf,
     client: Option<AdminServiceClient<Channel>>,
     revoked_one: bool,
+    /// Operator commands at random moments (off in forced scenarios).
+    random_commands: bool,
+    /// Abort the first rotation as soon as it rolls out.
+    abort_in_rollout: bool,
     /// The store as rekeyd committed it, for the liveness judgement.
     reader: EngineState,
 }
@@ -57,6 +61,8 @@ impl Operator {
             client: None,
             revoked_one: o.revoke.is_some(),
             reader,
+            abort_in_rollout: o.abort_in_rollout,
+            random_commands: o.random_faults,
         }
     }
 
@@ -180,13 +186,18 @@ impl Operator {
             if matches!(v.state.as_str(), "completed" | "aborted" | "abandoned" | "monitoring") {
                 return;
             }
+            if self.abort_in_rollout && v.state == "rolling_out" {
+                self.abort_in_rollout = false;
+                self.control(id, Control::Abort, "").await;
+                continue;
+            }
             if v.state == "halted" || v.paused {
                 // Out of an operator-waiting state: resume, or abort.
                 let action = if self.rng.random_bool(0.7) { Control::Resume } else { Control::Abort };
                 self.control(id, action, "").await;
                 continue;
             }
-            if self.rng.random_bool(0.04) {
+            if self.random_commands && self.rng.random_bool(0.04) {
                 self.random_command(id).await;
             }
         }

@@ -101,6 +101,10 @@ pub struct World {
     pub journal: bool,
     /// The next create acts, then rekeyd crashes before the answer.
     pub crash_next_create: bool,
+    /// The host whose next rollback restart crashes it (a forced fault).
+    pub crash_rollback_of: Option<String>,
+    /// The host whose next restart hangs (a forced fault).
+    pub hang_apply_of: Option<String>,
     /// The store as rekeyd committed it (for invariants on its records).
     pub reader: Option<EngineState>,
 }
@@ -130,6 +134,8 @@ impl World {
             journal: true,
             crash_next_create: false,
             reader: None,
+            crash_rollback_of: None,
+            hang_apply_of: None,
         };
         // The version in use before rekey's first rotation.
         w.add_version(None, false);

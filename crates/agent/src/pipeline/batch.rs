@@ -334,9 +334,10 @@ impl Pipeline {
     /// Restores every file each journal marks as possibly written (members
     /// and files in reverse order), then restarts once if any member's
     /// restart began and re-checks if anything changed. Once a member's files
-    /// are back its backups and journal go: a failing restart or health check
-    /// afterwards is reported, not retried. One result per member, its
-    /// error scrubbed.
+    /// are back its backups go; its journal goes once the restart and check
+    /// ran (a crash before that redoes them at the next start): a failing
+    /// restart or health check is reported, not retried. One result per
+    /// member, its error scrubbed.
     pub(super) async fn undo_group(
         &self,
         items: &mut [(Option<&SecretConfig>, &mut Journal, CommandValues<'_>)],
@@ -354,6 +355,27 @@ impl Pipeline {
                 }
             }
         }
+        let restored: Vec<bool> = results.iter().map(Result::is_ok).collect();
+        let results = self.restart_after_undo(items, results, changed, restarted, scrub).await;
+        // Restarted and checked (or reported): nothing is left to redo. A
+        // member whose files could not be put back keeps its journal.
+        for ((_, j, _), _) in items.iter().zip(restored).filter(|(_, ok)| *ok) {
+            if let Err(e) = self.inner.store.remove_journal(&j.secret) {
+                tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot remove the journal of a rollback");
+            }
+        }
+        results
+    }
+
+    /// The restart and health check after an undo put the files back.
+    async fn restart_after_undo(
+        &self,
+        items: &[(Option<&SecretConfig>, &mut Journal, CommandValues<'_>)],
+        mut results: Vec<Result<(), String>>,
+        changed: bool,
+        restarted: bool,
+        scrub: &Scrubber,
+    ) -> Vec<Result<(), String>> {
         let declared: Vec<(&SecretConfig, CommandValues<'_>)> = items
             .iter()
             .filter_map(|(s, _, v)| {
@@ -384,10 +406,17 @@ impl Pipeline {
         results
     }
 
-    /// Puts back one journal's files; then its backups and journal go.
+    /// Puts back one journal's files, records that they are back (stage
+    /// `Restored`, the applied state on the previous version), then drops
+    /// the backups. The journal stays until the restart and health check ran
+    /// ([`Pipeline::undo_group`]): a crash before then redoes only those.
     /// Whether any file was touched.
     fn restore_all(&self, j: &mut Journal) -> Result<bool, StepError> {
         let store = &self.inner.store;
+        if j.stage == JournalStage::Restored {
+            // Files already back; the restart that followed was interrupted.
+            return Ok(true);
+        }
         j.stage = JournalStage::RollingBack;
         if let Err(e) = self.journal(j) {
             tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot record the rollback; rolling back anyway");
@@ -402,13 +431,17 @@ impl Pipeline {
             self.restore_file(&j.secret, j.backup_dir.as_deref(), rec)?;
             tracing::info!(secret = %j.secret, path = %rec.path.display(), "file restored");
         }
+        j.stage = JournalStage::Restored;
+        if let Err(e) = self.journal(j) {
+            // The backups stay (a later start removes them once nothing refers to them).
+            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot record the restored files");
+            return Ok(changed);
+        }
+        self.rolled_back_to_previous(&j.secret, &j.version_id);
         if let Some(b) = &j.backup_dir
             && let Err(e) = store.remove_backup_set(&j.secret, b)
         {
             tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot remove a used backup");
-        }
-        if let Err(e) = store.remove_journal(&j.secret) {
-            tracing::warn!(secret = %j.secret, error = %Chain(&e), "cannot remove the journal of a rollback");
         }
         Ok(changed)
     }

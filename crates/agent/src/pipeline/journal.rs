@@ -36,6 +36,10 @@ pub enum JournalStage {
     /// Healthy; recording the result.
     Committing,
     RollingBack,
+    /// Rolled back: every file is back (its backups gone) and the applied
+    /// state says the previous version; the restart and the health check on
+    /// those files are what remains.
+    Restored,
 }
 
 impl JournalStage {
@@ -47,6 +51,7 @@ impl JournalStage {
             JournalStage::CheckingHealth => "checking_health",
             JournalStage::Committing => "committing",
             JournalStage::RollingBack => "rolling_back",
+            JournalStage::Restored => "restored",
         }
     }
 }
