@@ -44,3 +44,36 @@ fn the_views_crate_is_plain_data() {
         assert!(hits.is_empty(), "rekey-types depends on {forbidden}: {hits:?}");
     }
 }
+
+/// Architecture Invariant: the deterministic simulation's seams (clock,
+/// dialer, jitter, command runner) are installed by the simulation alone: no
+/// production crate calls an `install_*` seam, and no binary links turmoil.
+#[test]
+fn production_code_installs_no_simulation_seam() {
+    for p in ["rekey-agent", "rekey-coordinator", "rekey-cli"] {
+        let t = tree(p);
+        assert!(!t.lines().any(|l| l.starts_with("turmoil")), "{p} links turmoil:\n{t}");
+    }
+    let seams = ["install_clock(", "install_dialer(", "install_jitter(", "install_command_runner("];
+    let mut calls = Vec::new();
+    let mut stack = vec![rekey_tests::workspace_root().join("crates")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (n, line) in text.lines().enumerate() {
+                    if seams.iter().any(|s| line.contains(s))
+                        && !line.contains("pub fn ")
+                        && !line.trim_start().starts_with("//")
+                    {
+                        calls.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(calls.is_empty(), "production code installs a simulation seam:\n{}", calls.join("\n"));
+}
