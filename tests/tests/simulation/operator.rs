@@ -225,8 +225,19 @@ impl Operator {
 
     async fn random_command(&mut self, id: &str) {
         let host = format!("h{}", self.rng.random_range(1..=self.hosts));
-        self.world.lock().expect("world").count("operator command");
-        match self.rng.random_range(0..8) {
+        let pick = self.rng.random_range(0..8);
+        let kind = match pick {
+            0 => "operator: pause",
+            1 => "operator: resume",
+            2 => "operator: abort",
+            3 => "operator: exclude a host",
+            4 if !self.revoked_one => "operator: revoke an agent",
+            5 => "operator: revoke the old version despite the evidence",
+            6 => "operator: start a second rotation",
+            _ => "operator: open an incident campaign",
+        };
+        self.world.lock().expect("world").count(kind);
+        match pick {
             0 => self.control(id, Control::Pause, "").await,
             1 => self.control(id, Control::Resume, "").await,
             2 => self.control(id, Control::Abort, "").await,
