@@ -132,8 +132,9 @@ pub struct Figures {
     pub reads: Vec<ReadFigures>,
 }
 
-/// The coordinator's catalog: two secrets consumed by every simulated host.
-fn catalog() -> String {
+/// The coordinator's catalog: two secrets consumed by every simulated host
+/// (labelled `env=bench`).
+pub fn catalog() -> String {
     let secret = |name: &str, canary: usize, waves: &str| {
         format!(
             "[[secret]]\nname = \"{name}\"\nprovider = {{ kind = \"random\", length = 32 }}\nselector = {{ env = \"bench\" }}\n\
@@ -147,6 +148,48 @@ fn catalog() -> String {
         secret(WAVES_SECRET, 1, &format!("[{}]", tenths.join(", "))),
         secret(ONE_WAVE_SECRET, 0, "[\"100%\"]")
     )
+}
+
+/// Stops `c` (gracefully), writes `agents` into its registry in one
+/// transaction, and starts it again: a registry of thousands of hosts in a
+/// second, for tests of what rekeyd says about many hosts. These agents hold
+/// no certificate and never connect. Sled only.
+pub fn seed_registry(c: &mut Coordinator, agents: &[rekey_coordinator::store::AgentRecord]) -> Result<()> {
+    use rekey_coordinator::store::{Store, Tree};
+    c.stop();
+    {
+        let store = Store::open(&c.dir.join("data/store")).context("open the coordinator's sled store")?;
+        store.transaction(true, |t| {
+            for a in agents {
+                // The store's own encoding of a record, checked by the read below.
+                let json = serde_json::to_vec(a).expect("agent records serialize");
+                t.put(Tree::Agents, a.name.as_bytes(), &json)?;
+            }
+            Ok::<_, rekey_coordinator::store::StoreError>(())
+        })?;
+        let names: std::collections::HashSet<String> = store.list_agents()?.into_iter().map(|a| a.name).collect();
+        if !agents.iter().all(|a| names.contains(&a.name)) {
+            bail!("the seeded agents do not read back from the store");
+        }
+    }
+    c.restart();
+    Ok(())
+}
+
+/// A registry record for [`seed_registry`]: enrolled now, consuming `secrets`.
+pub fn seeded_agent(name: &str, labels: &[(&str, &str)], secrets: &[&str]) -> rekey_coordinator::store::AgentRecord {
+    let now = rekey_common::time::now_unix();
+    rekey_coordinator::store::AgentRecord {
+        name: name.to_string(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        enrolled_unix: now,
+        cert_serial: format!("seeded-{name}"),
+        cert_not_after_unix: now + 86_400,
+        serials: vec![format!("seeded-{name}")],
+        secrets: secrets.iter().map(|s| s.to_string()).collect(),
+        last_seen_unix: now,
+        ..Default::default()
+    }
 }
 
 /// Reads `field` (in KiB) from /proc/PID/status.
