@@ -84,6 +84,9 @@ pub struct RotationFigures {
 pub struct AgentFigures {
     pub binary_bytes: u64,
     pub rss_kib: u64,
+    /// The part of it that is the agent's own memory (heap, stacks); the
+    /// rest is clean pages of its binary and libc, shared with the page cache.
+    pub anon_kib: u64,
     /// Context switches (its own wake-ups) per minute at idle, all threads.
     pub wakeups_per_min: f64,
     pub threads: u64,
@@ -126,6 +129,9 @@ pub struct Figures {
     pub reconnect: Duration,
     pub reconnect_errors: u64,
     pub reconnect_sessions: u64,
+    /// Failed attempts of the whole run (first connect and reconnect) by
+    /// kind, most frequent first (at most 3).
+    pub reconnect_error_kinds: Vec<(String, u64)>,
     /// The real `rekey-agent` beside the simulated ones (this build's binary).
     pub agent: AgentFigures,
     pub rotations: Vec<RotationFigures>,
@@ -292,6 +298,7 @@ pub async fn run(dir: &Path, opts: &BenchOptions) -> Result<Figures> {
     fig.agent = AgentFigures {
         binary_bytes: std::fs::metadata(&bins().agent).map(|m| m.len()).unwrap_or(0),
         rss_kib: status_kib(apid, "VmRSS:"),
+        anon_kib: status_kib(apid, "RssAnon:"),
         wakeups_per_min: (context_switches(apid) - ctx0) as f64 * 60.0 / fig.idle_window.as_secs_f64(),
         threads: status_kib(apid, "Threads:"),
     };
@@ -306,6 +313,11 @@ pub async fn run(dir: &Path, opts: &BenchOptions) -> Result<Figures> {
     fig.reconnect += fig.restart_ready;
     fig.reconnect_errors = load(&fleet.stats.connect_errors) - errors0;
     fig.reconnect_sessions = load(&fleet.stats.sessions) - sessions0;
+    let mut kinds: Vec<(String, u64)> =
+        fleet.stats.error_kinds.lock().expect("error kinds lock").iter().map(|(k, n)| (k.clone(), *n)).collect();
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    kinds.truncate(3);
+    fig.reconnect_error_kinds = kinds;
 
     let mut admin = sim::admin(&c.addr(), &op).await?;
     for (label, secret) in [("canary + 10 % waves", WAVES_SECRET), ("one 100 % wave", ONE_WAVE_SECRET)] {
@@ -400,6 +412,8 @@ fn median_max(v: &mut [i64]) -> (i64, i64) {
 fn reads(c: &Coordinator, id: &str) -> Vec<ReadFigures> {
     let cmds: Vec<Vec<&str>> = vec![
         vec!["agents"],
+        vec!["agents", "--limit", "0"],
+        vec!["agents", "--filter", "disconnected"],
         vec!["agents", "-o", "json"],
         vec!["rotate", "status", id],
         vec!["rotate", "status", id, "--hosts", "all"],
@@ -447,6 +461,15 @@ impl std::fmt::Display for Figures {
             secs(self.restart_ready),
             self.reconnect_errors,
             self.reconnect_sessions
+        )?;
+        for (kind, n) in &self.reconnect_error_kinds {
+            writeln!(f, "  {n:>6} × {kind}")?;
+        }
+        let a = &self.agent;
+        writeln!(
+            f,
+            "real rekey-agent           {} bytes stripped, {} KiB RSS idle ({} KiB anonymous), {} threads, {:.1} wake-ups/min idle",
+            a.binary_bytes, a.rss_kib, a.anon_kib, a.threads, a.wakeups_per_min
         )?;
         for r in &self.rotations {
             writeln!(

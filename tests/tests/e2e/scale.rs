@@ -27,6 +27,7 @@ fn the_load_benchmark_runs_end_to_end_at_small_n() {
     assert_eq!(f.hosts, 12);
     assert!(f.rss_idle_kib > 0 && f.rss_before_kib > 0, "rekeyd's RSS read from /proc");
     assert!(f.agent.binary_bytes > 0 && f.agent.rss_kib > 0 && f.agent.threads > 0, "{:?}", f.agent);
+    assert!(f.agent.anon_kib > 0 && f.agent.anon_kib < f.agent.rss_kib, "{:?}", f.agent);
     assert!(f.reconnect_sessions >= 12, "every host got a new session after the restart: {}", f.reconnect_sessions);
     assert_eq!(f.rotations.len(), 2);
     for r in &f.rotations {
