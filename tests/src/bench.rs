@@ -84,6 +84,9 @@ pub struct RotationFigures {
 pub struct AgentFigures {
     pub binary_bytes: u64,
     pub rss_kib: u64,
+    /// The part of it that is the agent's own memory (heap, stacks); the
+    /// rest is clean pages of its binary and libc, shared with the page cache.
+    pub anon_kib: u64,
     /// Context switches (its own wake-ups) per minute at idle, all threads.
     pub wakeups_per_min: f64,
     pub threads: u64,
@@ -126,14 +129,18 @@ pub struct Figures {
     pub reconnect: Duration,
     pub reconnect_errors: u64,
     pub reconnect_sessions: u64,
+    /// Failed attempts of the whole run (first connect and reconnect) by
+    /// kind, most frequent first (at most 3).
+    pub reconnect_error_kinds: Vec<(String, u64)>,
     /// The real `rekey-agent` beside the simulated ones (this build's binary).
     pub agent: AgentFigures,
     pub rotations: Vec<RotationFigures>,
     pub reads: Vec<ReadFigures>,
 }
 
-/// The coordinator's catalog: two secrets consumed by every simulated host.
-fn catalog() -> String {
+/// The coordinator's catalog: two secrets consumed by every simulated host
+/// (labelled `env=bench`).
+pub fn catalog() -> String {
     let secret = |name: &str, canary: usize, waves: &str| {
         format!(
             "[[secret]]\nname = \"{name}\"\nprovider = {{ kind = \"random\", length = 32 }}\nselector = {{ env = \"bench\" }}\n\
@@ -147,6 +154,48 @@ fn catalog() -> String {
         secret(WAVES_SECRET, 1, &format!("[{}]", tenths.join(", "))),
         secret(ONE_WAVE_SECRET, 0, "[\"100%\"]")
     )
+}
+
+/// Stops `c` (gracefully), writes `agents` into its registry in one
+/// transaction, and starts it again: a registry of thousands of hosts in a
+/// second, for tests of what rekeyd says about many hosts. These agents hold
+/// no certificate and never connect. Sled only.
+pub fn seed_registry(c: &mut Coordinator, agents: &[rekey_coordinator::store::AgentRecord]) -> Result<()> {
+    use rekey_coordinator::store::{Store, Tree};
+    c.stop();
+    {
+        let store = Store::open(&c.dir.join("data/store")).context("open the coordinator's sled store")?;
+        store.transaction(true, |t| {
+            for a in agents {
+                // The store's own encoding of a record, checked by the read below.
+                let json = serde_json::to_vec(a).expect("agent records serialize");
+                t.put(Tree::Agents, a.name.as_bytes(), &json)?;
+            }
+            Ok::<_, rekey_coordinator::store::StoreError>(())
+        })?;
+        let names: std::collections::HashSet<String> = store.list_agents()?.into_iter().map(|a| a.name).collect();
+        if !agents.iter().all(|a| names.contains(&a.name)) {
+            bail!("the seeded agents do not read back from the store");
+        }
+    }
+    c.restart();
+    Ok(())
+}
+
+/// A registry record for [`seed_registry`]: enrolled now, consuming `secrets`.
+pub fn seeded_agent(name: &str, labels: &[(&str, &str)], secrets: &[&str]) -> rekey_coordinator::store::AgentRecord {
+    let now = rekey_common::time::now_unix();
+    rekey_coordinator::store::AgentRecord {
+        name: name.to_string(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        enrolled_unix: now,
+        cert_serial: format!("seeded-{name}"),
+        cert_not_after_unix: now + 86_400,
+        serials: vec![format!("seeded-{name}")],
+        secrets: secrets.iter().map(|s| s.to_string()).collect(),
+        last_seen_unix: now,
+        ..Default::default()
+    }
 }
 
 /// Reads `field` (in KiB) from /proc/PID/status.
@@ -249,6 +298,7 @@ pub async fn run(dir: &Path, opts: &BenchOptions) -> Result<Figures> {
     fig.agent = AgentFigures {
         binary_bytes: std::fs::metadata(&bins().agent).map(|m| m.len()).unwrap_or(0),
         rss_kib: status_kib(apid, "VmRSS:"),
+        anon_kib: status_kib(apid, "RssAnon:"),
         wakeups_per_min: (context_switches(apid) - ctx0) as f64 * 60.0 / fig.idle_window.as_secs_f64(),
         threads: status_kib(apid, "Threads:"),
     };
@@ -263,6 +313,11 @@ pub async fn run(dir: &Path, opts: &BenchOptions) -> Result<Figures> {
     fig.reconnect += fig.restart_ready;
     fig.reconnect_errors = load(&fleet.stats.connect_errors) - errors0;
     fig.reconnect_sessions = load(&fleet.stats.sessions) - sessions0;
+    let mut kinds: Vec<(String, u64)> =
+        fleet.stats.error_kinds.lock().expect("error kinds lock").iter().map(|(k, n)| (k.clone(), *n)).collect();
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    kinds.truncate(3);
+    fig.reconnect_error_kinds = kinds;
 
     let mut admin = sim::admin(&c.addr(), &op).await?;
     for (label, secret) in [("canary + 10 % waves", WAVES_SECRET), ("one 100 % wave", ONE_WAVE_SECRET)] {
@@ -357,6 +412,8 @@ fn median_max(v: &mut [i64]) -> (i64, i64) {
 fn reads(c: &Coordinator, id: &str) -> Vec<ReadFigures> {
     let cmds: Vec<Vec<&str>> = vec![
         vec!["agents"],
+        vec!["agents", "--limit", "0"],
+        vec!["agents", "--filter", "disconnected"],
         vec!["agents", "-o", "json"],
         vec!["rotate", "status", id],
         vec!["rotate", "status", id, "--hosts", "all"],
@@ -404,6 +461,15 @@ impl std::fmt::Display for Figures {
             secs(self.restart_ready),
             self.reconnect_errors,
             self.reconnect_sessions
+        )?;
+        for (kind, n) in &self.reconnect_error_kinds {
+            writeln!(f, "  {n:>6} × {kind}")?;
+        }
+        let a = &self.agent;
+        writeln!(
+            f,
+            "real rekey-agent           {} bytes stripped, {} KiB RSS idle ({} KiB anonymous), {} threads, {:.1} wake-ups/min idle",
+            a.binary_bytes, a.rss_kib, a.anon_kib, a.threads, a.wakeups_per_min
         )?;
         for r in &self.rotations {
             writeln!(

@@ -151,6 +151,8 @@ pub struct Stats {
     pub sessions: AtomicU64,
     /// Connection attempts that failed before a welcome (each followed by a backoff).
     pub connect_errors: AtomicU64,
+    /// Those failures by what they said (the error chain, cut at 100 characters).
+    pub error_kinds: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Established sessions that ended (rekeyd went away, a stream broke).
     pub lost: AtomicU64,
     pub deliveries: AtomicU64,
@@ -231,8 +233,10 @@ impl Host {
                     backoff.reset();
                 }
                 Ok(false) => return,
-                Err(_) => {
+                Err(e) => {
                     stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    let kind: String = format!("{e:#}").chars().take(100).collect();
+                    *stats.error_kinds.lock().expect("error kinds lock").entry(kind).or_default() += 1;
                 }
             }
             tokio::select! {

@@ -77,7 +77,9 @@ fn main() -> std::process::ExitCode {
     }
     rekey_common::logging::init("info", cli.log_format == "json");
     rekey_common::tls::install_crypto_provider();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+    // One thread: the agent waits on one session and a few timers, and a
+    // worker thread of its own cost idle RSS and wake-ups (docs/benchmarks.md).
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rekey-agent: error: cannot start runtime: {e}");

@@ -40,8 +40,12 @@ impl Admin for Client {
     }
 
     async fn connected_agents(&mut self) -> Result<usize> {
-        let r =
-            self.inner.clone().list_agents(self.request(ListAgentsRequest {})).await.map_err(|s| self.explain(s))?;
+        let r = self
+            .inner
+            .clone()
+            .list_agents(self.request(ListAgentsRequest::default()))
+            .await
+            .map_err(|s| self.explain(s))?;
         Ok(r.into_inner().agents.iter().filter(|a| a.connected).count())
     }
 

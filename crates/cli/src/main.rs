@@ -79,8 +79,16 @@ enum Command {
     /// Join tokens for enrolling hosts.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// List enrolled agents.
-    Agents,
+    /// List enrolled agents, by name.
+    Agents {
+        /// Show at most N agents (0: all). Default: 1000 in a table, all with -o json.
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Only agents matching every filter given: connected, disconnected,
+        /// revoked, KEY=VALUE (a label), or part of the host name.
+        #[arg(long, value_name = "TERM")]
+        filter: Vec<String>,
+    },
     /// Act on one agent.
     #[command(subcommand)]
     Agent(AgentCmd),
@@ -144,7 +152,8 @@ enum Command {
 #[derive(Subcommand)]
 enum RotateCmd {
     /// Start rotating a secret; prints the rotation id. Runs the preflight
-    /// (`rotate plan`) first and refuses, with every problem, if it finds one.
+    /// (`rotate plan`) first and refuses if it finds a problem, naming the
+    /// first 20 (`rotate plan` lists them all).
     Start {
         secret: String,
         /// Follow the rotation until it completes, halts or aborts (exit 0 only if completed).
@@ -415,7 +424,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Token(TokenCmd::Create { host, labels, ttl }) => {
             token_create(&client, out, host, labels, *ttl).await?
         }
-        Command::Agents => agents(&client, out).await?,
+        Command::Agents { limit, filter } => agents(&client, out, *limit, filter).await?,
         Command::Coordinators => coordinators::run(&client, out).await?,
         Command::Agent(AgentCmd::Revoke { name }) => {
             let req = client.request(RevokeAgentRequest { name: name.clone() });
@@ -519,11 +528,25 @@ async fn token_create(
     Ok(())
 }
 
-/// `rekey agents`: the registry, by name.
-async fn agents(client: &Client, out: Output) -> Result<()> {
-    let r =
-        client.inner.clone().list_agents(client.request(ListAgentsRequest {})).await.map_err(|s| client.explain(s))?;
-    let agents = r.into_inner().agents;
+/// A table shows this many agents unless told otherwise (`--limit`).
+const AGENTS_TABLE_LIMIT: u32 = 1000;
+
+/// `rekey agents`: the registry, by name, filtered and limited by rekeyd.
+async fn agents(client: &Client, out: Output, limit: Option<u32>, filter: &[String]) -> Result<()> {
+    for term in filter {
+        rekey_types::v1::AgentFilter::parse(term).map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
+    }
+    let limit = limit.unwrap_or(if out == Output::Json { 0 } else { AGENTS_TABLE_LIMIT });
+    let req = ListAgentsRequest { limit, filters: filter.to_vec() };
+    let r = client.inner.clone().list_agents(client.request(req)).await.map_err(|s| client.explain(s))?.into_inner();
+    let agents = r.agents;
+    // An older rekeyd neither filters nor counts.
+    let total = (r.total as usize).max(agents.len());
+    let shown = if total > agents.len() {
+        Some(format!("showing {} of {total} agents, use --limit 0 for all", agents.len()))
+    } else {
+        None
+    };
     if out == Output::Json {
         let v: Vec<AgentView> = agents
             .iter()
@@ -541,6 +564,13 @@ async fn agents(client: &Client, out: Output) -> Result<()> {
             })
             .collect();
         print_json(&v);
+        if let Some(shown) = shown {
+            eprintln!("{shown}");
+        }
+        return Ok(());
+    }
+    if agents.is_empty() && !filter.is_empty() {
+        println!("no agent matches --filter {}", filter.join(" --filter "));
         return Ok(());
     }
     if agents.is_empty() {
@@ -568,6 +598,9 @@ async fn agents(client: &Client, out: Output) -> Result<()> {
         ]);
     }
     print!("{t}");
+    if let Some(shown) = shown {
+        println!("{shown}");
+    }
     Ok(())
 }
 

@@ -348,7 +348,8 @@ pub async fn connect(addr: &str, tls: Arc<ClientConfig>) -> Result<Channel, toni
 /// such connections are few and brief, or they are an attack on descriptors.
 #[derive(Debug, Clone, Copy)]
 pub struct AcceptLimits {
-    /// TLS handshakes in progress at once; beyond, new connections are closed.
+    /// TLS handshakes in progress at once; beyond, new connections wait in
+    /// the listen backlog until one ends.
     pub max_handshakes: usize,
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
@@ -496,9 +497,16 @@ pub fn tls_incoming<L: Listener>(
                     }
                 },
             };
-            let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, max = limits.max_handshakes, "too many handshakes in progress: connection closed");
-                continue;
+            // At the limit, wait for a slot rather than close: the kernel's
+            // backlog holds the rest. Closing turned a fleet reconnecting at
+            // once (10,000 after a restart) into failures that the agents'
+            // backoff then spread over 36 s.
+            let handshake = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = handshakes.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
             };
             let (acceptor, tx, unauthenticated) = (acceptor.clone(), tx.clone(), unauthenticated.clone());
             tokio::spawn(async move {

@@ -48,8 +48,11 @@ pub struct Sessions {
     shutdown: tokio_util::sync::CancellationToken,
 }
 
-/// Dry runs in flight at most; each is small and ends with its plan's wait.
-const MAX_PREFLIGHTS: usize = 4096;
+/// Dry runs in flight at most; each is small (~200 bytes) and ends with its
+/// plan's wait. A plan asks every consumer at once, so this bounds the fleet
+/// a plan can cover: at 4,096 a 10,000-host start was refused for 5,904
+/// hosts "not reading their session".
+const MAX_PREFLIGHTS: usize = 65_536;
 
 type PendingPreflight = (String, tokio::sync::oneshot::Sender<v1::PreflightResult>);
 
@@ -196,8 +199,11 @@ impl crate::engine::link::PreflightLink for Sessions {
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut map = self.preflights.lock().expect("preflights lock");
-            // Waiters that gave up (their plan timed out) leave no entry behind.
-            map.retain(|_, (_, tx)| !tx.is_closed());
+            // Waiters that gave up (their plan timed out) leave no entry
+            // behind; swept only when full, so a plan's sends stay O(hosts).
+            if map.len() >= MAX_PREFLIGHTS {
+                map.retain(|_, (_, tx)| !tx.is_closed());
+            }
             if map.len() >= MAX_PREFLIGHTS {
                 return Err(SendError::Backpressure(host.to_string()));
             }

@@ -120,7 +120,7 @@ fn a_client_without_certificate_gets_nothing_but_enrollment() {
     let cfg = tls::anonymous_client_config(&grpc::ca_of(&c.operator_dir())).unwrap();
     rt.block_on(async {
         let mut admin = grpc::admin(&c.addr(), cfg.clone()).await.unwrap();
-        let e = admin.list_agents(ListAgentsRequest {}).await.unwrap_err();
+        let e = admin.list_agents(ListAgentsRequest::default()).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
         assert!(e.message().contains("requires a client certificate"), "{e:?}");
         let e = admin.create_token(CreateTokenRequest { host: "evil".into(), ..Default::default() }).await.unwrap_err();
@@ -174,7 +174,7 @@ fn an_agent_certificate_cannot_call_the_admin_api() {
     let cfg = grpc::agent_config(&c.agents[0].state_dir(), &c.coordinator.operator_dir());
     grpc::rt().block_on(async {
         let mut admin = grpc::admin(&c.coordinator.addr(), cfg).await.unwrap();
-        let e = admin.list_agents(ListAgentsRequest {}).await.unwrap_err();
+        let e = admin.list_agents(ListAgentsRequest::default()).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("agent certificates cannot call the admin API"), "{e:?}");
         let e = admin.create_token(CreateTokenRequest { host: "evil".into(), ..Default::default() }).await.unwrap_err();

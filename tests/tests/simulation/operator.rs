@@ -135,10 +135,11 @@ impl Operator {
         }
         // Until every agent is connected (bounded: faults may keep one away).
         for _ in 0..240 {
-            let connected = match self.call(|mut c| async move { c.list_agents(ListAgentsRequest {}).await }).await {
-                Ok(l) => l.agents.iter().filter(|a| a.connected).count(),
-                Err(_) => 0,
-            };
+            let connected =
+                match self.call(|mut c| async move { c.list_agents(ListAgentsRequest::default()).await }).await {
+                    Ok(l) => l.agents.iter().filter(|a| a.connected).count(),
+                    Err(_) => 0,
+                };
             if connected == self.hosts {
                 break;
             }

@@ -1111,7 +1111,10 @@ pub fn waiting_on(rot: &Rotation) -> Option<String> {
                 .map(|(n, _)| n.as_str())
                 .collect();
             (!unreachable.is_empty()).then(|| {
-                format!("unreachable: {} — revocation waits until they return or are excluded", unreachable.join(", "))
+                format!(
+                    "unreachable: {} — revocation waits until they return or are excluded",
+                    rekey_common::error::named(&unreachable, ", ")
+                )
             })
         }
         _ => None,

@@ -23,12 +23,12 @@ use crate::sessions::Sessions;
 use crate::store::Store;
 use crate::store::TokenRecord;
 use crate::store::{OperatorRecord, OperatorRefused, OperatorRole};
-use rekey_common::error::chain as one_line;
+use rekey_common::error::{MAX_NAMED, bounded, chain as one_line};
 use rekey_common::time::now_unix;
 use rekey_common::tls::Identity;
 use rekey_proto::v1::admin_service_server::AdminService;
 use rekey_proto::v1::{
-    AgentInfo, BackupRequest, BackupResponse, Control, ControlRotationRequest, CoordinatorMessage, CreateTokenRequest,
+    BackupRequest, BackupResponse, Control, ControlRotationRequest, CoordinatorMessage, CreateTokenRequest,
     CreateTokenResponse, GetIncidentRequest, GetReportRequest, GetRotationRequest, JsonResponse, ListAgentsRequest,
     ListAgentsResponse, ListAlertsRequest, ListAuditRequest, ListIncidentsRequest, ListRotationsRequest,
     ListSecretsRequest, ListVersionsRequest, OpenIncidentRequest, PlanRotationRequest, ReportResponse,
@@ -308,33 +308,21 @@ impl AdminService for AdminSvc {
         }))
     }
 
+    /// The registry, filtered and limited here (`rekey agents --filter
+    /// --limit`): a large fleet's page is cut before it is sent.
     async fn list_agents(&self, req: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
         operator(self, &req, Rpc::ListAgents)?;
-        let s = self;
-        let now = now_unix();
-        let mut agents: Vec<AgentInfo> = s
-            .store
-            .list_agents()
-            .map_err(internal)?
-            .into_iter()
-            .map(|a| {
-                let connected = s.sessions.is_connected(&a.name);
-                AgentInfo {
-                    connected,
-                    last_seen_unix: if connected { now } else { a.last_seen_unix },
-                    revoked: a.revoked_unix.is_some(),
-                    name: a.name,
-                    labels: a.labels.into_iter().collect(),
-                    agent_version: a.agent_version,
-                    cert_not_after_unix: a.cert_not_after_unix,
-                    secrets: a.secrets,
-                    enrolled_unix: a.enrolled_unix,
-                    cert_serial: a.cert_serial,
-                }
-            })
-            .collect();
-        agents.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Response::new(ListAgentsResponse { agents }))
+        let r = req.into_inner();
+        let filters = r
+            .filters
+            .iter()
+            .map(|t| rekey_types::v1::AgentFilter::parse(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(bounded(e.to_string())))?;
+        let records = self.store.list_agents().map_err(internal)?;
+        let connected = |name: &str| self.sessions.is_connected(name);
+        let (agents, total) = views::agents_page(records, connected, &filters, r.limit as usize, now_unix());
+        Ok(Response::new(ListAgentsResponse { agents, total }))
     }
 
     async fn revoke_agent(&self, req: Request<RevokeAgentRequest>) -> Result<Response<RevokeAgentResponse>, Status> {
@@ -765,16 +753,27 @@ async fn watch(
 pub type WatchStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<JsonResponse, Status>> + Send + 'static>>;
 
+/// `status` with its message cut to [`rekey_common::error::MAX_MESSAGE`]
+/// bytes: an error naming every host of a large fleet would otherwise not
+/// fit the HTTP/2 trailers it travels in, and the client would see a
+/// dropped connection instead of the refusal.
+fn capped(status: Status) -> Status {
+    if status.message().len() <= rekey_common::error::MAX_MESSAGE {
+        return status;
+    }
+    Status::new(status.code(), bounded(status.message().to_string()))
+}
+
 fn operator_status(e: OperatorRefused) -> Status {
-    match e {
+    capped(match e {
         OperatorRefused::Unknown(_) => Status::not_found(format!("{e} (see `rekey operator list`)")),
         OperatorRefused::Exists(_) => Status::already_exists(e.to_string()),
         OperatorRefused::AlreadyRevoked { .. } => Status::failed_precondition(e.to_string()),
-    }
+    })
 }
 
 fn campaign_status(e: CampaignError) -> Status {
-    match e {
+    capped(match e {
         CampaignError::Unknown(_) => Status::not_found(e.to_string()),
         CampaignError::NoMatch(_)
         | CampaignError::BadName(_)
@@ -782,7 +781,7 @@ fn campaign_status(e: CampaignError) -> Status {
         | CampaignError::FirstNotMatching { .. } => Status::invalid_argument(e.to_string()),
         CampaignError::Closed(_) => Status::failed_precondition(e.to_string()),
         CampaignError::State(_) => Status::internal(one_line(&e)),
-    }
+    })
 }
 
 /// An incident with the live state of each of its rotations.
@@ -792,7 +791,7 @@ fn incident_view(shared: &AdminSvc, inc: &Incident) -> Result<IncidentView, Stat
 }
 
 fn engine_status(e: EngineError) -> Status {
-    match e {
+    capped(match e {
         EngineError::UnknownSecret(_) | EngineError::UnknownRotation(_) => Status::not_found(e.to_string()),
         EngineError::NoConsumers(_) | EngineError::AlreadyRotating { .. } | EngineError::Refused(_) => {
             Status::failed_precondition(e.to_string())
@@ -803,12 +802,12 @@ fn engine_status(e: EngineError) -> Status {
             tracing::error!(error = %one_line(&e), "engine state failure");
             Status::internal(one_line(&e))
         }
-    }
+    })
 }
 
 fn scope_status(e: ScopeError) -> Status {
     use ScopeError as E;
-    match e {
+    capped(match e {
         E::UnknownSecret(_) | E::UnknownRotation(_) => Status::not_found(e.to_string()),
         E::WrongRotation { .. } | E::BadFilter(_) | E::BadTimeout(_) => Status::invalid_argument(e.to_string()),
         E::NoVersion { .. } | E::OldValueForgotten { .. } | E::ValueNotHeld { .. } | E::NothingSearchable { .. } => {
@@ -819,7 +818,7 @@ fn scope_status(e: ScopeError) -> Status {
             tracing::error!(error = %one_line(&e), "scope scan failed");
             Status::internal(one_line(&e))
         }
-    }
+    })
 }
 
 /// A view (or a list of views) as the JSON document of a `JsonResponse`.
@@ -828,14 +827,14 @@ fn json<V: Serialize + ?Sized>(view: &V) -> Response<JsonResponse> {
 }
 
 fn preflight_status(e: PreflightError) -> Status {
-    match e {
+    capped(match e {
         PreflightError::UnknownSecret(_) => Status::not_found(e.to_string()),
         PreflightError::BadWait(_) => Status::invalid_argument(e.to_string()),
         PreflightError::State(_) | PreflightError::Store(_) => {
             tracing::error!(error = %one_line(&e), "preflight failed");
             Status::internal(one_line(&e))
         }
-    }
+    })
 }
 
 impl AdminSvc {
@@ -843,7 +842,9 @@ impl AdminSvc {
         Preflight { config: &self.config, engine: &self.engine, store: &self.store, link: &self.sessions }
     }
 
-    /// The refusal of a start whose preflight found problems (audited).
+    /// The refusal of a start whose preflight found problems (audited). The
+    /// message names the first [`MAX_NAMED`] problems and counts the rest:
+    /// the whole list is in the audit record and in `rekey rotate plan`.
     fn refuse_start(&self, who: &str, secret: &str, problems: &[preflight::Problem]) -> Status {
         let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         tracing::warn!(operator = %who, %secret, problems = lines.len(), "start refused by the preflight");
@@ -853,13 +854,16 @@ impl AdminSvc {
             "rotation.preflight_refused",
             serde_json::json!({ "secret": secret, "problems": lines }),
         );
-        Status::failed_precondition(format!(
-            "the preflight of {secret} found {} problem(s); no key was generated:\n  - {}\n\
+        let mut shown = lines.iter().take(MAX_NAMED).cloned().collect::<Vec<_>>().join("\n  - ");
+        if lines.len() > MAX_NAMED {
+            shown.push_str(&format!("\n  - and {} more", lines.len() - MAX_NAMED));
+        }
+        Status::failed_precondition(bounded(format!(
+            "the preflight of {secret} found {} problem(s); no key was generated:\n  - {shown}\n\
              fix them (`rekey rotate plan {secret}` shows the whole plan), or start anyway with \
              --skip-preflight --reason TEXT (audited)",
             lines.len(),
-            lines.join("\n  - ")
-        ))
+        )))
     }
 
     /// A revoked agent never reports again: every rotation still waiting
@@ -957,6 +961,18 @@ mod tests {
         );
         let refused = role_refusal(&op(Rotator), Rpc::CreateToken).unwrap();
         assert!(refused.message().contains("needs role admin"), "{}", refused.message());
+    }
+
+    #[test]
+    fn an_error_naming_every_host_is_cut_to_fit_the_trailers() {
+        let hosts: Vec<String> = (1..=10_000).map(|i| format!("h{i} (unreachable)")).collect();
+        let s = engine_status(EngineError::Refused(hosts.join(", ")));
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.message().len() <= rekey_common::error::MAX_MESSAGE, "{}", s.message().len());
+        assert!(s.message().starts_with("h1 (unreachable), h2 (unreachable)"), "{}", s.message());
+        assert!(s.message().ends_with(" more bytes left out)"), "{}", s.message());
+        let short = engine_status(EngineError::Refused("h1 (unreachable)".into()));
+        assert!(short.message().ends_with("h1 (unreachable)"), "{}", short.message());
     }
 
     #[test]

@@ -161,8 +161,16 @@ impl AgentService for AgentSvc {
             return Err(version_mismatch(&format!("agent {name}"), hello.protocol_version));
         }
         let now = now_unix();
+        // Flushed only when the hello changes what the record says: a fleet
+        // reconnecting at once after a restart otherwise costs one fsync per
+        // agent (10,000 hosts: 36 s). last_seen alone need not survive a
+        // crash, as in `touch_last_seen`, and every hello re-sends the rest.
+        let changed = match s.store.get_agent(&name) {
+            Ok(Some(rec)) => rec.agent_version != hello.agent_version || rec.secrets != hello.secrets,
+            _ => true,
+        };
         s.store
-            .update_agent(&name, true, |rec| {
+            .update_agent(&name, changed, |rec| {
                 check_current(rec, &serial)?;
                 rec.agent_version = hello.agent_version.clone();
                 rec.secrets = hello.secrets.clone();

@@ -316,6 +316,49 @@ pub(crate) fn agent(a: &crate::store::AgentRecord, connected: bool, now_unix: i6
     }
 }
 
+/// `ListAgents`' answer: the agents matching every filter, by name, at most
+/// `limit` of them (0: all), and how many matched. Filtered and cut here, so
+/// a 10,000-host registry never crosses the wire when a page is asked for.
+pub(crate) fn agents_page(
+    records: Vec<crate::store::AgentRecord>,
+    connected: impl Fn(&str) -> bool,
+    filters: &[view::AgentFilter],
+    limit: usize,
+    now_unix: i64,
+) -> (Vec<rekey_proto::v1::AgentInfo>, u32) {
+    let mut matching: Vec<(crate::store::AgentRecord, bool)> = records
+        .into_iter()
+        .map(|a| {
+            let connected = connected(&a.name);
+            (a, connected)
+        })
+        .filter(|(a, connected)| {
+            filters.iter().all(|f| f.matches(&a.name, &a.labels, *connected, a.revoked_unix.is_some()))
+        })
+        .collect();
+    matching.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let total = u32::try_from(matching.len()).unwrap_or(u32::MAX);
+    if limit > 0 {
+        matching.truncate(limit);
+    }
+    let agents = matching
+        .into_iter()
+        .map(|(a, connected)| rekey_proto::v1::AgentInfo {
+            connected,
+            last_seen_unix: if connected { now_unix } else { a.last_seen_unix },
+            revoked: a.revoked_unix.is_some(),
+            name: a.name,
+            labels: a.labels.into_iter().collect(),
+            agent_version: a.agent_version,
+            cert_not_after_unix: a.cert_not_after_unix,
+            secrets: a.secrets,
+            enrolled_unix: a.enrolled_unix,
+            cert_serial: a.cert_serial,
+        })
+        .collect();
+    (agents, total)
+}
+
 /// A provider's version, marked if it is the catalog's current one.
 impl From<OperatorRole> for view::OperatorRole {
     fn from(r: OperatorRole) -> Self {

@@ -23,7 +23,7 @@ mod rotation;
 mod scope;
 mod secret;
 
-pub use agent::{AgentRevokedView, AgentView, JoinTokenView};
+pub use agent::{AgentFilter, AgentFilterError, AgentRevokedView, AgentState, AgentView, JoinTokenView};
 pub use audit::{AlertKind, AlertView, AuditRecordView, AuditVerifyView, BrokenLink, Severity};
 pub use coordinator::{CoordinatorsView, ReplicaView, StoreBackend};
 pub use incident::{CampaignState, IncidentSecretState, IncidentSecretView, IncidentState, IncidentView};

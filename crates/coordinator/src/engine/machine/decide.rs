@@ -58,8 +58,11 @@ fn versions_left(rot: &Rotation) -> String {
 
 /// Hosts that have not confirmed the new version, for refusals.
 fn unconfirmed(rot: &Rotation) -> String {
-    let hosts: Vec<String> = rot.blocking_hosts().into_iter().map(|(h, s)| format!("{h} ({})", s.as_str())).collect();
-    if hosts.is_empty() { "the rollout has not finished".to_string() } else { hosts.join(", ") }
+    let hosts = rot.blocking_hosts();
+    if hosts.is_empty() {
+        return "the rollout has not finished".to_string();
+    }
+    rekey_common::error::named(hosts.into_iter().map(|(h, s)| format!("{h} ({})", s.as_str())), ", ")
 }
 
 fn revoke(rot: &mut Rotation, d: Decision, now: i64, actions: &mut Vec<Action>) -> Result<(), Refusal> {

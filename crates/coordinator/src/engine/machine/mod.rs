@@ -504,11 +504,11 @@ fn advance_rollout(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) -> S
     let failed = rot.failed_hosts();
     let canary_failed: Vec<_> = failed.iter().filter(|(_, h)| h.wave == 0 && rot.policy.canary > 0).collect();
     if !canary_failed.is_empty() || failed.len() > rot.failure_budget() {
-        let list = failed
-            .iter()
-            .map(|(n, h)| format!("{n}: {}", h.error.as_deref().unwrap_or("failed")))
-            .collect::<Vec<_>>()
-            .join("; ");
+        // Named up to a bound: every host's error is in its own record.
+        let list = rekey_common::error::named(
+            failed.iter().map(|(n, h)| format!("{n}: {}", h.error.as_deref().unwrap_or("failed"))),
+            "; ",
+        );
         let why = if !canary_failed.is_empty() {
             "the canary failed".to_string()
         } else {
@@ -540,7 +540,7 @@ fn advance_rollout(rot: &mut Rotation, now: i64, actions: &mut Vec<Action>) -> S
         return Step::Continue;
     }
     if !failed.is_empty() {
-        let list = failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+        let list = rekey_common::error::named(failed.iter().map(|(n, _)| n.as_str()), ", ");
         rot.halt(
             format!("rollout finished but {list} did not confirm the new version; fix and resume, or exclude them"),
             now,
