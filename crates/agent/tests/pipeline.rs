@@ -537,6 +537,71 @@ async fn undeclared_secret_is_refused() {
     host.assert_no_leak();
 }
 
+/// The agent dies in the middle of a rollback's restart (found by the
+/// simulation: it used to come back with no journal, no backup and the new
+/// version still recorded as applied, so every later rollback failed and an
+/// abort waited forever). The journal now outlives the restored files: a new
+/// pipeline redoes only the restart and check, and reports the rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_interrupted_mid_restart_is_finished_at_start() {
+    let host = Host::new();
+    host.start_service();
+    host.wait_healthy().await;
+    let before = host.files();
+    let script = format!(
+        "if [ -e {dir}/block ]; then echo $$ > {dir}/blocker.pid; sleep 60; fi; exec \"$0\" \"$@\"",
+        dir = host.dir.path().display()
+    );
+    let mut argv = vec!["/bin/sh".to_string(), "-c".into(), script];
+    argv.extend(host.service_argv());
+    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+    let config = host.config(&STANDARD.replace("@RESTART@", &format!("[{}]", argv.join(", "))));
+    let pipeline = Pipeline::open(&config, Outbox::new()).unwrap();
+    let reports = pipeline.deliver(delivery("v2", &host.key2.1, Some(("v1", &host.key1.1)))).await;
+    assert_eq!(stages(&reports), [Delivered, Applied, Restarted, Healthy], "{reports:?}");
+
+    // The coordinator asks for the rollback; its restart blocks.
+    std::fs::write(host.path("block"), "").unwrap();
+    let p = pipeline.clone();
+    let r = Rollback { rotation_id: "rot-1".into(), secret: SECRET.into(), version_id: "v2".into() };
+    let task = tokio::spawn(async move { p.rollback(r).await });
+    wait_for("the rollback's restart to block", || host.path("blocker.pid").exists()).await;
+    assert_eq!(host.files(), before, "the files are back before the restart");
+    let journal = std::fs::read_to_string(host.state_dir().join("journal/demo-key.json")).unwrap();
+    assert!(journal.contains("\"stage\": \"restored\""), "{journal}");
+    assert!(pipeline.applied().iter().all(|a| a.version_id != "v2"), "v2 still recorded as applied");
+
+    // "Crash" mid-restart.
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    drop(pipeline);
+    let blocker: i32 = std::fs::read_to_string(host.path("blocker.pid")).unwrap().trim().parse().unwrap();
+    wait_for("the blocked restart command to die", || {
+        std::fs::read_to_string(format!("/proc/{blocker}/stat"))
+            .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+            .unwrap_or(true)
+    })
+    .await;
+    std::fs::remove_file(host.path("block")).unwrap();
+    let pid_before_recovery = host.service_pid();
+
+    // Start again: the restart is redone and the rollback reported.
+    let outbox = Outbox::new();
+    let pipeline = Pipeline::open(&config, outbox.clone()).unwrap();
+    let reports = pipeline.recover().await;
+    assert_eq!(stages(&reports), [RolledBack], "{reports:?}");
+    assert_eq!(reports[0].version_id, "v2");
+    assert_eq!(host.files(), before);
+    assert_ne!(host.service_pid(), pid_before_recovery, "the service was restarted on the restored files");
+    assert_eq!(host.health(), Some(200));
+    assert!(pipeline.applied().iter().all(|a| a.version_id != "v2"));
+    assert!(std::fs::read_dir(host.state_dir().join("journal")).unwrap().next().is_none());
+    // Asked again (the coordinator did not hear the first answer): nothing to undo, rolled back.
+    let r = Rollback { rotation_id: "rot-1".into(), secret: SECRET.into(), version_id: "v2".into() };
+    assert_eq!(stages(&pipeline.rollback(r).await), [RolledBack]);
+    host.assert_no_leak();
+}
+
 /// The agent dies mid-restart (the apply future is dropped while its restart
 /// command blocks); a new pipeline on the same state dir undoes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
