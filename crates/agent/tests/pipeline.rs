@@ -344,6 +344,30 @@ interval = "100ms"
 timeout = "2s"
 "#;
 
+/// [`STANDARD`] with a restart that blocks (writing its pid to
+/// `blocker.pid`) while the file `block` exists, then starts the service.
+fn blocking_restart_config(host: &Host) -> AgentConfig {
+    let script = format!(
+        "if [ -e {dir}/block ]; then echo $$ > {dir}/blocker.pid; sleep 60; fi; exec \"$0\" \"$@\"",
+        dir = host.dir.path().display()
+    );
+    let mut argv = vec!["/bin/sh".to_string(), "-c".into(), script];
+    argv.extend(host.service_argv());
+    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+    host.config(&STANDARD.replace("@RESTART@", &format!("[{}]", argv.join(", "))))
+}
+
+/// Until the blocked restart command (killed with its dropped future) is gone.
+async fn wait_blocker_gone(host: &Host) {
+    let blocker: i32 = std::fs::read_to_string(host.path("blocker.pid")).unwrap().trim().parse().unwrap();
+    wait_for("the blocked restart command to die", || {
+        std::fs::read_to_string(format!("/proc/{blocker}/stat"))
+            .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+            .unwrap_or(true)
+    })
+    .await;
+}
+
 fn delivery(version: &str, value: &str, previous: Option<(&str, &str)>) -> Delivery {
     Delivery {
         rotation_id: "rot-1".into(),
@@ -548,14 +572,7 @@ async fn rollback_interrupted_mid_restart_is_finished_at_start() {
     host.start_service();
     host.wait_healthy().await;
     let before = host.files();
-    let script = format!(
-        "if [ -e {dir}/block ]; then echo $$ > {dir}/blocker.pid; sleep 60; fi; exec \"$0\" \"$@\"",
-        dir = host.dir.path().display()
-    );
-    let mut argv = vec!["/bin/sh".to_string(), "-c".into(), script];
-    argv.extend(host.service_argv());
-    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
-    let config = host.config(&STANDARD.replace("@RESTART@", &format!("[{}]", argv.join(", "))));
+    let config = blocking_restart_config(&host);
     let pipeline = Pipeline::open(&config, Outbox::new()).unwrap();
     let reports = pipeline.deliver(delivery("v2", &host.key2.1, Some(("v1", &host.key1.1)))).await;
     assert_eq!(stages(&reports), [Delivered, Applied, Restarted, Healthy], "{reports:?}");
@@ -575,13 +592,7 @@ async fn rollback_interrupted_mid_restart_is_finished_at_start() {
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     drop(pipeline);
-    let blocker: i32 = std::fs::read_to_string(host.path("blocker.pid")).unwrap().trim().parse().unwrap();
-    wait_for("the blocked restart command to die", || {
-        std::fs::read_to_string(format!("/proc/{blocker}/stat"))
-            .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
-            .unwrap_or(true)
-    })
-    .await;
+    wait_blocker_gone(&host).await;
     std::fs::remove_file(host.path("block")).unwrap();
     let pid_before_recovery = host.service_pid();
 
@@ -610,15 +621,7 @@ async fn interrupted_apply_is_rolled_back_at_start() {
     host.start_service();
     host.wait_healthy().await;
     let before = host.files();
-    let script = format!(
-        "if [ -e {dir}/block ]; then echo $$ > {dir}/blocker.pid; sleep 60; fi; exec \"$0\" \"$@\"",
-        dir = host.dir.path().display()
-    );
-    let mut argv = vec!["/bin/sh".to_string(), "-c".into(), script];
-    argv.extend(host.service_argv());
-    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
-    let blocks = STANDARD.replace("@RESTART@", &format!("[{}]", argv.join(", ")));
-    let config = host.config(&blocks);
+    let config = blocking_restart_config(&host);
     std::fs::write(host.path("block"), "").unwrap();
 
     let pipeline = Pipeline::open(&config, Outbox::new()).unwrap();
@@ -636,13 +639,7 @@ async fn interrupted_apply_is_rolled_back_at_start() {
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     drop(pipeline);
-    let blocker: i32 = std::fs::read_to_string(host.path("blocker.pid")).unwrap().trim().parse().unwrap();
-    wait_for("the blocked restart command to die", || {
-        std::fs::read_to_string(format!("/proc/{blocker}/stat"))
-            .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
-            .unwrap_or(true)
-    })
-    .await;
+    wait_blocker_gone(&host).await;
     std::fs::remove_file(host.path("block")).unwrap();
 
     // Start again: recovery restores, restarts, checks, and reports the truth.
